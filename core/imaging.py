@@ -1,0 +1,144 @@
+"""Decode what a DICOM export drops into a folder into one 8-bit grayscale image.
+
+Handles 8-bit grayscale, RGB, RGBA, LA and palette PNG/JPEG, 16-bit grayscale PNG (scaled by its real
+bit depth), and EXIF orientation. Every failure raises :class:`ImageError` with the file and a
+reason a radiographer can read; PIL's own exceptions never escape.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from xr.core.errors import ImageError
+
+SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: multi-picture JPEG some cameras/exporters write
+SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "I", "I;16", "I;16B", "I;16L", "I;16N")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# A truncated file must be an error, not a silently grey-padded image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def load_image(
+    source: str | Path | bytes,
+    *,
+    max_pixels: int = 80_000_000,
+    draft_size: tuple[int, int] | None = None,
+    name: str | Path | None = None,
+) -> Image.Image:
+    """Decode ``source`` (a path or the file's bytes) to a mode "L" image.
+
+    ``draft_size`` lets a large JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT, never below that size:
+    nearly free, and the resize that follows would throw those pixels away anyway.
+    ``name`` is the file name used in error messages when ``source`` is bytes.
+    """
+    label = name if name is not None else (None if isinstance(source, bytes) else source)
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            raise ImageError(label, "file not found") from None
+        except IsADirectoryError:
+            raise ImageError(label, "is a directory, not an image file") from None
+        except OSError as exc:
+            raise ImageError(label, f"cannot read file: {exc.strerror or exc}") from None
+    return decode_image(data, max_pixels=max_pixels, draft_size=draft_size, name=label)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = 80_000_000,
+    draft_size: tuple[int, int] | None = None,
+    name: str | Path | None = None,
+) -> Image.Image:
+    if len(data) == 0:
+        raise ImageError(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below replaces PIL's bomb warning/error with a clear message.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(name, "not a PNG or JPEG image (unrecognised content)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(name, f"image too large: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, not a crash
+        raise ImageError(name, f"cannot open image: {exc}") from None
+
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageError(name, f"unsupported format {img.format}; expected PNG or JPEG")
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(
+            name, f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+        )
+    if width < 1 or height < 1:
+        raise ImageError(name, f"image has no pixels ({width}x{height})")
+    if img.mode not in SUPPORTED_MODES:
+        raise ImageError(name, f"unsupported image mode {img.mode!r}")
+
+    try:
+        if draft_size is not None and img.format in ("JPEG", "MPO"):
+            img.draft("L" if img.mode in ("RGB", "L") else img.mode, draft_size)
+        img.load()
+        # EXIF orientation: phones and some exporters store the pixels rotated.
+        img = ImageOps.exif_transpose(img)
+        return to_grayscale(img, name=name)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        msg = str(exc)
+        if "truncated" in msg or "broken data stream" in msg or "image file is truncated" in msg:
+            raise ImageError(name, f"truncated image data ({msg})") from None
+        raise ImageError(name, f"corrupt image data ({msg})") from None
+
+
+def to_grayscale(img: Image.Image, name: str | Path | None = None) -> Image.Image:
+    """Any supported mode -> 8-bit "L", without clipping high-bit-depth data."""
+    mode = img.mode
+    if mode == "L":
+        return img
+    if mode.startswith("I"):
+        return _high_bit_depth_to_l(img)
+    if mode in ("1", "RGB", "RGBX", "CMYK"):
+        return img.convert("L")
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+        return to_grayscale(img, name)
+    if mode in ("RGBA", "LA", "La"):
+        # Transparent regions become black, the background of a radiograph.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    raise ImageError(name, f"unsupported image mode {mode!r}")
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """Scale 16-bit (or 32-bit int) grayscale by the bit depth its values really use.
+
+    A 12-bit detector stored in a 16-bit PNG has values up to 4095: dividing by 65535 would make it
+    nearly black, clipping at 255 would make it white. The smallest bit depth (>= 8) that holds the
+    maximum value is the image's real depth; ``v * 255 / (2**bits - 1)`` then reproduces its 8-bit export.
+    """
+    arr = np.asarray(img)
+    if arr.dtype.byteorder == ">" or arr.dtype != np.int64:
+        arr = arr.astype(np.int64)
+    lo = int(arr.min()) if arr.size else 0
+    if lo < 0:
+        arr = arr - lo  # signed data: shift to zero before measuring the range
+    hi = int(arr.max()) if arr.size else 0
+    bits = max(8, hi.bit_length())
+    scaled = np.rint(arr * (255.0 / float((1 << bits) - 1)))
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
