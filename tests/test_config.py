@@ -1,0 +1,157 @@
+"""config.yaml -> typed, frozen Config: the shipped file loads, typos and wrong types are rejected with
+the key named, overrides are type-checked, and a saved config loads back identical."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xr.core.config import DEFAULT_CONFIG_PATH, Config, load_config, save_config
+from xr.core.errors import ConfigError
+
+
+def _write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _shipped() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+
+
+def _with(section: str, key: str, value, tmp_path):
+    data = _shipped()
+    data[section][key] = value
+    return _write(tmp_path, data)
+
+
+def test_shipped_config_loads_with_its_values():
+    raw = _shipped()
+    cfg = load_config(DEFAULT_CONFIG_PATH)
+    assert isinstance(cfg, Config)
+    # Every value in the file arrives in the typed object (no key silently ignored).
+    for section, values in raw.items():
+        obj = getattr(cfg, section)
+        for key, value in values.items():
+            got = getattr(obj, key)
+            if isinstance(got, tuple):
+                got = list(got)
+            assert got == value, f"{section}.{key}: {got!r} != {value!r}"
+    assert cfg.preprocess.img_size == 224
+    assert cfg.preprocess.resize_mode == "squash"
+    assert cfg.model.arch == "efficientnet_lite0"
+    assert isinstance(cfg.preprocess.mean, tuple) and len(cfg.preprocess.mean) == 3
+    # The default path is the shipped file.
+    assert load_config() == cfg
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 99  # type: ignore[misc]
+
+
+def test_unknown_key_in_section_is_rejected_naming_it(tmp_path):
+    path = _with("train", "epochz", 3, tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        load_config(path)
+
+
+def test_unknown_section_is_rejected_naming_it(tmp_path):
+    data = _shipped()
+    data["trainer"] = {"epochs": 3}
+    with pytest.raises(ConfigError, match="trainer"):
+        load_config(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("train", "epochs", "12"),  # string for int
+        ("train", "batch_size", True),  # bool for int
+        ("train", "epochs", 3.5),  # float for int
+        ("train", "channels_last", "yes"),  # string for bool
+        ("train", "lr", "fast"),  # string for float
+        ("preprocess", "mean", [0.5, 0.5]),  # list of wrong length
+        ("preprocess", "std", "0.2"),  # not a list
+        ("preprocess", "resize_mode", "crop"),  # bad Literal
+        ("model", "arch", "resnet50"),  # bad Literal
+        ("train", "amp", "fp16"),  # bad Literal
+        ("daemon", "watch", 5),  # int for str
+    ],
+)
+def test_wrong_type_is_rejected_naming_the_key(tmp_path, section, key, value):
+    path = _with(section, key, value, tmp_path)
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        load_config(path)
+
+
+def test_list_element_of_wrong_type_is_rejected(tmp_path):
+    path = _with("augment", "rrc_scale", [0.9, "one"], tmp_path)
+    with pytest.raises(ConfigError, match=r"augment\.rrc_scale"):
+        load_config(path)
+
+
+def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
+    data = _shipped()
+    data["train"]["lr"] = 1
+    data["train"]["max_steps_per_epoch"] = 5
+    data["daemon"]["db"] = None
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps_per_epoch == 5
+    assert cfg.daemon.db is None
+
+
+def test_out_of_range_value_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.val_fraction"):
+        load_config(_with("data", "val_fraction", 0.9, tmp_path))
+
+
+def test_bad_yaml_and_missing_file_raise_config_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_apply_and_are_type_checked():
+    cfg = load_config(DEFAULT_CONFIG_PATH, overrides={"train.epochs": 3, "model.arch": "efficientnet_b0"})
+    assert cfg.train.epochs == 3
+    assert cfg.model.arch == "efficientnet_b0"
+    assert cfg.train.batch_size == load_config().train.batch_size  # the rest untouched
+    # None means "flag not given": no change.
+    assert load_config(overrides={"train.epochs": None}).train.epochs == load_config().train.epochs
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(overrides={"train.epochs": "three"})
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        load_config(overrides={"train.epochz": 3})
+    with pytest.raises(ConfigError, match=r"trainer\.epochs"):
+        load_config(overrides={"trainer.epochs": 3})
+
+
+def test_replace_returns_a_checked_copy():
+    cfg = load_config()
+    new = cfg.replace({"train.lr": 1e-3, "preprocess.resize_mode": "shorter_side"})
+    assert new.train.lr == 1e-3 and new.preprocess.resize_mode == "shorter_side"
+    assert cfg.train.lr == 3e-4 and cfg.preprocess.resize_mode == "squash"  # original unchanged
+    with pytest.raises(ConfigError, match=r"preprocess\.resize_mode"):
+        cfg.replace({"preprocess.resize_mode": "stretch"})
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        cfg.replace({"train.batch_size": False})
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = load_config(overrides={"train.epochs": 7, "preprocess.mean": [0.5, 0.5, 0.5], "daemon.db": "x.sqlite"})
+    out = tmp_path / "run" / "config.yaml"
+    out.parent.mkdir()
+    save_config(cfg, out)
+    back = load_config(out)
+    assert back == cfg
+    assert back.preprocess.mean == (0.5, 0.5, 0.5)
+    assert back.to_dict() == cfg.to_dict()
