@@ -160,7 +160,7 @@ def checkpoint_meta(arch: str, preset: Preset, config: dict[str, Any], data_summ
             "data": data_summary,
             "git_commit": git_commit(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # TorchVersion is not weights_only-loadable
             "timm": timm.__version__,
         },
     }
