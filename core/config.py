@@ -51,12 +51,12 @@ class DataConfig:
     test_fraction: float = 0.15
     min_val_images: int = 200
     seed: int = 42
-    num_workers: int = 2
+    num_workers: int = 1
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 10
     head_epochs: int = 2
     batch_size: int = 32
     lr: float = 3e-4
@@ -64,7 +64,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     pos_weight: bool = False
     weighted_sampler: bool = True
-    ema_decay: float = 0.0
+    freeze_stages: int = 2
+    ema_decay: float = 0.995
     label_smoothing: float = 0.0
     plateau_patience: int = 1
     plateau_factor: float = 0.3

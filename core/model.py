@@ -133,6 +133,10 @@ def create_model(arch: str, pretrained: bool, weights_path: str | None = None, d
     model = build_model(arch, num_classes=1, drop_rate=drop_rate)
     if pretrained:
         load_imagenet_weights(model, arch, weights_path)
+    # timm draws the new head from U(-1, 1) for fan_out 1: over 1280 features that starts with logits of
+    # +/-10 and a loss near 4. A zero head starts at p = 0.5 and lets the head epochs learn from there.
+    nn.init.zeros_(model.get_classifier().weight)
+    nn.init.zeros_(model.get_classifier().bias)
     return model
 
 

@@ -1,0 +1,216 @@
+"""The results database: SQLAlchemy 2.0 models, engine factory and the few queries the daemon needs.
+
+The database is the daemon's journal (see README "Daemon"): a row is written with status ``claimed``
+before a file is decoded, the batch commit turns it into ``ok`` / ``error`` / ``duplicate`` in one
+transaction, and only then is the file moved (``moved_to`` is chosen in that commit, ``moved_at`` is set
+after the move).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from xr.core.errors import XRError
+
+SCHEMA_VERSION = 1
+
+CLAIMED, OK, ERROR, DUPLICATE = "claimed", "ok", "error", "duplicate"
+FINAL_STATUSES = (OK, ERROR, DUPLICATE)
+STATUSES = (CLAIMED, *FINAL_STATUSES)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Result(Base):
+    """One row per file dropped into the inbox."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(Text)  # absolute path where the file was found in the inbox
+    filename: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)  # with path + size: the file's identity in the inbox
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("results.id"))
+    logit: Mapped[float | None] = mapped_column(Float)
+    probability: Mapped[float | None] = mapped_column(Float)  # calibrated: sigmoid(logit / T)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(32))
+    flagged: Mapped[bool | None] = mapped_column(Boolean, index=True)
+    model_id: Mapped[str | None] = mapped_column(Text)
+    temperature: Mapped[float | None] = mapped_column(Float)
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"))
+    received_at: Mapped[dt.datetime] = mapped_column(index=True)  # first seen by the daemon (UTC)
+    claimed_at: Mapped[dt.datetime]
+    processed_at: Mapped[dt.datetime | None] = mapped_column(index=True)  # batch commit (UTC)
+    latency_ms: Mapped[float | None] = mapped_column(Float)  # processed_at - received_at
+    moved_to: Mapped[str | None] = mapped_column(Text)  # processed/ or failed/ destination; None: left
+    moved_at: Mapped[dt.datetime | None]
+
+    __table_args__ = (Index("ix_results_identity", "path", "size_bytes", "mtime_ns"),)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in EXPORT_COLUMNS}
+
+
+EXPORT_COLUMNS = (
+    "id", "path", "filename", "sha256", "size_bytes", "status", "error", "duplicate_of", "logit",
+    "probability", "threshold", "label", "flagged", "model_id", "temperature", "batch_id",
+    "received_at", "processed_at", "latency_ms", "moved_to",
+)  # fmt: skip
+
+
+class Batch(Base):
+    """One micro-batch: its size and where its time went."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[dt.datetime]
+    size: Mapped[int]
+    n_ok: Mapped[int] = mapped_column(default=0)
+    n_error: Mapped[int] = mapped_column(default=0)
+    n_duplicate: Mapped[int] = mapped_column(default=0)
+    wait_ms: Mapped[float] = mapped_column(Float, default=0.0)  # first item ready -> batch closed
+    model_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    model_id: Mapped[str | None] = mapped_column(Text)
+
+
+class Meta(Base):
+    """Key/value: ``schema_version``, ``last_exported_id``."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+# -- engine ------------------------------------------------------------------------------------------
+def db_url(db: str | Path) -> str:
+    """A SQLAlchemy URL as is, a path -> ``sqlite:///<absolute path>``."""
+    s = str(db)
+    if "://" in s:
+        return s
+    return f"sqlite:///{Path(s).expanduser().resolve()}"
+
+
+def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) -> Engine:
+    """Engine with SQLite pragmas set on every connection; creates the schema when ``create``.
+
+    ``immediate``: every transaction starts with ``BEGIN IMMEDIATE`` (takes the write lock at once and
+    waits up to busy_timeout for it), so concurrent writers never fail with a lock upgrade error.
+    """
+    url = db_url(db)
+    if url.startswith("sqlite:///") and create:
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):  # noqa: ANN001
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    if create:
+        init_schema(engine)
+    else:
+        check_schema(engine)
+    return engine
+
+
+def init_schema(engine: Engine) -> None:
+    Base.metadata.create_all(engine)
+    with Session(engine) as s, s.begin():
+        row = s.get(Meta, "schema_version")
+        if row is None:
+            s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+        elif int(row.value) > SCHEMA_VERSION:
+            raise XRError(
+                f"results database schema version {row.value} is newer than this xr-daemon "
+                f"(version {SCHEMA_VERSION}); upgrade xr-triage"
+            )
+        # Migrations from older versions would go here (none yet: version 1 is the first).
+
+
+def check_schema(engine: Engine) -> None:
+    with Session(engine) as s:
+        try:
+            row = s.get(Meta, "schema_version")
+        except Exception as exc:  # noqa: BLE001
+            raise XRError(f"not an xr-triage results database: {engine.url} ({exc.__class__.__name__})") from None
+        if row is None:
+            raise XRError(f"not an xr-triage results database: {engine.url}")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def get_meta(s: Session, key: str, default: str | None = None) -> str | None:
+    row = s.get(Meta, key)
+    return default if row is None else row.value
+
+
+def set_meta(s: Session, key: str, value: Any) -> None:
+    row = s.get(Meta, key)
+    if row is None:
+        s.add(Meta(key=key, value=str(value)))
+    else:
+        row.value = str(value)
+
+
+def owning_row(s: Session, path: str, size: int, mtime_ns: int) -> Result | None:
+    """The row that still owns the inbox file with this identity: claimed, or final and not moved away."""
+    stmt = (
+        select(Result)
+        .where(Result.path == path, Result.size_bytes == size, Result.mtime_ns == mtime_ns)
+        .where(Result.moved_at.is_(None))
+        .order_by(Result.id.desc())
+        .limit(1)
+    )
+    return s.scalars(stmt).first()
+
+
+def first_ok_by_sha(s: Session, shas: list[str]) -> dict[str, int]:
+    """sha256 -> id of the first ``ok`` row with that content."""
+    if not shas:
+        return {}
+    out: dict[str, int] = {}
+    stmt = select(Result.sha256, Result.id).where(Result.sha256.in_(set(shas)), Result.status == OK)
+    for sha, rid in s.execute(stmt.order_by(Result.id)):
+        out.setdefault(sha, rid)
+    return out

@@ -1,0 +1,287 @@
+"""Finding files in the inbox and deciding when they are complete.
+
+Watchdog events (created, modified, moved-in) are hints; the start-up scan and the periodic rescan are
+what guarantee nothing is missed (inotify overflow, coalesced events, network shares without events).
+
+Readiness: a file renamed/moved into the inbox is complete when it appears. A file written in place is
+ready once its size and mtime have not changed for ``stable_ms``. The first observation takes the
+file's mtime age into account (a file whose mtime is older than ``stable_ms`` has not been written for
+that long), so an old file found by a scan is ready at once while a file being copied waits.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
+from xr.core.imaging import is_image_name
+
+TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
+
+
+def is_candidate_name(name: str) -> bool:
+    """An image name the daemon reads: .png/.jpg/.jpeg in any case, not hidden, not a temporary name."""
+    if not name or name.startswith("."):
+        return False
+    if name.lower().endswith(TEMP_SUFFIXES):
+        return False
+    return is_image_name(name)
+
+
+@dataclass
+class FileItem:
+    """A file handed from discovery to the pipeline."""
+
+    path: str  # absolute
+    size: int
+    mtime_ns: int
+    received_at: dt.datetime  # first seen (UTC, naive)
+    received_mono: float
+    is_symlink: bool = False
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    last_change: float  # monotonic
+    received_at: dt.datetime
+    received_mono: float
+    moved: bool = False
+    is_symlink: bool = False
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, sink: "queue.SimpleQueue[tuple[str, str]]"):
+        self.sink = sink
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        kind = event.event_type
+        if event.is_directory:
+            if kind in ("created", "moved"):
+                self.sink.put(("rescan", ""))
+            return
+        if kind == "moved":
+            self.sink.put(("moved", os.fsdecode(event.dest_path)))
+        elif kind in ("created", "modified", "closed"):
+            self.sink.put(("seen", os.fsdecode(event.src_path)))
+
+
+@dataclass
+class DiscoveryStats:
+    scans: int = 0
+    events: int = 0
+    handed: int = 0
+
+
+class Discovery:
+    """Owns the thread ``xr-discovery`` (and the watchdog observer); feeds ``out`` with ready files.
+
+    ``out`` is bounded: when the pipeline is busy, ready files wait here as names only.
+    """
+
+    def __init__(
+        self,
+        inbox: str | Path,
+        out: "queue.Queue[FileItem]",
+        *,
+        stable_ms: int = 500,
+        rescan_s: float = 5.0,
+        poll: bool = False,
+        watch: bool = True,
+        exclude: tuple[str | Path, ...] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.inbox = Path(inbox).resolve()
+        self.out = out
+        self.stable_s = stable_ms / 1000.0
+        self.rescan_s = rescan_s
+        self.poll = poll
+        self.watch = watch
+        self.exclude = tuple(str(Path(p).resolve()) for p in exclude)
+        self.clock = clock
+        self.stats = DiscoveryStats()
+        self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._pending: dict[str, _Pending] = {}
+        self._ready: deque[FileItem] = deque()
+        self._ready_paths: set[str] = set()
+        self._lock = threading.Lock()
+        self._handed: dict[str, tuple[int, int]] = {}  # path -> identity, until released
+        self._settled: set[tuple[str, int, int]] = set()  # identities left in place after processing
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observer = None
+        self._next_scan = 0.0
+        self.first_scan_done = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.watch:
+            if self.poll:
+                from watchdog.observers.polling import PollingObserver as ObserverCls
+            else:
+                from watchdog.observers import Observer as ObserverCls
+            obs = ObserverCls(timeout=0.2)
+            obs.name = "xr-observer"
+            obs.schedule(_Handler(self._events), str(self.inbox), recursive=True)
+            obs.start()
+            self._observer = obs
+        self._thread = threading.Thread(target=self._run, name="xr-discovery", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float = 5.0) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+            self._observer = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- bookkeeping the pipeline reports back --------------------------------------------------------
+    def release(self, path: str, settled: tuple[int, int] | None = None) -> None:
+        """The pipeline is done with ``path``. ``settled`` (size, mtime_ns): the file stays in the inbox
+        and must not be picked up again while it has that identity."""
+        with self._lock:
+            self._handed.pop(path, None)
+            if settled is not None:
+                self._settled.add((path, *settled))
+
+    def outstanding(self) -> int:
+        """Files seen but not yet released by the pipeline."""
+        with self._lock:
+            return len(self._pending) + len(self._ready) + len(self._handed)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        tick = max(0.01, min(0.05, self.stable_s / 5))
+        while not self._stop.is_set():
+            now = self.clock()
+            self._drain_events()
+            if now >= self._next_scan:
+                self.scan()
+                self._next_scan = self.clock() + self.rescan_s
+                self.first_scan_done.set()
+            self._check_pending()
+            self._push_ready()
+            self._stop.wait(tick)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                kind, path = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self.stats.events += 1
+            if kind == "rescan":
+                self._next_scan = 0.0
+            else:
+                self.note(path, moved=kind == "moved")
+
+    def scan(self) -> int:
+        """Walk the inbox once; returns how many new files were noted."""
+        self.stats.scans += 1
+        n = 0
+        for root, dirs, files in os.walk(self.inbox, followlinks=False):
+            if self.exclude:
+                dirs[:] = [d for d in dirs if os.path.join(root, d) not in self.exclude]
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                if is_candidate_name(name):
+                    n += self.note(os.path.join(root, name))
+            # a symlink to a file shows in ``files``; one to a directory in ``dirs`` (not followed)
+        return n
+
+    def note(self, path: str, moved: bool = False) -> bool:
+        """A hint that ``path`` exists (event or scan). Returns True when it is newly pending."""
+        p = Path(path)
+        if not is_candidate_name(p.name) or not _inside(p, self.inbox):
+            return False
+        if any(part.startswith(".") for part in p.relative_to(self.inbox).parts[:-1]):
+            return False
+        if self.exclude and any(str(p).startswith(ex + os.sep) for ex in self.exclude):
+            return False
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        ident = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if path in self._handed or (path, *ident) in self._settled:
+                return False
+            pend = self._pending.get(path)
+            if pend is not None:
+                if moved:
+                    pend.moved = True
+                return False
+            if path in self._ready_paths:
+                return False
+            now = self.clock()
+            age = max(0.0, time.time() - st.st_mtime_ns / 1e9)
+            self._pending[path] = _Pending(
+                size=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                last_change=now - age,
+                received_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
+                received_mono=now,
+                moved=moved,
+                is_symlink=os.path.islink(path),
+            )
+        return True
+
+    def _check_pending(self) -> None:
+        now = self.clock()
+        ready: list[FileItem] = []
+        with self._lock:
+            for path, pend in list(self._pending.items()):
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    del self._pending[path]  # vanished (renamed away or deleted) before it was ready
+                    continue
+                if (st.st_size, st.st_mtime_ns) != (pend.size, pend.mtime_ns):
+                    pend.size, pend.mtime_ns, pend.last_change = st.st_size, st.st_mtime_ns, now
+                    pend.moved = False  # written after it appeared: wait for it to settle
+                    continue
+                if pend.moved or pend.is_symlink or now - pend.last_change >= self.stable_s:
+                    del self._pending[path]
+                    ready.append(
+                        FileItem(path, pend.size, pend.mtime_ns, pend.received_at, pend.received_mono, pend.is_symlink)
+                    )
+            ready.sort(key=lambda i: i.received_mono)
+            self._ready.extend(ready)
+            self._ready_paths.update(i.path for i in ready)
+
+    def _push_ready(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._ready:
+                    return
+                item = self._ready[0]
+            try:
+                self.out.put(item, timeout=0.05)
+            except queue.Full:
+                return  # back-pressure: keep the rest as names and look again next tick
+            with self._lock:
+                self._ready.popleft()
+                self._ready_paths.discard(item.path)
+                self._handed[item.path] = (item.size, item.mtime_ns)
+                self.stats.handed += 1
+
+
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.relative_to(root)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,166 @@
+"""Rolling CSV files written from the database (the CSVs follow the DB, never the other way round).
+
+After each batch the exporter takes the final rows with id above the last exported id, up to (not
+including) the lowest row still ``claimed``, so rows finish in any order but reach the CSVs in id order
+and none is skipped. Each CSV update writes a complete new file beside the old one (old content + the
+new rows, fsynced) and renames it over the old one: a reader sees the old or the new file, never a half
+row. The last exported id is kept in the DB and checked against the last line of the newest CSV on
+start-up, so a crash between the CSV rename and the DB update never writes a row twice.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from xr.daemon.db import CLAIMED, EXPORT_COLUMNS, FINAL_STATUSES, OK, Result, get_meta, set_meta
+
+RESULTS_PREFIX = "results-"
+FLAGGED_NAME = "flagged.csv"
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, dt.datetime):
+        return value.isoformat(timespec="milliseconds") + "Z"
+    if isinstance(value, float):
+        return repr(round(value, 6)) if abs(value) < 1e15 else repr(value)
+    return str(value).replace("\r", " ").replace("\n", " ")
+
+
+def rows_to_csv(rows: Iterable[dict[str, Any]], header: bool) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if header:
+        w.writerow(EXPORT_COLUMNS)
+    for r in rows:
+        w.writerow([format_value(r[c]) for c in EXPORT_COLUMNS])
+    return buf.getvalue()
+
+
+def atomic_append(path: Path, text: str, header: str = "") -> None:
+    """Write ``old content + text`` (``header + text`` for a new file) to a temp file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as out:
+        if path.exists():
+            with open(path, "rb") as old:
+                while chunk := old.read(1 << 20):
+                    out.write(chunk)
+        else:
+            out.write(header.encode())
+        out.write(text.encode())
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def last_id_in_csv(path: Path) -> int:
+    """The id in the last data row of ``path`` (0 when absent or header only)."""
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        tail = f.read().decode(errors="replace")
+    lines = [ln for ln in tail.splitlines() if ln.strip()]
+    if not lines:
+        return 0
+    first = next(csv.reader([lines[-1]]))[0]
+    return int(first) if first.isdigit() else 0
+
+
+def count_rows(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return max(0, sum(1 for _ in f) - 1)
+
+
+class CsvExporter:
+    def __init__(self, csv_dir: str | Path, sessions: sessionmaker[Session], rotation: str = "daily", max_rows: int = 10_000):
+        self.dir = Path(csv_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.sessions = sessions
+        self.rotation = rotation
+        self.max_rows = max(1, max_rows)
+        self.flagged_path = self.dir / FLAGGED_NAME
+        with sessions() as s:
+            db_last = int(get_meta(s, "last_exported_id", "0") or 0)
+        latest = self._latest_file()
+        self.last_id = max(db_last, last_id_in_csv(latest) if latest else 0)
+        self.flagged_last_id = last_id_in_csv(self.flagged_path)
+        self._current: Path | None = latest
+        self._current_rows = count_rows(latest) if latest else 0
+
+    def _latest_file(self) -> Path | None:
+        files = sorted(self.dir.glob(f"{RESULTS_PREFIX}*.csv"))
+        return files[-1] if files else None
+
+    def _target(self, row: dict[str, Any]) -> Path:
+        if self.rotation == "daily":
+            day = (row["processed_at"] or dt.datetime.utcnow()).strftime("%Y-%m-%d")
+            return self.dir / f"{RESULTS_PREFIX}{day}.csv"
+        if self._current is None or self._current_rows >= self.max_rows:
+            idx = 1
+            if self._current is not None:
+                stem = self._current.stem[len(RESULTS_PREFIX):]
+                idx = int(stem) + 1 if stem.isdigit() else 1
+            self._current = self.dir / f"{RESULTS_PREFIX}{idx:06d}.csv"
+            self._current_rows = count_rows(self._current)
+        return self._current
+
+    def pending_rows(self, s: Session) -> list[dict[str, Any]]:
+        min_claimed = s.scalar(select(func.min(Result.id)).where(Result.status == CLAIMED, Result.id > self.last_id))
+        stmt = select(Result).where(Result.id > self.last_id, Result.status.in_(FINAL_STATUSES))
+        if min_claimed is not None:
+            stmt = stmt.where(Result.id < min_claimed)
+        return [r.as_dict() for r in s.scalars(stmt.order_by(Result.id))]
+
+    def export(self) -> int:
+        """Append every exportable row; returns how many were written."""
+        with self.sessions() as s:
+            rows = self.pending_rows(s)
+        if not rows:
+            return 0
+        groups: dict[Path, list[dict[str, Any]]] = {}
+        for r in rows:
+            target = self._target(r)
+            if target != self._current:
+                self._current, self._current_rows = target, count_rows(target)
+            groups.setdefault(target, []).append(r)
+            self._current_rows += 1
+        header = rows_to_csv([], header=True)
+        for path, group in groups.items():
+            atomic_append(path, rows_to_csv(group, header=False), header=header)
+        flagged = [r for r in rows if r["status"] == OK and r["flagged"] and r["id"] > self.flagged_last_id]
+        if flagged:
+            atomic_append(self.flagged_path, rows_to_csv(flagged, header=False), header=header)
+            self.flagged_last_id = flagged[-1]["id"]
+        self.last_id = rows[-1]["id"]
+        with self.sessions.begin() as s:
+            set_meta(s, "last_exported_id", self.last_id)
+        return len(rows)

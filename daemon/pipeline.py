@@ -1,0 +1,527 @@
+"""The daemon's stages: claim -> decode (thread pool) -> micro-batch + predict + commit -> move + export.
+
+Each stage is a thread named ``xr-...`` with a stop event; every blocking call has a timeout so a stop
+is seen within ~0.1 s. Queues are bounded (a semaphore of ``capacity`` work slots covers everything
+between the claim and the batch commit), so a burst stalls discovery instead of filling memory.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import errno
+import hashlib
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from xr.core.errors import ImageError
+from xr.daemon.db import (
+    CLAIMED,
+    DUPLICATE,
+    ERROR,
+    OK,
+    Batch,
+    Result,
+    first_ok_by_sha,
+    owning_row,
+    utcnow,
+)
+from xr.daemon.discovery import Discovery, FileItem
+from xr.daemon.export import CsvExporter
+
+POLL_S = 0.1  # every blocking wait in the stages uses this timeout and re-checks its stop event
+
+
+# -- moving files -----------------------------------------------------------------------------------
+def candidate_names(dst: Path):
+    yield dst
+    stem, suffix = dst.stem, dst.suffix
+    i = 1
+    while True:
+        yield dst.with_name(f"{stem}-{i}{suffix}")
+        i += 1
+
+
+def free_name(dst: Path, reserved: set[str] | None = None) -> Path:
+    """``dst``, or ``name-1.ext``, ``name-2.ext``... : the first that neither exists nor is reserved."""
+    for cand in candidate_names(dst):
+        if not os.path.lexists(cand) and (reserved is None or str(cand) not in reserved):
+            return cand
+    raise AssertionError("unreachable")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
+    """Move ``src`` (a file or a symlink itself) to ``dst`` or, if taken, to ``dst`` with a ``-N`` suffix.
+
+    Never overwrites and never deletes data: a hard link is made first (``link`` fails if the name
+    exists), then the inbox name is removed. Across file systems the file is copied to a hidden temp
+    name beside the destination and linked from there.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(dst) and same_file(src, dst):
+        os.unlink(src)  # a previous run linked it and died before unlinking the inbox name
+        return dst
+    tmp: Path | None = None
+    try:
+        for cand in candidate_names(dst):
+            try:
+                os.link(tmp or src, cand, follow_symlinks=False)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EXDEV or tmp is not None:
+                    raise
+                tmp = dst.with_name(f".{dst.name}.{os.getpid()}.moving")
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), tmp)
+                else:
+                    shutil.copy2(src, tmp)
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())
+                return _finish_copy(src, tmp, dst)
+            os.unlink(src)
+            return cand
+    finally:
+        pass
+    raise AssertionError("unreachable")
+
+
+def _finish_copy(src: Path, tmp: Path, dst: Path) -> Path:
+    for cand in candidate_names(dst):
+        try:
+            os.link(tmp, cand, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        os.unlink(tmp)
+        os.unlink(src)
+        return cand
+    raise AssertionError("unreachable")
+
+
+# -- work items ---------------------------------------------------------------------------------------
+@dataclass
+class Work:
+    row_id: int
+    item: FileItem
+    received_at: dt.datetime
+    sha256: str | None = None
+    size: int = 0
+    tensor: torch.Tensor | None = None
+    error: str | None = None
+    duplicate_of: int | None = None
+    decode_ms: float = 0.0
+
+
+@dataclass
+class Done:
+    """A committed row whose file still has to be moved (or released when left in place)."""
+
+    row_id: int
+    src: str
+    identity: tuple[int, int]
+    moved_to: str | None
+
+
+@dataclass
+class Context:
+    """What the stages share."""
+
+    inbox: Path
+    output: Path
+    sessions: sessionmaker[Session]
+    predictor: Any
+    discovery: Discovery
+    exporter: CsvExporter
+    log: Any
+    batch_size: int = 16
+    max_wait_ms: int = 50
+    decode_workers: int = 2
+    on_success: str = "move"
+    on_error: str = "move"
+    dedupe: bool = True
+    stop: threading.Event = field(default_factory=threading.Event)  # stop taking new work
+    reserved: set[str] = field(default_factory=set)  # destinations chosen but not yet moved to
+    reserved_lock: threading.Lock = field(default_factory=threading.Lock)
+    on_batch: Callable[[int], None] | None = None
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.output / "processed"
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.output / "failed"
+
+    def destination(self, src: str, status: str) -> str | None:
+        """Reserve where a finished file goes (None: left in place)."""
+        mode = self.on_error if status == ERROR else self.on_success
+        if mode == "leave":
+            return None
+        base = self.failed_dir if status == ERROR else self.processed_dir
+        try:
+            rel = Path(src).relative_to(self.inbox)
+        except ValueError:
+            rel = Path(Path(src).name)
+        with self.reserved_lock:
+            dst = free_name(base / rel, self.reserved)
+            self.reserved.add(str(dst))
+        return str(dst)
+
+
+class Stage:
+    name = "xr-stage"
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self.halt = threading.Event()  # this stage's own stop
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._guarded, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _guarded(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # noqa: BLE001 - reported by the service, which then stops
+            self.error = exc
+            raise
+
+    def run(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+# -- claim + decode ---------------------------------------------------------------------------------------
+class Claimer(Stage):
+    """Reads each ready file once, hashes those bytes, writes its ``claimed`` row, submits the decode."""
+
+    name = "xr-claim"
+
+    def __init__(self, ctx: Context, ready: "queue.Queue[FileItem]", decoded: "queue.Queue[Work]", finish: "queue.Queue", slots: threading.Semaphore):
+        super().__init__()
+        self.ctx, self.ready, self.decoded, self.finish, self.slots = ctx, ready, decoded, finish, slots
+        self.pool = cf.ThreadPoolExecutor(max_workers=max(1, ctx.decode_workers), thread_name_prefix="xr-decode")
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                try:
+                    first = self.ready.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                if not self._acquire():
+                    self.ctx.discovery.release(first.path)
+                    break
+                items = [first]
+                while len(items) < self.ctx.batch_size:
+                    try:
+                        nxt = self.ready.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not self.slots.acquire(blocking=False):
+                        self.ready.put(nxt)  # room is guaranteed: we just took it out
+                        break
+                    items.append(nxt)
+                self.claim(items)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _acquire(self) -> bool:
+        while not self.halt.is_set():
+            if self.slots.acquire(timeout=POLL_S):
+                return True
+        return False
+
+    def read(self, item: FileItem) -> tuple[bytes | None, str | None, tuple[int, int] | None]:
+        """(bytes, error reason, identity of what was read)."""
+        if item.is_symlink:
+            target = os.path.realpath(item.path)
+            try:
+                Path(target).relative_to(self.ctx.inbox)
+            except ValueError:
+                return None, f"symlink points outside the inbox (to {target})", None
+        try:
+            with open(item.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except FileNotFoundError:
+            return None, "file vanished before it could be read", None
+        except IsADirectoryError:
+            return None, "is a directory, not an image file", None
+        except OSError as exc:
+            return None, f"cannot read file: {exc.strerror or exc}", None
+        if item.is_symlink:
+            return data, None, (item.size, item.mtime_ns)
+        return data, None, (st.st_size, st.st_mtime_ns)
+
+    def claim(self, items: list[FileItem]) -> None:
+        ctx = self.ctx
+        reads = []
+        for item in items:
+            data, err, ident = self.read(item)
+            if ident is not None and ident != (item.size, item.mtime_ns):
+                # changed after it looked complete: back to discovery to settle again
+                self.slots.release()
+                ctx.discovery.release(item.path)
+                ctx.discovery.note(item.path)
+                continue
+            if err == "file vanished before it could be read":
+                self.slots.release()
+                ctx.discovery.release(item.path)
+                continue
+            reads.append((item, data, err))
+        if not reads:
+            return
+        now = utcnow()
+        works: list[Work] = []
+        with ctx.sessions.begin() as s:
+            for item, data, err in reads:
+                sha = hashlib.sha256(data).hexdigest() if data is not None else None
+                row = owning_row(s, item.path, item.size, item.mtime_ns)
+                if row is not None and row.status != CLAIMED:
+                    # already final (a previous run committed it): only the move may be left
+                    self.slots.release()
+                    self.finish.put(Done(row.id, item.path, (item.size, item.mtime_ns), row.moved_to))
+                    continue
+                if row is None:
+                    row = Result(
+                        path=item.path,
+                        filename=os.path.basename(item.path),
+                        size_bytes=item.size,
+                        mtime_ns=item.mtime_ns,
+                        sha256=sha,
+                        status=CLAIMED,
+                        received_at=item.received_at,
+                        claimed_at=now,
+                    )
+                    s.add(row)
+                else:
+                    row.sha256, row.claimed_at = sha, now  # claimed by a run that died: redo it
+                s.flush()
+                works.append(Work(row.id, item, row.received_at, sha256=sha, size=item.size, error=err))
+                if data is not None:
+                    works[-1].tensor = data  # type: ignore[assignment]  # bytes until decoded
+            dups = first_ok_by_sha(s, [w.sha256 for w in works if w.sha256 and w.error is None]) if ctx.dedupe else {}
+        for w in works:
+            if w.error is not None:
+                w.tensor = None
+                self.decoded.put(w)
+            elif w.sha256 in dups:
+                w.tensor, w.duplicate_of = None, dups[w.sha256]
+                self.decoded.put(w)
+            else:
+                data, w.tensor = w.tensor, None
+                fut = self.pool.submit(self._decode, w, data)
+                fut.add_done_callback(lambda f, w=w: self._done(f, w))
+
+    def _decode(self, w: Work, data: bytes) -> None:
+        t0 = time.perf_counter()
+        try:
+            w.tensor = self.ctx.predictor.preprocess(data, name=w.item.path)
+        except ImageError as exc:
+            w.error = exc.reason
+        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the daemon
+            w.error = f"cannot decode image: {exc.__class__.__name__}: {exc}"
+        w.decode_ms = (time.perf_counter() - t0) * 1000
+
+    def _done(self, fut: cf.Future, w: Work) -> None:
+        if fut.cancelled():
+            return  # shutting down: the row stays claimed and is redone on the next start
+        if fut.exception() is not None and w.error is None:
+            w.error = f"cannot decode image: {fut.exception()}"
+        self.decoded.put(w)
+
+
+# -- micro-batch + model + commit -----------------------------------------------------------------------------
+class Inferer(Stage):
+    """Groups decoded files into batches of up to N or after W ms, runs the model, commits the batch."""
+
+    name = "xr-infer"
+
+    def __init__(self, ctx: Context, decoded: "queue.Queue[Work]", finish: "queue.Queue", slots: threading.Semaphore):
+        super().__init__()
+        self.ctx, self.decoded, self.finish, self.slots = ctx, decoded, finish, slots
+        self.batches = 0
+        self.files = 0
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            batch, wait_ms = self.collect()
+            if batch:
+                self.process(batch, wait_ms)
+
+    def collect(self) -> tuple[list[Work], float]:
+        try:
+            first = self.decoded.get(timeout=POLL_S)
+        except queue.Empty:
+            return [], 0.0
+        t0 = time.perf_counter()
+        batch = [first]
+        deadline = t0 + self.ctx.max_wait_ms / 1000.0
+        while len(batch) < self.ctx.batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                batch.append(self.decoded.get(timeout=remaining) if remaining > 0 else self.decoded.get_nowait())
+            except queue.Empty:
+                break
+        return batch, (time.perf_counter() - t0) * 1000
+
+    def process(self, batch: list[Work], wait_ms: float) -> None:
+        ctx, pred = self.ctx, self.ctx.predictor
+        # duplicates first, so the model only sees content it has not scored before
+        if ctx.dedupe:
+            with ctx.sessions() as s:
+                known = first_ok_by_sha(s, [w.sha256 for w in batch if w.tensor is not None and w.sha256])
+            seen: dict[str, Work] = {}
+            for w in batch:
+                if w.tensor is None or not w.sha256:
+                    continue
+                if w.sha256 in known:
+                    w.duplicate_of, w.tensor = known[w.sha256], None
+                elif w.sha256 in seen:
+                    w.duplicate_of, w.tensor = seen[w.sha256].row_id, None
+                else:
+                    seen[w.sha256] = w
+        to_score = [w for w in batch if w.tensor is not None]
+        t0 = time.perf_counter()
+        preds = pred.predict_batch(torch.stack([w.tensor for w in to_score])) if to_score else []
+        model_ms = (time.perf_counter() - t0) * 1000
+        scored = {w.row_id: p for w, p in zip(to_score, preds)}
+        t1 = time.perf_counter()
+        now = utcnow()
+        done: list[Done] = []
+        counts = {OK: 0, ERROR: 0, DUPLICATE: 0}
+        with ctx.sessions.begin() as s:
+            b = Batch(created_at=now, size=len(batch), wait_ms=wait_ms, model_ms=model_ms, model_id=pred.model_id)
+            s.add(b)
+            s.flush()
+            for w in batch:
+                row = s.get(Result, w.row_id)
+                row.batch_id, row.processed_at = b.id, now
+                row.latency_ms = max(0.0, (now - w.received_at).total_seconds() * 1000)
+                row.model_id, row.threshold, row.temperature = pred.model_id, pred.threshold, pred.temperature
+                if w.error is not None:
+                    row.status, row.error = ERROR, w.error
+                elif w.duplicate_of is not None:
+                    row.status, row.duplicate_of = DUPLICATE, w.duplicate_of
+                    first = s.get(Result, w.duplicate_of)
+                    row.logit, row.probability, row.label, row.flagged = first.logit, first.probability, first.label, first.flagged
+                else:
+                    p = scored[w.row_id]
+                    row.status = OK
+                    row.logit, row.probability, row.label, row.flagged = p.logit, p.probability, p.label, p.flagged
+                counts[row.status] += 1
+                row.moved_to = ctx.destination(w.item.path, row.status)
+                done.append(Done(row.id, w.item.path, (w.item.size, w.item.mtime_ns), row.moved_to))
+                self._log_row(row)
+            b.n_ok, b.n_error, b.n_duplicate = counts[OK], counts[ERROR], counts[DUPLICATE]
+        commit_ms = (time.perf_counter() - t1) * 1000
+        for _ in batch:
+            self.slots.release()
+        self.batches += 1
+        self.files += len(batch)
+        ctx.log.info(
+            "batch",
+            batch_id=b.id,
+            size=len(batch),
+            scored=len(to_score),
+            ok=counts[OK],
+            errors=counts[ERROR],
+            duplicates=counts[DUPLICATE],
+            wait_ms=round(wait_ms, 1),
+            decode_ms_mean=round(sum(w.decode_ms for w in batch) / len(batch), 1),
+            model_ms=round(model_ms, 1),
+            commit_ms=round(commit_ms, 1),
+        )
+        self.finish.put(done)
+        if ctx.on_batch is not None:
+            ctx.on_batch(self.batches)
+
+    def _log_row(self, row: Result) -> None:
+        log = self.ctx.log
+        if row.status == ERROR:
+            log.error("file_error", file=row.path, reason=row.error, id=row.id)
+        elif row.status == OK and row.flagged:
+            log.warning(
+                "flagged", file=row.path, id=row.id, probability=round(row.probability, 4), threshold=row.threshold
+            )
+
+
+# -- move + export ------------------------------------------------------------------------------------------
+class Finisher(Stage):
+    """Moves committed files to processed/ or failed/, marks them moved, appends the CSVs."""
+
+    name = "xr-finish"
+
+    def __init__(self, ctx: Context, finish: "queue.Queue"):
+        super().__init__()
+        self.ctx, self.finish = ctx, finish
+
+    def run(self) -> None:
+        while True:
+            try:
+                job = self.finish.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.halt.is_set():
+                    break
+                continue
+            self.handle(job if isinstance(job, list) else [job])
+        self.ctx.exporter.export()
+
+    def drain(self) -> None:
+        while True:
+            try:
+                job = self.finish.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(job if isinstance(job, list) else [job])
+
+    def handle(self, jobs: list[Done]) -> None:
+        ctx = self.ctx
+        moved: dict[int, tuple[str, dt.datetime]] = {}
+        for d in jobs:
+            if d.moved_to is None:
+                ctx.discovery.release(d.src, settled=d.identity)
+                continue
+            try:
+                if os.path.lexists(d.src):
+                    actual = str(move_no_overwrite(d.src, d.moved_to))
+                else:
+                    actual = d.moved_to  # already moved (or removed by someone else)
+                moved[d.row_id] = (actual, utcnow())
+            except OSError as exc:
+                ctx.log.error("move_failed", file=d.src, destination=d.moved_to, reason=str(exc))
+            finally:
+                with ctx.reserved_lock:
+                    ctx.reserved.discard(d.moved_to)
+                ctx.discovery.release(d.src)
+        if moved:
+            with ctx.sessions.begin() as s:
+                for rid, (actual, when) in moved.items():
+                    row = s.get(Result, rid)
+                    row.moved_to, row.moved_at = actual, when
+        ctx.exporter.export()

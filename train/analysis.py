@@ -1,0 +1,133 @@
+"""Evaluation of a calibrated model on a labelled folder: predictions, metrics and plots."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots are files
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    ConfusionMatrixDisplay,
+    PrecisionRecallDisplay,
+    RocCurveDisplay,
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+from torch.utils.data import DataLoader  # noqa: E402
+
+from xr.core.model import CLASS_NAMES  # noqa: E402
+from xr.core.predict import Predictor  # noqa: E402
+from xr.train.calibrate import ece  # noqa: E402
+from xr.train.data import Item, XRDataset  # noqa: E402
+
+PLOTS = ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability_diagram.png")
+
+
+def compute_metrics(labels, probs, threshold: float, n_bins: int = 15) -> dict[str, Any]:
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
+    pred = (p >= threshold).astype(int)
+    prec, rec, f1s, support = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
+    both = len(set(y.tolist())) == 2
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    return {
+        "n": int(len(y)),
+        "auroc": float(roc_auc_score(y, p)) if both else None,
+        "average_precision": float(average_precision_score(y, p)) if both else None,
+        "accuracy": float(accuracy_score(y, pred)),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "sensitivity": float(rec[1]),
+        "specificity": float(rec[0]),
+        "per_class": {
+            cls: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1s[i]), "support": int(support[i])}
+            for i, cls in enumerate(CLASS_NAMES)
+        },
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+        "ece": ece(p, y, n_bins),
+        "threshold": float(threshold),
+    }
+
+
+def save_plots(out: Path, labels, probs, threshold: float, title: str = "", n_bins: int = 15) -> None:
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
+    pred = (p >= threshold).astype(int)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay(confusion_matrix(y, pred, labels=[0, 1]), display_labels=CLASS_NAMES).plot(
+        ax=ax, colorbar=False, values_format="d"
+    )
+    ax.set_title(f"{title} threshold {threshold:.3f}".strip())
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=120)
+    plt.close(fig)
+
+    both = len(set(y.tolist())) == 2
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    if both:
+        RocCurveDisplay.from_predictions(y, p, ax=ax, name="PNEUMONIA", plot_chance_level=True)
+    ax.set_title(f"{title} ROC".strip())
+    fig.tight_layout()
+    fig.savefig(out / "roc_curve.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    if both:
+        PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name="PNEUMONIA", plot_chance_level=True)
+    ax.set_title(f"{title} precision-recall".strip())
+    fig.tight_layout()
+    fig.savefig(out / "pr_curve.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    frac_pos, mean_pred = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    ax.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
+    ax.plot(mean_pred, frac_pos, "o-", label=f"model (ECE {ece(p, y, n_bins):.3f})")
+    ax.set_xlabel("calibrated P(PNEUMONIA)")
+    ax.set_ylabel("observed fraction PNEUMONIA")
+    ax.set_title(f"{title} reliability".strip())
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "reliability_diagram.png", dpi=120)
+    plt.close(fig)
+
+
+def score_items(predictor: Predictor, items: list[Item], batch_size: int = 32, num_workers: int = 1) -> np.ndarray:
+    """Logits through the predictor's own preset and model (the daemon's path)."""
+    ds = XRDataset(items, predictor.preset, predictor.preset.eval_transform())
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    return np.concatenate([predictor.logits(x).numpy() for x, _ in loader]).astype(np.float64)
+
+
+def evaluate_items(
+    predictor: Predictor, items: list[Item], out: str | Path, *, batch_size: int = 32, num_workers: int = 1, title: str = ""
+) -> dict[str, Any]:
+    """Write predictions.csv, metrics.json and the four plots for ``items`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.array([it.label for it in items])
+    logits = score_items(predictor, items, batch_size, num_workers)
+    probs = predictor.calibrate(torch.as_tensor(logits)).numpy()
+    thr = predictor.threshold
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "logit", "probability", "predicted", "correct"])
+        for it, z, p in zip(items, logits, probs):
+            predicted = CLASS_NAMES[int(p >= thr)]
+            w.writerow([it.path, CLASS_NAMES[it.label], f"{z:.6f}", f"{p:.6f}", predicted, predicted == CLASS_NAMES[it.label]])
+    metrics = compute_metrics(labels, probs, thr)
+    metrics.update({"T": predictor.temperature, "model_id": predictor.model_id})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    save_plots(out, labels, probs, thr, title=title)
+    return metrics

@@ -1,0 +1,116 @@
+"""Temperature scaling and the decision threshold, as plain functions over cached logits.
+
+After gpleiss/temperature_scaling: one scalar T fitted by LBFGS on the validation NLL; the predictor in
+core only divides logits by T. The threshold is then chosen on the calibrated validation probabilities.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xr.core.errors import XRError
+
+OBJECTIVES = ("f1", "youden", "cost")
+
+
+def _as_tensors(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    z = torch.as_tensor(np.asarray(logits, dtype=np.float64)).reshape(-1)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.float64)).reshape(-1)
+    if z.numel() != y.numel() or z.numel() == 0:
+        raise XRError(f"need as many labels as logits (got {z.numel()} logits, {y.numel()} labels)")
+    return z, y
+
+
+def nll(logits, labels, temperature: float = 1.0) -> float:
+    """Mean binary negative log-likelihood of sigmoid(logit / T)."""
+    z, y = _as_tensors(logits, labels)
+    return float(F.binary_cross_entropy_with_logits(z / temperature, y))
+
+
+def fit_temperature(logits, labels, max_iter: int = 200) -> float:
+    """The T > 0 minimising validation NLL of sigmoid(logit / T) (LBFGS over log T)."""
+    z, y = _as_tensors(logits, labels)
+    if y.min() == y.max():
+        raise XRError("temperature scaling needs both classes in the validation labels")
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = log_t.detach().exp().item()
+    if not np.isfinite(t):
+        raise XRError("temperature fit diverged (validation logits separate the classes perfectly?)")
+    return float(np.clip(t, 0.05, 20.0))
+
+
+def ece(probs, labels, n_bins: int = 15) -> float:
+    """Expected calibration error of P(PNEUMONIA), equal-width bins over [0, 1]."""
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            total += mask.mean() * abs(p[mask].mean() - y[mask].mean())
+    return float(total)
+
+
+def sigmoid(x) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def threshold_scores(
+    probs, labels, objective: str = "f1", fn_cost: float = 5.0, fp_cost: float = 1.0, grid: int = 999
+) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds, score) over an even grid in (0, 1); higher score is better for every objective."""
+    if objective not in OBJECTIVES:
+        raise XRError(f"calibration objective {objective!r} is not allowed; choose one of {', '.join(OBJECTIVES)}")
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    thr = np.linspace(0.0, 1.0, grid + 2)[1:-1]
+    pred = p[None, :] >= thr[:, None]
+    tp = (pred & y).sum(1).astype(float)
+    fp = (pred & ~y).sum(1).astype(float)
+    fn = (~pred & y).sum(1).astype(float)
+    tn = (~pred & ~y).sum(1).astype(float)
+    if objective == "f1":
+        score = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
+    elif objective == "youden":
+        tpr = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+        tnr = np.divide(tn, tn + fp, out=np.zeros_like(tn), where=(tn + fp) > 0)
+        score = tpr + tnr - 1.0
+    else:
+        score = -(fn_cost * fn + fp_cost * fp)
+    return thr, score
+
+
+def choose_threshold(
+    probs, labels, objective: str = "f1", fn_cost: float = 5.0, fp_cost: float = 1.0, grid: int = 999
+) -> tuple[float, float]:
+    """Best threshold and its score. Where a range of thresholds ties for best, take its middle:
+    the validation set cannot tell them apart, and the middle is farthest from both error edges."""
+    thr, score = threshold_scores(probs, labels, objective, fn_cost, fp_cost, grid)
+    best = np.flatnonzero(score >= score.max() - 1e-12)
+    # Middle of the first contiguous run of best thresholds.
+    run_end = best[0]
+    while run_end + 1 < len(thr) and score[run_end + 1] >= score.max() - 1e-12:
+        run_end += 1
+    mid = (best[0] + run_end) // 2
+    return float(thr[mid]), float(score[mid])
+
+
+def calibration_report(logits, labels, temperature: float, n_bins: int = 15) -> dict[str, float]:
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    return {
+        "nll_before": nll(z, y, 1.0),
+        "nll_after": nll(z, y, temperature),
+        "ece_before": ece(sigmoid(z), y, n_bins),
+        "ece_after": ece(sigmoid(z / temperature), y, n_bins),
+    }

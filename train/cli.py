@@ -1,0 +1,204 @@
+"""``xr-train``: split, train, calibrate, evaluate, or all of them in order.
+
+Each stage starts from the files the previous one wrote in the run folder, so one stage can be re-run:
+
+    RUN/config.yaml                 resolved config (flags applied)
+    RUN/splits/{train,val,test}.csv file lists, grouped by patient; RUN/splits/summary.json
+    RUN/xr_mvp_best.pt              best-val-AUROC checkpoint; RUN/checkpoint_last.pt (+ optimizer, scheduler)
+    RUN/epochs.csv, RUN/val_logits.csv
+    RUN/calibration_threshold.json  T, threshold, objective, val metrics, NLL/ECE before and after
+    RUN/eval/                       predictions.csv, metrics.json, plots (test split)
+    RUN/model_card.json, RUN/MODEL_CARD.md
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xr.core.config import DEFAULT_CONFIG_PATH, Config, load_config, save_config
+from xr.core.errors import XRError
+from xr.core.predict import CALIBRATION_FILE, Predictor, resolve_device
+from xr.train import calibrate as cal
+from xr.train.analysis import compute_metrics, evaluate_items
+from xr.train.card import write_model_card
+from xr.train.data import Splits, discover, make_splits
+from xr.train.engine import BEST_CHECKPOINT, VAL_LOGITS, fit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO_ROOT / "models" / BEST_CHECKPOINT
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {
+        "train.epochs": getattr(args, "epochs", None),
+        "train.head_epochs": getattr(args, "head_epochs", None),
+        "train.batch_size": getattr(args, "batch_size", None),
+        "train.max_steps_per_epoch": getattr(args, "max_steps", None),
+        "train.seed": getattr(args, "seed", None),
+        "data.num_workers": getattr(args, "num_workers", None),
+        "calibration.objective": getattr(args, "objective", None),
+    }
+
+
+def run_config(args: argparse.Namespace, out: Path) -> Config:
+    """--config, else the run folder's saved config, else the project's config.yaml; then flags."""
+    path = args.config or (out / "config.yaml" if (out / "config.yaml").exists() else DEFAULT_CONFIG_PATH)
+    cfg = load_config(path, _overrides(args))
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return cfg
+
+
+# -- stages -------------------------------------------------------------------------------------------
+def stage_split(cfg: Config, data: Path, out: Path) -> Splits:
+    splits = make_splits(data, cfg.data)
+    splits.save(out / "splits")
+    s = splits.summary()
+    print(
+        "split: " + ", ".join(f"{k} {s[k]['images']} images / {s[k]['patients']} patients" for k in ("train", "val", "test"))
+        + (f" ({'; '.join(s['notes'])})" if s["notes"] else "")
+    )
+    return splits
+
+
+def stage_train(cfg: Config, out: Path, device: str) -> dict:
+    splits = Splits.load(out / "splits")
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    result = fit(cfg, splits, out, dev)
+    result["seconds"] = time.perf_counter() - t0
+    print(f"train: best val AUROC {result['best_val_auroc']:.4f} at epoch {result['best_epoch']} ({result['seconds']:.0f} s on {dev})")
+    return result
+
+
+def stage_calibrate(cfg: Config, out: Path) -> dict:
+    path = out / VAL_LOGITS
+    if not path.exists():
+        raise XRError(f"{path} not found: run `xr-train train --out {out}` first")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    logits = np.array([float(r["logit"]) for r in rows])
+    labels = np.array([int(r["label"]) for r in rows])
+    cc = cfg.calibration
+    t = cal.fit_temperature(logits, labels)
+    probs = cal.sigmoid(logits / t)
+    threshold, score = cal.choose_threshold(probs, labels, cc.objective, cc.fn_cost, cc.fp_cost, cc.threshold_grid)
+    report = cal.calibration_report(logits, labels, t, cc.ece_bins)
+    result = {
+        "T": t,
+        "threshold": threshold,
+        "objective": cc.objective,
+        "objective_score": score,
+        **({"fn_cost": cc.fn_cost, "fp_cost": cc.fp_cost} if cc.objective == "cost" else {}),
+        "n_val": int(len(labels)),
+        "calibration": report,
+        "val_metrics": compute_metrics(labels, probs, threshold, cc.ece_bins),
+    }
+    (out / CALIBRATION_FILE).write_text(json.dumps(result, indent=2))
+    print(
+        f"calibrate: T {t:.3f}, threshold {threshold:.3f} ({cc.objective}); val NLL {report['nll_before']:.4f} -> "
+        f"{report['nll_after']:.4f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}"
+    )
+    return result
+
+
+def stage_evaluate(cfg: Config, model: Path, items, out: Path, device: str, title: str) -> dict:
+    predictor = Predictor.from_checkpoint(model, device=device, amp=cfg.train.amp)
+    if not predictor.calibration.extra or predictor.calibration.extra.get("calibrated") is False:
+        print(f"warning: no {CALIBRATION_FILE} beside {model}; using T=1 and threshold 0.5", file=sys.stderr)
+    m = evaluate_items(predictor, items, out, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, title=title)
+    pc = m["per_class"]
+    print(
+        f"evaluate ({m['n']} images): AUROC {m['auroc'] or float('nan'):.4f}, accuracy {m['accuracy']:.4f}, F1 {m['f1']:.4f}, "
+        f"recall NORMAL {pc['NORMAL']['recall']:.4f} PNEUMONIA {pc['PNEUMONIA']['recall']:.4f}, ECE {m['ece']:.4f} -> {out}"
+    )
+    return m
+
+
+def _eval_items(data: Path):
+    found = discover(data)
+    if found.get("test"):
+        return found["test"]
+    raise XRError(f"{data}: no test split or NORMAL/PNEUMONIA folders to evaluate")
+
+
+# -- command line -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, data=False, data_required=False):
+        p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder (default runs/latest)")
+        p.add_argument("--config", type=Path, default=None, help="config file (default: the run's saved config, else config.yaml)")
+        p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cuda | mps | cpu")
+        if data:
+            p.add_argument("--data", type=Path, required=data_required, help="dataset root in the Kaggle layout")
+
+    def training_flags(p):
+        p.add_argument("--epochs", type=int, help="override train.epochs")
+        p.add_argument("--head-epochs", type=int, help="override train.head_epochs")
+        p.add_argument("--batch-size", type=int, help="override train.batch_size")
+        p.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke runs)")
+        p.add_argument("--seed", type=int, help="override train.seed")
+        p.add_argument("--num-workers", type=int, help="override data.num_workers")
+
+    p = sub.add_parser("split", help="carve val/test out of train by patient and save the file lists")
+    common(p, data=True, data_required=True)
+    p = sub.add_parser("train", help="train from the saved splits")
+    common(p)
+    training_flags(p)
+    p = sub.add_parser("calibrate", help="fit T and the threshold on the saved validation logits")
+    common(p)
+    p.add_argument("--objective", choices=cal.OBJECTIVES, help="override calibration.objective")
+    p = sub.add_parser("evaluate", help="metrics and plots of a model on a labelled folder")
+    common(p, data=True)
+    p.add_argument("--model", type=Path, default=None, help=f"checkpoint (default {DEFAULT_MODEL.relative_to(REPO_ROOT)})")
+    p = sub.add_parser("all", help="split, train, calibrate and evaluate on the test split")
+    common(p, data=True, data_required=True)
+    training_flags(p)
+    p.add_argument("--objective", choices=cal.OBJECTIVES, help="override calibration.objective")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out: Path = args.out
+    try:
+        cfg = run_config(args, out) if args.command != "evaluate" else load_config(args.config, {})
+        if args.command == "split":
+            stage_split(cfg, args.data, out)
+        elif args.command == "train":
+            stage_train(cfg, out, args.device)
+        elif args.command == "calibrate":
+            stage_calibrate(cfg, out)
+        elif args.command == "evaluate":
+            model = args.model or DEFAULT_MODEL
+            if args.data is None:
+                raise XRError("evaluate needs --data: a labelled folder (NORMAL/ and PNEUMONIA/) or a Kaggle-layout root")
+            stage_evaluate(cfg, model, _eval_items(args.data), out, args.device, title=args.data.name)
+        elif args.command == "all":
+            t0 = time.perf_counter()
+            splits = stage_split(cfg, args.data, out)
+            train_result = stage_train(cfg, out, args.device)
+            calib = stage_calibrate(cfg, out)
+            metrics = stage_evaluate(cfg, out / BEST_CHECKPOINT, splits.test, out / "eval", args.device, title="test")
+            seconds = time.perf_counter() - t0
+            command = "xr-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+            write_model_card(out, cfg, splits, train_result, calib, metrics, command, seconds)
+            print(f"all: done in {seconds / 60:.1f} min -> {out}")
+    except XRError as exc:
+        print(f"xr-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Labelled data: discovery in the Kaggle layout, patient-grouped splits, and the torch Dataset."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedGroupKFold
+from torch.utils.data import Dataset
+
+from xr.core.config import DataConfig
+from xr.core.errors import XRError
+from xr.core.imaging import is_image_name
+from xr.core.model import CLASS_NAMES
+from xr.core.preprocessing import Preset
+
+SPLITS = ("train", "val", "test")
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.I),  # personNNN_bacteria_MMM
+    re.compile(r"^(NORMAL2-IM-\d+)-", re.I),  # NORMAL2-IM-NNNN-MMMM
+    re.compile(r"^(IM-\d+)-", re.I),  # IM-NNNN-MMMM
+)
+
+
+def patient_id(filename: str) -> str:
+    """The patient a Kaggle chest-xray file belongs to; unknown naming falls back to the file stem."""
+    name = Path(filename).name
+    for pattern in _PATIENT_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return m.group(1).lower()
+    return Path(name).stem.lower()
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str
+    label: int  # index into CLASS_NAMES: 0 NORMAL, 1 PNEUMONIA
+    patient: str
+
+
+def list_class_folder(root: Path) -> list[Item]:
+    """Images under root/NORMAL and root/PNEUMONIA (sorted, so runs are reproducible)."""
+    items = []
+    for label, cls in enumerate(CLASS_NAMES):
+        folder = root / cls
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and is_image_name(p.name) and not p.name.startswith("."):
+                items.append(Item(str(p), label, patient_id(p.name)))
+    return items
+
+
+def discover(root: str | Path) -> dict[str, list[Item]]:
+    """{split: items} for a Kaggle-layout root, or {"test": items} for a bare NORMAL/PNEUMONIA folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise XRError(f"data folder not found: {root}")
+    if any((root / cls).is_dir() for cls in CLASS_NAMES):
+        found = {"test": list_class_folder(root)}
+    else:
+        found = {s: list_class_folder(root / s) for s in SPLITS if (root / s).is_dir()}
+    if not any(found.values()):
+        raise XRError(
+            f"{root}: no images found; expected {root}/train/NORMAL, {root}/train/PNEUMONIA, ... "
+            f"(Kaggle layout) or {root}/NORMAL and {root}/PNEUMONIA"
+        )
+    return found
+
+
+def _content_groups(items: list[Item]) -> list[str]:
+    """Patient groups, merged where two files have identical bytes (the dataset has a few exact
+    duplicates), so a duplicate can never sit on both sides of a split."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first_by_hash: dict[str, str] = {}
+    for it in items:
+        digest = hashlib.sha256(Path(it.path).read_bytes()).hexdigest()
+        find(it.patient)
+        if digest in first_by_hash:
+            parent[find(it.patient)] = find(first_by_hash[digest])
+        else:
+            first_by_hash[digest] = it.patient
+    return [find(it.patient) for it in items]
+
+
+def _carve(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """Split off about ``fraction`` of items, grouped by patient and stratified by label."""
+    n_splits = max(2, round(1.0 / fraction))
+    groups = _content_groups(items)
+    n_groups = len(set(groups))
+    if n_groups < n_splits:
+        raise XRError(f"only {n_groups} patients: too few to carve a {fraction:.0%} split by patient")
+    labels = np.array([it.label for it in items])
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    keep_idx, out_idx = next(sgkf.split(np.zeros(len(items)), labels, groups))
+    return [items[i] for i in keep_idx], [items[i] for i in out_idx]
+
+
+@dataclass
+class Splits:
+    train: list[Item]
+    val: list[Item]
+    test: list[Item]
+    notes: list[str]
+
+    def summary(self) -> dict:
+        def count(items: list[Item]) -> dict:
+            labels = [it.label for it in items]
+            return {
+                "images": len(items),
+                "patients": len({it.patient for it in items}),
+                **{cls: labels.count(i) for i, cls in enumerate(CLASS_NAMES)},
+            }
+
+        return {"train": count(self.train), "val": count(self.val), "test": count(self.test), "notes": self.notes}
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in SPLITS:
+            with open(folder / f"{name}.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "label", "class", "patient"])
+                for it in getattr(self, name):
+                    w.writerow([it.path, it.label, CLASS_NAMES[it.label], it.patient])
+        (folder / "summary.json").write_text(json.dumps(self.summary(), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Splits":
+        folder = Path(folder)
+        parts = {}
+        for name in SPLITS:
+            path = folder / f"{name}.csv"
+            if not path.exists():
+                raise XRError(f"split file missing: {path} (run `xr-train split` first)")
+            with open(path, newline="") as f:
+                parts[name] = [Item(r["path"], int(r["label"]), r["patient"]) for r in csv.DictReader(f)]
+        notes = json.loads((folder / "summary.json").read_text()).get("notes", []) if (folder / "summary.json").exists() else []
+        return cls(parts["train"], parts["val"], parts["test"], notes)
+
+
+def make_splits(root: str | Path, cfg: DataConfig) -> Splits:
+    """Keep the given val/test splits when usable; carve the missing ones out of train by patient."""
+    found = discover(root)
+    train = list(found.get("train", []))
+    val = list(found.get("val", []))
+    test = list(found.get("test", []))
+    notes = []
+    if not train:
+        raise XRError(f"{root}: no training images under {root}/train/NORMAL and {root}/train/PNEUMONIA")
+    test_carved = not test
+    if test_carved:
+        train, test = _carve(train, cfg.test_fraction, cfg.seed)
+        notes.append(f"test carved from train by patient ({cfg.test_fraction:.0%})")
+    if len(val) < cfg.min_val_images:
+        if val:
+            notes.append(f"given val has {len(val)} images (< {cfg.min_val_images}): merged into train")
+            train = train + val
+        # Carve from what is left so val is the same share of the whole as configured.
+        share = cfg.val_fraction / (1.0 - (cfg.test_fraction if test_carved else 0.0))
+        train, val = _carve(train, min(share, 0.5), cfg.seed + 1)
+        notes.append(f"val carved from train by patient ({cfg.val_fraction:.0%})")
+    return Splits(train, val, test, notes)
+
+
+class XRDataset(Dataset):
+    """(tensor, label) pairs through the shared :class:`Preset` decode and a transform."""
+
+    def __init__(self, items: list[Item], preset: Preset, transform: Callable):
+        self.items = items
+        self.preset = preset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        it = self.items[i]
+        return self.transform(self.preset.load(it.path)), it.label
+
+    def labels(self) -> list[int]:
+        return [it.label for it in self.items]

@@ -1,0 +1,327 @@
+"""The training stage: head-only epochs on cached features, then fine-tuning, with early stopping.
+
+Shaped like torchvision/timm ``train.py``: ``train_one_epoch`` and ``evaluate`` return metric dicts,
+``fit`` writes one summary row per epoch and checkpoints holding model, optimizer, scheduler, epoch
+and config.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from tqdm.auto import tqdm
+
+from xr.core.config import Config
+from xr.core.model import checkpoint_meta, create_model, save_checkpoint
+from xr.core.predict import autocast, use_bf16
+from xr.core.preprocessing import Preset
+from xr.train.data import Splits, XRDataset
+
+BEST_CHECKPOINT = "xr_mvp_best.pt"
+LAST_CHECKPOINT = "checkpoint_last.pt"
+EPOCH_LOG = "epochs.csv"
+VAL_LOGITS = "val_logits.csv"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset, batch_size: int, num_workers: int, generator: torch.Generator, balanced: bool = False, shuffle: bool = False
+) -> DataLoader:
+    sampler = None
+    if balanced:
+        labels = torch.as_tensor(dataset.labels() if hasattr(dataset, "labels") else dataset.tensors[1])
+        counts = torch.bincount(labels.long(), minlength=2).clamp(min=1).double()
+        # Each class drawn equally often: a batch is about half NORMAL, half PNEUMONIA.
+        sampler = WeightedRandomSampler((1.0 / counts)[labels.long()], len(labels), replacement=True, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=shuffle and sampler is None,
+        generator=generator if sampler is None else None,
+        num_workers=num_workers,
+        worker_init_fn=_seed_worker,
+        persistent_workers=num_workers > 0,
+        pin_memory=False,
+    )
+
+
+def make_loss(cfg: Config, labels: list[int], device: torch.device) -> nn.Module:
+    pos_weight = None
+    if cfg.train.pos_weight:
+        n_pos = max(1, sum(labels))
+        n_neg = max(1, len(labels) - sum(labels))
+        pos_weight = torch.tensor([n_neg / n_pos], device=device)
+    return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+
+def _targets(y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    y = y.float()
+    return y * (1.0 - smoothing) + 0.5 * smoothing if smoothing > 0 else y
+
+
+def frozen_modules(model: nn.Module, freeze_stages: int) -> list[nn.Module]:
+    """Stem plus the first ``freeze_stages`` block stages: generic edge/texture filters. Keeping them
+    fixed halves the backward cost on a CPU (measured 9.5 -> 18.6 images/s for 2 stages) and leaves
+    fewer weights to overfit a few thousand images."""
+    return [model.conv_stem, model.bn1, *list(model.blocks)[:freeze_stages]]
+
+
+def set_trainable(model: nn.Module, head_only: bool, freeze_stages: int) -> list[nn.Module]:
+    """Set requires_grad; return the modules whose BatchNorm statistics must stay frozen."""
+    for p in model.parameters():
+        p.requires_grad = not head_only
+    if head_only:
+        for p in model.get_classifier().parameters():
+            p.requires_grad = True
+        return [m for m in model.children() if m is not model.get_classifier()]
+    frozen = frozen_modules(model, freeze_stages)
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad = False
+    return frozen
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    *,
+    frozen: list[nn.Module] = (),
+    bf16: bool = False,
+    channels_last: bool = True,
+    smoothing: float = 0.0,
+    max_steps: int | None = None,
+    ema: Any = None,
+    desc: str = "train",
+) -> dict[str, float]:
+    model.train()
+    for m in frozen:
+        m.eval()  # frozen layers keep their ImageNet BatchNorm statistics
+    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    steps = len(loader) if max_steps is None else min(len(loader), max_steps)
+    bar = tqdm(loader, total=steps, desc=desc, leave=False, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        if step >= steps:
+            break
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device).float().reshape(-1, 1)
+        with autocast(device, bf16):
+            out = model(x)
+        loss = loss_fn(out.float().reshape(-1, 1), _targets(y, smoothing))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        total_loss += loss.item() * len(y)
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(seen, 1), "images": seen, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, loader: DataLoader, device: torch.device, *, bf16: bool = False, channels_last: bool = True, desc: str = "eval"
+) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    logits, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, bf16):
+            out = model(x)
+        logits.append(out.float().reshape(-1).cpu())
+        labels.append(torch.as_tensor(y).reshape(-1))
+    return torch.cat(logits).numpy().astype(np.float64), torch.cat(labels).numpy().astype(np.int64)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, **kw) -> dict[str, Any]:
+    """Validation metrics at the raw logit (threshold 0.5 uncalibrated); logits kept for calibration."""
+    logits, labels = predict_logits(model, loader, device, **kw)
+    loss = float(F.binary_cross_entropy_with_logits(torch.as_tensor(logits), torch.as_tensor(labels, dtype=torch.float64)))
+    auroc = float(roc_auc_score(labels, logits)) if len(set(labels.tolist())) == 2 else float("nan")
+    acc = float(((logits >= 0) == (labels == 1)).mean())
+    return {"loss": loss, "auroc": auroc, "acc": acc, "logits": logits, "labels": labels}
+
+
+class _HeadOnFeatures(nn.Module):
+    """The model's own classifier (with its dropout) applied to cached pooled features."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        feats = F.dropout(feats, p=self.model.drop_rate, training=self.training)
+        return self.model.get_classifier()(feats)
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, loader: DataLoader, device: torch.device, **kw) -> TensorDataset:
+    """Pooled backbone features, computed once: head-only epochs then cost almost nothing."""
+    model.eval()
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc="features", leave=False, dynamic_ncols=True):
+        x = x.to(device)
+        if kw.get("channels_last") and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, kw.get("bf16", False)):
+            f = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats.append(f.float().cpu())
+        labels.append(torch.as_tensor(y).reshape(-1))
+    return TensorDataset(torch.cat(feats), torch.cat(labels))
+
+
+def _write_epoch_row(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def save_val_logits(path: Path, items, logits: np.ndarray, labels: np.ndarray) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "logit"])
+        for it, z, y in zip(items, logits, labels):
+            w.writerow([it.path, int(y), repr(float(z))])
+
+
+def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) -> dict[str, Any]:
+    """Train on ``splits.train``, select on ``splits.val`` AUROC; write the best checkpoint and logs."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    gen = seed_everything(tc.seed)
+    bf16 = use_bf16(device, tc.amp)
+    cl = tc.channels_last
+    preset = Preset.from_config(cfg.preprocess)
+    train_ds = XRDataset(splits.train, preset, preset.train_transform(cfg.augment))
+    train_eval_ds = XRDataset(splits.train, preset, preset.eval_transform())
+    val_ds = XRDataset(splits.val, preset, preset.eval_transform())
+    nw = cfg.data.num_workers
+    val_loader = make_loader(val_ds, tc.batch_size, nw, gen)
+
+    model = create_model(cfg.model.arch, cfg.model.pretrained, cfg.model.weights_path, cfg.model.drop_rate).to(device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = make_loss(cfg, train_ds.labels(), device)
+    meta = checkpoint_meta(cfg.model.arch, preset, cfg.to_dict(), splits.summary())
+    log_path = out_dir / EPOCH_LOG
+    log_path.unlink(missing_ok=True)
+    best = {"auroc": -math.inf, "epoch": -1}
+    history = []
+
+    def finish_epoch(epoch: int, phase: str, train_stats: dict, val: dict, lr: float, eval_model: nn.Module) -> bool:
+        improved = val["auroc"] > best["auroc"]
+        if improved:
+            best.update(auroc=val["auroc"], epoch=epoch)
+            save_checkpoint(out_dir / BEST_CHECKPOINT, eval_model, meta)
+            save_val_logits(out_dir / VAL_LOGITS, splits.val, val["logits"], val["labels"])
+        row = {
+            "epoch": epoch, "phase": phase, "lr": lr,
+            "train_loss": round(train_stats["loss"], 5), "train_images_per_s": round(train_stats["images_per_s"], 2),
+            "val_loss": round(val["loss"], 5), "val_auroc": round(val["auroc"], 5), "val_acc": round(val["acc"], 4),
+            "seconds": round(train_stats["seconds"], 1), "best": improved,
+        }
+        _write_epoch_row(log_path, row)
+        history.append(row)
+        tqdm.write(
+            f"epoch {epoch:2d} [{phase}] loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} "
+            f"auroc {row['val_auroc']:.4f} acc {row['val_acc']:.3f} | {row['train_images_per_s']:.1f} img/s"
+            f"{' *best*' if improved else ''}"
+        )
+        return improved
+
+    # -- phase 1: head only, on cached features ------------------------------------------------------
+    epoch = 0
+    if tc.head_epochs > 0:
+        set_trainable(model, head_only=True, freeze_stages=tc.freeze_stages)
+        feat_kw = {"bf16": bf16, "channels_last": cl}
+        train_feats = extract_features(model, make_loader(train_eval_ds, tc.batch_size, nw, gen), device, **feat_kw)
+        val_feats = extract_features(model, val_loader, device, **feat_kw)
+        head = _HeadOnFeatures(model)
+        head_opt = torch.optim.AdamW(model.get_classifier().parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        feat_loader = make_loader(train_feats, tc.batch_size, 0, gen, balanced=tc.weighted_sampler, shuffle=True)
+        val_feat_loader = make_loader(val_feats, 256, 0, gen)
+        for _ in range(tc.head_epochs):
+            epoch += 1
+            stats = train_one_epoch(
+                head, feat_loader, head_opt, loss_fn, device, bf16=False, channels_last=False,
+                smoothing=tc.label_smoothing, desc=f"head {epoch}",
+            )
+            val = evaluate(head, val_feat_loader, device, channels_last=False)
+            finish_epoch(epoch, "head", stats, val, head_opt.param_groups[0]["lr"], model)
+        del train_feats, val_feats
+
+    # -- phase 2: fine-tune all but the frozen stem stages ------------------------------------------
+    frozen = set_trainable(model, head_only=False, freeze_stages=tc.freeze_stages)
+    head_params = list(model.get_classifier().parameters())
+    head_ids = {id(p) for p in head_params}
+    body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    optimizer = torch.optim.AdamW(
+        [{"params": body_params, "lr": tc.lr * tc.backbone_lr_mult}, {"params": head_params, "lr": tc.lr}],
+        lr=tc.lr, weight_decay=tc.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=tc.plateau_factor, patience=tc.plateau_patience
+    )
+    ema = None
+    if tc.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=tc.ema_decay)
+    train_loader = make_loader(train_ds, tc.batch_size, nw, gen, balanced=tc.weighted_sampler, shuffle=True)
+    since_best = 0
+    while epoch < tc.epochs:
+        epoch += 1
+        stats = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, device, frozen=frozen, bf16=bf16, channels_last=cl,
+            smoothing=tc.label_smoothing, max_steps=tc.max_steps_per_epoch, ema=ema, desc=f"epoch {epoch}",
+        )
+        eval_model = ema.module if ema is not None else model
+        val = evaluate(eval_model, val_loader, device, bf16=bf16, channels_last=cl)
+        improved = finish_epoch(epoch, "full", stats, val, optimizer.param_groups[1]["lr"], eval_model)
+        scheduler.step(val["auroc"])
+        save_checkpoint(
+            out_dir / LAST_CHECKPOINT, eval_model, meta, optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), epoch=epoch, config=cfg.to_dict(),
+        )
+        since_best = 0 if improved else since_best + 1
+        if since_best >= tc.early_stopping_patience:
+            tqdm.write(f"early stopping: no val AUROC gain for {since_best} epochs")
+            break
+    return {"best_epoch": best["epoch"], "best_val_auroc": best["auroc"], "epochs_run": epoch, "history": history}
