@@ -224,15 +224,19 @@ class Claimer(Stage):
     def __init__(self, ctx: Context, ready: "queue.Queue[FileItem]", decoded: "queue.Queue[Work]", finish: "queue.Queue", slots: threading.Semaphore):
         super().__init__()
         self.ctx, self.ready, self.decoded, self.finish, self.slots = ctx, ready, decoded, finish, slots
+        self._carry: FileItem | None = None
         self.pool = cf.ThreadPoolExecutor(max_workers=max(1, ctx.decode_workers), thread_name_prefix="xr-decode")
 
     def run(self) -> None:
         try:
             while not self.halt.is_set():
-                try:
-                    first = self.ready.get(timeout=POLL_S)
-                except queue.Empty:
-                    continue
+                if self._carry is not None:
+                    first, self._carry = self._carry, None
+                else:
+                    try:
+                        first = self.ready.get(timeout=POLL_S)
+                    except queue.Empty:
+                        continue
                 if not self._acquire():
                     self.ctx.discovery.release(first.path)
                     break
@@ -243,11 +247,13 @@ class Claimer(Stage):
                     except queue.Empty:
                         break
                     if not self.slots.acquire(blocking=False):
-                        self.ready.put(nxt)  # room is guaranteed: we just took it out
+                        self._carry = nxt  # no room downstream: it goes first next time
                         break
                     items.append(nxt)
                 self.claim(items)
         finally:
+            if self._carry is not None:
+                self.ctx.discovery.release(self._carry.path)
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _acquire(self) -> bool:

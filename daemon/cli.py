@@ -1,0 +1,80 @@
+"""``xr-daemon``: watch a folder and score every X-ray dropped into it (see README "Daemon")."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import yaml
+
+from xr.core.config import load_config
+from xr.core.errors import XRError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xr-daemon",
+        description="Watch a folder, score each chest X-ray with the calibrated model, record results in SQLite and CSV.",
+    )
+    p.add_argument("--watch", help="inbox folder to watch (default: daemon.watch)")
+    p.add_argument("--config", help="config.yaml (default: the project's config.yaml)")
+    p.add_argument("--db", help="results database: a path or SQLAlchemy URL (default: <output>/results.sqlite)")
+    p.add_argument("--output", help="output folder for processed/, failed/, csv/ (default: daemon.output)")
+    p.add_argument("--model", help="checkpoint (default: daemon.model, relative to the repository root)")
+    p.add_argument("--once", action="store_true", help="process what is in the inbox now, then exit 0")
+    p.add_argument("--log-format", choices=("json", "console"), help="default: daemon.log_format")
+    p.add_argument("--device", help="auto | cpu | cuda | mps (default: daemon.device)")
+    p.add_argument("--batch-size", type=int, help="daemon.batch_size")
+    p.add_argument("--max-wait-ms", type=int, help="daemon.max_wait_ms")
+    p.add_argument("--stable-ms", type=int, help="daemon.stable_ms")
+    p.add_argument("--rescan-s", type=float, help="daemon.rescan_s")
+    p.add_argument("--poll", action="store_true", default=None, help="polling observer (network shares)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set output.csv_rotation=rows (value parsed as YAML)",
+    )
+    return p
+
+
+def parse_overrides(args: argparse.Namespace) -> dict:
+    ov = {
+        "daemon.device": args.device,
+        "daemon.batch_size": args.batch_size,
+        "daemon.max_wait_ms": args.max_wait_ms,
+        "daemon.stable_ms": args.stable_ms,
+        "daemon.rescan_s": args.rescan_s,
+        "daemon.poll": args.poll,
+        "daemon.log_format": args.log_format,
+    }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise XRError(f"--set expects KEY=VALUE, got {item!r}")
+        ov[key.strip()] = yaml.safe_load(value)
+    return ov
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from xr.daemon.logging import configure_logging
+
+    try:
+        cfg = load_config(args.config, parse_overrides(args))
+    except XRError as exc:
+        configure_logging(args.log_format or "json").error("config_error", reason=str(exc))
+        return 2
+    log = configure_logging(cfg.daemon.log_format)
+
+    from xr.daemon.service import Service  # torch import after argument errors are reported
+
+    svc = Service(cfg, watch=args.watch, output=args.output, db=args.db, model=args.model, once=args.once, log=log)
+    signal.signal(signal.SIGTERM, svc.handle_signal)
+    signal.signal(signal.SIGINT, svc.handle_signal)
+    return svc.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

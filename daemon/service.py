@@ -1,0 +1,263 @@
+"""Wiring: open the DB, load and warm the model, reconcile, start the stages, run until told to stop."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import fcntl
+import math
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from xr.core.config import DEFAULT_CONFIG_PATH, Config
+from xr.core.errors import XRError
+from xr.core.predict import Predictor
+from xr.daemon.db import CLAIMED, ERROR, Result, make_engine, session_factory, utcnow
+from xr.daemon.discovery import Discovery
+from xr.daemon.export import CsvExporter
+from xr.daemon.logging import get_logger
+from xr.daemon.pipeline import Claimer, Context, Done, Finisher, Inferer
+
+REPO_ROOT = DEFAULT_CONFIG_PATH.parent
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """An absolute path as is; a relative one is taken from the repository root (where models/ lives)."""
+    p = Path(model).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def default_db(cfg: Config, output: str | Path) -> str:
+    return cfg.daemon.db or str(Path(output) / "results.sqlite")
+
+
+class Service:
+    """One daemon instance. ``run()`` blocks until a stop (signal, ``--once`` done, limits) and returns
+    the exit code; everything it started is stopped and joined before it returns."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        watch: str | Path | None = None,
+        output: str | Path | None = None,
+        db: str | None = None,
+        model: str | Path | None = None,
+        once: bool = False,
+        log: Any = None,
+        predictor: Predictor | None = None,
+    ):
+        d = cfg.daemon
+        self.cfg = cfg
+        self.inbox = Path(watch or d.watch).expanduser().resolve()
+        self.output = Path(output or d.output).expanduser().resolve()
+        self.db = db or default_db(cfg, self.output)
+        self.model_path = Path(model).expanduser().resolve() if model else resolve_model_path(d.model)
+        self.once = once
+        self.log = log or get_logger()
+        self._predictor = predictor
+        self._stop = threading.Event()
+        self.signals = 0
+        self.exit_code = 0
+        self.stages: list = []
+
+    # -- control ----------------------------------------------------------------------------------------
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self._stop.is_set():
+            self.log.info("stopping", reason=reason)
+        self._stop.set()
+
+    def handle_signal(self, signum: int, _frame: Any = None) -> None:
+        """First SIGTERM/SIGINT: finish the batch in flight and exit 0. Second: exit at once."""
+        self.signals += 1
+        if self.signals > 1:
+            os._exit(128 + signum)
+        self.request_stop(reason=f"signal {signum}")
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def _lock(self) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.output / ".xr-daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise XRError(f"another xr-daemon is already running with output folder {self.output}") from None
+
+    def _load_predictor(self) -> Predictor:
+        if self._predictor is not None:
+            pred = self._predictor
+        else:
+            if not self.model_path.exists():
+                raise XRError(f"model checkpoint not found: {self.model_path} (set --model or daemon.model)")
+            pred = Predictor.from_checkpoint(self.model_path, device=self.cfg.daemon.device)
+        # The pixel limit is a run-time guard: config.yaml wins over the value stored in the checkpoint.
+        pred.preset = dataclasses.replace(pred.preset, max_pixels=self.cfg.preprocess.max_pixels)
+        t0 = time.perf_counter()
+        pred.warmup(self.cfg.daemon.batch_size)
+        pred.warmup(1)
+        self.log.info(
+            "model_ready",
+            model=str(self.model_path),
+            model_id=pred.model_id,
+            device=str(pred.device),
+            bf16=pred.bf16,
+            threshold=pred.threshold,
+            temperature=pred.temperature,
+            torch_threads=torch.get_num_threads(),
+            warmup_ms=round((time.perf_counter() - t0) * 1000, 1),
+        )
+        return pred
+
+    def reconcile(self, ctx: Context, finisher: Finisher) -> dict[str, int]:
+        """Before watching: settle what a previous run left (see README "Crash safety")."""
+        stats = {"claimed_redo": 0, "claimed_gone": 0, "moves_finished": 0}
+        now = utcnow()
+        with ctx.sessions.begin() as s:
+            for row in s.scalars(select(Result).where(Result.status == CLAIMED)):
+                try:
+                    st = os.lstat(row.path)
+                    same = (st.st_size, st.st_mtime_ns) == (row.size_bytes, row.mtime_ns)
+                except OSError:
+                    same = False
+                if same:
+                    stats["claimed_redo"] += 1  # the scan finds it again and the claim reuses this row
+                    continue
+                row.status, row.error = ERROR, "file left or changed in the inbox before it was processed"
+                row.processed_at, row.moved_at = now, now
+                row.latency_ms = max(0.0, (now - row.received_at).total_seconds() * 1000)
+                stats["claimed_gone"] += 1
+            pending = s.scalars(
+                select(Result).where(Result.status != CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None))
+            ).all()
+            jobs = [Done(r.id, r.path, (r.size_bytes, r.mtime_ns), r.moved_to) for r in pending]
+        for d in jobs:
+            with ctx.reserved_lock:
+                ctx.reserved.add(d.moved_to)
+        if jobs:
+            finisher.handle(jobs)
+            stats["moves_finished"] = len(jobs)
+        ctx.exporter.export()
+        return stats
+
+    # -- run ------------------------------------------------------------------------------------------------
+    def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> int:
+        d = self.cfg.daemon
+        engine = None
+        discovery = None
+        self._lock_fd = None
+        try:
+            if not self.inbox.is_dir():
+                raise XRError(f"watch folder not found: {self.inbox}")
+            self._lock()
+            engine = make_engine(self.db)
+            sessions = session_factory(engine)
+            predictor = self._load_predictor()
+            ready_q: queue.Queue = queue.Queue(maxsize=max(4, 2 * d.batch_size))
+            decoded_q: queue.Queue = queue.Queue()
+            finish_q: queue.Queue = queue.Queue()
+            slots = threading.Semaphore(2 * d.batch_size + d.decode_workers)
+            discovery = Discovery(
+                self.inbox,
+                ready_q,
+                stable_ms=d.stable_ms,
+                rescan_s=math.inf if self.once else d.rescan_s,
+                poll=d.poll,
+                watch=not self.once,
+                exclude=(self.output,),
+            )
+            exporter = CsvExporter(self.output / "csv", sessions, self.cfg.output.csv_rotation, self.cfg.output.csv_max_rows)
+            ctx = Context(
+                inbox=self.inbox,
+                output=self.output,
+                sessions=sessions,
+                predictor=predictor,
+                discovery=discovery,
+                exporter=exporter,
+                log=self.log,
+                batch_size=d.batch_size,
+                max_wait_ms=d.max_wait_ms,
+                decode_workers=d.decode_workers,
+                on_success=d.on_success,
+                on_error=d.on_error,
+                dedupe=d.dedupe,
+            )
+            if max_batches is not None:
+                ctx.on_batch = lambda n: n >= max_batches and self.request_stop("max_batches")
+            finisher = Finisher(ctx, finish_q)
+            inferer = Inferer(ctx, decoded_q, finish_q, slots)
+            claimer = Claimer(ctx, ready_q, decoded_q, finish_q, slots)
+            self.stages = [claimer, inferer, finisher]
+            rec = self.reconcile(ctx, finisher)
+            self.log.info(
+                "daemon_started",
+                watch=str(self.inbox),
+                output=str(self.output),
+                db=str(self.db),
+                once=self.once,
+                batch_size=d.batch_size,
+                max_wait_ms=d.max_wait_ms,
+                stable_ms=d.stable_ms,
+                decode_workers=d.decode_workers,
+                **rec,
+            )
+            for st in (finisher, inferer, claimer):
+                st.start()
+            discovery.start()
+            self.inferer, self.discovery = inferer, discovery
+            self._wait(discovery, idle_timeout)
+        except XRError as exc:
+            self.log.error("daemon_error", reason=str(exc))
+            self.exit_code = 2
+        except Exception as exc:  # noqa: BLE001
+            self.log.exception("daemon_crashed", reason=f"{exc.__class__.__name__}: {exc}")
+            self.exit_code = 1
+        finally:
+            self._shutdown(discovery)
+            if engine is not None:
+                engine.dispose()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+        return self.exit_code
+
+    def _wait(self, discovery: Discovery, idle_timeout: float | None) -> None:
+        idle_since = time.monotonic()
+        while not self._stop.wait(0.05):
+            for st in self.stages:
+                if st.error is not None:
+                    self.log.error("stage_failed", stage=st.name, reason=f"{st.error.__class__.__name__}: {st.error}")
+                    self.exit_code = 1
+                    self.request_stop(f"{st.name} failed")
+            busy = discovery.outstanding() > 0 or not discovery.first_scan_done.is_set()
+            if busy:
+                idle_since = time.monotonic()
+            if self.once and not busy:
+                self.request_stop("once: inbox done")
+            elif idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
+                self.request_stop("idle_timeout")
+
+    def _shutdown(self, discovery: Discovery | None) -> None:
+        t0 = time.perf_counter()
+        if discovery is not None:
+            discovery.stop()
+            discovery.join()
+        claimer, inferer, finisher = (self.stages + [None, None, None])[:3]
+        for st in (claimer, inferer, finisher):  # upstream first; the inferer finishes its batch
+            if st is not None:
+                st.halt.set()
+                st.join()
+        if inferer is not None:
+            self.log.info(
+                "daemon_stopped",
+                batches=inferer.batches,
+                files=inferer.files,
+                shutdown_ms=round((time.perf_counter() - t0) * 1000, 1),
+                exit_code=self.exit_code,
+            )
