@@ -88,6 +88,8 @@ def load_imagenet_weights(model: nn.Module, arch: str, weights_path: str | Path 
             state = state["state_dict"]
         if arch == "efficientnet_lite0" and any(k.startswith("_blocks.") for k in state):
             state = {_lite0_key(k): v for k, v in state.items()}
+        if arch == "efficientnet_b0" and any(k.startswith("features.") for k in state):
+            state = _torchvision_b0_to_timm(state)  # config.yaml documents the torchvision layout
     elif arch == "efficientnet_lite0":
         state = lite0_imagenet_state_dict()
     else:
