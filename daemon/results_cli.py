@@ -1,0 +1,192 @@
+"""``xr-results``: list, export and summarise the daemon's results database."""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from xr.core.config import load_config
+from xr.core.errors import XRError
+from xr.daemon.db import EXPORT_COLUMNS, FINAL_STATUSES, STATUSES, Result, db_url, make_engine, session_factory
+from xr.daemon.export import format_value
+
+TABLE_COLUMNS = ("id", "processed_at", "filename", "status", "probability", "label", "flagged", "error")
+
+
+def parse_since(text: str) -> dt.datetime:
+    """ISO date/time (UTC) or a relative age: ``30m``, ``12h``, ``7d``."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(seconds=float(m.group(1)) * unit)
+    try:
+        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--since: expected an ISO date/time or 30m/12h/7d, got {text!r}") from None
+    if t.tzinfo is not None:
+        t = t.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return t
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", help="database path or SQLAlchemy URL (default: daemon.db or <output>/results.sqlite)")
+    common.add_argument("--output", help="the daemon's output folder (default: daemon.output)")
+    common.add_argument("--config", help="config.yaml (default: the project's)")
+    common.add_argument("--since", type=parse_since, help="only rows processed since (ISO UTC time, or 30m / 12h / 7d)")
+    common.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+    p = argparse.ArgumentParser(prog="xr-results", description="Query the xr-daemon results database.", parents=[common])
+    sub = p.add_subparsers(dest="command")
+    lst = sub.add_parser("list", parents=[common], help="list result rows (default command)")
+    for parser in (p, lst):
+        parser.add_argument("--flagged", action="store_true", help="only flagged cases")
+        parser.add_argument("--status", choices=STATUSES, help="only rows with this status")
+        parser.add_argument("--limit", type=int, default=None, help="at most N rows (newest first)")
+        parser.add_argument("--all-columns", action="store_true", help="table format: every column")
+    sub.add_parser("stats", parents=[common], help="counts by status, flagged rate, throughput, latency")
+    return p
+
+
+def open_db(args: argparse.Namespace):
+    cfg = load_config(args.config)
+    db = args.db or cfg.daemon.db or str(Path(args.output or cfg.daemon.output) / "results.sqlite")
+    url = db_url(db)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        raise XRError(f"results database not found: {url[len('sqlite:///'):]}")
+    return make_engine(db, create=False, immediate=False)
+
+
+def query_rows(sessions, args: argparse.Namespace) -> list[dict[str, Any]]:
+    stmt = select(Result)
+    if args.flagged:
+        stmt = stmt.where(Result.flagged.is_(True), Result.status == "ok")
+    if args.status:
+        stmt = stmt.where(Result.status == args.status)
+    if args.since:
+        stmt = stmt.where(Result.processed_at >= args.since)
+    stmt = stmt.order_by(Result.id.desc())
+    if args.limit:
+        stmt = stmt.limit(args.limit)
+    with sessions() as s:
+        rows = [r.as_dict() for r in s.scalars(stmt)]
+    return rows[::-1]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def compute_stats(sessions, since: dt.datetime | None = None) -> dict[str, Any]:
+    with sessions() as s:
+        cond = [Result.processed_at >= since] if since else []
+        counts = dict(s.execute(select(Result.status, func.count()).where(*cond).group_by(Result.status)).all())
+        if since:  # claimed rows have no processed_at; count the ones received in the window
+            counts.pop("claimed", None)
+            n_claimed = s.scalar(select(func.count()).where(Result.status == "claimed", Result.received_at >= since))
+            if n_claimed:
+                counts["claimed"] = n_claimed
+        final = [Result.status.in_(FINAL_STATUSES), *cond]
+        n_flagged = s.scalar(select(func.count()).where(Result.status == "ok", Result.flagged.is_(True), *cond)) or 0
+        lat = [x for (x,) in s.execute(select(Result.latency_ms).where(*final, Result.latency_ms.is_not(None)))]
+        first_rx, last_done = s.execute(select(func.min(Result.received_at), func.max(Result.processed_at)).where(*final)).one()
+    n_ok = counts.get("ok", 0)
+    n_final = sum(counts.get(k, 0) for k in FINAL_STATUSES)
+    span = (last_done - first_rx).total_seconds() if first_rx and last_done else 0.0
+    return {
+        "total": sum(counts.values()),
+        "by_status": {k: counts.get(k, 0) for k in STATUSES},
+        "flagged": n_flagged,
+        "flagged_rate": (n_flagged / n_ok) if n_ok else None,
+        "throughput_files_per_s": (n_final / span) if span > 0 else None,
+        "first_received_at": format_value(first_rx) or None,
+        "last_processed_at": format_value(last_done) or None,
+        "latency_ms_p50": percentile(lat, 0.50),
+        "latency_ms_p95": percentile(lat, 0.95),
+    }
+
+
+def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...], out) -> None:
+    cells = [[format_value(r[c]) for c in columns] for r in rows]
+    for row in cells:
+        for i, c in enumerate(columns):
+            if c == "probability" and row[i]:
+                row[i] = f"{float(row[i]):.4f}"
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    widths = [min(w, 60) for w in widths]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
+    for r in cells:
+        print("  ".join(v[:w].ljust(w) for v, w in zip(r, widths)).rstrip(), file=out)
+
+
+def main(argv: list[str] | None = None, out=None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    try:
+        engine = open_db(args)
+    except XRError as exc:
+        print(f"xr-results: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sessions = session_factory(engine)
+        if args.command == "stats":
+            st = compute_stats(sessions, args.since)
+            if args.format == "json":
+                json.dump(st, out, indent=2)
+                print(file=out)
+            elif args.format == "csv":
+                w = csv.writer(out, lineterminator="\n")
+                w.writerow(["metric", "value"])
+                for k, v in _flat(st):
+                    w.writerow([k, "" if v is None else v])
+            else:
+                for k, v in _flat(st):
+                    if isinstance(v, float):
+                        v = f"{v:.4f}" if "rate" in k else f"{v:.1f}"
+                    print(f"{k:<28} {'-' if v is None else v}", file=out)
+            return 0
+        rows = query_rows(sessions, args)
+        if args.format == "json":
+            json.dump([{k: _jsonable(v) for k, v in r.items()} for r in rows], out, indent=2)
+            print(file=out)
+        elif args.format == "csv":
+            w = csv.writer(out, lineterminator="\n")
+            w.writerow(EXPORT_COLUMNS)
+            for r in rows:
+                w.writerow([format_value(r[c]) for c in EXPORT_COLUMNS])
+        else:
+            print_table(rows, EXPORT_COLUMNS if args.all_columns else TABLE_COLUMNS, out)
+        return 0
+    finally:
+        engine.dispose()
+
+
+def _flat(d: dict[str, Any], prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dt.datetime):
+        return format_value(v)
+    return v
+
+
+if __name__ == "__main__":
+    sys.exit(main())
