@@ -36,22 +36,31 @@ def parse_since(text: str) -> dt.datetime:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", help="database path or SQLAlchemy URL (default: daemon.db or <output>/results.sqlite)")
-    common.add_argument("--output", help="the daemon's output folder (default: daemon.output)")
-    common.add_argument("--config", help="config.yaml (default: the project's)")
-    common.add_argument("--since", type=parse_since, help="only rows processed since (ISO UTC time, or 30m / 12h / 7d)")
-    common.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    def common(parser: argparse.ArgumentParser, top: bool) -> None:
+        # options may come before or after the sub-command; a sub-command's unset option keeps the top value
+        d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+        parser.add_argument("--db", default=d(None), help="database path or SQLAlchemy URL (default: daemon.db or <output>/results.sqlite)")
+        parser.add_argument("--output", default=d(None), help="the daemon's output folder (default: daemon.output)")
+        parser.add_argument("--config", default=d(None), help="config.yaml (default: the project's)")
+        parser.add_argument("--since", type=parse_since, default=d(None), help="only rows processed since (ISO UTC time, or 30m / 12h / 7d)")
+        parser.add_argument("--format", choices=("table", "csv", "json"), default=d("table"))
 
-    p = argparse.ArgumentParser(prog="xr-results", description="Query the xr-daemon results database.", parents=[common])
+    def list_opts(parser: argparse.ArgumentParser, top: bool) -> None:
+        d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+        parser.add_argument("--flagged", action="store_true", default=d(False), help="only flagged cases")
+        parser.add_argument("--status", choices=STATUSES, default=d(None), help="only rows with this status")
+        parser.add_argument("--limit", type=int, default=d(None), help="at most N rows (the newest)")
+        parser.add_argument("--all-columns", action="store_true", default=d(False), help="table format: every column")
+
+    p = argparse.ArgumentParser(prog="xr-results", description="Query the xr-daemon results database.")
+    common(p, True)
+    list_opts(p, True)
     sub = p.add_subparsers(dest="command")
-    lst = sub.add_parser("list", parents=[common], help="list result rows (default command)")
-    for parser in (p, lst):
-        parser.add_argument("--flagged", action="store_true", help="only flagged cases")
-        parser.add_argument("--status", choices=STATUSES, help="only rows with this status")
-        parser.add_argument("--limit", type=int, default=None, help="at most N rows (newest first)")
-        parser.add_argument("--all-columns", action="store_true", help="table format: every column")
-    sub.add_parser("stats", parents=[common], help="counts by status, flagged rate, throughput, latency")
+    lst = sub.add_parser("list", help="list result rows (default command)")
+    common(lst, False)
+    list_opts(lst, False)
+    stats = sub.add_parser("stats", help="counts by status, flagged rate, throughput, latency percentiles")
+    common(stats, False)
     return p
 
 

@@ -1,0 +1,336 @@
+"""End-to-end: the real ``xr-daemon`` process on a temporary inbox; checks the DB, the CSVs and the folders."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+DAEMON = [sys.executable, "-m", "xr.daemon.cli"]
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def start_daemon(tmp: Path, model: Path, *extra: str, log_name: str = "daemon.log") -> tuple[subprocess.Popen, Path]:
+    log = tmp / log_name
+    cmd = [
+        *DAEMON, "--watch", str(tmp / "inbox"), "--output", str(tmp / "out"), "--model", str(model),
+        "--stable-ms", "300", "--rescan-s", "0.5", "--max-wait-ms", "50", "--device", "cpu", *extra,
+    ]  # fmt: skip
+    fh = open(log, "ab")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, cwd=tmp)
+    fh.close()
+    return proc, log
+
+
+def log_events(log: Path) -> list[dict]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def wait_for(pred, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    """Poll ``pred``; the timeout is a hang guard, not a performance check."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"gave up waiting for {what} (daemon rc={proc.poll() if proc else None})")
+
+
+def wait_started(proc: subprocess.Popen, log: Path, n: int = 1) -> None:
+    wait_for(lambda: sum(e["event"] == "daemon_started" for e in log_events(log)) >= n, 240, proc, "daemon_started")
+
+
+def db_rows(tmp: Path) -> list[dict]:
+    db = tmp / "out" / "results.sqlite"
+    if not db.exists():
+        return []
+    con = sqlite3.connect(db, timeout=30)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("select * from results order by id")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
+def csv_rows(tmp: Path, name: str = "results-*.csv") -> list[dict]:
+    rows = []
+    for f in sorted((tmp / "out" / "csv").glob(name)):
+        with open(f, newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
+
+
+def distinct_copy(src: Path, dst: Path, tag: int) -> None:
+    """The same image with distinct bytes (a tag after the JPEG end marker; decoders ignore it)."""
+    dst.write_bytes(src.read_bytes() + f"xr-tag-{tag}".encode())
+
+
+def drop(src_bytes: bytes, inbox: Path, name: str) -> None:
+    """How exporters should deliver: write under a temporary name, then rename into place."""
+    tmp = inbox / f".{name}.part"
+    tmp.write_bytes(src_bytes)
+    os.rename(tmp, inbox / name)
+
+
+def png16_bytes(src: Path) -> bytes:
+    """A 12-bit detector image stored in a 16-bit PNG, made from an 8-bit fixture."""
+    arr8 = np.asarray(Image.open(src).convert("L"), dtype=np.uint16)
+    arr12 = (arr8 * 4095 // 255).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr12).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+
+
+# -- tests -----------------------------------------------------------------------------------------------
+def test_once_good_16bit_bad_inputs_duplicates(tmp_path, tiny_checkpoint, xray_paths):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    good = xray_paths[:4]
+    for p in good:
+        shutil.copy(p, inbox / p.name)
+    (inbox / "sub").mkdir()
+    shutil.copy(good[0], inbox / "sub" / good[0].name)  # same name in a subfolder, same content
+    shutil.copy(good[1], inbox / "COPY.JPG")  # identical content under another name, upper-case suffix
+    png16 = png16_bytes(xray_paths[-1])
+    (inbox / "detector16.png").write_bytes(png16)
+    (inbox / "zero.png").write_bytes(b"")
+    (inbox / "truncated.jpeg").write_bytes(good[2].read_bytes()[:2000])
+    (inbox / "notes.png").write_text("this is not an image\n")
+    Image.new("L", (400, 400), 128).save(inbox / "huge.png")  # over the pixel limit set below
+    outside = tmp_path / "outside.jpeg"
+    shutil.copy(good[3], outside)
+    (inbox / "link.jpeg").symlink_to(outside)
+    for ignored in (".hidden.png", "x.png.part", "y.jpg.tmp", "z.jpeg.crdownload", "w.png~", "readme.txt"):
+        (inbox / ignored).write_bytes(good[0].read_bytes())
+
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", "--set", "preprocess.max_pixels=100000")
+    try:
+        rc = proc.wait(300)
+    finally:
+        stop(proc)
+    assert rc == 0, log.read_text()[-3000:]
+
+    rows = {r["filename"] if "sub" not in r["path"] else "sub/" + r["filename"]: r for r in db_rows(tmp_path)}
+    assert len(rows) == 12, sorted(rows)
+    for p in good:
+        assert rows[p.name]["status"] in ("ok", "duplicate")
+        assert rows[p.name]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert 0.0 <= rows[p.name]["probability"] <= 1.0
+        assert rows[p.name]["label"] in ("NORMAL", "PNEUMONIA")
+        assert rows[p.name]["threshold"] == 0.5 and rows[p.name]["temperature"] == 1.5
+        assert rows[p.name]["model_id"].startswith("efficientnet_lite0-")
+        assert rows[p.name]["batch_id"] is not None and rows[p.name]["latency_ms"] >= 0
+    assert rows["detector16.png"]["status"] == "ok"
+    # identical content: whichever came first is scored, the other is a duplicate pointing at it
+    for a, b in [("COPY.JPG", good[1].name), ("sub/" + good[0].name, good[0].name)]:
+        first, dup = sorted((rows[a], rows[b]), key=lambda r: r["status"] != "ok")
+        assert (first["status"], dup["status"]) == ("ok", "duplicate")
+        assert dup["duplicate_of"] == first["id"] and dup["id"] > first["id"]
+        assert dup["probability"] == first["probability"] and dup["sha256"] == first["sha256"]
+    for p in good[2:]:
+        assert rows[p.name]["status"] == "ok"
+    reasons = {
+        "zero.png": "empty",
+        "truncated.jpeg": "truncated",
+        "notes.png": "not a PNG or JPEG",
+        "huge.png": "over the limit",
+        "link.jpeg": "outside the inbox",
+    }
+    for name, reason in reasons.items():
+        assert rows[name]["status"] == "error", name
+        assert reason in rows[name]["error"], (name, rows[name]["error"])
+
+    out = tmp_path / "out"
+    processed = {p.relative_to(out / "processed").as_posix() for p in (out / "processed").rglob("*") if p.is_file()}
+    failed = {p.name for p in (out / "failed").iterdir()}
+    assert processed == {p.name for p in good} | {"sub/" + good[0].name, "COPY.JPG", "detector16.png"}
+    assert failed == set(reasons)
+    assert (out / "failed" / "link.jpeg").is_symlink() and outside.exists()  # the link moved, target untouched
+    left = sorted(p.name for p in inbox.iterdir() if p.is_file() or p.is_symlink())
+    assert left == sorted([".hidden.png", "x.png.part", "y.jpg.tmp", "z.jpeg.crdownload", "w.png~", "readme.txt"])
+
+    # CSVs: every DB row exactly once, in id order; flagged.csv holds the flagged ok rows
+    exported = csv_rows(tmp_path)
+    assert [int(r["id"]) for r in exported] == [r["id"] for r in db_rows(tmp_path)]
+    flagged_db = [r["id"] for r in db_rows(tmp_path) if r["status"] == "ok" and r["flagged"]]
+    assert [int(r["id"]) for r in csv_rows(tmp_path, "flagged.csv")] == flagged_db
+
+    events = log_events(log)
+    assert any(e["event"] == "batch" and e["size"] >= 1 and "model_ms" in e for e in events)
+    errors = [e for e in events if e["event"] == "file_error"]
+    assert {Path(e["file"]).name for e in errors} == set(reasons) and all(e["reason"] for e in errors)
+    if flagged_db:
+        assert any(e["event"] == "flagged" and e["level"] == "warning" for e in events)
+
+    # xr-results reads the same database
+    res = subprocess.run(
+        [sys.executable, "-m", "xr.daemon.results_cli", "--output", str(out), "stats", "--format", "json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    st = json.loads(res.stdout)
+    assert st["by_status"] == {"claimed": 0, "ok": 5, "error": 5, "duplicate": 2}
+    assert st["total"] == 12 and st["latency_ms_p50"] is not None
+
+
+def test_watch_slow_writer_moves_and_sigterm(tmp_path, tiny_checkpoint, xray_paths, fullres_paths):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--set", "output.csv_rotation=rows", "--set", "output.csv_max_rows=3")
+    try:
+        wait_started(proc, log)
+        # a slow writer: the full-res JPEG written in place in chunks over ~1.2 s (> stable_ms = 300)
+        payload = fullres_paths[0].read_bytes()
+        chunks = 12
+        step = len(payload) // chunks + 1
+
+        def slow_write():
+            with open(inbox / "slow.jpeg", "wb") as f:
+                for i in range(0, len(payload), step):
+                    f.write(payload[i : i + step])
+                    f.flush()
+                    time.sleep(0.1)
+
+        writer = threading.Thread(target=slow_write, name="slow-writer")
+        writer.start()
+        for i, p in enumerate(xray_paths[:6]):
+            drop(p.read_bytes(), inbox, f"moved-{i}.jpeg")
+        writer.join()
+        wait_for(lambda: len([r for r in db_rows(tmp_path) if r["status"] != "claimed"]) == 7, 120, proc, "7 rows")
+        rows = {r["filename"]: r for r in db_rows(tmp_path)}
+        assert rows["slow.jpeg"]["status"] == "ok", rows["slow.jpeg"]["error"]
+        assert rows["slow.jpeg"]["sha256"] == hashlib.sha256(payload).hexdigest()  # never read half-written
+        assert rows["slow.jpeg"]["size_bytes"] == len(payload)
+
+        # a name collision in processed/ never overwrites: same name, new content
+        drop(xray_paths[7].read_bytes(), inbox, "moved-0.jpeg")
+        wait_for(lambda: len(db_rows(tmp_path)) == 8 and (tmp_path / "out/processed/moved-0-1.jpeg").exists(), 60, proc, "collision")
+        assert (tmp_path / "out/processed/moved-0.jpeg").read_bytes() == xray_paths[0].read_bytes()
+        assert (tmp_path / "out/processed/moved-0-1.jpeg").read_bytes() == xray_paths[7].read_bytes()
+
+        # SIGTERM during a burst: exits 0, the batch in flight is committed and exported
+        for i, p in enumerate(xray_paths[8:24]):
+            drop(p.read_bytes(), inbox, f"burst-{i}.jpeg")
+        n_batches = sum(e["event"] == "batch" for e in log_events(log))
+        wait_for(lambda: sum(e["event"] == "batch" for e in log_events(log)) > n_batches, 60, proc, "a burst batch")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        shutdown_s = time.monotonic() - t0
+    finally:
+        stop(proc)
+    assert rc == 0, log.read_text()[-3000:]
+    events = log_events(log)
+    assert events[-1]["event"] == "daemon_stopped" and events[-1]["exit_code"] == 0
+    assert shutdown_s < 30  # hang guard only
+    rows = db_rows(tmp_path)
+    final = [r for r in rows if r["status"] != "claimed"]
+    # every committed row reached the CSVs (rotated by rows: at most 3 a file) and its file was moved
+    exported = csv_rows(tmp_path)
+    assert [int(r["id"]) for r in exported] == [r["id"] for r in final]
+    assert all(len(list(csv.DictReader(open(f)))) <= 3 for f in (tmp_path / "out/csv").glob("results-*.csv"))
+    for r in final:
+        assert r["moved_at"] is not None and Path(r["moved_to"]).exists() and not Path(r["path"]).exists()
+    # files not committed are still in the inbox (claimed or never claimed) and will be done on restart
+    in_inbox = {p.name for p in inbox.iterdir() if not p.name.startswith(".")}
+    assert in_inbox == {r["filename"] for r in rows if r["status"] == "claimed"} | (
+        {f"burst-{i}.jpeg" for i in range(16)} - {r["filename"] for r in rows}
+    )
+
+    # restart with --once: the rest is processed, nothing twice
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", log_name="daemon2.log")
+    try:
+        assert proc.wait(300) == 0
+    finally:
+        stop(proc)
+    rows = db_rows(tmp_path)
+    assert sorted(r["filename"] for r in rows) == sorted(
+        ["slow.jpeg", "moved-0.jpeg"] + [f"moved-{i}.jpeg" for i in range(6)] + [f"burst-{i}.jpeg" for i in range(16)]
+    )
+    assert all(r["status"] == "ok" for r in rows)
+    assert [int(r["id"]) for r in csv_rows(tmp_path)] == [r["id"] for r in rows]
+
+
+def test_kill9_restart_accounting(tmp_path, tiny_checkpoint, xray_paths):
+    """kill -9 the real process at random moments of a burst, several times: every file exactly once."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rng = random.Random(4)
+    n_files = 0
+
+    def add_files(n: int) -> None:
+        nonlocal n_files
+        for _ in range(n):
+            src = xray_paths[n_files % len(xray_paths)]
+            drop(src.read_bytes() + f"xr-tag-{n_files}".encode(), inbox, f"f{n_files:03d}.jpeg")
+            n_files += 1
+        # plus one duplicate of an earlier file, so dedupe is part of the accounting
+        drop(src.read_bytes() + f"xr-tag-{n_files - 1}".encode(), inbox, f"dup{n_files:03d}.jpeg")
+        n_files += 1
+
+    add_files(40)
+    kills = 0
+    for round_ in range(3):
+        proc, log = start_daemon(tmp_path, tiny_checkpoint, "--batch-size", "8", log_name=f"kill{round_}.log")
+        try:
+            wait_started(proc, log)
+            if round_ == 1:
+                add_files(20)  # files arriving while it works
+            time.sleep(rng.uniform(0.3, 2.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(30)
+        finally:
+            stop(proc)
+    assert kills >= 2
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", "--batch-size", "8", log_name="final.log")
+    try:
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        stop(proc)
+
+    rows = db_rows(tmp_path)
+    names = [r["filename"] for r in rows]
+    expected = sorted(p.name for p in (tmp_path / "out" / "processed").iterdir())
+    assert len(names) == len(set(names)) == n_files, (len(names), len(set(names)), n_files)
+    assert sorted(names) == expected  # every file moved exactly once, no -1 suffix copies
+    assert not [p for p in inbox.iterdir() if not p.name.startswith(".")]
+    statuses = {r["status"] for r in rows}
+    assert statuses <= {"ok", "duplicate"}, statuses
+    assert sum(r["status"] == "duplicate" for r in rows) >= 2
+    exported = [int(r["id"]) for r in csv_rows(tmp_path)]
+    assert exported == [r["id"] for r in rows]  # the CSVs hold each row exactly once
