@@ -244,7 +244,14 @@ def test_directory(tmp_path):
 def test_16bit_png_prediction_matches_its_8bit_original(tiny_checkpoint, xray_paths, tmp_path):
     from xr.core.predict import Predictor
 
-    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", amp="off", channels_last=False)
+    # conftest's checkpoint with a seeded random head: create_model starts the head at zero, which would
+    # give every image logit 0 and make this comparison vacuous.
+    raw = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    raw["model"]["classifier.weight"] = torch.randn(raw["model"]["classifier.weight"].shape, generator=gen) * 0.05
+    ckpt = tmp_path / "scored.pt"
+    torch.save(raw, ckpt)
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu", amp="off", channels_last=False)
     originals = [xray_paths[0], xray_paths[-1]]  # one NORMAL, one PNEUMONIA
     sixteen = []
     for i, src in enumerate(originals):
@@ -255,6 +262,7 @@ def test_16bit_png_prediction_matches_its_8bit_original(tiny_checkpoint, xray_pa
         sixteen.append(out)
     p8 = predictor.predict_paths(originals)
     p16 = predictor.predict_paths(sixteen)
+    assert abs(p8[0].logit - p8[1].logit) > 0.05  # the model tells these two images apart
     for a, b in zip(p8, p16):
         assert not isinstance(b, ImageError), b
         assert abs(a.probability - b.probability) < 1e-3

@@ -201,3 +201,4 @@ def test_training_model_is_single_logit_on_imagenet_backbone():
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 224, 224))
     assert out.shape == (1, 1)
+    assert out.item() == 0.0  # the new head starts at zero: p = 0.5 before any training
