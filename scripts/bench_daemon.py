@@ -1,0 +1,287 @@
+#!/usr/bin/env python
+"""Daemon throughput, latency and memory on this machine (a benchmark, not a test).
+
+Drops a burst of full-resolution chest X-rays (copies of ../shared/samples/fullres, or
+tests/fixtures/fullres without ../shared, each with one pixel changed and re-encoded, so every file has
+distinct content) into a running ``xr-daemon`` and prints, in one run:
+
+* the raw model forward rate (images/s at the daemon's batch size, same process set-up, daemon not running)
+* p50/p95 latency of single files dropped one at a time into the idle, warm daemon
+* end-to-end images/s of the burst until the last row is committed, and per-file latency p50/p95
+* peak RSS of the daemon process (psutil, sampled every 50 ms)
+
+Files are delivered the recommended way: written under a hidden temporary name, then renamed into the inbox.
+
+    python scripts/bench_daemon.py --count 2000
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_FULLRES = REPO.parent / "shared" / "samples" / "fullres"
+FIXTURE_FULLRES = REPO / "tests" / "fixtures" / "fullres"
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def _variant(args: tuple[str, str, int]) -> None:
+    from PIL import Image
+
+    src, dst, i = args
+    img = Image.open(src)
+    img.load()
+    w, h = img.size
+    x, y = i % w, (i // w) % h
+    px = img.getpixel((x, y))
+    img.putpixel((x, y), (px + 1 + i % 7) % 256 if isinstance(px, int) else px)
+    img.save(dst, format="JPEG", quality=92)
+
+
+def make_images(sources: list[Path], out: Path, count: int, prefix: str, offset: int = 0) -> list[Path]:
+    """``count`` variants; variant i changes pixel number ``i + offset`` of its source image."""
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(sources[i % len(sources)]), str(out / f"{prefix}{i:05d}.jpeg"), i + offset) for i in range(count)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(_variant, jobs, chunksize=16))
+    return [Path(j[1]) for j in jobs]
+
+
+def ensure_model(path: Path | None, work: Path) -> tuple[Path, str]:
+    default = REPO / "models" / "xr_mvp_best.pt"
+    if path is not None:
+        return path, str(path)
+    if default.exists():
+        return default, str(default)
+    # The shipped model is not there yet: an untrained Lite0 checkpoint has the same compute.
+    import torch
+
+    from xr.core.config import load_config
+    from xr.core.model import checkpoint_meta, create_model, save_checkpoint
+    from xr.core.preprocessing import Preset
+
+    cfg = load_config()
+    model = create_model(cfg.model.arch, pretrained=True)
+    meta = checkpoint_meta(cfg.model.arch, Preset.from_config(cfg.preprocess), cfg.to_dict(), {"bench": True})
+    ckpt = work / "model" / "bench.pt"
+    ckpt.parent.mkdir(parents=True)
+    save_checkpoint(ckpt, model, meta)
+    (ckpt.parent / "calibration_threshold.json").write_text(json.dumps({"T": 1.0, "threshold": 0.5}))
+    del torch
+    return ckpt, f"{ckpt} (stand-in: models/xr_mvp_best.pt absent; same architecture and compute)"
+
+
+def raw_forward_rate(ckpt: Path, batch_size: int, seconds: float) -> float:
+    """Model forward images/s at ``batch_size`` (fresh subprocess so torch threads match the daemon's)."""
+    code = f"""
+import time, torch
+from xr.core.predict import Predictor
+p = Predictor.from_checkpoint({str(ckpt)!r}, device="cpu")
+x = torch.randn({batch_size}, 3, p.preset.img_size, p.preset.img_size)
+for _ in range(3): p.predict_batch(x)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < {seconds}:
+    p.predict_batch(x); n += {batch_size}
+print(n / (time.perf_counter() - t0))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int):
+        super().__init__(name="bench-rss", daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            self.halt.wait(0.05)
+
+
+def db_final(db: Path) -> dict[str, str]:
+    """filename -> processed_at of committed rows."""
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(con.execute("select filename, processed_at from results where status != 'claimed'"))
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        con.close()
+
+
+def parse_ts(s: str) -> float:
+    return dt.datetime.fromisoformat(s).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--count", type=int, default=2000, help="files in the burst")
+    ap.add_argument("--singles", type=int, default=15, help="single files dropped into the idle daemon")
+    ap.add_argument("--model", type=Path, help="checkpoint (default: models/xr_mvp_best.pt)")
+    ap.add_argument("--batch-size", type=int, help="daemon.batch_size (default: config)")
+    ap.add_argument("--decode-workers", type=int, help="daemon.decode_workers (default: config)")
+    ap.add_argument("--forward-seconds", type=float, default=15.0)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+
+    from xr.core.config import load_config
+
+    cfg = load_config()
+    bs = args.batch_size or cfg.daemon.batch_size
+    src_dir = SHARED_FULLRES if SHARED_FULLRES.is_dir() else FIXTURE_FULLRES
+    sources = sorted(src_dir.glob("*/*.jpeg"))
+    work = Path(tempfile.mkdtemp(prefix="xr-bench-daemon-"))
+    inbox, out, staging = work / "inbox", work / "out", work / "staging"
+    inbox.mkdir()
+    try:
+        ckpt, model_note = ensure_model(args.model, work)
+        print(f"model: {model_note}")
+        print(f"sources: {len(sources)} full-resolution JPEGs from {src_dir}")
+        t0 = time.perf_counter()
+        burst = make_images(sources, staging, args.count, "burst-")
+        singles = make_images(sources, staging, args.singles, "single-", offset=args.count)
+        print(f"prepared {len(burst) + len(singles)} distinct images in {time.perf_counter() - t0:.1f} s")
+
+        fwd_before = raw_forward_rate(ckpt, bs, args.forward_seconds)
+        print(f"raw model forward (batch {bs}, before): {fwd_before:.1f} images/s")
+
+        cmd = [
+            sys.executable, "-m", "xr.daemon.cli", "--watch", str(inbox), "--output", str(out),
+            "--model", str(ckpt), "--device", "cpu", "--batch-size", str(bs),
+        ]  # fmt: skip
+        if args.decode_workers:
+            cmd += ["--set", f"daemon.decode_workers={args.decode_workers}"]
+        log = open(work / "daemon.log", "wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        rss = RssSampler(proc.pid)
+        rss.start()
+        db = out / "results.sqlite"
+        while b"daemon_started" not in (work / "daemon.log").read_bytes():
+            if proc.poll() is not None:
+                print((work / "daemon.log").read_text()[-2000:])
+                return 1
+            time.sleep(0.1)
+
+        def deliver(p: Path) -> float:
+            tmp = inbox / f".{p.name}.part"
+            shutil.copyfile(p, tmp)
+            t = time.time()
+            os.rename(tmp, inbox / p.name)
+            return t
+
+        # single files into the idle warm daemon
+        single_lat = []
+        for p in singles:
+            t_drop = deliver(p)
+            while p.name not in (rows := db_final(db)):
+                time.sleep(0.005)
+            single_lat.append(parse_ts(rows[p.name]) - t_drop)
+            time.sleep(0.3)
+        rss_idle = rss.peak
+
+        # the burst: staged on the same file system, copied under hidden names, then renamed in
+        tmp_names = []
+        for p in burst:
+            tmp = inbox / f".{p.name}.part"
+            shutil.copyfile(p, tmp)
+            tmp_names.append((tmp, inbox / p.name))
+        drop_t: dict[str, float] = {}
+        t_start = time.time()
+        for tmp, final in tmp_names:
+            os.rename(tmp, final)
+            drop_t[final.name] = time.time()
+        expected = set(drop_t)
+        while True:
+            rows = db_final(db)
+            if expected <= rows.keys():
+                break
+            if proc.poll() is not None:
+                print("daemon died:", (work / "daemon.log").read_text()[-2000:])
+                return 1
+            time.sleep(0.2)
+        done = {n: parse_ts(rows[n]) for n in expected}
+        t_end = max(done.values())
+        e2e = len(expected) / (t_end - t_start)
+        lat = [done[n] - drop_t[n] for n in expected]
+
+        proc.send_signal(signal.SIGTERM)
+        t_sig = time.time()
+        rc = proc.wait(120)
+        shutdown_s = time.time() - t_sig
+        rss.halt.set()
+        rss.join()
+        fwd_after = raw_forward_rate(ckpt, bs, args.forward_seconds)
+        fwd = (fwd_before + fwd_after) / 2
+
+        con = sqlite3.connect(db)
+        statuses = dict(con.execute("select status, count(*) from results group by 1"))
+        batches = con.execute("select avg(size), avg(model_ms) from batches").fetchone()
+        con.close()
+        cpu = os.cpu_count()
+        report = {
+            "cpu_count": cpu,
+            "batch_size": bs,
+            "burst_files": len(expected),
+            "raw_forward_img_s": round(fwd, 1),
+            "raw_forward_before_after": [round(fwd_before, 1), round(fwd_after, 1)],
+            "e2e_img_s": round(e2e, 1),
+            "e2e_over_forward": round(e2e / fwd, 3),
+            "burst_latency_s_p50": round(pct(lat, 0.5), 2),
+            "burst_latency_s_p95": round(pct(lat, 0.95), 2),
+            "single_file_latency_s_p50": round(pct(single_lat, 0.5), 3),
+            "single_file_latency_s_p95": round(pct(single_lat, 0.95), 3),
+            "peak_rss_mb": round(rss.peak / 2**20),
+            "idle_warm_rss_mb": round(rss_idle / 2**20),
+            "mean_batch_size": round(batches[0], 1),
+            "mean_model_ms_per_batch": round(batches[1], 1),
+            "statuses": statuses,
+            "sigterm_exit_code": rc,
+            "sigterm_shutdown_s": round(shutdown_s, 2),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
+        print(json.dumps(report, indent=2))
+        print(
+            f"\nend-to-end {e2e:.1f} img/s = {e2e / fwd:.0%} of raw forward {fwd:.1f} img/s (target >= 75%)"
+            f"\nsingle-file p50 {report['single_file_latency_s_p50']} s (target <= 0.5 s)"
+            f"\nburst latency p50/p95 {report['burst_latency_s_p50']} / {report['burst_latency_s_p95']} s"
+            f"\npeak RSS {report['peak_rss_mb']} MB through {len(expected)} files (target < 1536 MB)"
+        )
+        return 0 if statuses.get("ok", 0) == len(expected) + len(singles) else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work folder kept: {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

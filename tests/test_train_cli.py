@@ -1,0 +1,108 @@
+"""xr-train end to end on the committed fixtures with a tiny budget: every output exists and is well formed."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from xr.core.model import load_checkpoint
+from xr.core.predict import Predictor
+
+pytestmark = pytest.mark.slow
+
+
+def xr_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "xr.train.cli", *map(str, args)], capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, fixtures_dir) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    r = xr_train("all", "--data", fixtures_dir / "chest_xray", "--out", out,
+                 "--epochs", 3, "--head-epochs", 1, "--max-steps", 2, "--batch-size", 8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all: done" in r.stdout
+    return out
+
+
+def test_all_writes_every_output(run_dir):
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["max_steps_per_epoch"] == 2
+    for split in ("train", "val", "test"):
+        rows = list(csv.DictReader(open(run_dir / "splits" / f"{split}.csv")))
+        assert rows and set(rows[0]) >= {"path", "label", "patient"}
+    summary = json.loads((run_dir / "splits" / "summary.json").read_text())
+    assert summary["train"]["images"] + summary["val"]["images"] + summary["test"]["images"] == 27
+
+    model, meta = load_checkpoint(run_dir / "xr_mvp_best.pt")
+    assert meta["arch"] == "efficientnet_lite0" and meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert meta["provenance"]["data"]["train"]["images"] == summary["train"]["images"]
+    last = __import__("torch").load(run_dir / "checkpoint_last.pt", weights_only=True)
+    assert {"model", "meta", "optimizer", "scheduler", "epoch", "config"} <= set(last)
+
+    epochs = list(csv.DictReader(open(run_dir / "epochs.csv")))
+    assert [r["phase"] for r in epochs] == ["head", "full", "full"]
+    assert all(0.0 <= float(r["val_auroc"]) <= 1.0 for r in epochs)
+
+    cal = json.loads((run_dir / "calibration_threshold.json").read_text())
+    assert cal["T"] > 0 and 0 < cal["threshold"] < 1 and cal["objective"] == "f1"
+    assert set(cal["calibration"]) == {"nll_before", "nll_after", "ece_before", "ece_after"}
+    assert cal["calibration"]["nll_after"] <= cal["calibration"]["nll_before"] + 1e-9
+
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    for key in ("auroc", "accuracy", "f1", "sensitivity", "specificity", "ece", "T", "threshold", "per_class"):
+        assert key in metrics
+    assert metrics["T"] == pytest.approx(cal["T"]) and metrics["threshold"] == pytest.approx(cal["threshold"])
+    preds = list(csv.DictReader(open(run_dir / "eval" / "predictions.csv")))
+    assert len(preds) == summary["test"]["images"]
+    for row in preds:
+        assert {"path", "label", "logit", "probability", "predicted"} <= set(row)
+        assert 0.0 <= float(row["probability"]) <= 1.0
+        assert row["predicted"] == ("PNEUMONIA" if float(row["probability"]) >= cal["threshold"] else "NORMAL")
+    for png in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability_diagram.png"):
+        with Image.open(run_dir / "eval" / png) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["not_for_diagnostic_use"] is True and "xr-train all" in card["command"]
+    assert "Not for diagnostic use" in (run_dir / "MODEL_CARD.md").read_text()
+
+
+def test_predictor_reads_the_run_calibration(run_dir):
+    cal = json.loads((run_dir / "calibration_threshold.json").read_text())
+    p = Predictor.from_checkpoint(run_dir / "xr_mvp_best.pt")
+    assert p.temperature == pytest.approx(cal["T"]) and p.threshold == pytest.approx(cal["threshold"])
+
+
+def test_calibrate_stage_reruns_with_another_objective(run_dir):
+    r = xr_train("calibrate", "--out", run_dir, "--objective", "youden")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run_dir / "calibration_threshold.json").read_text())["objective"] == "youden"
+    r = xr_train("calibrate", "--out", run_dir, "--objective", "f1")
+    assert r.returncode == 0, r.stderr
+
+
+def test_evaluate_on_a_bare_class_folder(run_dir, fixtures_dir, tmp_path):
+    r = xr_train("evaluate", "--data", fixtures_dir / "chest_xray" / "train", "--model", run_dir / "xr_mvp_best.pt", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(list(csv.DictReader(open(tmp_path / "predictions.csv")))) == 27
+    assert json.loads((tmp_path / "metrics.json").read_text())["auroc"] is not None
+
+
+def test_bad_data_folder_is_a_clear_error(tmp_path):
+    r = xr_train("all", "--data", tmp_path / "nope", "--out", tmp_path / "run")
+    assert r.returncode == 2
+    assert "data folder not found" in r.stderr and "nope" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_train_without_split_says_what_to_run(tmp_path):
+    r = xr_train("train", "--out", tmp_path)
+    assert r.returncode == 2 and "xr-train split" in r.stderr
