@@ -71,6 +71,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     cfg = load_config()
     torch.manual_seed(0)
     model = create_model(cfg.model.arch, pretrained=True)
+    # create_model zero-inits the head (p = 0.5 for every image); a seeded random head makes the
+    # predictions differ between images, so tests can see a wrong preprocessing or calibration.
+    with torch.no_grad():
+        model.get_classifier().weight.copy_(torch.randn_like(model.get_classifier().weight) * 0.05)
     meta = checkpoint_meta(cfg.model.arch, Preset.from_config(cfg.preprocess), cfg.to_dict(), {"fixture": True})
     save_checkpoint(out / "xr_mvp_best.pt", model, meta)
     (out / "calibration_threshold.json").write_text(json.dumps({"T": 1.5, "threshold": 0.5, "objective": "f1"}))
