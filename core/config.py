@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 6
     head_epochs: int = 2
     batch_size: int = 32
     lr: float = 3e-4

@@ -1,0 +1,72 @@
+"""The shipped default model under models/: present, loadable, calibrated, and (where ../shared exists)
+consistent between full-resolution inputs and their 224x224 training copies, and on target on the
+patient-held-out test split it was evaluated on."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xr.core.config import load_config
+from xr.core.predict import Predictor
+from xr.train.analysis import compute_metrics, score_items
+from xr.train.data import make_splits
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+CKPT = MODELS / "xr_mvp_best.pt"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Predictor:
+    return Predictor.from_checkpoint(CKPT, device="cpu")
+
+
+def test_shipped_model_files_are_complete(shipped):
+    for name in ("calibration_threshold.json", "metrics.json", "MODEL_CARD.md", "model_card.json", "config.yaml",
+                 "confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability_diagram.png"):
+        assert (MODELS / name).is_file(), name
+    cal = json.loads((MODELS / "calibration_threshold.json").read_text())
+    assert shipped.temperature == pytest.approx(cal["T"]) and shipped.threshold == pytest.approx(cal["threshold"])
+    assert shipped.meta["arch"] == "efficientnet_lite0"
+    assert "Not for diagnostic use" in (MODELS / "MODEL_CARD.md").read_text()
+
+
+def test_shipped_model_separates_fixture_classes(shipped, xray_paths):
+    """The 27 committed fixtures come from the training pool; a working model ranks them well."""
+    preds = shipped.predict_paths(xray_paths)
+    labels = [int(p.parent.name == "PNEUMONIA") for p in xray_paths]
+    m = compute_metrics(labels, [p.probability for p in preds], shipped.threshold)
+    assert m["auroc"] >= 0.95
+
+
+@pytest.mark.shared
+def test_fullres_and_training_copy_agree(shipped, shared_dir):
+    """Each full-resolution sample and its squashed 224x224 copy get probabilities within 0.05."""
+    fullres = sorted((shared_dir / "samples" / "fullres").glob("*/*.jpeg"))
+    assert len(fullres) == 40
+    small = [shared_dir / "data" / "chest_xray" / "train" / p.parent.name / p.name for p in fullres]
+    big_p = np.array([p.probability for p in shipped.predict_paths(fullres)])
+    small_p = np.array([p.probability for p in shipped.predict_paths(small)])
+    worst = int(np.abs(big_p - small_p).argmax())
+    assert np.abs(big_p - small_p).max() <= 0.05, f"{fullres[worst].name}: {big_p[worst]:.3f} vs {small_p[worst]:.3f}"
+
+
+@pytest.mark.shared
+def test_shipped_model_meets_targets_on_its_test_split(shipped, shared_dir):
+    """Re-derive the patient-held-out test split from the shipped config and score it again."""
+    cfg = load_config(MODELS / "config.yaml")
+    splits = make_splits(shared_dir / "data" / "chest_xray", cfg.data)
+    logits = score_items(shipped, splits.test, batch_size=32)
+    probs = shipped.calibrate(torch.as_tensor(logits)).numpy()
+    m = compute_metrics([it.label for it in splits.test], probs, shipped.threshold)
+    shipped_metrics = json.loads((MODELS / "metrics.json").read_text())
+    assert m["auroc"] == pytest.approx(shipped_metrics["auroc"], abs=2e-3)  # the committed figures are real
+    assert m["auroc"] >= 0.98
+    assert m["accuracy"] >= 0.94
+    assert m["f1"] >= 0.95
+    assert m["per_class"]["PNEUMONIA"]["recall"] >= 0.97
+    assert m["per_class"]["NORMAL"]["recall"] >= 0.88
+    assert m["ece"] <= 0.03
