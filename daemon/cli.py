@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = configure_logging(cfg.daemon.log_format)
 
-    from xr.daemon.service import Service  # torch import after argument errors are reported
+    from xr.daemon.service import Service, tune_malloc  # torch import after argument errors are reported
+
+    tune_malloc()
 
     svc = Service(cfg, watch=args.watch, output=args.output, db=args.db, model=args.model, once=args.once, log=log)
     signal.signal(signal.SIGTERM, svc.handle_signal)

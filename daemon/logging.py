@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
 
 
-def configure_logging(fmt: str = "json", level: int = logging.INFO, stream=None) -> structlog.stdlib.BoundLogger:
-    """``fmt``: ``json`` (one JSON object per line) or ``console`` (human-readable, colours on a TTY)."""
+def configure_logging(fmt: str = "json", level: int | None = None, stream=None) -> structlog.stdlib.BoundLogger:
+    """``fmt``: ``json`` (one JSON object per line) or ``console`` (human-readable, colours on a TTY).
+    ``level`` defaults to ``$XR_LOG_LEVEL`` or INFO."""
     stream = stream or sys.stderr
+    if level is None:
+        level = logging.getLevelName(os.environ.get("XR_LOG_LEVEL", "INFO").upper())
+        level = level if isinstance(level, int) else logging.INFO
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=getattr(stream, "isatty", lambda: False)())
     else:

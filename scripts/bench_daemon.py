@@ -93,9 +93,12 @@ def ensure_model(path: Path | None, work: Path) -> tuple[Path, str]:
     return ckpt, f"{ckpt} (stand-in: models/xr_mvp_best.pt absent; same architecture and compute)"
 
 
-def raw_forward_rate(ckpt: Path, batch_size: int, seconds: float, threads: int) -> float:
-    """Model forward images/s at ``batch_size`` with ``threads`` torch threads, in a fresh process."""
+def raw_forward_rate(ckpt: Path, batch_size: int, seconds: float, threads: int, tuned: bool = False) -> float:
+    """Model forward images/s at ``batch_size`` with ``threads`` torch threads, in a fresh process;
+    ``tuned``: with the daemon's malloc settings too."""
     code = f"""
+if {tuned}:
+    from xr.daemon.service import tune_malloc; tune_malloc()
 import time, torch
 from xr.core.predict import Predictor
 torch.set_num_threads({threads})
@@ -175,10 +178,16 @@ def main() -> int:
 
         # the raw rate is the best torch thread count on this machine, so the ratio is not flattered
         ncpu = len(os.sched_getaffinity(0))
-        fwd_threads = {n: raw_forward_rate(ckpt, bs, args.forward_seconds, n) for n in sorted({1, ncpu})}
-        best_threads = max(fwd_threads, key=fwd_threads.get)
-        fwd_before = fwd_threads[best_threads]
-        print(f"raw model forward (batch {bs}, before) by torch threads: " + ", ".join(f"{n}: {v:.1f} img/s" for n, v in fwd_threads.items()))
+        # (torch threads, daemon malloc settings) -> images/s; the best is the reference
+        fwd_threads = {
+            f"{n}t{'+malloc' if tuned else ''}": raw_forward_rate(ckpt, bs, args.forward_seconds, n, tuned)
+            for n in sorted({1, ncpu})
+            for tuned in (False, True)
+        }
+        best = max(fwd_threads, key=fwd_threads.get)
+        best_threads, best_tuned = int(best.split("t")[0]), "malloc" in best
+        fwd_before = fwd_threads[best]
+        print(f"raw model forward (batch {bs}, before): " + ", ".join(f"{k}: {v:.1f} img/s" for k, v in fwd_threads.items()))
 
         cmd = [
             sys.executable, "-m", "xr.daemon.cli", "--watch", str(inbox), "--output", str(out),
@@ -245,7 +254,7 @@ def main() -> int:
         shutdown_s = time.time() - t_sig
         rss.halt.set()
         rss.join()
-        fwd_after = raw_forward_rate(ckpt, bs, args.forward_seconds, best_threads)
+        fwd_after = raw_forward_rate(ckpt, bs, args.forward_seconds, best_threads, best_tuned)
         fwd = (fwd_before + fwd_after) / 2
 
         con = sqlite3.connect(db)
@@ -259,7 +268,8 @@ def main() -> int:
             "burst_files": len(expected),
             "raw_forward_img_s": round(fwd, 1),
             "raw_forward_before_after": [round(fwd_before, 1), round(fwd_after, 1)],
-            "raw_forward_by_torch_threads_before": {n: round(v, 1) for n, v in fwd_threads.items()},
+            "raw_forward_variants_before": {k: round(v, 1) for k, v in fwd_threads.items()},
+            "raw_forward_reference": best,
             "e2e_img_s": round(e2e, 1),
             "e2e_over_forward": round(e2e / fwd, 3),
             "burst_latency_s_p50": round(pct(lat, 0.5), 2),
