@@ -1,0 +1,33 @@
+"""daemon/cli.py and daemon/logging.py: options, overrides, config errors, log formats."""
+from __future__ import annotations
+
+import io
+import json
+
+from xr.daemon.cli import build_parser, main, parse_overrides
+from xr.daemon.logging import configure_logging
+
+
+def test_overrides_from_flags():
+    args = build_parser().parse_args(["--batch-size", "8", "--stable-ms", "100", "--set", "output.csv_rotation=rows", "--set", "preprocess.max_pixels=1000"])
+    ov = parse_overrides(args)
+    assert ov["daemon.batch_size"] == 8 and ov["daemon.stable_ms"] == 100
+    assert ov["output.csv_rotation"] == "rows" and ov["preprocess.max_pixels"] == 1000
+    assert ov["daemon.device"] is None  # unset flags do not override
+
+
+def test_bad_config_exits_2(tmp_path, capsys):
+    assert main(["--watch", str(tmp_path), "--set", "daemon.batch_sise=3"]) == 2
+    assert "batch_sise" in capsys.readouterr().err
+
+
+def test_json_and_console_logs():
+    buf = io.StringIO()
+    log = configure_logging("json", stream=buf)
+    log.warning("flagged", file="/in/a.png", probability=0.9)
+    ev = json.loads(buf.getvalue())
+    assert ev["event"] == "flagged" and ev["level"] == "warning" and ev["file"] == "/in/a.png" and "timestamp" in ev
+    buf = io.StringIO()
+    configure_logging("console", stream=buf).error("file_error", file="/in/b.png", reason="empty file (0 bytes)")
+    out = buf.getvalue()
+    assert "file_error" in out and "empty file" in out and not out.startswith("{")

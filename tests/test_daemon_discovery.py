@@ -1,0 +1,133 @@
+"""daemon/discovery.py: names, readiness by stable size/mtime, moved-in files, rescans, back-pressure."""
+from __future__ import annotations
+
+import os
+import queue
+import time
+
+from xr.daemon.discovery import Discovery, is_candidate_name
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_candidate_names():
+    for ok in ("a.png", "b.JPG", "c.jpeg", "D.PnG"):
+        assert is_candidate_name(ok)
+    for bad in (".a.png", "a.png.part", "a.tmp", "a.png.crdownload", "a.png~", "a.txt", "a.dcm", ""):
+        assert not is_candidate_name(bad)
+
+
+def _disc(tmp_path, q=None, **kw):
+    clock = Clock()
+    d = Discovery(tmp_path, q or queue.Queue(maxsize=100), watch=False, clock=clock, **kw)
+    return d, clock
+
+
+def _drain(q):
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def test_old_file_ready_at_once_fresh_file_waits(tmp_path):
+    old = tmp_path / "old.png"
+    old.write_bytes(b"x")
+    past = time.time() - 60
+    os.utime(old, (past, past))
+    (tmp_path / "fresh.png").write_bytes(b"y")
+    (tmp_path / ".hidden.png").write_bytes(b"z")
+    (tmp_path / "c.png.part").write_bytes(b"z")
+    q = queue.Queue(maxsize=10)
+    d, clock = _disc(tmp_path, q, stable_ms=500)
+    assert d.scan() == 2
+    d._check_pending(); d._push_ready()  # noqa: E702
+    assert [os.path.basename(i.path) for i in _drain(q)] == ["old.png"]
+    clock.t += 0.6
+    d._check_pending(); d._push_ready()  # noqa: E702
+    items = _drain(q)
+    assert [os.path.basename(i.path) for i in items] == ["fresh.png"] and items[0].size == 1
+    assert d.scan() == 0  # handed files are not noted again
+    d.release(items[0].path)
+    assert d.outstanding() == 1
+
+
+def test_growing_file_is_not_ready_until_stable(tmp_path):
+    f = tmp_path / "slow.png"
+    f.write_bytes(b"a")
+    q = queue.Queue(maxsize=10)
+    d, clock = _disc(tmp_path, q, stable_ms=300)
+    d.scan()
+    for i in range(5):
+        clock.t += 0.2
+        with open(f, "ab") as fh:
+            fh.write(b"b")
+        os.utime(f, ns=(time.time_ns(), time.time_ns() + i + 1))  # a new mtime, whatever the fs resolution
+        d._check_pending(); d._push_ready()  # noqa: E702
+        assert q.empty()
+    clock.t += 0.31
+    d._check_pending(); d._push_ready()  # noqa: E702
+    assert _drain(q)[0].size == 6
+
+
+def test_moved_in_file_is_ready_at_once(tmp_path):
+    q = queue.Queue(maxsize=10)
+    d, clock = _disc(tmp_path, q, stable_ms=10_000)
+    (tmp_path / ".x.png.part").write_bytes(b"data")
+    os.rename(tmp_path / ".x.png.part", tmp_path / "x.png")
+    d.note(str(tmp_path / "x.png"), moved=True)
+    d._check_pending(); d._push_ready()  # noqa: E702
+    assert len(_drain(q)) == 1
+
+
+def test_settled_and_excluded_and_hidden_dirs(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.png").write_bytes(b"1")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "b.png").write_bytes(b"1")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.png").write_bytes(b"1")
+    d, _ = _disc(tmp_path, exclude=(tmp_path / "out",))
+    assert d.scan() == 1
+    st = os.lstat(tmp_path / "sub" / "c.png")
+    path = str(tmp_path / "sub" / "c.png")
+    d._pending.clear()
+    d.release(path, settled=(st.st_size, st.st_mtime_ns))
+    assert d.scan() == 0  # left in place after processing: not picked up again
+
+
+def test_back_pressure_keeps_names_only(tmp_path):
+    for i in range(20):
+        (tmp_path / f"{i:02d}.png").write_bytes(b"x")
+        os.utime(tmp_path / f"{i:02d}.png", (1, 1))
+    q = queue.Queue(maxsize=4)
+    d, _ = _disc(tmp_path, q)
+    d.scan()
+    d._check_pending(); d._push_ready()  # noqa: E702
+    assert q.qsize() == 4 and d.outstanding() == 20
+    _drain(q)
+    d._push_ready()
+    assert q.qsize() == 4
+
+
+def test_watchdog_thread_sees_renamed_file(tmp_path):
+    q = queue.Queue(maxsize=10)
+    d = Discovery(tmp_path, q, stable_ms=60_000, rescan_s=3600)
+    d.start()
+    try:
+        assert d.first_scan_done.wait(10)
+        (tmp_path / ".late.png.part").write_bytes(b"x")
+        os.rename(tmp_path / ".late.png.part", tmp_path / "late.png")
+        item = q.get(timeout=20)  # hang guard; ready at once because it was renamed in
+        assert item.path.endswith("late.png")
+    finally:
+        d.stop()
+        d.join()

@@ -1,0 +1,95 @@
+"""daemon/export.py: CSVs follow the DB in id order, rotate, never hold a row twice, never a half row."""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+
+from xr.daemon import db as dbm
+from xr.daemon.db import Result, make_engine, session_factory
+from xr.daemon.export import CsvExporter, atomic_append, last_id_in_csv
+
+
+def _add(sessions, n, status=dbm.OK, flagged=False, day=1):
+    t = dt.datetime(2026, 1, day, 12)
+    with sessions.begin() as s:
+        for i in range(n):
+            s.add(Result(path=f"/in/{i}.png", filename=f"{i}.png", size_bytes=1, mtime_ns=i, sha256=f"{i}",
+                         status=status, received_at=t, claimed_at=t, processed_at=t if status != dbm.CLAIMED else None,
+                         flagged=flagged, probability=0.9 if flagged else 0.1, error="bad\nline" if status == dbm.ERROR else None))  # fmt: skip
+
+
+def _ids(path):
+    with open(path, newline="") as f:
+        return [int(r["id"]) for r in csv.DictReader(f)]
+
+
+def _setup(tmp_path):
+    eng = make_engine(tmp_path / "r.sqlite")
+    return eng, session_factory(eng)
+
+
+def test_daily_rotation_flagged_and_newlines(tmp_path):
+    eng, sessions = _setup(tmp_path)
+    _add(sessions, 2, day=1)
+    _add(sessions, 1, day=2, flagged=True)
+    _add(sessions, 1, status=dbm.ERROR, day=2)
+    ex = CsvExporter(tmp_path / "csv", sessions, "daily")
+    assert ex.export() == 4
+    assert _ids(tmp_path / "csv" / "results-2026-01-01.csv") == [1, 2]
+    assert _ids(tmp_path / "csv" / "results-2026-01-02.csv") == [3, 4]
+    assert _ids(tmp_path / "csv" / "flagged.csv") == [3]
+    assert "bad line" in (tmp_path / "csv" / "results-2026-01-02.csv").read_text()
+    assert ex.export() == 0
+    eng.dispose()
+
+
+def test_row_rotation_and_restart(tmp_path):
+    eng, sessions = _setup(tmp_path)
+    _add(sessions, 5)
+    ex = CsvExporter(tmp_path / "csv", sessions, "rows", max_rows=2)
+    ex.export()
+    files = sorted((tmp_path / "csv").glob("results-*.csv"))
+    assert [f.name for f in files] == ["results-000001.csv", "results-000002.csv", "results-000003.csv"]
+    assert [_ids(f) for f in files] == [[1, 2], [3, 4], [5]]
+    _add(sessions, 2)
+    ex2 = CsvExporter(tmp_path / "csv", sessions, "rows", max_rows=2)  # a restart
+    ex2.export()
+    assert [_ids(f) for f in sorted((tmp_path / "csv").glob("results-*.csv"))] == [[1, 2], [3, 4], [5, 6], [7]]
+    eng.dispose()
+
+
+def test_claimed_row_holds_back_later_rows(tmp_path):
+    eng, sessions = _setup(tmp_path)
+    _add(sessions, 1)
+    _add(sessions, 1, status=dbm.CLAIMED)
+    _add(sessions, 1)
+    ex = CsvExporter(tmp_path / "csv", sessions, "daily")
+    assert ex.export() == 1  # id 3 waits for id 2
+    with sessions.begin() as s:
+        r = s.get(Result, 2)
+        r.status, r.processed_at = dbm.OK, dt.datetime(2026, 1, 1, 12)
+    assert ex.export() == 2
+    assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [1, 2, 3]
+    eng.dispose()
+
+
+def test_crash_after_csv_before_db_update_writes_nothing_twice(tmp_path):
+    eng, sessions = _setup(tmp_path)
+    _add(sessions, 3)
+    CsvExporter(tmp_path / "csv", sessions, "daily").export()
+    with sessions.begin() as s:
+        dbm.set_meta(s, "last_exported_id", 1)  # as if the process died before the DB update
+    ex = CsvExporter(tmp_path / "csv", sessions, "daily")
+    assert ex.last_id == 3 and ex.export() == 0
+    assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [1, 2, 3]
+    eng.dispose()
+
+
+def test_atomic_append_replaces_whole_file(tmp_path):
+    p = tmp_path / "x.csv"
+    atomic_append(p, "1,a\n", header="id,v\n")
+    ino = p.stat().st_ino
+    atomic_append(p, "2,b\n", header="id,v\n")
+    assert p.read_text() == "id,v\n1,a\n2,b\n"
+    assert p.stat().st_ino != ino  # a new file renamed over the old: readers never see a partial one
+    assert last_id_in_csv(p) == 2 and not list(tmp_path.glob(".*.tmp"))

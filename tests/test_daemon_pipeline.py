@@ -1,0 +1,41 @@
+"""daemon/pipeline.py: moving without overwriting, resuming a half-done move, destinations."""
+from __future__ import annotations
+
+import os
+
+from xr.daemon.pipeline import free_name, move_no_overwrite
+
+
+def test_move_never_overwrites(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.png").write_bytes(b"old")
+    (tmp_path / "out" / "a-1.png").write_bytes(b"older")
+    src = tmp_path / "in" / "a.png"
+    src.write_bytes(b"new")
+    dst = move_no_overwrite(src, tmp_path / "out" / "a.png")
+    assert dst.name == "a-2.png" and dst.read_bytes() == b"new" and not src.exists()
+    assert (tmp_path / "out" / "a.png").read_bytes() == b"old"
+
+
+def test_move_resumes_after_link_before_unlink(tmp_path):
+    src = tmp_path / "a.png"
+    src.write_bytes(b"x")
+    (tmp_path / "out").mkdir()
+    os.link(src, tmp_path / "out" / "a.png")  # a crash between link and unlink
+    dst = move_no_overwrite(src, tmp_path / "out" / "a.png")
+    assert dst == tmp_path / "out" / "a.png" and not src.exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]
+
+
+def test_move_symlink_itself(tmp_path):
+    target = tmp_path / "t.png"
+    target.write_bytes(b"t")
+    link = tmp_path / "l.png"
+    link.symlink_to(target)
+    dst = move_no_overwrite(link, tmp_path / "failed" / "l.png")
+    assert dst.is_symlink() and os.readlink(dst) == str(target) and target.exists() and not os.path.lexists(link)
+
+
+def test_free_name_respects_reserved(tmp_path):
+    assert free_name(tmp_path / "a.png", {str(tmp_path / "a.png")}).name == "a-1.png"

@@ -1,0 +1,71 @@
+"""daemon/results_cli.py: list filters, formats and stats on a synthetic database."""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+
+import pytest
+
+from xr.daemon import db as dbm
+from xr.daemon.db import Result, make_engine, session_factory
+from xr.daemon.results_cli import main, parse_since, percentile
+
+
+@pytest.fixture()
+def out_dir(tmp_path):
+    out = tmp_path / "out"
+    eng = make_engine(out / "results.sqlite")
+    t0 = dt.datetime(2026, 1, 1, 12)
+    with session_factory(eng).begin() as s:
+        for i in range(10):
+            status = dbm.ERROR if i == 3 else dbm.DUPLICATE if i == 4 else dbm.OK
+            s.add(Result(path=f"/in/{i}.png", filename=f"{i}.png", size_bytes=1, mtime_ns=i, sha256=str(i),
+                         status=status, error="empty file (0 bytes)" if status == dbm.ERROR else None,
+                         received_at=t0 + dt.timedelta(seconds=i), claimed_at=t0,
+                         processed_at=t0 + dt.timedelta(seconds=i + 1), latency_ms=1000.0 + i,
+                         probability=0.9 if i % 2 else 0.1, flagged=bool(i % 2) if status != dbm.ERROR else None))  # fmt: skip
+        s.add(Result(path="/in/c.png", filename="c.png", size_bytes=1, mtime_ns=1, status=dbm.CLAIMED,
+                     received_at=t0, claimed_at=t0))  # fmt: skip
+    eng.dispose()
+    return out
+
+
+def run(*argv):
+    buf = io.StringIO()
+    rc = main(list(argv), out=buf)
+    return rc, buf.getvalue()
+
+
+def test_list_filters_and_formats(out_dir):
+    rc, text = run("--output", str(out_dir), "--flagged", "--format", "json")
+    rows = json.loads(text)
+    assert rc == 0 and [r["filename"] for r in rows] == ["1.png", "5.png", "7.png", "9.png"]
+    rc, text = run("list", "--output", str(out_dir), "--status", "error", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["error"] for r in rows] == ["empty file (0 bytes)"]
+    rc, text = run("list", "--output", str(out_dir), "--limit", "2")
+    lines = text.strip().splitlines()
+    assert lines[0].split()[:3] == ["id", "processed_at", "filename"] and len(lines) == 3
+    assert "c.png" in lines[-1]  # newest rows
+    rc, text = run("--output", str(out_dir), "--since", "2026-01-01T12:00:08Z", "--format", "json")
+    assert [r["filename"] for r in json.loads(text)] == ["7.png", "8.png", "9.png"]
+
+
+def test_stats(out_dir):
+    rc, text = run("stats", "--output", str(out_dir), "--format", "json")
+    st = json.loads(text)
+    assert st["by_status"] == {"claimed": 1, "ok": 8, "error": 1, "duplicate": 1}
+    assert st["flagged"] == 4 and st["flagged_rate"] == pytest.approx(4 / 8)
+    assert st["throughput_files_per_s"] == pytest.approx(10 / 10)
+    assert st["latency_ms_p50"] == pytest.approx(1004.5)
+    rc, text = run("stats", "--output", str(out_dir))
+    assert rc == 0 and "latency_ms_p95" in text
+
+
+def test_missing_db_and_helpers(tmp_path, capsys):
+    rc, _ = run("--db", str(tmp_path / "nope.sqlite"))
+    assert rc == 2 and "not found" in capsys.readouterr().err
+    assert percentile([], 0.5) is None and percentile([1, 2, 3], 0.5) == 2
+    assert (dt.datetime.utcnow() - parse_since("2h")).total_seconds() == pytest.approx(7200, abs=5)

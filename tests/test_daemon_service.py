@@ -1,0 +1,154 @@
+"""daemon/service.py in-process: run limits, reconcile after a crash, leave mode, one instance per output."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import sqlite3
+import sys
+import threading
+
+import pytest
+import torch
+
+from xr.core.config import load_config
+from xr.core.errors import XRError
+from xr.core.predict import Predictor
+from xr.daemon import db as dbm
+from xr.daemon.db import Result, make_engine, session_factory
+from xr.daemon.logging import configure_logging
+from xr.daemon.service import Service, cpu_torch_threads, resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint):
+    return Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def restore_globals():
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    yield
+    torch.set_num_threads(threads)
+    sys.setswitchinterval(interval)
+
+
+def _cfg(**kw):
+    ov = {"daemon.stable_ms": 100, "daemon.rescan_s": 0.3, "daemon.device": "cpu", "daemon.batch_size": 4}
+    ov.update({f"daemon.{k}": v for k, v in kw.items()})
+    return load_config(overrides=ov)
+
+
+def _inbox(tmp_path, paths):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    for p in paths:
+        shutil.copy(p, inbox / p.name)
+        os.utime(inbox / p.name, (1, 1))  # long settled
+    return inbox
+
+
+def _svc(tmp_path, predictor, cfg=None, **kw):
+    log = configure_logging("json", stream=open(os.devnull, "w"))
+    return Service(cfg or _cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", predictor=predictor, log=log, **kw)
+
+
+def _rows(tmp_path):
+    con = sqlite3.connect(tmp_path / "out" / "results.sqlite")
+    con.row_factory = sqlite3.Row
+    rows = [dict(r) for r in con.execute("select * from results order by id")]
+    con.close()
+    return rows
+
+
+def test_idle_timeout_run_processes_everything(tmp_path, predictor, xray_paths):
+    _inbox(tmp_path, xray_paths[:5])
+    assert _svc(tmp_path, predictor).run(idle_timeout=0.5) == 0
+    rows = _rows(tmp_path)
+    assert len(rows) == 5 and {r["status"] for r in rows} == {"ok"}
+    assert all(r["moved_at"] and os.path.exists(r["moved_to"]) for r in rows)
+    assert not list((tmp_path / "inbox").iterdir())
+
+
+def test_max_batches_then_restart_redoes_only_unfinished(tmp_path, predictor, xray_paths):
+    _inbox(tmp_path, xray_paths[:10])
+    assert _svc(tmp_path, predictor).run(max_batches=1) == 0
+    first = _rows(tmp_path)
+    done = [r for r in first if r["status"] == "ok"]
+    assert 1 <= len(done) <= 4
+    assert _svc(tmp_path, predictor).run(idle_timeout=0.5) == 0
+    rows = _rows(tmp_path)
+    assert sorted(r["filename"] for r in rows) == sorted(p.name for p in xray_paths[:10])
+    assert {r["status"] for r in rows} == {"ok"}
+    for r in done:  # not redone
+        assert next(x for x in rows if x["id"] == r["id"])["batch_id"] == r["batch_id"]
+
+
+def test_reconcile_after_crash(tmp_path, predictor, xray_paths):
+    inbox = _inbox(tmp_path, xray_paths[:2])
+    out = tmp_path / "out"
+    eng = make_engine(out / "results.sqlite")
+    t = dt.datetime(2026, 1, 1)
+    a, b = inbox / xray_paths[0].name, inbox / xray_paths[1].name
+    sa, sb = os.lstat(a), os.lstat(b)
+    (out / "processed").mkdir(parents=True)
+    os.link(b, out / "processed" / b.name)  # b: died between link and unlink
+    with session_factory(eng).begin() as s:
+        # committed, move not started
+        s.add(Result(path=str(a), filename=a.name, size_bytes=sa.st_size, mtime_ns=sa.st_mtime_ns, sha256="a",
+                     status=dbm.OK, received_at=t, claimed_at=t, processed_at=t, moved_to=str(out / "processed" / a.name)))
+        # committed, half moved
+        s.add(Result(path=str(b), filename=b.name, size_bytes=sb.st_size, mtime_ns=sb.st_mtime_ns, sha256="b",
+                     status=dbm.OK, received_at=t, claimed_at=t, processed_at=t, moved_to=str(out / "processed" / b.name)))
+        # claimed, then the file was taken away
+        s.add(Result(path=str(inbox / "gone.png"), filename="gone.png", size_bytes=1, mtime_ns=1, sha256=None,
+                     status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
+    eng.dispose()
+    assert _svc(tmp_path, predictor).run(idle_timeout=0.5) == 0
+    rows = _rows(tmp_path)
+    assert len(rows) == 3  # nothing processed twice
+    assert [r["status"] for r in rows] == ["ok", "ok", "error"] and "left or changed" in rows[2]["error"]
+    assert sorted(p.name for p in (out / "processed").iterdir()) == sorted([a.name, b.name])  # no -1 copy
+    assert not list(inbox.iterdir())
+
+
+def test_leave_mode_keeps_files_and_does_not_redo(tmp_path, predictor, xray_paths):
+    _inbox(tmp_path, xray_paths[:2])
+    cfg = _cfg(on_success="leave")
+    assert _svc(tmp_path, predictor, cfg).run(idle_timeout=0.8) == 0
+    assert _svc(tmp_path, predictor, cfg).run(idle_timeout=0.8) == 0
+    rows = _rows(tmp_path)
+    assert len(rows) == 2 and all(r["moved_to"] is None for r in rows)
+    assert len(list((tmp_path / "inbox").iterdir())) == 2
+
+
+def test_one_instance_per_output(tmp_path, predictor, xray_paths):
+    _inbox(tmp_path, [])
+    first = _svc(tmp_path, predictor)
+    started = threading.Event()
+    first.log = configure_logging("json", stream=open(os.devnull, "w"))
+    t = threading.Thread(target=lambda: (first.run(idle_timeout=None), started.set()), name="svc-first")
+    t.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "out" / ".xr-daemon.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert _svc(tmp_path, predictor).run(idle_timeout=0.1) == 2
+    finally:
+        first.handle_signal(15)
+        t.join(60)
+    assert first.exit_code == 0
+
+
+def test_helpers(tmp_path):
+    assert cpu_torch_threads(2, cpus=2) == 1 and cpu_torch_threads(2, cpus=8) == 6
+    assert resolve_model_path("models/x.pt").is_absolute()
+    assert resolve_model_path(tmp_path / "m.pt") == tmp_path / "m.pt"
+    svc = Service(_cfg(), watch=tmp_path / "missing", output=tmp_path / "out", model=tmp_path / "none.pt",
+                  log=configure_logging("json", stream=open(os.devnull, "w")))  # fmt: skip
+    assert svc.run() == 2  # a missing inbox is a clear error, not a traceback
+    with pytest.raises(XRError):
+        raise XRError("x")
