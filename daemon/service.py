@@ -228,10 +228,16 @@ class Service:
                 on_error=d.on_error,
                 dedupe=d.dedupe,
             )
-            if max_batches is not None:
-                ctx.on_batch = lambda n: n >= max_batches and self.request_stop("max_batches")
             finisher = Finisher(ctx, finish_q)
             inferer = Inferer(ctx, decoded_q, finish_q, slots)
+            if max_batches is not None:
+
+                def on_batch(n: int) -> None:
+                    if n >= max_batches:
+                        inferer.halt.set()  # exactly max_batches batches are committed
+                        self.request_stop("max_batches")
+
+                ctx.on_batch = on_batch
             claimer = Claimer(ctx, ready_q, decoded_q, finish_q, slots)
             self.stages = [claimer, inferer, finisher]
             rec = self.reconcile(ctx, finisher)
