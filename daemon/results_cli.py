@@ -5,6 +5,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -142,7 +143,14 @@ def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...], out) -> No
 
 
 def main(argv: list[str] | None = None, out=None) -> int:
-    out = out or sys.stdout
+    try:
+        return _main(argv, out or sys.stdout)
+    except BrokenPipeError:  # `xr-results | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None, out) -> int:
     args = build_parser().parse_args(argv)
     try:
         engine = open_db(args)

@@ -7,7 +7,6 @@ import fcntl
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ from xr.daemon.logging import get_logger
 from xr.daemon.pipeline import Claimer, Context, Done, Finisher, Inferer
 
 REPO_ROOT = DEFAULT_CONFIG_PATH.parent
-SWITCH_INTERVAL_S = float(os.environ.get("XR_SWITCH_INTERVAL_S", "0.0005"))
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -134,9 +132,6 @@ class Service:
             pred = Predictor.from_checkpoint(self.model_path, device=self.cfg.daemon.device)
         if pred.device.type == "cpu":
             torch.set_num_threads(cpu_torch_threads(self.cfg.daemon.decode_workers))
-            # The model thread re-takes the GIL between ~200 ops per forward; with the default 5 ms switch
-            # interval, busy Python threads (decode tail, DB, CSV) made each forward ~1.8x slower (measured).
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
         # The pixel limit is a run-time guard: config.yaml wins over the value stored in the checkpoint.
         pred.preset = dataclasses.replace(pred.preset, max_pixels=self.cfg.preprocess.max_pixels)
         t0 = time.perf_counter()

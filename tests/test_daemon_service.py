@@ -5,7 +5,6 @@ import datetime as dt
 import os
 import shutil
 import sqlite3
-import sys
 import threading
 
 import pytest
@@ -27,10 +26,9 @@ def predictor(tiny_checkpoint):
 
 @pytest.fixture(autouse=True)
 def restore_globals():
-    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-    sys.setswitchinterval(interval)
 
 
 def _cfg(**kw):
