@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from xr.core.config import AugmentConfig, PreprocessConfig
 from xr.core.imaging import load_image
@@ -71,6 +72,8 @@ class Preset:
                 T.RandomResizedCrop(self.img_size, scale=tuple(aug.rrc_scale), antialias=True),
                 T.RandomHorizontalFlip(aug.hflip_p),
                 T.RandomRotation(aug.rotation_deg, interpolation=T.InterpolationMode.BILINEAR),
+                T.RandomApply([T.GaussianBlur(5, sigma=tuple(aug.blur_sigma))], p=aug.blur_p),
+                T.RandomApply([v2.JPEG(tuple(aug.jpeg_quality))], p=aug.jpeg_p),
                 *self._tail(),
             ]
         )
