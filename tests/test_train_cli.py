@@ -81,6 +81,17 @@ def test_predictor_reads_the_run_calibration(run_dir):
     assert p.temperature == pytest.approx(cal["T"]) and p.threshold == pytest.approx(cal["threshold"])
 
 
+def test_val_logits_are_the_saved_checkpoints_logits(run_dir):
+    """Calibration must be fitted on what the shipped checkpoint outputs (prior correction included)."""
+    from xr.train.analysis import score_items
+    from xr.train.data import Splits
+
+    rows = list(csv.DictReader(open(run_dir / "val_logits.csv")))
+    p = Predictor.from_checkpoint(run_dir / "xr_mvp_best.pt", amp="off")
+    logits = score_items(p, Splits.load(run_dir / "splits").val, batch_size=8, num_workers=0)
+    assert [float(r["logit"]) for r in rows] == pytest.approx(list(logits), abs=1e-3)
+
+
 def test_calibrate_stage_reruns_with_another_objective(run_dir):
     r = xr_train("calibrate", "--out", run_dir, "--objective", "youden")
     assert r.returncode == 0, r.stderr

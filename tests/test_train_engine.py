@@ -57,3 +57,22 @@ def test_balanced_sampler_draws_classes_evenly():
     drawn = torch.cat([y for _, y in loader] * 1)
     frac = drawn.float().mean().item()
     assert 0.35 < frac < 0.65  # vs 0.9 without the sampler
+
+
+def test_prior_correction_undoes_the_training_odds():
+    import dataclasses
+    import math
+
+    from xr.core.config import load_config
+    from xr.train.engine import prior_correction
+
+    cfg = load_config()
+    labels = [0] * 100 + [1] * 300  # true odds 3:1
+
+    def with_(sampler, pos_weight):
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, weighted_sampler=sampler, pos_weight=pos_weight))
+
+    assert prior_correction(with_(False, False), labels) == 0.0
+    assert prior_correction(with_(True, False), labels) == math.log(3)  # balanced batches learned odds 1:1
+    assert prior_correction(with_(False, True), labels) == math.log(3)  # pos_weight 1/3 learned odds 1:1
+    assert prior_correction(with_(True, True), labels) == 2 * math.log(3)
