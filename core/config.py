@@ -35,9 +35,9 @@ class AugmentConfig:
     rrc_scale: tuple[float, float] = (0.9, 1.0)
     hflip_p: float = 0.5
     rotation_deg: float = 5.0
-    blur_p: float = 0.3
+    blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 1.0)
-    jpeg_p: float = 0.5
+    jpeg_p: float = 0.0
     jpeg_quality: tuple[int, int] = (50, 95)
 
 
