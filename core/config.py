@@ -101,7 +101,8 @@ class DaemonConfig:
     stable_ms: int = 500
     rescan_s: float = 5.0
     poll: bool = False
-    decode_workers: int = 2
+    decode_workers: int = 1
+    torch_threads: int = 0
     on_success: Literal["move", "leave"] = "move"
     on_error: Literal["move", "leave"] = "move"
     dedupe: bool = True

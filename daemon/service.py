@@ -131,7 +131,7 @@ class Service:
                 raise XRError(f"model checkpoint not found: {self.model_path} (set --model or daemon.model)")
             pred = Predictor.from_checkpoint(self.model_path, device=self.cfg.daemon.device)
         if pred.device.type == "cpu":
-            torch.set_num_threads(cpu_torch_threads(self.cfg.daemon.decode_workers))
+            torch.set_num_threads(self.cfg.daemon.torch_threads or cpu_torch_threads(self.cfg.daemon.decode_workers))
         # The pixel limit is a run-time guard: config.yaml wins over the value stored in the checkpoint.
         pred.preset = dataclasses.replace(pred.preset, max_pixels=self.cfg.preprocess.max_pixels)
         t0 = time.perf_counter()

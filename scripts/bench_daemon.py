@@ -154,6 +154,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, help="checkpoint (default: models/xr_mvp_best.pt)")
     ap.add_argument("--batch-size", type=int, help="daemon.batch_size (default: config)")
     ap.add_argument("--decode-workers", type=int, help="daemon.decode_workers (default: config)")
+    ap.add_argument("--torch-threads", type=int, help="daemon.torch_threads (default: config)")
     ap.add_argument("--forward-seconds", type=float, default=15.0)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
@@ -195,6 +196,8 @@ def main() -> int:
         ]  # fmt: skip
         if args.decode_workers:
             cmd += ["--set", f"daemon.decode_workers={args.decode_workers}"]
+        if args.torch_threads:
+            cmd += ["--set", f"daemon.torch_threads={args.torch_threads}"]
         log = open(work / "daemon.log", "wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=log)
         rss = RssSampler(proc.pid)
