@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from xr.core.config import load_config

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,48 +60,40 @@ def compute_metrics(labels, probs, threshold: float, n_bins: int = 15) -> dict[s
     }
 
 
+@contextmanager
+def _figure(path: Path, title: str):
+    """One 4.5x4 in figure per plot, titled, saved to ``path`` and closed."""
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    yield ax
+    ax.set_title(title.strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_plots(out: Path, labels, probs, threshold: float, title: str = "", n_bins: int = 15) -> None:
     y = np.asarray(labels).astype(int)
     p = np.asarray(probs, dtype=np.float64)
     pred = (p >= threshold).astype(int)
+    both = len(set(y.tolist())) == 2  # ROC and PR need both classes
 
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    ConfusionMatrixDisplay(confusion_matrix(y, pred, labels=[0, 1]), display_labels=CLASS_NAMES).plot(
-        ax=ax, colorbar=False, values_format="d"
-    )
-    ax.set_title(f"{title} threshold {threshold:.3f}".strip())
-    fig.tight_layout()
-    fig.savefig(out / "confusion_matrix.png", dpi=120)
-    plt.close(fig)
-
-    both = len(set(y.tolist())) == 2
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    if both:
-        RocCurveDisplay.from_predictions(y, p, ax=ax, name="PNEUMONIA", plot_chance_level=True)
-    ax.set_title(f"{title} ROC".strip())
-    fig.tight_layout()
-    fig.savefig(out / "roc_curve.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    if both:
-        PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name="PNEUMONIA", plot_chance_level=True)
-    ax.set_title(f"{title} precision-recall".strip())
-    fig.tight_layout()
-    fig.savefig(out / "pr_curve.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    frac_pos, mean_pred = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
-    ax.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
-    ax.plot(mean_pred, frac_pos, "o-", label=f"model (ECE {ece(p, y, n_bins):.3f})")
-    ax.set_xlabel("calibrated P(PNEUMONIA)")
-    ax.set_ylabel("observed fraction PNEUMONIA")
-    ax.set_title(f"{title} reliability".strip())
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / "reliability_diagram.png", dpi=120)
-    plt.close(fig)
+    with _figure(out / "confusion_matrix.png", f"{title} threshold {threshold:.3f}") as ax:
+        ConfusionMatrixDisplay(confusion_matrix(y, pred, labels=[0, 1]), display_labels=CLASS_NAMES).plot(
+            ax=ax, colorbar=False, values_format="d"
+        )
+    with _figure(out / "roc_curve.png", f"{title} ROC") as ax:
+        if both:
+            RocCurveDisplay.from_predictions(y, p, ax=ax, name="PNEUMONIA", plot_chance_level=True)
+    with _figure(out / "pr_curve.png", f"{title} precision-recall") as ax:
+        if both:
+            PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name="PNEUMONIA", plot_chance_level=True)
+    with _figure(out / "reliability_diagram.png", f"{title} reliability") as ax:
+        frac_pos, mean_pred = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+        ax.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
+        ax.plot(mean_pred, frac_pos, "o-", label=f"model (ECE {ece(p, y, n_bins):.3f})")
+        ax.set_xlabel("calibrated P(PNEUMONIA)")
+        ax.set_ylabel("observed fraction PNEUMONIA")
+        ax.legend(loc="upper left")
 
 
 def score_items(predictor: Predictor, items: list[Item], batch_size: int = 32, num_workers: int = 1) -> np.ndarray:

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from xr.core.config import DEFAULT_CONFIG_PATH, Config, load_config, save_config
 from xr.core.errors import XRError

@@ -6,7 +6,6 @@ and config.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import math
 import random
