@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from xr.core.errors import CheckpointError, ImageError
-from xr.core.model import load_checkpoint
+from xr.core.model import file_sha256, load_checkpoint
 from xr.core.preprocessing import Preset
 
 CALIBRATION_FILE = "calibration_threshold.json"
@@ -156,7 +155,7 @@ class Predictor:
             cal = Calibration.read(cal_path)
         else:
             cal = Calibration(extra={"calibrated": False})
-        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
+        digest = file_sha256(checkpoint)[:12]
         model_id = f"{meta['arch']}-{digest}-T{cal.temperature:.3f}-thr{cal.threshold:.3f}"
         return cls(model, meta, cal, device=device, amp=amp, channels_last=channels_last, model_id=model_id)
 
