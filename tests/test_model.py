@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,12 +153,17 @@ def test_checkpoint_round_trip_preserves_outputs_and_meta(saved):
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
 
 
+def _tampered(saved_path: Path, tmp_path: Path, name: str, mutate) -> Path:
+    """A copy of a saved checkpoint with ``mutate(raw_dict)`` applied, written as ``tmp_path / name``."""
+    raw = torch.load(saved_path, map_location="cpu", weights_only=True)
+    mutate(raw)
+    out = tmp_path / name
+    torch.save(raw, out)
+    return out
+
+
 def test_checkpoint_whose_weights_do_not_fit_its_arch(saved, tmp_path):
-    path = saved[0]
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    raw["meta"]["arch"] = "efficientnet_b0"
-    bad = tmp_path / "mislabelled.pt"
-    torch.save(raw, bad)
+    bad = _tampered(saved[0], tmp_path, "mislabelled.pt", lambda raw: raw["meta"].update(arch="efficientnet_b0"))
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(bad)
     msg = str(info.value)
@@ -166,10 +172,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_arch(saved, tmp_path):
 
 
 def test_checkpoint_with_a_missing_tensor(saved, tmp_path):
-    raw = torch.load(saved[0], map_location="cpu", weights_only=True)
-    del raw["model"]["conv_head.weight"]
-    bad = tmp_path / "partial.pt"
-    torch.save(raw, bad)
+    bad = _tampered(saved[0], tmp_path, "partial.pt", lambda raw: raw["model"].pop("conv_head.weight"))
     with pytest.raises(CheckpointError, match="conv_head.weight"):
         load_checkpoint(bad)
 
@@ -185,10 +188,7 @@ def test_garbage_and_foreign_files_raise_checkpoint_error(saved, tmp_path):
     torch.save({"conv_stem.weight": torch.zeros(1)}, bare)
     with pytest.raises(CheckpointError, match="not an xr checkpoint"):
         load_checkpoint(bare)
-    raw = torch.load(saved[0], map_location="cpu", weights_only=True)
-    del raw["meta"]["preprocess"]
-    no_preset = tmp_path / "no_preset.pt"
-    torch.save(raw, no_preset)
+    no_preset = _tampered(saved[0], tmp_path, "no_preset.pt", lambda raw: raw["meta"].pop("preprocess"))
     with pytest.raises(CheckpointError, match="preprocess"):
         load_checkpoint(no_preset)
 
