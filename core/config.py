@@ -39,6 +39,10 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 1.0)
     jpeg_p: float = 0.0
     jpeg_quality: tuple[int, int] = (50, 95)
+    downscale_p: float = 0.0
+    downscale_range: tuple[float, float] = (0.5, 1.0)
+    sharpen_p: float = 0.0
+    sharpen_range: tuple[float, float] = (1.0, 2.5)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class DataConfig:
     min_val_images: int = 200
     seed: int = 42
     num_workers: int = 1
+    test_patients_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,9 @@ class DaemonConfig:
     stable_ms: int = 500
     rescan_s: float = 5.0
     poll: bool = False
-    decode_workers: int = 1
+    decode_workers: int = 0
     torch_threads: int = 0
+    decode_overlap: Literal["auto", "on", "off"] = "auto"
     on_success: Literal["move", "leave"] = "move"
     on_error: Literal["move", "leave"] = "move"
     dedupe: bool = True
@@ -229,10 +235,23 @@ def _validate(cfg: Config) -> None:
     lo, hi = cfg.augment.rrc_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"augment.rrc_scale: {[lo, hi]} must satisfy 0 < low <= high <= 1")
+    for name in ("hflip_p", "blur_p", "jpeg_p", "downscale_p", "sharpen_p"):
+        v = getattr(cfg.augment, name)
+        if not 0 <= v <= 1:
+            raise ConfigError(f"augment.{name}: {v} is a probability, must be between 0 and 1")
+    lo, hi = cfg.augment.downscale_range
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"augment.downscale_range: {[lo, hi]} must satisfy 0 < low <= high <= 1")
+    lo, hi = cfg.augment.sharpen_range
+    if not 0 <= lo <= hi:
+        raise ConfigError(f"augment.sharpen_range: {[lo, hi]} must satisfy 0 <= low <= high")
     for name in ("val_fraction", "test_fraction"):
         v = getattr(cfg.data, name)
         if not 0 < v < 0.5:
             raise ConfigError(f"data.{name}: {v} must be between 0 and 0.5")
+    for name in ("decode_workers", "torch_threads"):
+        if getattr(cfg.daemon, name) < 0:
+            raise ConfigError(f"daemon.{name}: {getattr(cfg.daemon, name)} must be >= 0 (0 = choose by cores)")
     if cfg.daemon.batch_size < 1:
         raise ConfigError(f"daemon.batch_size: {cfg.daemon.batch_size} must be >= 1")
     if cfg.train.batch_size < 2:

@@ -3,6 +3,11 @@
 Like torchvision's ``references/classification/presets.py``: an eval preset, and a train preset that is
 augmentation inserted before the same tail. The :class:`Preset` travels inside every checkpoint
 (``Preset.to_dict``), so inference never re-declares it.
+
+The tail is split in two so the daemon can run each half where it is cheapest: :class:`ToPixels` (the
+8-bit picture as a uint8 tensor, no arithmetic) in its decode threads, and :class:`Normalize` (grey to
+3 channels, ImageNet mean/std) once per batch in the model's thread. Training runs both halves per image;
+the values are bitwise the same either way (tests/test_preprocessing.py).
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -17,6 +23,59 @@ from torchvision.transforms import v2
 
 from xr.core.config import AugmentConfig, PreprocessConfig
 from xr.core.imaging import load_image
+
+
+class ToPixels(torch.nn.Module):
+    """Mode "L" picture -> uint8 tensor [1, H, W] (a view of the pixels, no arithmetic)."""
+
+    def forward(self, img: Image.Image) -> torch.Tensor:
+        if img.mode != "L":
+            raise ValueError(f"expected a mode 'L' image, got mode {img.mode!r}")
+        return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).unsqueeze(0)
+
+
+class Normalize(torch.nn.Module):
+    """uint8 [..., 1, H, W] -> float32 [..., 3, H, W]: grey copied to 3 channels, then ImageNet mean/std.
+
+    The same float operations in the same order as torchvision's ``ToTensor`` + ``Normalize`` on the grey
+    picture converted to RGB, so both give identical tensors; here one call covers a whole batch.
+    """
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8 or x.dim() < 3 or x.shape[-3] != 1:
+            raise ValueError(f"expected uint8 pixels [..., 1, H, W], got {x.dtype} {tuple(x.shape)}")
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return x.to(torch.float32).div(255).sub(mean).div(std)
+
+
+class RandomDownscale(torch.nn.Module):
+    """Down-sample by a random factor and back: the same film seen through a coarser resampling chain."""
+
+    def __init__(self, scale: tuple[float, float]):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        s = float(torch.empty(1).uniform_(*self.scale))
+        w, h = img.size
+        small = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR, reducing_gap=None)
+        return small.resize((w, h), Image.BILINEAR)
+
+
+class RandomSharpness(torch.nn.Module):
+    """Sharpen by a random factor: the fine texture a full-resolution export keeps and a copy loses."""
+
+    def __init__(self, factor: tuple[float, float]):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        return T.functional.adjust_sharpness(img, float(torch.empty(1).uniform_(*self.factor)))
 
 
 @dataclass(frozen=True)
@@ -56,24 +115,35 @@ class Preset:
         size = (self.resize_size, self.resize_size) if self.resize_mode == "squash" else self.resize_size
         return T.Resize(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True)
 
-    def _tail(self) -> list:
+    def _geometry(self) -> list:
+        return [self._resize(), T.CenterCrop(self.img_size)]
+
+    def normalizer(self) -> Normalize:
         # Grayscale copied to 3 channels so ImageNet weights see the input they were trained on.
-        return [T.Grayscale(num_output_channels=3), T.ToTensor(), T.Normalize(self.mean, self.std)]
+        return Normalize(self.mean, self.std)
+
+    def _tail(self) -> list:
+        return [ToPixels(), self.normalizer()]
 
     def eval_transform(self) -> T.Compose:
-        return T.Compose([self._resize(), T.CenterCrop(self.img_size), *self._tail()])
+        return T.Compose([*self._geometry(), *self._tail()])
+
+    def pixel_transform(self) -> T.Compose:
+        """The eval preset up to the uint8 pixels: apply :meth:`normalizer` to (batches of) its output."""
+        return T.Compose([*self._geometry(), ToPixels()])
 
     def train_transform(self, aug: AugmentConfig) -> T.Compose:
         # Augment inside the eval field of view, so training and inference see objects at the same scale.
         return T.Compose(
             [
-                self._resize(),
-                T.CenterCrop(self.img_size),
+                *self._geometry(),
                 T.RandomResizedCrop(self.img_size, scale=tuple(aug.rrc_scale), antialias=True),
                 T.RandomHorizontalFlip(aug.hflip_p),
                 T.RandomRotation(aug.rotation_deg, interpolation=T.InterpolationMode.BILINEAR),
                 T.RandomApply([T.GaussianBlur(5, sigma=tuple(aug.blur_sigma))], p=aug.blur_p),
                 T.RandomApply([v2.JPEG(tuple(aug.jpeg_quality))], p=aug.jpeg_p),
+                T.RandomApply([RandomDownscale(tuple(aug.downscale_range))], p=aug.downscale_p),
+                T.RandomApply([RandomSharpness(tuple(aug.sharpen_range))], p=aug.sharpen_p),
                 *self._tail(),
             ]
         )

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
-from xr.core.config import DEFAULT_CONFIG_PATH, Config
+from xr.core.config import DEFAULT_CONFIG_PATH, Config, DaemonConfig
 from xr.core.errors import XRError
 from xr.core.predict import Predictor
 from xr.daemon.db import CLAIMED, ERROR, Result, make_engine, session_factory, utcnow
 from xr.daemon.discovery import Discovery
 from xr.daemon.export import CsvExporter
 from xr.daemon.logging import get_logger
-from xr.daemon.pipeline import Claimer, Context, Done, Finisher, Inferer
+from xr.daemon.pipeline import Claimer, Context, Done, Finisher, ForwardGate, Inferer
 
 REPO_ROOT = DEFAULT_CONFIG_PATH.parent
 
@@ -32,15 +32,31 @@ def resolve_model_path(model: str | Path) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-def cpu_torch_threads(decode_workers: int, cpus: int | None = None) -> int:
-    """Torch intra-op threads on CPU: the cores the decode pool leaves, at least one.
+@dataclasses.dataclass(frozen=True)
+class ThreadPlan:
+    decode_workers: int
+    torch_threads: int
+    gated: bool  # decoders wait while the model computes (pipeline.ForwardGate)
 
-    Measured on the 2-core target (README "Speed"): one model thread beside the decode threads runs the
-    model ~3x faster than two threads fighting the decoders (and any other load) for the same cores.
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def plan_threads(d: DaemonConfig, device_type: str, cpus: int | None = None) -> ThreadPlan:
+    """Decode threads, torch threads and whether they take turns; 0 in config means "choose".
+
+    On CPU with ``decode_overlap: auto`` (or ``off``) decoders and the model take turns on all cores:
+    measured on the 2-core target (README "Speed") this beats both splitting the cores (one each) and
+    letting them overlap. With ``on`` they overlap and torch keeps the cores the decoders leave. On a
+    GPU the forward pass leaves the CPU to the decoders, so they always overlap.
     """
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus - decode_workers)
+    cpus = cpus or usable_cpus()
+    overlap = d.decode_overlap == "on" or (d.decode_overlap == "auto" and device_type != "cpu")
+    if not overlap:
+        return ThreadPlan(d.decode_workers or cpus, d.torch_threads or cpus, gated=True)
+    workers = d.decode_workers or (min(cpus, 8) if device_type != "cpu" else 1)
+    return ThreadPlan(workers, d.torch_threads or max(1, cpus - workers), gated=False)
 
 
 def tune_malloc() -> bool:
@@ -129,8 +145,9 @@ class Service:
             if not self.model_path.exists():
                 raise XRError(f"model checkpoint not found: {self.model_path} (set --model or daemon.model)")
             pred = Predictor.from_checkpoint(self.model_path, device=self.cfg.daemon.device)
+        self.plan = plan_threads(self.cfg.daemon, pred.device.type)
         if pred.device.type == "cpu":
-            torch.set_num_threads(self.cfg.daemon.torch_threads or cpu_torch_threads(self.cfg.daemon.decode_workers))
+            torch.set_num_threads(self.plan.torch_threads)
         # The pixel limit is a run-time guard: config.yaml wins over the value stored in the checkpoint.
         pred.preset = dataclasses.replace(pred.preset, max_pixels=self.cfg.preprocess.max_pixels)
         t0 = time.perf_counter()
@@ -145,6 +162,8 @@ class Service:
             threshold=pred.threshold,
             temperature=pred.temperature,
             torch_threads=torch.get_num_threads(),
+            decode_workers=self.plan.decode_workers,
+            decode_gated=self.plan.gated,
             warmup_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
         return pred
@@ -196,7 +215,8 @@ class Service:
             ready_q: queue.Queue = queue.Queue(maxsize=max(4, 2 * d.batch_size))
             decoded_q: queue.Queue = queue.Queue()
             finish_q: queue.Queue = queue.Queue()
-            slots = threading.Semaphore(2 * d.batch_size + d.decode_workers)
+            plan = self.plan
+            slots = threading.Semaphore(2 * d.batch_size + plan.decode_workers)
             discovery = Discovery(
                 self.inbox,
                 ready_q,
@@ -217,7 +237,8 @@ class Service:
                 log=self.log,
                 batch_size=d.batch_size,
                 max_wait_ms=d.max_wait_ms,
-                decode_workers=d.decode_workers,
+                decode_workers=plan.decode_workers,
+                gate=ForwardGate(plan.gated),
                 on_success=d.on_success,
                 on_error=d.on_error,
                 dedupe=d.dedupe,
@@ -244,7 +265,7 @@ class Service:
                 batch_size=d.batch_size,
                 max_wait_ms=d.max_wait_ms,
                 stable_ms=d.stable_ms,
-                decode_workers=d.decode_workers,
+                decode_workers=plan.decode_workers,
                 **rec,
             )
             for st in (finisher, inferer, claimer):

@@ -106,9 +106,20 @@ def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
     assert cfg.daemon.db is None
 
 
-def test_out_of_range_value_is_rejected(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.val_fraction"):
-        load_config(_with("data", "val_fraction", 0.9, tmp_path))
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("data", "val_fraction", 0.9),
+        ("augment", "sharpen_p", 1.5),
+        ("augment", "downscale_range", [0.0, 1.0]),
+        ("augment", "sharpen_range", [2.0, 1.0]),
+        ("daemon", "decode_workers", -1),
+        ("daemon", "decode_overlap", "sometimes"),
+    ],
+)
+def test_out_of_range_value_is_rejected(tmp_path, section, key, value):
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        load_config(_with(section, key, value, tmp_path))
 
 
 def test_bad_yaml_and_missing_file_raise_config_error(tmp_path):

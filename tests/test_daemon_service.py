@@ -1,6 +1,8 @@
 """daemon/service.py in-process: run limits, reconcile after a crash, leave mode, one instance per output."""
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import os
 import shutil
@@ -16,7 +18,7 @@ from xr.core.predict import Predictor
 from xr.daemon import db as dbm
 from xr.daemon.db import Result, make_engine, session_factory
 from xr.daemon.logging import configure_logging
-from xr.daemon.service import Service, cpu_torch_threads, resolve_model_path
+from xr.daemon.service import Service, ThreadPlan, plan_threads, resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,17 @@ def test_one_instance_per_output(tmp_path, predictor, xray_paths):
 
 
 def test_helpers(tmp_path):
-    assert cpu_torch_threads(2, cpus=2) == 1 and cpu_torch_threads(2, cpus=8) == 6
+    d = _cfg().daemon
+    auto = dataclasses.replace(d, decode_workers=0, torch_threads=0, decode_overlap="auto")
+    # CPU model: decoders and model take turns on every core
+    assert plan_threads(auto, "cpu", cpus=2) == ThreadPlan(2, 2, gated=True)
+    # GPU model: the CPU is the decoders'
+    assert plan_threads(auto, "cuda", cpus=16) == ThreadPlan(8, 8, gated=False)
+    # overlap on CPU: torch keeps the cores the decoders leave
+    on = dataclasses.replace(auto, decode_overlap="on")
+    assert plan_threads(on, "cpu", cpus=8) == ThreadPlan(1, 7, gated=False)
+    assert plan_threads(dataclasses.replace(on, decode_workers=2), "cpu", cpus=2) == ThreadPlan(2, 1, gated=False)
+    assert plan_threads(dataclasses.replace(auto, decode_workers=3, torch_threads=1), "cpu", cpus=8) == ThreadPlan(3, 1, gated=True)
     assert resolve_model_path("models/x.pt").is_absolute()
     assert resolve_model_path(tmp_path / "m.pt") == tmp_path / "m.pt"
     svc = Service(_cfg(), watch=tmp_path / "missing", output=tmp_path / "out", model=tmp_path / "none.pt",

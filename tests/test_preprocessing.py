@@ -160,11 +160,17 @@ def test_training_eval_and_daemon_preprocessing_are_identical(tiny_checkpoint, x
     assert predictor.preset == preset  # the checkpoint carries the same preset
     paths = [xray_paths[0], xray_paths[-1], *fullres_paths]
     train_side, via = _training_eval_tensors(preset, paths)
-    for p, t in zip(paths, train_side):
-        daemon_side = predictor.preprocess(p.read_bytes(), name=p.name)  # the daemon reads bytes
+    # The daemon decodes bytes to uint8 pixels in its decode threads and normalises whole batches.
+    pixels = torch.stack([predictor.pixels(p.read_bytes(), name=p.name) for p in paths])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (len(paths), 1, 224, 224)
+    daemon_batch = predictor._normalize(pixels)
+    for p, t, daemon_side in zip(paths, train_side, daemon_batch):
         assert t.shape == daemon_side.shape == (3, 224, 224)
         assert torch.equal(t, daemon_side), f"{p.name}: training ({via}) and daemon tensors differ"
         assert torch.equal(predictor.preprocess(p), daemon_side)  # path and bytes agree too
+    # and the model gets the same logits from either form
+    floats = torch.stack(train_side)
+    assert torch.equal(predictor.logits(pixels), predictor.logits(floats))
     # Also the plain Preset call (used by tools) is the same definition.
     assert torch.equal(preset(paths[0]), train_side[0])
 
@@ -177,3 +183,21 @@ def test_preprocess_differs_when_preset_differs(xray_paths):
     c = Preset(resize_size=300)(xray_paths[0])
     assert not torch.equal(a, c)
     assert np.isfinite(a.numpy()).all()
+
+
+def test_texture_augmentations_change_grain_not_geometry(preset, xray_paths):
+    img = preset.load(xray_paths[0])
+    ev = preset.eval_transform()(img)
+    plain = dict(rrc_scale=(1.0, 1.0), hflip_p=0.0, rotation_deg=0.0)
+
+    def grain(t: torch.Tensor) -> float:  # mean absolute difference between neighbouring pixels
+        return (t[0, :, 1:] - t[0, :, :-1]).abs().mean().item()
+
+    torch.manual_seed(0)
+    smooth = preset.train_transform(AugmentConfig(**plain, downscale_p=1.0, downscale_range=(0.5, 0.5)))(img)
+    torch.manual_seed(0)
+    sharp = preset.train_transform(AugmentConfig(**plain, sharpen_p=1.0, sharpen_range=(2.5, 2.5)))(img)
+    assert smooth.shape == sharp.shape == ev.shape
+    assert grain(smooth) < 0.9 * grain(ev) < grain(sharp) * 0.9
+    assert (smooth - ev).abs().mean() < 0.1 and (sharp - ev).abs().mean() < 0.2  # same picture
+

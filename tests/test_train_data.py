@@ -61,6 +61,27 @@ def test_split_groups_patients_and_is_seeded(tmp_path, xray_paths):
     assert [it.path for it in other.test] != [it.path for it in s.test]
 
 
+def test_patients_of_a_check_folder_are_pinned_to_test(tmp_path, xray_paths):
+    """Full-resolution samples of training patients: their patients (and every image of them) go to test."""
+    _synthetic_dataset(tmp_path / "data", xray_paths)
+    checks = tmp_path / "fullres" / "PNEUMONIA"
+    checks.mkdir(parents=True)
+    train_files = sorted((tmp_path / "data" / "train").rglob("*.jpeg"))
+    picked = [p for p in train_files if p.name.startswith("person")][:2] + [p for p in train_files if p.name.startswith("IM-")][:1]
+    for p in picked:
+        shutil.copy(p, checks / p.name)
+    pinned = {patient_id(p.name) for p in picked}
+    for seed in range(4):  # whatever the draw
+        cfg = DataConfig(val_fraction=0.2, test_fraction=0.2, min_val_images=50, seed=seed, test_patients_from=str(tmp_path / "fullres"))
+        s = make_splits(tmp_path / "data", cfg)
+        assert pinned <= {it.patient for it in s.test}
+        assert not pinned & {it.patient for it in s.train + s.val}
+        assert sum(len(x) for x in (s.train, s.val, s.test)) == len(train_files)
+        assert any("pinned to test" in n for n in s.notes)
+    with pytest.raises(XRError, match="not found"):
+        make_splits(tmp_path / "data", DataConfig(test_patients_from=str(tmp_path / "nowhere")))
+
+
 def test_byte_identical_images_never_cross_splits(tmp_path, xray_paths):
     _synthetic_dataset(tmp_path, xray_paths)
     # The same bytes under two different patients' names.

@@ -43,6 +43,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "train.max_steps_per_epoch": getattr(args, "max_steps", None),
         "train.seed": getattr(args, "seed", None),
         "data.num_workers": getattr(args, "num_workers", None),
+        "data.test_patients_from": str(args.test_patients_from) if getattr(args, "test_patients_from", None) else None,
         "calibration.objective": getattr(args, "objective", None),
     }
 
@@ -149,8 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, help="override train.seed")
         p.add_argument("--num-workers", type=int, help="override data.num_workers")
 
+    def split_flags(p):
+        p.add_argument("--test-patients-from", type=Path, metavar="DIR",
+                       help="override data.test_patients_from: patients of the images under DIR go to the test split")
+
     p = sub.add_parser("split", help="carve val/test out of train by patient and save the file lists")
     common(p, data=True, data_required=True)
+    split_flags(p)
     p = sub.add_parser("train", help="train from the saved splits")
     common(p)
     training_flags(p)
@@ -162,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help=f"checkpoint (default {DEFAULT_MODEL.relative_to(REPO_ROOT)})")
     p = sub.add_parser("all", help="split, train, calibrate and evaluate on the test split")
     common(p, data=True, data_required=True)
+    split_flags(p)
     training_flags(p)
     p.add_argument("--objective", choices=cal.OBJECTIVES, help="override calibration.objective")
     return parser

@@ -154,8 +154,33 @@ class Splits:
         return cls(parts["train"], parts["val"], parts["test"], notes)
 
 
+def patients_in(folder: str | Path) -> set[str]:
+    """Patients of the image files anywhere under ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise XRError(f"data.test_patients_from: folder not found: {folder}")
+    found = {patient_id(p.name) for p in folder.rglob("*") if p.is_file() and is_image_name(p.name)}
+    if not found:
+        raise XRError(f"data.test_patients_from: no images under {folder}")
+    return found
+
+
+def _pin(items: list[Item], patients: set[str]) -> tuple[list[Item], list[Item]]:
+    """(rest, pinned): the items of ``patients``, with every file identical to one of theirs."""
+    groups = _content_groups(items)
+    pinned_groups = {g for it, g in zip(items, groups) if it.patient in patients}
+    rest = [it for it, g in zip(items, groups) if g not in pinned_groups]
+    pinned = [it for it, g in zip(items, groups) if g in pinned_groups]
+    return rest, pinned
+
+
 def make_splits(root: str | Path, cfg: DataConfig) -> Splits:
-    """Keep the given val/test splits when usable; carve the missing ones out of train by patient."""
+    """Keep the given val/test splits when usable; carve the missing ones out of train by patient.
+
+    ``cfg.test_patients_from`` names a folder of images (the full-resolution samples) whose patients go
+    to the carved test split whatever the draw, so checks on those images run on patients the model
+    never trained on.
+    """
     found = discover(root)
     train = list(found.get("train", []))
     val = list(found.get("val", []))
@@ -165,8 +190,17 @@ def make_splits(root: str | Path, cfg: DataConfig) -> Splits:
         raise XRError(f"{root}: no training images under {root}/train/NORMAL and {root}/train/PNEUMONIA")
     test_carved = not test
     if test_carved:
+        pinned: list[Item] = []
+        if cfg.test_patients_from:
+            train, pinned = _pin(train, patients_in(cfg.test_patients_from))
         train, test = _carve(train, cfg.test_fraction, cfg.seed)
         notes.append(f"test carved from train by patient ({cfg.test_fraction:.0%})")
+        if pinned:
+            test = test + pinned
+            n_pat = len({it.patient for it in pinned})
+            notes.append(f"{len(pinned)} images of {n_pat} patients from {cfg.test_patients_from} pinned to test")
+    elif cfg.test_patients_from:
+        notes.append("data.test_patients_from ignored: the dataset has its own test split")
     if len(val) < cfg.min_val_images:
         if val:
             notes.append(f"given val has {len(val)} images (< {cfg.min_val_images}): merged into train")
