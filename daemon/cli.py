@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     from xr.daemon.service import Service, tune_malloc  # torch import after argument errors are reported
 
     tune_malloc()
+    # The model's forward pass takes the GIL back between its ~100 layers; with Python's default 5 ms
+    # switch interval each hand-back can wait on a claim/export thread. 0.5 ms measured: model time per
+    # image in the daemon 8.6 -> 7.6 ms, burst 76 -> 85 images/s (README "Speed").
+    sys.setswitchinterval(0.0005)
 
     svc = Service(cfg, watch=args.watch, output=args.output, db=args.db, model=args.model, once=args.once, log=log)
     signal.signal(signal.SIGTERM, svc.handle_signal)

@@ -46,13 +46,13 @@ def usable_cpus() -> int:
 def plan_threads(d: DaemonConfig, device_type: str, cpus: int | None = None) -> ThreadPlan:
     """Decode threads, torch threads and whether they take turns; 0 in config means "choose".
 
-    On CPU with ``decode_overlap: auto`` (or ``off``) decoders and the model take turns on all cores:
+    On CPU with ``decode_overlap: auto`` (or ``never``) decoders and the model take turns on all cores:
     measured on the 2-core target (README "Speed") this beats both splitting the cores (one each) and
-    letting them overlap. With ``on`` they overlap and torch keeps the cores the decoders leave. On a
+    letting them overlap. With ``always`` they overlap and torch keeps the cores the decoders leave. On a
     GPU the forward pass leaves the CPU to the decoders, so they always overlap.
     """
     cpus = cpus or usable_cpus()
-    overlap = d.decode_overlap == "on" or (d.decode_overlap == "auto" and device_type != "cpu")
+    overlap = d.decode_overlap == "always" or (d.decode_overlap == "auto" and device_type != "cpu")
     if not overlap:
         return ThreadPlan(d.decode_workers or cpus, d.torch_threads or cpus, gated=True)
     workers = d.decode_workers or (min(cpus, 8) if device_type != "cpu" else 1)

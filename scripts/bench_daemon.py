@@ -154,6 +154,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, help="daemon.batch_size (default: config)")
     ap.add_argument("--decode-workers", type=int, help="daemon.decode_workers (default: config)")
     ap.add_argument("--torch-threads", type=int, help="daemon.torch_threads (default: config)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any daemon config override")
     ap.add_argument("--forward-seconds", type=float, default=15.0)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
@@ -197,6 +198,8 @@ def main() -> int:
             cmd += ["--set", f"daemon.decode_workers={args.decode_workers}"]
         if args.torch_threads:
             cmd += ["--set", f"daemon.torch_threads={args.torch_threads}"]
+        for kv in args.set:
+            cmd += ["--set", kv]
         log = open(work / "daemon.log", "wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=log)
         rss = RssSampler(proc.pid)

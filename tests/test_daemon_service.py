@@ -151,7 +151,7 @@ def test_helpers(tmp_path):
     # GPU model: the CPU is the decoders'
     assert plan_threads(auto, "cuda", cpus=16) == ThreadPlan(8, 8, gated=False)
     # overlap on CPU: torch keeps the cores the decoders leave
-    on = dataclasses.replace(auto, decode_overlap="on")
+    on = dataclasses.replace(auto, decode_overlap="always")
     assert plan_threads(on, "cpu", cpus=8) == ThreadPlan(1, 7, gated=False)
     assert plan_threads(dataclasses.replace(on, decode_workers=2), "cpu", cpus=2) == ThreadPlan(2, 1, gated=False)
     assert plan_threads(dataclasses.replace(auto, decode_workers=3, torch_threads=1), "cpu", cpus=8) == ThreadPlan(3, 1, gated=True)
