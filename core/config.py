@@ -108,7 +108,6 @@ class DaemonConfig:
     poll: bool = False
     decode_workers: int = 0
     torch_threads: int = 0
-    decode_overlap: Literal["auto", "always", "never"] = "auto"
     on_success: Literal["move", "leave"] = "move"
     on_error: Literal["move", "leave"] = "move"
     dedupe: bool = True

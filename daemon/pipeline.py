@@ -7,7 +7,6 @@ between the claim and the batch commit), so a burst stalls discovery instead of 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -116,46 +115,6 @@ def _finish_copy(src: Path, tmp: Path, dst: Path) -> Path:
     raise AssertionError("unreachable")
 
 
-# -- sharing the CPU between decoders and the model ------------------------------------------------------
-class Abandoned(Exception):
-    """A decode given up because the daemon is stopping; its row stays claimed and is redone on restart."""
-
-
-class ForwardGate:
-    """Lets decoders start a file only while the model is not computing.
-
-    On a CPU-only machine the model's intra-op (OpenMP) threads and the decoders share the same cores. Run
-    together, each OpenMP barrier waits for whichever model thread a decoder pushed off its core, and
-    the model slows far more than the decoders gain (README "Speed"). Taking turns - decode the next
-    batch while the last one commits, then give every core to the forward pass - keeps all cores busy
-    with one kind of work at a time. Disabled (always open) when the model runs on a GPU.
-    """
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self._idle = threading.Event()
-        self._idle.set()
-
-    @contextlib.contextmanager
-    def forward(self):
-        if not self.enabled:
-            yield
-            return
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._idle.set()
-
-    def wait_idle(self, stop: threading.Event) -> None:
-        """Block while the model computes; raise :class:`Abandoned` once ``stop`` is set."""
-        while not self._idle.wait(POLL_S):
-            if stop.is_set():
-                raise Abandoned
-        if stop.is_set():
-            raise Abandoned
-
-
 # -- work items ---------------------------------------------------------------------------------------
 @dataclass
 class Work:
@@ -194,7 +153,6 @@ class Context:
     batch_size: int = 16
     max_wait_ms: int = 50
     decode_workers: int = 2
-    gate: ForwardGate = field(default_factory=lambda: ForwardGate(False))
     on_success: str = "move"
     on_error: str = "move"
     dedupe: bool = True
@@ -387,7 +345,6 @@ class Claimer(Stage):
                 fut.add_done_callback(lambda f, w=w: self._done(f, w))
 
     def _decode(self, w: Work, data: bytes) -> None:
-        self.ctx.gate.wait_idle(self.halt)
         t0 = time.perf_counter()
         try:
             w.tensor = self.ctx.predictor.pixels(data, name=w.item.path)
@@ -398,7 +355,7 @@ class Claimer(Stage):
         w.decode_ms = (time.perf_counter() - t0) * 1000
 
     def _done(self, fut: cf.Future, w: Work) -> None:
-        if fut.cancelled() or isinstance(fut.exception(), Abandoned):
+        if fut.cancelled():
             return  # shutting down: the row stays claimed and is redone on the next start
         if fut.exception() is not None and w.error is None:
             w.error = f"cannot decode image: {fut.exception()}"
@@ -457,8 +414,7 @@ class Inferer(Stage):
                     seen[w.sha256] = w
         to_score = [w for w in batch if w.tensor is not None]
         t0 = time.perf_counter()
-        with ctx.gate.forward():
-            preds = pred.predict_batch(torch.stack([w.tensor for w in to_score])) if to_score else []
+        preds = pred.predict_batch(torch.stack([w.tensor for w in to_score])) if to_score else []
         model_ms = (time.perf_counter() - t0) * 1000
         scored = {w.row_id: p for w, p in zip(to_score, preds)}
         t1 = time.perf_counter()

@@ -114,7 +114,6 @@ def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
         ("augment", "downscale_range", [0.0, 1.0]),
         ("augment", "sharpen_range", [2.0, 1.0]),
         ("daemon", "decode_workers", -1),
-        ("daemon", "decode_overlap", "sometimes"),
     ],
 )
 def test_out_of_range_value_is_rejected(tmp_path, section, key, value):

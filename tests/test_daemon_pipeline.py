@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 
-import pytest
-
-from xr.daemon.pipeline import Abandoned, ForwardGate, free_name, move_no_overwrite
+from xr.daemon.pipeline import free_name, move_no_overwrite
 
 
 def test_move_never_overwrites(tmp_path):
@@ -44,27 +40,3 @@ def test_move_symlink_itself(tmp_path):
 def test_free_name_respects_reserved(tmp_path):
     assert free_name(tmp_path / "a.png", {str(tmp_path / "a.png")}).name == "a-1.png"
 
-
-def test_forward_gate_holds_decoders_while_the_model_computes():
-    gate, stop = ForwardGate(enabled=True), threading.Event()
-    started = []
-    decoder = threading.Thread(target=lambda: (gate.wait_idle(stop), started.append(time.monotonic())))
-    with gate.forward():
-        decoder.start()
-        time.sleep(0.3)
-        assert not started  # no decode begins during a forward pass
-        released = time.monotonic()
-    decoder.join(5)
-    assert started and started[0] >= released
-
-    # a stop while waiting abandons the decode instead of hanging the shutdown
-    with gate.forward():
-        stop.set()
-        with pytest.raises(Abandoned):
-            gate.wait_idle(stop)
-
-
-def test_forward_gate_disabled_never_blocks():
-    gate, stop = ForwardGate(enabled=False), threading.Event()
-    with gate.forward():
-        gate.wait_idle(stop)  # returns at once: with a GPU the CPU belongs to the decoders

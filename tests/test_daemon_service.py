@@ -144,17 +144,12 @@ def test_one_instance_per_output(tmp_path, predictor, xray_paths):
 
 
 def test_helpers(tmp_path):
-    d = _cfg().daemon
-    auto = dataclasses.replace(d, decode_workers=0, torch_threads=0, decode_overlap="auto")
-    # CPU model: decoders and model take turns on every core
-    assert plan_threads(auto, "cpu", cpus=2) == ThreadPlan(2, 2, gated=True)
-    # GPU model: the CPU is the decoders'
-    assert plan_threads(auto, "cuda", cpus=16) == ThreadPlan(8, 8, gated=False)
-    # overlap on CPU: torch keeps the cores the decoders leave
-    on = dataclasses.replace(auto, decode_overlap="always")
-    assert plan_threads(on, "cpu", cpus=8) == ThreadPlan(1, 7, gated=False)
-    assert plan_threads(dataclasses.replace(on, decode_workers=2), "cpu", cpus=2) == ThreadPlan(2, 1, gated=False)
-    assert plan_threads(dataclasses.replace(auto, decode_workers=3, torch_threads=1), "cpu", cpus=8) == ThreadPlan(3, 1, gated=True)
+    auto = dataclasses.replace(_cfg().daemon, decode_workers=0, torch_threads=0)
+    assert plan_threads(auto, "cpu", cpus=2) == ThreadPlan(decode_workers=1, torch_threads=2)
+    assert plan_threads(auto, "cpu", cpus=16) == ThreadPlan(decode_workers=4, torch_threads=16)
+    assert plan_threads(auto, "cuda", cpus=16) == ThreadPlan(decode_workers=8, torch_threads=16)
+    fixed = dataclasses.replace(auto, decode_workers=3, torch_threads=1)
+    assert plan_threads(fixed, "cpu", cpus=8) == ThreadPlan(decode_workers=3, torch_threads=1)
     assert resolve_model_path("models/x.pt").is_absolute()
     assert resolve_model_path(tmp_path / "m.pt") == tmp_path / "m.pt"
     svc = Service(_cfg(), watch=tmp_path / "missing", output=tmp_path / "out", model=tmp_path / "none.pt",

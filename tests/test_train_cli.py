@@ -87,9 +87,12 @@ def test_val_logits_are_the_saved_checkpoints_logits(run_dir):
     from xr.train.data import Splits
 
     rows = list(csv.DictReader(open(run_dir / "val_logits.csv")))
-    p = Predictor.from_checkpoint(run_dir / "xr_mvp_best.pt", amp="off")
+    p = Predictor.from_checkpoint(run_dir / "xr_mvp_best.pt")  # amp "auto", as training scored val
     logits = score_items(p, Splits.load(run_dir / "splits").val, batch_size=8, num_workers=0)
-    assert [float(r["logit"]) for r in rows] == pytest.approx(list(logits), abs=1e-3)
+    # bf16 (where the CPU has it) rounds differently at another batch size; a missing prior correction
+    # would be off by ~1
+    tol = 1e-2 if p.bf16 else 1e-3
+    assert [float(r["logit"]) for r in rows] == pytest.approx(list(logits), abs=tol)
 
 
 def test_calibrate_stage_reruns_with_another_objective(run_dir):
