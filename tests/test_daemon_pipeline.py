@@ -39,4 +39,3 @@ def test_move_symlink_itself(tmp_path):
 
 def test_free_name_respects_reserved(tmp_path):
     assert free_name(tmp_path / "a.png", {str(tmp_path / "a.png")}).name == "a-1.png"
-
