@@ -26,7 +26,7 @@ from xr.core.imaging import load_image
 
 
 class ToPixels(torch.nn.Module):
-    """Mode "L" picture -> uint8 tensor [1, H, W] (a view of the pixels, no arithmetic)."""
+    """Mode "L" picture -> uint8 tensor [1, H, W] (a copy of the pixels, no arithmetic)."""
 
     def forward(self, img: Image.Image) -> torch.Tensor:
         if img.mode != "L":
@@ -49,8 +49,7 @@ class Normalize(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8 or x.dim() < 3 or x.shape[-3] != 1:
             raise ValueError(f"expected uint8 pixels [..., 1, H, W], got {x.dtype} {tuple(x.shape)}")
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return x.to(torch.float32).div(255).sub(mean).div(std)
+        return x.to(torch.float32).div(255).sub(self.mean).div(self.std)
 
 
 class RandomDownscale(torch.nn.Module):
