@@ -25,6 +25,8 @@ class PreprocessConfig:
     img_size: int = 224
     resize_ratio: float = 1.15
     resize_mode: Literal["squash", "shorter_side"] = "squash"
+    render_size: int | None = 224
+    render_quality: int = 75
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     max_pixels: int = 80_000_000
@@ -76,6 +78,8 @@ class TrainConfig:
     freeze_stages: int = 2
     ema_decay: float = 0.995
     label_smoothing: float = 0.0
+    consistency_weight: float = 0.0
+    consistency_jpeg_quality: tuple[int, int] = (50, 75)
     plateau_patience: int = 1
     plateau_factor: float = 0.3
     early_stopping_patience: int = 5
@@ -231,6 +235,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"preprocess.img_size: {p.img_size} is too small (minimum 16)")
     if p.resize_ratio < 1.0:
         raise ConfigError(f"preprocess.resize_ratio: {p.resize_ratio} must be >= 1.0")
+    if p.render_size is not None and p.render_size < 16:
+        raise ConfigError(f"preprocess.render_size: {p.render_size} is too small (minimum 16, or null for off)")
+    if not 1 <= p.render_quality <= 100:
+        raise ConfigError(f"preprocess.render_quality: {p.render_quality} must be a JPEG quality from 1 to 100")
     lo, hi = cfg.augment.rrc_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"augment.rrc_scale: {[lo, hi]} must satisfy 0 < low <= high <= 1")
@@ -253,6 +261,11 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"daemon.{name}: {getattr(cfg.daemon, name)} must be >= 0 (0 = choose by cores)")
     if cfg.daemon.batch_size < 1:
         raise ConfigError(f"daemon.batch_size: {cfg.daemon.batch_size} must be >= 1")
+    if cfg.train.consistency_weight < 0:
+        raise ConfigError(f"train.consistency_weight: {cfg.train.consistency_weight} must be >= 0 (0 = off)")
+    lo, hi = cfg.train.consistency_jpeg_quality
+    if not 1 <= lo <= hi <= 100:
+        raise ConfigError(f"train.consistency_jpeg_quality: {[lo, hi]} must satisfy 1 <= low <= high <= 100")
     if cfg.train.batch_size < 2:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} must be >= 2")
 

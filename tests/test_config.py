@@ -100,7 +100,9 @@ def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
     data["train"]["lr"] = 1
     data["train"]["max_steps_per_epoch"] = 5
     data["daemon"]["db"] = None
+    data["preprocess"]["render_size"] = None
     cfg = load_config(_write(tmp_path, data))
+    assert cfg.preprocess.render_size is None
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps_per_epoch == 5
     assert cfg.daemon.db is None
@@ -114,6 +116,9 @@ def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
         ("augment", "downscale_range", [0.0, 1.0]),
         ("augment", "sharpen_range", [2.0, 1.0]),
         ("daemon", "decode_workers", -1),
+        ("preprocess", "render_size", 8),
+        ("preprocess", "render_quality", 0),
+        ("preprocess", "render_quality", 101),
     ],
 )
 def test_out_of_range_value_is_rejected(tmp_path, section, key, value):

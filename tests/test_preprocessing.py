@@ -82,6 +82,57 @@ def test_squash_makes_fullres_and_its_training_copy_look_alike(fullres_paths):
         assert diffs["shorter_side"] > 5 * diffs["squash"], (path.name, diffs)
 
 
+def _copy_of(path):
+    """The 224x224 dataset copy of a full-resolution fixture (tests/fixtures/copies224)."""
+    return path.parents[2] / "copies224" / path.parent.name / path.name
+
+
+def test_rendering_brings_fullres_closer_to_its_real_dataset_copy(fullres_paths):
+    """With the rendering step (squash to 224 bicubic, JPEG q75, as the dataset was made) the network's
+    pixels from a full-resolution export are clearly closer to those of its own dataset copy."""
+    for path in fullres_paths:
+        diffs = {}
+        for render in (None, 224):
+            p = Preset(render_size=render)
+            pixels = p.pixel_transform()
+            full = pixels(p.load(path)).float()
+            copy = pixels(p.load(_copy_of(path))).float()
+            diffs[render] = (full - copy).abs().mean().item()  # grey levels
+        assert diffs[224] < 0.8 * diffs[None], (path.name, diffs)
+        assert diffs[224] < 2.5, (path.name, diffs)
+
+
+def test_rendering_leaves_a_training_copy_practically_unchanged(fullres_paths):
+    """Training images are already such renderings: re-rendering them is near-identity, so the rendering
+    step costs training nothing in fidelity."""
+    from xr.core.preprocessing import RenderAsDataset
+
+    for path in fullres_paths:
+        with Image.open(_copy_of(path)) as im:
+            copy = im.convert("L")
+        again = RenderAsDataset(224, 75)(copy)
+        assert again.size == (224, 224) and again.mode == "L"
+        assert np.abs(np.asarray(again, dtype=np.float32) - np.asarray(copy, dtype=np.float32)).mean() < 0.05
+
+
+def test_rendering_squashes_any_size_and_is_deterministic():
+    from xr.core.preprocessing import RenderAsDataset
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (300, 500), dtype=np.uint8), mode="L")
+    r = RenderAsDataset(128, 60)
+    a, b = r(img), r(img)
+    assert a.size == (128, 128) and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_presets_saved_before_rendering_existed_keep_their_pipeline(preset):
+    old = preset.to_dict()
+    del old["render_size"], old["render_quality"]
+    restored = Preset.from_dict(old)
+    assert restored.render_size is None  # an old checkpoint scores exactly as it was calibrated
+    assert preset.render_size == 224 and preset.render_quality == 75  # config.yaml turns it on for new ones
+
+
 def test_large_jpeg_decodes_at_reduced_scale_never_below_resize(preset, fullres_paths):
     path = fullres_paths[0]
     with Image.open(path) as im:
@@ -89,6 +140,7 @@ def test_large_jpeg_decodes_at_reduced_scale_never_below_resize(preset, fullres_
     img = preset.load(path)
     assert img.mode == "L"
     assert min(img.size) >= preset.resize_size
+    assert min(img.size) >= 2 * preset.render_size  # the bicubic shrink, not the DCT, makes the rendering
     assert img.size[0] < full_size[0]  # the DCT draft actually took effect
     # Aspect ratio kept by the draft (within rounding).
     assert abs(img.size[0] / img.size[1] - full_size[0] / full_size[1]) < 0.02

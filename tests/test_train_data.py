@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from xr.core.config import DataConfig
 from xr.core.errors import XRError
@@ -138,3 +139,20 @@ def test_dataset_returns_tensor_and_label(xray_paths):
     ds = XRDataset([Item(str(xray_paths[0]), 0, "p")], preset, preset.eval_transform())
     x, y = ds[0]
     assert tuple(x.shape) == (3, 224, 224) and y == 0
+
+
+def test_dataset_second_view_is_the_same_film_after_another_jpeg_life(xray_paths):
+    from xr.core.config import AugmentConfig
+    from xr.core.preprocessing import Preset, RandomJpegHistory
+    from xr.train.data import Item, XRDataset
+
+    preset = Preset(render_size=224)
+    items = [Item(str(xray_paths[0]), 0, "p0")]
+    ds = XRDataset(items, preset, preset.eval_transform(), second_view=RandomJpegHistory((50, 75)))
+    torch.manual_seed(0)
+    x, label = ds[0]
+    assert x.shape == (2, 3, 224, 224) and label == 0
+    gap = (x[0] - x[1]).abs().mean().item()
+    assert 0 < gap < 0.1  # different grain (1-2 grey levels ~ 0.02-0.04 normalised), same picture
+    plain = XRDataset(items, preset, preset.train_transform(AugmentConfig()))
+    assert plain[0][0].shape == (3, 224, 224)

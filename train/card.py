@@ -35,6 +35,11 @@ def write_model_card(
         "input": {
             "files": "PNG or JPEG chest radiograph (8-bit, 16-bit grayscale, RGB, RGBA, palette)",
             "img_size": cfg.preprocess.img_size,
+            "render": (
+                f"squashed to {cfg.preprocess.render_size}x{cfg.preprocess.render_size} (bicubic), "
+                f"JPEG quality {cfg.preprocess.render_quality}, as the training copies were made"
+                if cfg.preprocess.render_size else "off"
+            ),
             "resize": f"{cfg.preprocess.resize_mode} to {int(cfg.preprocess.img_size * cfg.preprocess.resize_ratio)}, center crop",
             "channels": "grayscale copied to 3",
             "normalize": {"mean": list(cfg.preprocess.mean), "std": list(cfg.preprocess.std)},
@@ -72,7 +77,16 @@ def write_model_card(
         f"cached features, then fine-tuning with stem + {cfg.train.freeze_stages} block stages frozen; AdamW lr {cfg.train.lr}, "
         f"weight decay {cfg.train.weight_decay}; ReduceLROnPlateau on val AUROC; early stopping {cfg.train.early_stopping_patience}; "
         f"best epoch {card['training']['best_epoch']} of {card['training']['epochs_run']} (val AUROC {card['training']['best_val_auroc']:.4f}). "
-        f"Temperature scaling T = {calib['T']:.3f}; threshold {calib['threshold']:.3f} by {calib['objective']} on val.",
+        + (
+            f"Consistency loss weight {cfg.train.consistency_weight} between each image and its re-encoded copy "
+            f"(JPEG quality {cfg.train.consistency_jpeg_quality[0]}-{cfg.train.consistency_jpeg_quality[1]}, shifted block grid). "
+            if cfg.train.consistency_weight > 0 else ""
+        )
+        + (
+            f"Every input is first rendered as the training copies were made ({card['input']['render']}). "
+            if cfg.preprocess.render_size else ""
+        )
+        + f"Temperature scaling T = {calib['T']:.3f}; threshold {calib['threshold']:.3f} by {calib['objective']} on val.",
         "",
         "## Exact command",
         f"`{command}` ({card['wall_time_minutes']} min)",

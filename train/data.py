@@ -213,19 +213,27 @@ def make_splits(root: str | Path, cfg: DataConfig) -> Splits:
 
 
 class XRDataset(Dataset):
-    """(tensor, label) pairs through the shared :class:`Preset` decode and a transform."""
+    """(tensor, label) pairs through the shared :class:`Preset` decode and a transform.
 
-    def __init__(self, items: list[Item], preset: Preset, transform: Callable):
+    With ``second_view`` each item is two views, [2, C, H, W]: the transform of the picture and of
+    ``second_view(picture)``, for the consistency loss (train/engine.py).
+    """
+
+    def __init__(self, items: list[Item], preset: Preset, transform: Callable, second_view: Callable | None = None):
         self.items = items
         self.preset = preset
         self.transform = transform
+        self.second_view = second_view
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         it = self.items[i]
-        return self.transform(self.preset.load(it.path)), it.label
+        img = self.preset.load(it.path)
+        if self.second_view is None:
+            return self.transform(img), it.label
+        return torch.stack([self.transform(img), self.transform(self.second_view(img))]), it.label
 
     def labels(self) -> list[int]:
         return [it.label for it in self.items]

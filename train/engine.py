@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from xr.core.config import Config
 from xr.core.model import checkpoint_meta, create_model, save_checkpoint
 from xr.core.predict import autocast, use_bf16
-from xr.core.preprocessing import Preset
+from xr.core.preprocessing import Preset, RandomJpegHistory
 from xr.train.data import Splits, XRDataset
 
 BEST_CHECKPOINT = "xr_mvp_best.pt"
@@ -151,8 +151,13 @@ def train_one_epoch(
     smoothing: float = 0.0,
     max_steps: int | None = None,
     ema: Any = None,
+    consistency: float = 0.0,
     desc: str = "train",
 ) -> dict[str, float]:
+    """One pass over ``loader``. Batches of paired views [B, 2, C, H, W] (XRDataset ``second_view``) add
+    ``consistency`` times half the squared logit difference between the two views of each image (their
+    spread around the pair's mean), so two renderings of one film score alike (stability training,
+    Zheng et al., CVPR 2016). Both views also get the classification loss."""
     model.train()
     for m in frozen:
         m.eval()  # frozen layers keep their ImageNet BatchNorm statistics
@@ -163,12 +168,19 @@ def train_one_epoch(
         if step >= steps:
             break
         x = x.to(device, non_blocking=True)
+        views = x.shape[1] if x.dim() == 5 else 1
+        if views > 1:
+            x, y = x.flatten(0, 1), y.repeat_interleave(views)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device).float().reshape(-1, 1)
         with autocast(device, bf16):
             out = model(x)
-        loss = loss_fn(out.float().reshape(-1, 1), _targets(y, smoothing))
+        out = out.float().reshape(-1, 1)
+        loss = loss_fn(out, _targets(y, smoothing))
+        if views > 1 and consistency > 0:
+            paired = out.reshape(-1, views)
+            loss = loss + consistency * (paired - paired.mean(1, keepdim=True)).pow(2).sum(1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -262,7 +274,8 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
     bf16 = use_bf16(device, tc.amp)
     cl = tc.channels_last
     preset = Preset.from_config(cfg.preprocess)
-    train_ds = XRDataset(splits.train, preset, preset.train_transform(cfg.augment))
+    second_view = RandomJpegHistory(tc.consistency_jpeg_quality) if tc.consistency_weight > 0 else None
+    train_ds = XRDataset(splits.train, preset, preset.train_transform(cfg.augment), second_view=second_view)
     train_eval_ds = XRDataset(splits.train, preset, preset.eval_transform())
     val_ds = XRDataset(splits.val, preset, preset.eval_transform())
     nw = cfg.data.num_workers
@@ -346,7 +359,8 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
         epoch += 1
         stats = train_one_epoch(
             model, train_loader, optimizer, loss_fn, device, frozen=frozen, bf16=bf16, channels_last=cl,
-            smoothing=tc.label_smoothing, max_steps=tc.max_steps_per_epoch, ema=ema, desc=f"epoch {epoch}",
+            smoothing=tc.label_smoothing, max_steps=tc.max_steps_per_epoch, ema=ema,
+            consistency=tc.consistency_weight, desc=f"epoch {epoch}",
         )
         eval_model = ema.module if ema is not None else model
         val = evaluate(eval_model, val_loader, device, bf16=bf16, channels_last=cl)
