@@ -83,7 +83,7 @@ def write_model_card(
             if cfg.train.consistency_weight > 0 else ""
         )
         + (
-            f"Every input is first rendered as the training copies were made ({card['input']['render']}). "
+            f"Every input is first rendered: {card['input']['render']}. "
             if cfg.preprocess.render_size else ""
         )
         + f"Temperature scaling T = {calib['T']:.3f}; threshold {calib['threshold']:.3f} by {calib['objective']} on val.",
