@@ -19,6 +19,7 @@ from xr.core.imaging import load_image
 from xr.core.model import load_checkpoint
 from xr.core.predict import CALIBRATION_FILE, Calibration, Predictor
 from xr.core.preprocessing import Preset
+from xr.train.analysis import fullres_pairs, pair_agreement
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,10 +33,9 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.05)
     args = ap.parse_args()
 
-    fullres = sorted((args.shared / "samples" / "fullres").glob("*/*.jpeg"))
+    fullres, copies = fullres_pairs(args.shared)
     if not fullres:
         raise SystemExit(f"no full-resolution samples under {args.shared / 'samples' / 'fullres'}")
-    copies = [args.shared / "data" / "chest_xray" / "train" / p.parent.name / p.name for p in fullres]
 
     model, meta = load_checkpoint(args.model)
     for kv in args.set:
@@ -56,18 +56,19 @@ def main() -> None:
     print(f"model {args.model} (T {predictor.temperature:.3f}, threshold {predictor.threshold:.3f})")
     print(f"preset {Preset.to_dict(predictor.preset)}" + (f", draft {args.draft}" if args.draft else ""))
 
-    big = predictor.predict_paths(fullres)
-    small = predictor.predict_paths(copies)
-    gap = np.array([b.logit - s.logit for b, s in zip(big, small)])
-    diff = np.abs(np.array([b.probability - s.probability for b, s in zip(big, small)]))
-    flips = [p.name for p, b, s in zip(fullres, big, small) if b.flagged != s.flagged]
+    agree = pair_agreement(predictor, fullres, copies)
+    gap, diff = agree["logit_gap"], agree["prob_diff"]
+    flips = [fullres[i].name for i in agree["flips"]]
     print(
         f"logit gap mean {gap.mean():+.2f} sd {gap.std():.2f} | probability difference max {diff.max():.3f}, "
         f"mean {diff.mean():.4f}, over {args.threshold}: {(diff > args.threshold).sum()} of {len(diff)} | "
         f"decision flips {len(flips)} {flips if flips else ''}"
     )
     for i in np.argsort(-diff)[:5]:
-        print(f"  {fullres[i].name:32s} copy logit {small[i].logit:+.2f}  full {big[i].logit:+.2f}  |diff| {diff[i]:.3f}")
+        print(
+            f"  {fullres[i].name:32s} copy logit {agree['second_logit'][i]:+.2f}  "
+            f"full {agree['first_logit'][i]:+.2f}  |diff| {diff[i]:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from xr.core.config import load_config
 from xr.core.predict import Predictor
-from xr.train.analysis import compute_metrics, score_items
-from xr.train.data import Splits, make_splits
+from xr.train.analysis import compute_metrics, fullres_pairs, pair_agreement, score_items
+from xr.train.data import Splits, make_splits, patient_id
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CKPT = MODELS / "xr_mvp_best.pt"
@@ -46,8 +45,6 @@ def test_shipped_model_separates_fixture_classes(shipped, xray_paths):
 def test_fullres_samples_are_unseen_patients_of_the_test_split(shared_dir):
     """The shipped model was trained with ``--test-patients-from ../shared/samples/fullres``: the 40
     samples' patients sit in its test split only, so the agreement check below is on films it never saw."""
-    from xr.train.data import patient_id
-
     splits = Splits.load(MODELS / "splits")
     samples = {patient_id(p.name) for p in (shared_dir / "samples" / "fullres").glob("*/*.jpeg")}
     assert len(samples) == 40
@@ -66,14 +63,12 @@ def test_fullres_and_training_copy_agree(shipped, shared_dir):
     for every pair is therefore NOT met; this test pins what is: the same decision for all 40, a mean
     difference under 0.02 and at most 2 pairs over 0.05.
     """
-    fullres = sorted((shared_dir / "samples" / "fullres").glob("*/*.jpeg"))
+    fullres, copies = fullres_pairs(shared_dir)
     assert len(fullres) == 40
     assert shipped.preset.render_size == 224  # the shipped model renders inputs like its training copies
-    small = [shared_dir / "data" / "chest_xray" / "train" / p.parent.name / p.name for p in fullres]
-    big = shipped.predict_paths(fullres)
-    little = shipped.predict_paths(small)
-    diff = np.abs(np.array([p.probability for p in big]) - np.array([p.probability for p in little]))
-    disagree = [f.name for f, a, b in zip(fullres, big, little) if a.flagged != b.flagged]
+    agree = pair_agreement(shipped, fullres, copies)
+    diff = agree["prob_diff"]
+    disagree = [fullres[i].name for i in agree["flips"]]
     assert not disagree, f"triage decision differs for {disagree}"
     assert diff.mean() < 0.02
     assert (diff > 0.05).sum() <= 2, sorted(zip(diff.round(3), (f.name for f in fullres)))[-5:]

@@ -103,6 +103,27 @@ def score_items(predictor: Predictor, items: list[Item], batch_size: int = 32, n
     return np.concatenate([predictor.logits(x).numpy() for x, _ in loader]).astype(np.float64)
 
 
+def fullres_pairs(shared: Path) -> tuple[list[Path], list[Path]]:
+    """The full-resolution samples in ``shared``/samples/fullres and their 224x224 dataset copies of the
+    same name in ``shared``/data/chest_xray/train (../shared/README.md), in the same order."""
+    fullres = sorted((shared / "samples" / "fullres").glob("*/*.jpeg"))
+    copies = [shared / "data" / "chest_xray" / "train" / p.parent.name / p.name for p in fullres]
+    return fullres, copies
+
+
+def pair_agreement(predictor: Predictor, first: list[Path], second: list[Path]) -> dict[str, Any]:
+    """How alike ``predictor`` scores two renderings of the same films: per pair the logit gap (first minus
+    second), the absolute calibrated-probability difference, and the indices whose triage decision differs."""
+    a, b = predictor.predict_paths(first), predictor.predict_paths(second)
+    return {
+        "logit_gap": np.array([x.logit - y.logit for x, y in zip(a, b)]),
+        "prob_diff": np.abs(np.array([x.probability - y.probability for x, y in zip(a, b)])),
+        "flips": [i for i, (x, y) in enumerate(zip(a, b)) if x.flagged != y.flagged],
+        "first_logit": np.array([x.logit for x in a]),
+        "second_logit": np.array([y.logit for y in b]),
+    }
+
+
 def evaluate_items(
     predictor: Predictor, items: list[Item], out: str | Path, *, batch_size: int = 32, num_workers: int = 1, title: str = ""
 ) -> dict[str, Any]:
