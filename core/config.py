@@ -112,6 +112,7 @@ class DaemonConfig:
     poll: bool = False
     decode_workers: int = 0
     torch_threads: int = 0
+    cuda_graphs: bool = True
     on_success: Literal["move", "leave"] = "move"
     on_error: Literal["move", "leave"] = "move"
     dedupe: bool = True

@@ -193,16 +193,31 @@ def set_meta(s: Session, key: str, value: Any) -> None:
         row.value = str(value)
 
 
-def owning_row(s: Session, path: str, size: int, mtime_ns: int) -> Result | None:
-    """The row that still owns the inbox file with this identity: claimed, or final and not moved away."""
-    stmt = (
-        select(Result)
-        .where(Result.path == path, Result.size_bytes == size, Result.mtime_ns == mtime_ns)
-        .where(Result.moved_at.is_(None))
-        .order_by(Result.id.desc())
-        .limit(1)
-    )
-    return s.scalars(stmt).first()
+Identity = tuple[str, int, int]  # (path, size_bytes, mtime_ns) of a file in the inbox
+
+
+def owning_rows(s: Session, identities: list[Identity]) -> dict[Identity, Result]:
+    """For each inbox file identity, the row that still owns it: claimed, or final and not moved away.
+
+    One query for the whole claim batch: per-file lookups were the claim thread's largest cost.
+    """
+    if not identities:
+        return {}
+    wanted = set(identities)
+    stmt = select(Result).where(Result.path.in_({i[0] for i in wanted}), Result.moved_at.is_(None))
+    out: dict[Identity, Result] = {}
+    for row in s.scalars(stmt.order_by(Result.id)):  # ascending: the newest row wins
+        ident = (row.path, row.size_bytes, row.mtime_ns)
+        if ident in wanted:
+            out[ident] = row
+    return out
+
+
+def rows_by_id(s: Session, ids: list[int]) -> dict[int, Result]:
+    """These rows, loaded in one query: a ``s.get`` per row was a SELECT per row."""
+    if not ids:
+        return {}
+    return {r.id: r for r in s.scalars(select(Result).where(Result.id.in_(set(ids))))}
 
 
 def first_ok_by_sha(s: Session, shas: list[str]) -> dict[str, int]:

@@ -31,7 +31,8 @@ from xr.daemon.db import (
     Batch,
     Result,
     first_ok_by_sha,
-    owning_row,
+    owning_rows,
+    rows_by_id,
     utcnow,
 )
 from xr.daemon.discovery import Discovery, FileItem
@@ -305,9 +306,11 @@ class Claimer(Stage):
         now = utcnow()
         works: list[Work] = []
         with ctx.sessions.begin() as s:
+            owners = owning_rows(s, [(item.path, item.size, item.mtime_ns) for item, _, _ in reads])
+            claimed: list[tuple[Result, FileItem, bytes | None, str | None]] = []
             for item, data, err in reads:
                 sha = hashlib.sha256(data).hexdigest() if data is not None else None
-                row = owning_row(s, item.path, item.size, item.mtime_ns)
+                row = owners.get((item.path, item.size, item.mtime_ns))
                 if row is not None and row.status != CLAIMED:
                     # already final (a previous run committed it): only the move may be left
                     self.slots.release()
@@ -327,8 +330,10 @@ class Claimer(Stage):
                     s.add(row)
                 else:
                     row.sha256, row.claimed_at = sha, now  # claimed by a run that died: redo it
-                s.flush()
-                works.append(Work(row.id, item, row.received_at, sha256=sha, size=item.size, error=err))
+                claimed.append((row, item, data, err))
+            s.flush()  # one multi-row INSERT gives every new row its id
+            for row, item, data, err in claimed:
+                works.append(Work(row.id, item, row.received_at, sha256=row.sha256, size=item.size, error=err))
                 if data is not None:
                     works[-1].tensor = data  # type: ignore[assignment]  # bytes until decoded
             dups = first_ok_by_sha(s, [w.sha256 for w in works if w.sha256 and w.error is None]) if ctx.dedupe else {}
@@ -425,8 +430,9 @@ class Inferer(Stage):
             b = Batch(created_at=now, size=len(batch), wait_ms=wait_ms, model_ms=model_ms, model_id=pred.model_id)
             s.add(b)
             s.flush()
+            rows = rows_by_id(s, [w.row_id for w in batch] + [w.duplicate_of for w in batch if w.duplicate_of is not None])
             for w in batch:
-                row = s.get(Result, w.row_id)
+                row = rows[w.row_id]
                 row.batch_id, row.processed_at = b.id, now
                 row.latency_ms = max(0.0, (now - w.received_at).total_seconds() * 1000)
                 row.model_id, row.threshold, row.temperature = pred.model_id, pred.threshold, pred.temperature
@@ -434,7 +440,7 @@ class Inferer(Stage):
                     row.status, row.error = ERROR, w.error
                 elif w.duplicate_of is not None:
                     row.status, row.duplicate_of = DUPLICATE, w.duplicate_of
-                    first = s.get(Result, w.duplicate_of)
+                    first = rows[w.duplicate_of]
                     row.logit, row.probability, row.label, row.flagged = first.logit, first.probability, first.label, first.flagged
                 else:
                     p = scored[w.row_id]
@@ -527,7 +533,8 @@ class Finisher(Stage):
                 ctx.discovery.release(d.src)
         if moved:
             with ctx.sessions.begin() as s:
+                rows = rows_by_id(s, list(moved))
                 for rid, (actual, when) in moved.items():
-                    row = s.get(Result, rid)
+                    row = rows[rid]
                     row.moved_to, row.moved_at = actual, when
         ctx.exporter.export()

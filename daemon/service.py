@@ -152,6 +152,8 @@ class Service:
         t0 = time.perf_counter()
         pred.warmup(self.cfg.daemon.batch_size)
         pred.warmup(1)
+        if pred.device.type == "cuda" and self.cfg.daemon.cuda_graphs:
+            pred.capture_cuda_graph(self.cfg.daemon.batch_size)
         self.log.info(
             "model_ready",
             model=str(self.model_path),
@@ -162,6 +164,7 @@ class Service:
             temperature=pred.temperature,
             torch_threads=torch.get_num_threads(),
             decode_workers=self.plan.decode_workers,
+            cuda_graph=pred.has_cuda_graph,
             warmup_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
         return pred

@@ -92,7 +92,9 @@ def ensure_model(path: Path | None, work: Path) -> tuple[Path, str]:
     return ckpt, f"{ckpt} (stand-in: models/xr_mvp_best.pt absent; same architecture and compute)"
 
 
-def raw_forward_rate(ckpt: Path, batch_size: int, seconds: float, threads: int, tuned: bool = False) -> float:
+def raw_forward_rate(
+    ckpt: Path, batch_size: int, seconds: float, threads: int, tuned: bool = False, device: str = "cpu"
+) -> float:
     """Model forward images/s at ``batch_size`` with ``threads`` torch threads, in a fresh process;
     ``tuned``: with the daemon's malloc settings too."""
     code = f"""
@@ -101,7 +103,7 @@ if {tuned}:
 import time, torch
 from xr.core.predict import Predictor
 torch.set_num_threads({threads})
-p = Predictor.from_checkpoint({str(ckpt)!r}, device="cpu")
+p = Predictor.from_checkpoint({str(ckpt)!r}, device={device!r})
 x = torch.randn({batch_size}, 3, p.preset.img_size, p.preset.img_size)
 for _ in range(3): p.predict_batch(x)
 n, t0 = 0, time.perf_counter()
@@ -156,6 +158,7 @@ def main() -> int:
     ap.add_argument("--torch-threads", type=int, help="daemon.torch_threads (default: config)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any daemon config override")
     ap.add_argument("--forward-seconds", type=float, default=15.0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto: the daemon and the raw forward alike")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
 
@@ -181,18 +184,18 @@ def main() -> int:
         ncpu = len(os.sched_getaffinity(0))
         # (torch threads, daemon malloc settings) -> images/s; the best is the reference
         fwd_threads = {
-            f"{n}t{'+malloc' if tuned else ''}": raw_forward_rate(ckpt, bs, args.forward_seconds, n, tuned)
+            f"{n}t{'+malloc' if tuned else ''}": raw_forward_rate(ckpt, bs, args.forward_seconds, n, tuned, args.device)
             for n in sorted({1, ncpu})
             for tuned in (False, True)
         }
         best = max(fwd_threads, key=fwd_threads.get)
         best_threads, best_tuned = int(best.split("t")[0]), "malloc" in best
         fwd_before = fwd_threads[best]
-        print(f"raw model forward (batch {bs}, before): " + ", ".join(f"{k}: {v:.1f} img/s" for k, v in fwd_threads.items()))
+        print(f"raw model forward (batch {bs}, before): " + ", ".join(f"{k}: {v:.1f} img/s" for k, v in fwd_threads.items()), flush=True)
 
         cmd = [
             sys.executable, "-m", "xr.daemon.cli", "--watch", str(inbox), "--output", str(out),
-            "--model", str(ckpt), "--device", "cpu", "--batch-size", str(bs),
+            "--model", str(ckpt), "--device", args.device, "--batch-size", str(bs),
         ]  # fmt: skip
         if args.decode_workers:
             cmd += ["--set", f"daemon.decode_workers={args.decode_workers}"]
@@ -227,6 +230,7 @@ def main() -> int:
             single_lat.append(parse_ts(rows[p.name]) - t_drop)
             time.sleep(0.3)
         rss_idle = rss.peak
+        print(f"single files into the idle daemon: p50 {pct(single_lat, 0.5):.3f} s", flush=True)
 
         # the burst: staged on the same file system, copied under hidden names, then renamed in
         tmp_names = []
@@ -251,6 +255,7 @@ def main() -> int:
         done = {n: parse_ts(rows[n]) for n in expected}
         t_end = max(done.values())
         e2e = len(expected) / (t_end - t_start)
+        print(f"burst of {len(expected)}: {e2e:.1f} img/s end to end", flush=True)
         lat = [done[n] - drop_t[n] for n in expected]
 
         proc.send_signal(signal.SIGTERM)
@@ -259,7 +264,7 @@ def main() -> int:
         shutdown_s = time.time() - t_sig
         rss.halt.set()
         rss.join()
-        fwd_after = raw_forward_rate(ckpt, bs, args.forward_seconds, best_threads, best_tuned)
+        fwd_after = raw_forward_rate(ckpt, bs, args.forward_seconds, best_threads, best_tuned, args.device)
         fwd = (fwd_before + fwd_after) / 2
 
         con = sqlite3.connect(db)
@@ -269,6 +274,7 @@ def main() -> int:
         cpu = os.cpu_count()
         report = {
             "cpu_count": cpu,
+            "device": args.device,
             "batch_size": bs,
             "burst_files": len(expected),
             "raw_forward_img_s": round(fwd, 1),

@@ -56,17 +56,22 @@ def test_db_url():
     assert dbm.db_url("rel.sqlite").startswith("sqlite:////")
 
 
-def test_owning_row_and_first_ok(tmp_path):
+def test_owning_rows_rows_by_id_and_first_ok(tmp_path):
     eng = make_engine(tmp_path / "r.sqlite")
     sessions = session_factory(eng)
     with sessions.begin() as s:
         s.add(_row(status=dbm.OK, sha="x", moved_at=dt.datetime(2026, 1, 1)))  # moved away: owns nothing
         s.add(_row(status=dbm.OK, sha="x", path="/in/b.png"))
         s.add(_row(status=dbm.ERROR, sha="y", path="/in/c.png"))
+        s.add(_row(status=dbm.CLAIMED, sha="y", path="/in/c.png"))  # a later claim of the same file
     with sessions() as s:
-        assert dbm.owning_row(s, "/in/a.png", 10, 1) is None
-        assert dbm.owning_row(s, "/in/b.png", 10, 1).status == dbm.OK
-        assert dbm.owning_row(s, "/in/b.png", 11, 1) is None  # other size: another file
+        a, b, b11, c = ("/in/a.png", 10, 1), ("/in/b.png", 10, 1), ("/in/b.png", 11, 1), ("/in/c.png", 10, 1)
+        owners = dbm.owning_rows(s, [a, b, b11, c])
+        assert set(owners) == {b, c}  # a: moved away; b11: other size, another file
+        assert owners[b].status == dbm.OK
+        assert (owners[c].id, owners[c].status) == (4, dbm.CLAIMED)  # the newest row of an identity owns it
+        assert dbm.owning_rows(s, []) == {}
+        assert set(dbm.rows_by_id(s, [2, 4, 99])) == {2, 4}
         assert dbm.first_ok_by_sha(s, ["x", "y", "z"]) == {"x": 1}  # errors are never a first result
     eng.dispose()
 

@@ -201,3 +201,30 @@ def test_predict_batch_and_warmup(base, images):
     batch = torch.stack([predictor.preprocess(p) for p in images[:2]])
     got = predictor.predict_batch(batch)
     assert [round(p.probability, 5) for p in got] == [round(p.probability, 5) for p in preds[:2]]
+
+
+def test_cuda_graph_needs_a_cuda_device(base):
+    predictor, _ = base
+    with pytest.raises(CheckpointError, match="need a cuda device, not cpu"):
+        predictor.capture_cuda_graph(4)
+    assert predictor.has_cuda_graph is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_scores_like_eager(scored_checkpoint, images):
+    """The daemon's CUDA path: batches up to the captured size replay the graph (padded), larger ones and
+    float tensors run eager, and every result is the eager result of the same batch."""
+    eager = Predictor.from_checkpoint(scored_checkpoint, device="cuda")
+    graphed = Predictor.from_checkpoint(scored_checkpoint, device="cuda")
+    graphed.capture_cuda_graph(8)
+    assert graphed.has_cuda_graph
+    pixels = torch.stack([eager.pixels(p) for p in images])  # 12 images
+    small = graphed.logits(pixels[:5])
+    torch.testing.assert_close(small, eager.logits(pixels[:5]), atol=1e-3, rtol=0)
+    other = graphed.logits(pixels[5:8])  # a second replay must not overwrite the first result
+    torch.testing.assert_close(small, eager.logits(pixels[:5]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(other, eager.logits(pixels[5:8]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(graphed.logits(pixels), eager.logits(pixels), atol=1e-3, rtol=0)  # 12 > 8: eager
+    floats = torch.stack([eager.preprocess(p) for p in images[:3]])
+    torch.testing.assert_close(graphed.logits(floats), eager.logits(floats), atol=1e-3, rtol=0)
+    assert [p.label for p in graphed.predict_batch(pixels[:8])] == [p.label for p in eager.predict_batch(pixels[:8])]
