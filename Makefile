@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_daemon.py
+	$(PY) scripts/bench_pipeline.py
 
 clean-venv:
 	rm -rf $(VENV)
