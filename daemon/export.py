@@ -1,8 +1,8 @@
 """Rolling CSV files written from the database (the CSVs follow the DB, never the other way round).
 
-After each batch the exporter takes the final rows with id above the last exported id, up to (not
-including) the lowest row still ``claimed``, so rows finish in any order but reach the CSVs in id order
-and none is skipped. Each CSV update writes a complete new file beside the old one (old content + the
+After each batch (at most once a second in a stream: the finisher paces it) the exporter takes the
+final rows with id above the last exported id, up to (not including) the lowest row still ``claimed``,
+so rows finish in any order but reach the CSVs in id order and none is skipped. Each CSV update writes a complete new file beside the old one (old content + the
 new rows, fsynced) and renames it over the old one: a reader sees the old or the new file, never a half
 row. The last exported id is kept in the DB and checked against the last line of the newest CSV on
 start-up, so a crash between the CSV rename and the DB update never writes a row twice.

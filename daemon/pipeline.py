@@ -39,6 +39,7 @@ from xr.daemon.discovery import Discovery, FileItem
 from xr.daemon.export import CsvExporter
 
 POLL_S = 0.1  # every blocking wait in the stages uses this timeout and re-checks its stop event
+EXPORT_EVERY_S = 1.0  # under a steady stream of batches, CSVs are rewritten at most this often
 
 
 # -- moving files -----------------------------------------------------------------------------------
@@ -494,6 +495,7 @@ class Finisher(Stage):
         self.ctx, self.finish = ctx, finish
 
     def run(self) -> None:
+        exported_at = time.monotonic()
         while True:
             try:
                 job = self.finish.get(timeout=POLL_S)
@@ -502,15 +504,12 @@ class Finisher(Stage):
                     break
                 continue
             self.handle(job if isinstance(job, list) else [job])
+            # Each CSV update rewrites the current file, so in a stream of batches it runs at most once
+            # per EXPORT_EVERY_S; as soon as the queue is empty the CSVs catch up.
+            if self.finish.empty() or time.monotonic() - exported_at >= EXPORT_EVERY_S:
+                self.ctx.exporter.export()
+                exported_at = time.monotonic()
         self.ctx.exporter.export()
-
-    def drain(self) -> None:
-        while True:
-            try:
-                job = self.finish.get_nowait()
-            except queue.Empty:
-                return
-            self.handle(job if isinstance(job, list) else [job])
 
     def handle(self, jobs: list[Done]) -> None:
         ctx = self.ctx
@@ -537,4 +536,3 @@ class Finisher(Stage):
                 for rid, (actual, when) in moved.items():
                     row = rows[rid]
                     row.moved_to, row.moved_at = actual, when
-        ctx.exporter.export()

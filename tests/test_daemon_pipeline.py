@@ -1,4 +1,4 @@
-"""daemon/pipeline.py: moving without overwriting, resuming a half-done move, destinations."""
+"""daemon/pipeline.py: moving without overwriting, resuming a half-done move, destinations, CSV pacing."""
 from __future__ import annotations
 
 import os
@@ -39,3 +39,40 @@ def test_move_symlink_itself(tmp_path):
 
 def test_free_name_respects_reserved(tmp_path):
     assert free_name(tmp_path / "a.png", {str(tmp_path / "a.png")}).name == "a-1.png"
+
+
+def test_finisher_batches_csv_rewrites_under_a_stream(tmp_path):
+    """Each CSV update rewrites the day's file, so a backlog of finished batches is exported once it is
+    handled, not once per batch; and the last state is always exported."""
+    import queue
+    import threading
+
+    from xr.daemon.pipeline import Context, Done, Finisher
+
+    class Exporter:
+        def __init__(self):
+            self.calls = []
+
+        def export(self):
+            self.calls.append(handled[:])
+
+    class Discovery:
+        def release(self, path, settled=None):
+            handled.append(path)
+
+    handled: list[str] = []
+    exporter = Exporter()
+    ctx = Context(inbox=tmp_path, output=tmp_path, sessions=None, predictor=None, discovery=Discovery(),
+                  exporter=exporter, log=None)  # fmt: skip
+    q: queue.Queue = queue.Queue()
+    for i in range(200):  # 200 finished batches waiting (files left in place: no move, no DB)
+        q.put([Done(i, f"/in/{i}.png", (1, 1), None)])
+    fin = Finisher(ctx, q)
+    fin.start()
+    while not q.empty():
+        threading.Event().wait(0.01)
+    fin.halt.set()
+    fin.join(10)
+    assert len(handled) == 200
+    assert len(exporter.calls) <= 4, len(exporter.calls)  # not 200
+    assert exporter.calls[-1] == handled  # everything handled reached the CSVs
