@@ -153,7 +153,10 @@ class Service:
         pred.warmup(self.cfg.daemon.batch_size)
         pred.warmup(1)
         if pred.device.type == "cuda" and self.cfg.daemon.cuda_graphs:
-            pred.capture_cuda_graph(self.cfg.daemon.batch_size)
+            try:
+                pred.capture_cuda_graph(self.cfg.daemon.batch_size)
+            except RuntimeError as exc:  # a GPU or driver that cannot capture: the eager forward still works
+                self.log.warning("cuda_graph_unavailable", reason=str(exc))
         self.log.info(
             "model_ready",
             model=str(self.model_path),

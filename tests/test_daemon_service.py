@@ -157,3 +157,26 @@ def test_helpers(tmp_path):
     assert svc.run() == 2  # a missing inbox is a clear error, not a traceback
     with pytest.raises(XRError):
         raise XRError("x")
+
+
+def test_cuda_graph_failure_falls_back_to_eager(tmp_path, predictor):
+    """A GPU that cannot capture a CUDA graph still gets a working daemon: a warning, then eager batches."""
+    import io
+    import json
+
+    class NoGraphs(Predictor):
+        def warmup(self, batch_size=1):
+            pass
+
+        def capture_cuda_graph(self, batch_size):
+            raise RuntimeError("CUDA graphs not supported on this device")
+
+    fake = NoGraphs(predictor.model, predictor.meta, predictor.calibration, device="cpu")
+    fake.device = torch.device("cuda")  # only its type is read before the first batch
+    stream = io.StringIO()
+    svc = Service(_cfg(), watch=tmp_path, output=tmp_path / "out", predictor=fake, log=configure_logging("json", stream=stream))
+    assert svc._load_predictor() is fake and not fake.has_cuda_graph
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    warn = next(e for e in events if e["event"] == "cuda_graph_unavailable")
+    assert warn["level"] == "warning" and "not supported" in warn["reason"]
+    assert next(e for e in events if e["event"] == "model_ready")["cuda_graph"] is False
