@@ -93,10 +93,11 @@ def ensure_model(path: Path | None, work: Path) -> tuple[Path, str]:
 
 
 def raw_forward_rate(
-    ckpt: Path, batch_size: int, seconds: float, threads: int, tuned: bool = False, device: str = "cpu"
+    ckpt: Path, batch_size: int, seconds: float, threads: int, tuned: bool = False, device: str = "cpu", graph: bool = False
 ) -> float:
-    """Model forward images/s at ``batch_size`` with ``threads`` torch threads, in a fresh process;
-    ``tuned``: with the daemon's malloc settings too."""
+    """Model forward images/s on uint8 pixel batches (what the daemon feeds it) at ``batch_size`` with
+    ``threads`` torch threads, in a fresh process; ``tuned``: with the daemon's malloc settings too;
+    ``graph``: replaying a CUDA graph."""
     code = f"""
 if {tuned}:
     from xr.daemon.service import tune_malloc; tune_malloc()
@@ -104,7 +105,9 @@ import time, torch
 from xr.core.predict import Predictor
 torch.set_num_threads({threads})
 p = Predictor.from_checkpoint({str(ckpt)!r}, device={device!r})
-x = torch.randn({batch_size}, 3, p.preset.img_size, p.preset.img_size)
+if {graph}:
+    p.capture_cuda_graph({batch_size})
+x = torch.randint(0, 256, ({batch_size}, 1, p.preset.img_size, p.preset.img_size), dtype=torch.uint8)
 for _ in range(3): p.predict_batch(x)
 n, t0 = 0, time.perf_counter()
 while time.perf_counter() - t0 < {seconds}:
@@ -183,13 +186,15 @@ def main() -> int:
         # the raw rate is the best torch thread count on this machine, so the ratio is not flattered
         ncpu = len(os.sched_getaffinity(0))
         # (torch threads, daemon malloc settings) -> images/s; the best is the reference
-        fwd_threads = {
-            f"{n}t{'+malloc' if tuned else ''}": raw_forward_rate(ckpt, bs, args.forward_seconds, n, tuned, args.device)
+        variants = {
+            f"{n}t{'+malloc' if tuned else ''}{'+graph' if graph else ''}": (n, tuned, graph)
             for n in sorted({1, ncpu})
             for tuned in (False, True)
+            for graph in ((False, True) if args.device == "cuda" else (False,))
         }
+        fwd_threads = {k: raw_forward_rate(ckpt, bs, args.forward_seconds, *v[:2], args.device, v[2]) for k, v in variants.items()}
         best = max(fwd_threads, key=fwd_threads.get)
-        best_threads, best_tuned = int(best.split("t")[0]), "malloc" in best
+        best_variant = variants[best]
         fwd_before = fwd_threads[best]
         print(f"raw model forward (batch {bs}, before): " + ", ".join(f"{k}: {v:.1f} img/s" for k, v in fwd_threads.items()), flush=True)
 
@@ -264,7 +269,7 @@ def main() -> int:
         shutdown_s = time.time() - t_sig
         rss.halt.set()
         rss.join()
-        fwd_after = raw_forward_rate(ckpt, bs, args.forward_seconds, best_threads, best_tuned, args.device)
+        fwd_after = raw_forward_rate(ckpt, bs, args.forward_seconds, *best_variant[:2], args.device, best_variant[2])
         fwd = (fwd_before + fwd_after) / 2
 
         con = sqlite3.connect(db)
