@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from xr.core.errors import CheckpointError, ImageError
-from xr.core.predict import CALIBRATION_FILE, Calibration, Prediction, Predictor, cpu_has_fast_bf16, resolve_device
+from xr.core.predict import (
+    CALIBRATION_FILE,
+    Calibration,
+    Prediction,
+    Predictor,
+    cpu_has_fast_bf16,
+    resolve_device,
+    use_bf16,
+)
 
 
 def _model_dir(tmp_path: Path, checkpoint: Path, calibration: dict | str | None) -> Path:
@@ -174,6 +182,9 @@ def test_amp_setting_chooses_bf16(base):
     m, meta, cal = predictor.model, predictor.meta, predictor.calibration
     assert Predictor(m, meta, cal, device="cpu", amp="bf16", channels_last=False).bf16 is True
     assert Predictor(m, meta, cal, device="cpu", amp="auto", channels_last=False).bf16 is cpu_has_fast_bf16()
+    cpu = torch.device("cpu")
+    assert use_bf16(cpu, "auto", training=True) is False  # the CPU training step is faster in fp32
+    assert use_bf16(cpu, "bf16", training=True) is True and use_bf16(cpu, "off") is False
 
 
 def test_fast_paths_match_fp32(base, scored_checkpoint, images):

@@ -271,7 +271,8 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     gen = seed_everything(tc.seed)
-    bf16 = use_bf16(device, tc.amp)
+    bf16 = use_bf16(device, tc.amp)  # forward-only passes: cached features, evaluation
+    bf16_step = use_bf16(device, tc.amp, training=True)
     cl = tc.channels_last
     preset = Preset.from_config(cfg.preprocess)
     second_view = RandomJpegHistory(tc.consistency_jpeg_quality) if tc.consistency_weight > 0 else None
@@ -358,7 +359,7 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
     while epoch < tc.epochs:
         epoch += 1
         stats = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device, frozen=frozen, bf16=bf16, channels_last=cl,
+            model, train_loader, optimizer, loss_fn, device, frozen=frozen, bf16=bf16_step, channels_last=cl,
             smoothing=tc.label_smoothing, max_steps=tc.max_steps_per_epoch, ema=ema,
             consistency=tc.consistency_weight, desc=f"epoch {epoch}",
         )
