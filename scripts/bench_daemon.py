@@ -93,7 +93,7 @@ def ensure_model(path: Path | None, work: Path) -> tuple[Path, str]:
 
 
 def raw_forward_rate(
-    ckpt: Path, batch_size: int, seconds: float, threads: int, tuned: bool = False, device: str = "cpu", graph: bool = False
+    ckpt: Path, batch_size: int, seconds: float, device: str, threads: int, tuned: bool = False, graph: bool = False
 ) -> float:
     """Model forward images/s on uint8 pixel batches (what the daemon feeds it) at ``batch_size`` with
     ``threads`` torch threads, in a fresh process; ``tuned``: with the daemon's malloc settings too;
@@ -185,16 +185,15 @@ def main() -> int:
 
         # the raw rate is the best torch thread count on this machine, so the ratio is not flattered
         ncpu = len(os.sched_getaffinity(0))
-        # (torch threads, daemon malloc settings) -> images/s; the best is the reference
+        # name -> (torch threads, daemon malloc settings, CUDA graph); the fastest is the reference
         variants = {
             f"{n}t{'+malloc' if tuned else ''}{'+graph' if graph else ''}": (n, tuned, graph)
             for n in sorted({1, ncpu})
             for tuned in (False, True)
             for graph in ((False, True) if args.device == "cuda" else (False,))
         }
-        fwd_threads = {k: raw_forward_rate(ckpt, bs, args.forward_seconds, *v[:2], args.device, v[2]) for k, v in variants.items()}
+        fwd_threads = {k: raw_forward_rate(ckpt, bs, args.forward_seconds, args.device, *v) for k, v in variants.items()}
         best = max(fwd_threads, key=fwd_threads.get)
-        best_variant = variants[best]
         fwd_before = fwd_threads[best]
         print(f"raw model forward (batch {bs}, before): " + ", ".join(f"{k}: {v:.1f} img/s" for k, v in fwd_threads.items()), flush=True)
 
@@ -269,7 +268,7 @@ def main() -> int:
         shutdown_s = time.time() - t_sig
         rss.halt.set()
         rss.join()
-        fwd_after = raw_forward_rate(ckpt, bs, args.forward_seconds, *best_variant[:2], args.device, best_variant[2])
+        fwd_after = raw_forward_rate(ckpt, bs, args.forward_seconds, args.device, *variants[best])
         fwd = (fwd_before + fwd_after) / 2
 
         con = sqlite3.connect(db)

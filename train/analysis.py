@@ -115,12 +115,13 @@ def pair_agreement(predictor: Predictor, first: list[Path], second: list[Path]) 
     """How alike ``predictor`` scores two renderings of the same films: per pair the logit gap (first minus
     second), the absolute calibrated-probability difference, and the indices whose triage decision differs."""
     a, b = predictor.predict_paths(first), predictor.predict_paths(second)
+    za, zb = np.array([x.logit for x in a]), np.array([y.logit for y in b])
     return {
-        "logit_gap": np.array([x.logit - y.logit for x, y in zip(a, b)]),
+        "logit_gap": za - zb,
         "prob_diff": np.abs(np.array([x.probability - y.probability for x, y in zip(a, b)])),
         "flips": [i for i, (x, y) in enumerate(zip(a, b)) if x.flagged != y.flagged],
-        "first_logit": np.array([x.logit for x in a]),
-        "second_logit": np.array([y.logit for y in b]),
+        "first_logit": za,
+        "second_logit": zb,
     }
 
 
