@@ -80,6 +80,34 @@ def autocast(device: torch.device, enabled: bool, cache: bool = True):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
+def tune_malloc() -> bool:
+    """glibc malloc for a torch process on CPU (the daemon, training); call before threads start.
+
+    One arena (one per thread otherwise: RSS grows with the decode pool), and a fixed 256 MiB mmap
+    threshold with a 512 MiB trim threshold, so the model's activation buffers are reused from the heap
+    instead of being mapped, zero-filled and unmapped on every forward. Measured on the 2-core target
+    (Lite0, batch 16, 1 thread): 22.6 images/s against 19.1 with glibc's defaults, and a fixed 4 MiB
+    threshold (returns memory, costs page faults) fell to 11.5. The threshold was 64 MiB until an fp32
+    batch of 16 (77 MB tensors in the second stage) measured 46-52 images/s against 62-63 with 256 MiB,
+    2 threads, same processes. Training (fp32 step, batch 32, stem + 2 stages frozen, 2 threads): 18.7
+    against 15.7 images/s with glibc's defaults (means over 4 processes each). Returns False where it does
+    not apply (not glibc, e.g. macOS).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-8, 1)  # M_ARENA_MAX
+        # M_MMAP_THRESHOLD. mallopt(3) documents 32 MiB as its upper limit on 64-bit; glibc 2.36 takes
+        # more. Where it refuses, 32 MiB, not nothing: the trim setting below fixes the threshold, so a
+        # refusal would leave glibc's 128 KiB and map every activation buffer.
+        ok &= libc.mallopt(-3, 256 << 20) or libc.mallopt(-3, 32 << 20)
+        ok &= libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
 class _CudaGraph:
     """One captured forward over a static uint8 input buffer (torch.cuda.graphs)."""
 

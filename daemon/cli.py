@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = configure_logging(cfg.daemon.log_format)
 
-    from xr.daemon.service import Service, tune_malloc  # torch import after argument errors are reported
+    from xr.core.predict import tune_malloc  # torch import after argument errors are reported
+    from xr.daemon.service import Service
 
     tune_malloc()
     # The model's forward pass takes the GIL back between its ~100 layers; with Python's default 5 ms

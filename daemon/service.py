@@ -58,29 +58,6 @@ def plan_threads(d: DaemonConfig, device_type: str, cpus: int | None = None) -> 
     return ThreadPlan(workers, d.torch_threads or cpus)
 
 
-def tune_malloc() -> bool:
-    """glibc malloc for a long-running torch process on CPU; call before threads start.
-
-    One arena (one per thread otherwise: RSS grows with the decode pool), and a fixed 256 MiB mmap
-    threshold with a 512 MiB trim threshold, so the model's activation buffers are reused from the heap
-    instead of being mapped, zero-filled and unmapped on every forward. Measured on the 2-core target
-    (Lite0, batch 16, 1 thread): 22.6 images/s against 19.1 with glibc's defaults, and a fixed 4 MiB
-    threshold (returns memory, costs page faults) fell to 11.5. The threshold was 64 MiB until an fp32
-    batch of 16 (77 MB tensors in the second stage) measured 46-52 images/s against 62-63 with 256 MiB,
-    2 threads, same processes. Returns False where it does not apply.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-8, 1)  # M_ARENA_MAX
-        ok &= libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
-        ok &= libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
-        return bool(ok)
-    except (OSError, AttributeError):
-        return False
-
-
 def default_db(cfg: Config, output: str | Path) -> str:
     return cfg.daemon.db or str(Path(output) / "results.sqlite")
 

@@ -101,7 +101,7 @@ def raw_forward_rate(
     ``graph``: replaying a CUDA graph."""
     code = f"""
 if {tuned}:
-    from xr.daemon.service import tune_malloc; tune_malloc()
+    from xr.core.predict import tune_malloc; tune_malloc()
 import time, torch
 from xr.core.predict import Predictor
 torch.set_num_threads({threads})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,13 @@ def test_cuda_graph_scores_like_eager(scored_checkpoint, images):
     floats = torch.stack([eager.preprocess(p) for p in images[:3]])
     torch.testing.assert_close(graphed.logits(floats), eager.logits(floats), atol=1e-3, rtol=0)
     assert [p.label for p in graphed.predict_batch(pixels[:8])] == [p.label for p in eager.predict_batch(pixels[:8])]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_tune_malloc_settings_are_accepted_by_glibc():
+    # mallopt answers 0 for a setting it rejects: the daemon and training would run with glibc's defaults
+    # (~20% slower on CPU) or worse, and nothing else would say so.
+    # A fresh interpreter, so this test process keeps its own allocator settings.
+    code = "from xr.core.predict import tune_malloc; print(tune_malloc())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

@@ -24,7 +24,7 @@ import numpy as np
 
 from xr.core.config import DEFAULT_CONFIG_PATH, Config, load_config, save_config
 from xr.core.errors import XRError
-from xr.core.predict import CALIBRATION_FILE, Predictor, resolve_device
+from xr.core.predict import CALIBRATION_FILE, Predictor, resolve_device, tune_malloc
 from xr.train import calibrate as cal
 from xr.train.analysis import compute_metrics, evaluate_items
 from xr.train.card import write_model_card
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out: Path = args.out
+    tune_malloc()
     try:
         cfg = run_config(args, out) if args.command != "evaluate" else load_config(args.config, {})
         if args.command == "split":
