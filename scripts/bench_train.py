@@ -19,7 +19,7 @@ import torch
 
 from xr.core.config import load_config
 from xr.core.model import create_model
-from xr.core.predict import autocast, cpu_has_fast_bf16
+from xr.core.predict import autocast, cpu_has_fast_bf16, tune_malloc
 from xr.train.engine import set_trainable
 
 
@@ -68,7 +68,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--full-cycle", type=Path, default=None, help="dataset root: also time a whole `xr-train all`")
     args = ap.parse_args()
+    tuned = tune_malloc()  # as `xr-train` runs
     cfg = load_config()
+    print(f"malloc settings: {tuned}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_fast_bf16()}")
     print(f"forward (features/eval) fp32 NCHW:          {forward_rate(False, args.batch, args.steps):6.1f} images/s")
     print(f"forward (features/eval) fp32 channels_last: {forward_rate(True, args.batch, args.steps):6.1f} images/s")
