@@ -16,13 +16,12 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import _variant  # noqa: E402  (one way to make distinct images)
+from bench_daemon import make_images  # noqa: E402  (one way to make distinct images)
 
 from xr.core.config import load_config  # noqa: E402
 from xr.core.model import load_checkpoint  # noqa: E402
@@ -46,10 +45,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="xr-bench-pipeline-"))
     try:
         inbox = work / "inbox"
-        inbox.mkdir()
-        jobs = [(str(sources[i % len(sources)]), str(inbox / f"f{i:05d}.jpeg"), i) for i in range(args.count)]
-        with ProcessPoolExecutor() as pool:
-            list(pool.map(_variant, jobs, chunksize=32))
+        make_images(sources, inbox, args.count, "f")
         _, meta = load_checkpoint(args.model)
         free = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 1))
         predictor = Predictor(free, meta, Calibration(1.0, 0.5), device="cpu", model_id="near-free")
