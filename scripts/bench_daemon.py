@@ -2,7 +2,7 @@
 """Daemon throughput, latency and memory on this machine (a benchmark, not a test).
 
 Drops a burst of full-resolution chest X-rays (copies of ../shared/samples/fullres, or
-tests/fixtures/fullres without ../shared, each with one pixel changed and re-encoded, so every file has
+tests/fixtures/fullres without ../shared, each with one 8x8 block changed and re-encoded, so every file has
 distinct content) into a running ``xr-daemon`` and prints, in one run:
 
 * the raw model forward rate (images/s at the daemon's batch size, same process set-up, daemon not running;
