@@ -42,20 +42,23 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def plan_threads(d: DaemonConfig, device_type: str, cpus: int | None = None) -> ThreadPlan:
+def plan_threads(d: DaemonConfig, device_type: str, cpus: int | None = None, bf16: bool = False) -> ThreadPlan:
     """Decode threads and torch threads; 0 in config means "choose by cores".
 
-    A CPU model gets every core and one decode thread per 4 cores beside it: on the 2-core target that
-    measured 88 images/s against 76 with 2 decoders taking turns with the model and 69 with the cores
-    split one each (README "Speed"). Decoders do no tensor math (uint8 pixels; the batch is normalised in
-    the model's thread), so they do not start OpenMP teams of their own. With a GPU the CPU is theirs.
+    A CPU model gets one decode thread per 4 cores beside it. In fp32 the model costs about three times
+    what decoding a film does, so it also gets every core: on 2-core AVX2 machines that measured 88
+    images/s against 76 with 2 decoders taking turns with the model and 69 with the cores split one each.
+    In bf16 (``bf16``: a CPU with native bf16) the model costs about what decoding does, and a 2-thread
+    OpenMP team that shares a core with the decoder stalls at every barrier: the decoders get cores of
+    their own (1 and 1 on 2 cores: 78.6-86.5 images/s against 61-75; README "Speed"). Decoders do no tensor math (uint8 pixels; the batch is normalised in the
+    model's thread), so they start no OpenMP teams of their own. With a GPU the CPU is theirs.
     """
     cpus = cpus or usable_cpus()
-    if device_type == "cpu":
-        workers = d.decode_workers or max(1, cpus // 4)
-    else:
-        workers = d.decode_workers or min(cpus, 8)
-    return ThreadPlan(workers, d.torch_threads or cpus)
+    if device_type != "cpu":
+        return ThreadPlan(d.decode_workers or min(cpus, 8), d.torch_threads or cpus)
+    workers = d.decode_workers or max(1, cpus // 4)
+    torch_threads = d.torch_threads or (max(1, cpus - workers) if bf16 else cpus)
+    return ThreadPlan(workers, torch_threads)
 
 
 def default_db(cfg: Config, output: str | Path) -> str:
@@ -123,7 +126,7 @@ class Service:
             if not self.model_path.exists():
                 raise XRError(f"model checkpoint not found: {self.model_path} (set --model or daemon.model)")
             pred = Predictor.from_checkpoint(self.model_path, device=self.cfg.daemon.device)
-        self.plan = plan_threads(self.cfg.daemon, pred.device.type)
+        self.plan = plan_threads(self.cfg.daemon, pred.device.type, bf16=pred.bf16)
         if pred.device.type == "cpu":
             torch.set_num_threads(self.plan.torch_threads)
         # The pixel limit is a run-time guard: config.yaml wins over the value stored in the checkpoint.

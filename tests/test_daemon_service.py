@@ -147,9 +147,14 @@ def test_helpers(tmp_path):
     auto = dataclasses.replace(_cfg().daemon, decode_workers=0, torch_threads=0)
     assert plan_threads(auto, "cpu", cpus=2) == ThreadPlan(decode_workers=1, torch_threads=2)
     assert plan_threads(auto, "cpu", cpus=16) == ThreadPlan(decode_workers=4, torch_threads=16)
+    # a bf16 CPU model is about as cheap as decoding: the decoders get cores of their own
+    assert plan_threads(auto, "cpu", cpus=2, bf16=True) == ThreadPlan(decode_workers=1, torch_threads=1)
+    assert plan_threads(auto, "cpu", cpus=16, bf16=True) == ThreadPlan(decode_workers=4, torch_threads=12)
+    assert plan_threads(auto, "cuda", cpus=16, bf16=True) == ThreadPlan(decode_workers=8, torch_threads=16)
     assert plan_threads(auto, "cuda", cpus=16) == ThreadPlan(decode_workers=8, torch_threads=16)
     fixed = dataclasses.replace(auto, decode_workers=3, torch_threads=1)
     assert plan_threads(fixed, "cpu", cpus=8) == ThreadPlan(decode_workers=3, torch_threads=1)
+    assert plan_threads(fixed, "cpu", cpus=8, bf16=True) == ThreadPlan(decode_workers=3, torch_threads=1)
     assert resolve_model_path("models/x.pt").is_absolute()
     assert resolve_model_path(tmp_path / "m.pt") == tmp_path / "m.pt"
     svc = Service(_cfg(), watch=tmp_path / "missing", output=tmp_path / "out", model=tmp_path / "none.pt",
