@@ -49,9 +49,10 @@ def plan_threads(d: DaemonConfig, device_type: str, cpus: int | None = None, bf1
     what decoding a film does, so it also gets every core: on 2-core AVX2 machines that measured 88
     images/s against 76 with 2 decoders taking turns with the model and 69 with the cores split one each.
     In bf16 (``bf16``: a CPU with native bf16) the model costs about what decoding does, and a 2-thread
-    OpenMP team that shares a core with the decoder stalls at every barrier: the decoders get cores of
-    their own (1 and 1 on 2 cores: 78.6-86.5 images/s against 61-75; README "Speed"). Decoders do no tensor math (uint8 pixels; the batch is normalised in the
-    model's thread), so they start no OpenMP teams of their own. With a GPU the CPU is theirs.
+    team with one thread on the decoder's core lost to one thread on a core of its own: the decoders get
+    cores of their own (1 and 1 on 2 cores won 10 of 11 paired bursts, by 1-27%; README "Speed").
+    Decoders do no tensor math (uint8 pixels; the batch is normalised in the model's thread), so they
+    start no OpenMP teams of their own. With a GPU the CPU is theirs.
     """
     cpus = cpus or usable_cpus()
     if device_type != "cpu":

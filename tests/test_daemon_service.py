@@ -185,3 +185,17 @@ def test_cuda_graph_failure_falls_back_to_eager(tmp_path, predictor):
     warn = next(e for e in events if e["event"] == "cuda_graph_unavailable")
     assert warn["level"] == "warning" and "not supported" in warn["reason"]
     assert next(e for e in events if e["event"] == "model_ready")["cuda_graph"] is False
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cpu_thread_plan_follows_the_model_precision(tmp_path, predictor, monkeypatch, bf16):
+    """Beside a bf16 model the decoder keeps a core: torch runs on the cores the decoders leave."""
+    monkeypatch.setattr("xr.daemon.service.usable_cpus", lambda: 2)
+    pred = Predictor(predictor.model, predictor.meta, predictor.calibration, device="cpu", amp="off")
+    pred.bf16 = bf16
+    pred.warmup = lambda batch_size=1: None  # the plan, not the forward, is under test
+    svc = Service(_cfg(decode_workers=0, torch_threads=0), watch=tmp_path, output=tmp_path / "out", predictor=pred,
+                  log=configure_logging("json", stream=open(os.devnull, "w")))
+    svc._load_predictor()
+    assert svc.plan == ThreadPlan(decode_workers=1, torch_threads=1 if bf16 else 2)
+    assert torch.get_num_threads() == svc.plan.torch_threads
