@@ -194,8 +194,7 @@ def test_cpu_thread_plan_follows_the_model_precision(tmp_path, predictor, monkey
     pred = Predictor(predictor.model, predictor.meta, predictor.calibration, device="cpu", amp="off")
     pred.bf16 = bf16
     pred.warmup = lambda batch_size=1: None  # the plan, not the forward, is under test
-    svc = Service(_cfg(decode_workers=0, torch_threads=0), watch=tmp_path, output=tmp_path / "out", predictor=pred,
-                  log=configure_logging("json", stream=open(os.devnull, "w")))
+    svc = _svc(tmp_path, pred, cfg=_cfg(decode_workers=0, torch_threads=0))
     svc._load_predictor()
     assert svc.plan == ThreadPlan(decode_workers=1, torch_threads=1 if bf16 else 2)
     assert torch.get_num_threads() == svc.plan.torch_threads
