@@ -113,6 +113,7 @@ class DaemonConfig:
     decode_workers: int = 0
     torch_threads: int = 0
     cuda_graphs: bool = True
+    cpu_trace: bool = True
     on_success: Literal["move", "leave"] = "move"
     on_error: Literal["move", "leave"] = "move"
     dedupe: bool = True

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -132,6 +133,24 @@ class _CudaGraph:
         return self.output[:n].cpu()
 
 
+class _TracedForward(nn.Module):
+    """The CPU forward of uint8 batches as a TorchScript trace (normalise, channels_last, autocast, model).
+
+    Eager, each of the forward's ~250 operators returns to Python and must take the GIL back; beside the
+    daemon's decode and bookkeeping threads a batch then waits on them between layers (README "Speed",
+    session 8). The trace runs the same operators in C++ without the GIL, so its logits are bitwise the
+    eager ones: :meth:`Predictor.trace_forward` checks that before using it.
+    """
+
+    def __init__(self, predictor: "Predictor"):
+        super().__init__()
+        self.model, self.normalize = predictor.model, predictor._normalize  # registered, so traced as weights
+        self._forward = predictor._forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, cache=False)
+
+
 # -- calibration file --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Calibration:
@@ -196,6 +215,7 @@ class Predictor:
         self._pixels = self.preset.pixel_transform()
         self._normalize = self.preset.normalizer().to(self.device)
         self._graph: _CudaGraph | None = None
+        self._traced: torch.jit.ScriptModule | None = None
 
     @classmethod
     def from_checkpoint(
@@ -250,6 +270,9 @@ class Predictor:
         g = self._graph
         if g is not None and batch.dtype == torch.uint8 and batch.shape[0] <= g.batch_size and batch.shape[1:] == g.shape:
             return g(batch)
+        t = self._traced
+        if t is not None and batch.dtype == torch.uint8 and batch.shape[1:] == (1, self.preset.img_size, self.preset.img_size):
+            return t(batch)
         return self._forward(batch.to(self.device, non_blocking=True)).cpu()
 
     def _forward(self, x: torch.Tensor, cache: bool = True) -> torch.Tensor:
@@ -276,6 +299,37 @@ class Predictor:
         if self.device.type != "cuda":
             raise CheckpointError(f"CUDA graphs need a cuda device, not {self.device}")
         self._graph = _CudaGraph(self, batch_size)
+
+    @property
+    def has_trace(self) -> bool:
+        return self._traced is not None
+
+    def trace_forward(self, batch_size: int) -> None:
+        """Run the CPU forward of uint8 batches as a TorchScript trace (:class:`_TracedForward`).
+
+        Raises RuntimeError, and keeps the eager forward, where the trace's logits differ from the eager
+        ones in any bit, for a batch of ``batch_size`` or of 1: scores never depend on this switch.
+        """
+        if self.device.type != "cpu":
+            raise RuntimeError(f"the traced forward is for the CPU, not {self.device}")
+        s = self.preset.img_size
+        gen = torch.Generator().manual_seed(0)
+        checks = [torch.randint(0, 256, (n, 1, s, s), dtype=torch.uint8, generator=gen) for n in (batch_size, 1)]
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch.jit is deprecated in favour of torch.compile/torch.export, which need a C++ toolchain at
+            # start-up (compile) or still run each operator from Python (export); Normalize's input check
+            # is a Python branch the trace records as taken, which holds for every uint8 pixel batch.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(_TracedForward(self).eval(), checks[0], check_trace=False)
+        with torch.inference_mode():
+            for x in checks:
+                for _ in range(3):  # the profiling executor optimises the graph after its first runs
+                    got, want = traced(x), self._forward(x, cache=False)
+                    if not torch.equal(got, want):
+                        diff = (got - want).abs().max().item()
+                        raise RuntimeError(f"traced forward differs from eager by up to {diff:.3g} (batch {len(x)})")
+        self._traced = traced
 
     def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits / self.temperature)

@@ -140,6 +140,11 @@ class Service:
                 pred.capture_cuda_graph(self.cfg.daemon.batch_size)
             except RuntimeError as exc:  # a GPU or driver that cannot capture: the eager forward still works
                 self.log.warning("cuda_graph_unavailable", reason=str(exc))
+        if pred.device.type == "cpu" and self.cfg.daemon.cpu_trace:
+            try:
+                pred.trace_forward(self.cfg.daemon.batch_size)
+            except RuntimeError as exc:  # a trace that fails or scores differently: the eager forward stays
+                self.log.warning("cpu_trace_unavailable", reason=str(exc))
         self.log.info(
             "model_ready",
             model=str(self.model_path),
@@ -151,6 +156,7 @@ class Service:
             torch_threads=torch.get_num_threads(),
             decode_workers=self.plan.decode_workers,
             cuda_graph=pred.has_cuda_graph,
+            cpu_trace=pred.has_trace,
             warmup_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
         return pred

@@ -98,7 +98,7 @@ def raw_forward_rate(
 ) -> float:
     """Model forward images/s on uint8 pixel batches (what the daemon feeds it) at ``batch_size`` with
     ``threads`` torch threads, in a fresh process; ``tuned``: with the daemon's malloc settings too;
-    ``graph``: replaying a CUDA graph."""
+    ``graph``: replaying a CUDA graph on CUDA, running the TorchScript trace on the CPU."""
     code = f"""
 if {tuned}:
     from xr.core.predict import tune_malloc; tune_malloc()
@@ -106,8 +106,10 @@ import time, torch
 from xr.core.predict import Predictor
 torch.set_num_threads({threads})
 p = Predictor.from_checkpoint({str(ckpt)!r}, device={device!r})
-if {graph}:
+if {graph} and p.device.type == "cuda":
     p.capture_cuda_graph({batch_size})
+elif {graph} and p.device.type == "cpu":
+    p.trace_forward({batch_size})
 x = torch.randint(0, 256, ({batch_size}, 1, p.preset.img_size, p.preset.img_size), dtype=torch.uint8)
 for _ in range(3): p.predict_batch(x)
 n, t0 = 0, time.perf_counter()
@@ -186,12 +188,13 @@ def main() -> int:
 
         # the raw rate is the best torch thread count on this machine, so the ratio is not flattered
         ncpu = len(os.sched_getaffinity(0))
-        # name -> (torch threads, daemon malloc settings, CUDA graph); the fastest is the reference
+        # name -> (torch threads, daemon malloc settings, CUDA graph or CPU trace); the fastest is the reference
+        compiled = "+graph" if args.device == "cuda" else "+trace"
         variants = {
-            f"{n}t{'+malloc' if tuned else ''}{'+graph' if graph else ''}": (n, tuned, graph)
+            f"{n}t{'+malloc' if tuned else ''}{compiled if graph else ''}": (n, tuned, graph)
             for n in sorted({1, ncpu})
             for tuned in (False, True)
-            for graph in ((False, True) if args.device == "cuda" else (False,))
+            for graph in (False, True)
         }
         fwd_threads = {k: raw_forward_rate(ckpt, bs, args.forward_seconds, args.device, *v) for k, v in variants.items()}
         best = max(fwd_threads, key=fwd_threads.get)

@@ -198,3 +198,42 @@ def test_cpu_thread_plan_follows_the_model_precision(tmp_path, predictor, monkey
     svc._load_predictor()
     assert svc.plan == ThreadPlan(decode_workers=1, torch_threads=1 if bf16 else 2)
     assert torch.get_num_threads() == svc.plan.torch_threads
+
+
+@pytest.mark.parametrize("cpu_trace", [True, False])
+def test_cpu_trace_follows_the_config(tmp_path, tiny_checkpoint, xray_paths, cpu_trace):
+    """On CPU the service runs the traced forward unless `daemon.cpu_trace` is off, and scores alike."""
+    import io
+    import json
+
+    pred = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+    stream = io.StringIO()
+    _inbox(tmp_path, xray_paths[:3])
+    svc = Service(_cfg(cpu_trace=cpu_trace), watch=tmp_path / "inbox", output=tmp_path / "out", predictor=pred,
+                  log=configure_logging("json", stream=stream))  # fmt: skip
+    assert svc.run(idle_timeout=1.0) == 0
+    assert pred.has_trace is cpu_trace
+    ready = next(json.loads(x) for x in stream.getvalue().splitlines() if '"model_ready"' in x)
+    assert ready["cpu_trace"] is cpu_trace
+    eager = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+    want = {p.name: r.logit for p, r in zip(xray_paths[:3], eager.predict_paths(xray_paths[:3]))}
+    assert {r["filename"]: r["logit"] for r in _rows(tmp_path)} == pytest.approx(want, abs=1e-5)
+
+
+def test_cpu_trace_failure_falls_back_to_eager(tmp_path, predictor):
+    """A model that cannot be traced (or scores differently traced) still gets a working daemon."""
+    import io
+    import json
+
+    class NoTrace(Predictor):
+        def trace_forward(self, batch_size):
+            raise RuntimeError("traced forward differs from eager by up to 0.001 (batch 4)")
+
+    fake = NoTrace(predictor.model, predictor.meta, predictor.calibration, device="cpu")
+    stream = io.StringIO()
+    svc = Service(_cfg(), watch=tmp_path, output=tmp_path / "out", predictor=fake, log=configure_logging("json", stream=stream))
+    assert svc._load_predictor() is fake and not fake.has_trace
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    warn = next(e for e in events if e["event"] == "cpu_trace_unavailable")
+    assert warn["level"] == "warning" and "differs from eager" in warn["reason"]
+    assert next(e for e in events if e["event"] == "model_ready")["cpu_trace"] is False

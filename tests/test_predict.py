@@ -251,3 +251,51 @@ def test_tune_malloc_settings_are_accepted_by_glibc():
     code = "from xr.core.predict import tune_malloc; print(tune_malloc())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("amp", ["off", "auto"])
+def test_cpu_trace_scores_like_eager(scored_checkpoint, images, amp):
+    """The daemon's CPU path: uint8 batches of any size run the trace and give the eager logits to the
+    bit (in fp32, and in bf16 where the CPU has it); float tensors still run eager."""
+    eager = Predictor.from_checkpoint(scored_checkpoint, device="cpu", amp=amp)
+    traced = Predictor.from_checkpoint(scored_checkpoint, device="cpu", amp=amp)
+    assert traced.has_trace is False
+    traced.trace_forward(4)
+    assert traced.has_trace
+    pixels = torch.stack([eager.pixels(p) for p in images])  # 12 images, more than the traced batch
+    for n in (1, 3, 4, 12):
+        assert torch.equal(traced.logits(pixels[:n]), eager.logits(pixels[:n])), n
+
+    def eager_forward(*args, **kwargs):
+        raise AssertionError("eager forward called")
+
+    traced._forward = eager_forward  # the trace holds its own graph: only non-pixel input reaches this
+    assert torch.equal(traced.logits(pixels[:2]), eager.logits(pixels[:2]))
+    with pytest.raises(AssertionError, match="eager forward called"):
+        traced.logits(torch.stack([eager.preprocess(p) for p in images[:2]]))
+
+
+def test_cpu_trace_that_scores_differently_is_refused(scored_checkpoint, images, monkeypatch):
+    """A trace whose logits differ from eager in any bit is not used: scores never depend on the switch."""
+    predictor = Predictor.from_checkpoint(scored_checkpoint, device="cpu")
+    real_trace = torch.jit.trace
+
+    def off_by_a_little(module, example, **kwargs):
+        traced = real_trace(module, example, **kwargs)
+        return lambda x: traced(x) + 1e-6
+
+    monkeypatch.setattr(torch.jit, "trace", off_by_a_little)
+    with pytest.raises(RuntimeError, match="traced forward differs from eager by up to"):
+        predictor.trace_forward(4)
+    assert predictor.has_trace is False
+    pixels = torch.stack([predictor.pixels(p) for p in images[:2]])
+    monkeypatch.undo()
+    assert torch.equal(predictor.logits(pixels), Predictor.from_checkpoint(scored_checkpoint, device="cpu").logits(pixels))
+
+
+def test_cpu_trace_needs_the_cpu(scored_checkpoint):
+    predictor = Predictor.from_checkpoint(scored_checkpoint, device="cpu")
+    predictor.device = torch.device("cuda")  # only its type is read
+    with pytest.raises(RuntimeError, match="for the CPU, not cuda"):
+        predictor.trace_forward(4)
+    assert predictor.has_trace is False
