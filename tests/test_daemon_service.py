@@ -164,27 +164,29 @@ def test_helpers(tmp_path):
         raise XRError("x")
 
 
-def test_cuda_graph_failure_falls_back_to_eager(tmp_path, predictor):
-    """A GPU that cannot capture a CUDA graph still gets a working daemon: a warning, then eager batches."""
+@pytest.mark.parametrize(
+    "device, method, event, flag",
+    [("cuda", "capture_cuda_graph", "cuda_graph_unavailable", "cuda_graph"), ("cpu", "trace_forward", "cpu_trace_unavailable", "cpu_trace")],
+)
+def test_compiled_forward_failure_falls_back_to_eager(tmp_path, predictor, device, method, event, flag):
+    """A GPU that cannot capture a CUDA graph, or a model whose CPU trace fails or scores differently, still
+    gets a working daemon: a warning, then eager batches."""
     import io
     import json
 
-    class NoGraphs(Predictor):
-        def warmup(self, batch_size=1):
-            pass
+    def refuse(self, batch_size):
+        raise RuntimeError(f"{method} refused on this device")
 
-        def capture_cuda_graph(self, batch_size):
-            raise RuntimeError("CUDA graphs not supported on this device")
-
-    fake = NoGraphs(predictor.model, predictor.meta, predictor.calibration, device="cpu")
-    fake.device = torch.device("cuda")  # only its type is read before the first batch
+    NoCompile = type("NoCompile", (Predictor,), {"warmup": lambda self, batch_size=1: None, method: refuse})
+    fake = NoCompile(predictor.model, predictor.meta, predictor.calibration, device="cpu")
+    fake.device = torch.device(device)  # only its type is read before the first batch
     stream = io.StringIO()
     svc = Service(_cfg(), watch=tmp_path, output=tmp_path / "out", predictor=fake, log=configure_logging("json", stream=stream))
-    assert svc._load_predictor() is fake and not fake.has_cuda_graph
+    assert svc._load_predictor() is fake and not fake.has_cuda_graph and not fake.has_trace
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
-    warn = next(e for e in events if e["event"] == "cuda_graph_unavailable")
-    assert warn["level"] == "warning" and "not supported" in warn["reason"]
-    assert next(e for e in events if e["event"] == "model_ready")["cuda_graph"] is False
+    warn = next(e for e in events if e["event"] == event)
+    assert warn["level"] == "warning" and "refused on this device" in warn["reason"]
+    assert next(e for e in events if e["event"] == "model_ready")[flag] is False
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -219,21 +221,3 @@ def test_cpu_trace_follows_the_config(tmp_path, tiny_checkpoint, xray_paths, cpu
     want = {p.name: r.logit for p, r in zip(xray_paths[:3], eager.predict_paths(xray_paths[:3]))}
     assert {r["filename"]: r["logit"] for r in _rows(tmp_path)} == pytest.approx(want, abs=1e-5)
 
-
-def test_cpu_trace_failure_falls_back_to_eager(tmp_path, predictor):
-    """A model that cannot be traced (or scores differently traced) still gets a working daemon."""
-    import io
-    import json
-
-    class NoTrace(Predictor):
-        def trace_forward(self, batch_size):
-            raise RuntimeError("traced forward differs from eager by up to 0.001 (batch 4)")
-
-    fake = NoTrace(predictor.model, predictor.meta, predictor.calibration, device="cpu")
-    stream = io.StringIO()
-    svc = Service(_cfg(), watch=tmp_path, output=tmp_path / "out", predictor=fake, log=configure_logging("json", stream=stream))
-    assert svc._load_predictor() is fake and not fake.has_trace
-    events = [json.loads(line) for line in stream.getvalue().splitlines()]
-    warn = next(e for e in events if e["event"] == "cpu_trace_unavailable")
-    assert warn["level"] == "warning" and "differs from eager" in warn["reason"]
-    assert next(e for e in events if e["event"] == "model_ready")["cpu_trace"] is False
