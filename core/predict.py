@@ -307,21 +307,25 @@ class Predictor:
     def trace_forward(self, batch_size: int) -> None:
         """Run the CPU forward of uint8 batches as a TorchScript trace (:class:`_TracedForward`).
 
-        Raises RuntimeError, and keeps the eager forward, where the trace's logits differ from the eager
-        ones in any bit, for a batch of ``batch_size`` or of 1: scores never depend on this switch.
+        Raises RuntimeError, and keeps the eager forward, where tracing fails or the trace's logits differ
+        from the eager ones in any bit, for a batch of ``batch_size`` or of 1: scores never depend on this
+        switch.
         """
         if self.device.type != "cpu":
             raise RuntimeError(f"the traced forward is for the CPU, not {self.device}")
         s = self.preset.img_size
         gen = torch.Generator().manual_seed(0)
         checks = [torch.randint(0, 256, (n, 1, s, s), dtype=torch.uint8, generator=gen) for n in (batch_size, 1)]
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch.jit is deprecated in favour of torch.compile/torch.export, which need a C++ toolchain at
-            # start-up (compile) or still run each operator from Python (export); Normalize's input check
-            # is a Python branch the trace records as taken, which holds for every uint8 pixel batch.
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            traced = torch.jit.trace(_TracedForward(self).eval(), checks[0], check_trace=False)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                # torch.jit is deprecated in favour of torch.compile/torch.export, which need a C++ toolchain
+                # at start-up (compile) or still run each operator from Python (export); Normalize's input
+                # check is a Python branch the trace records as taken, which holds for every pixel batch.
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(_TracedForward(self).eval(), checks[0], check_trace=False)
+        except Exception as exc:  # any model or torch that cannot trace keeps the eager forward, which works
+            raise RuntimeError(f"cannot trace the forward: {type(exc).__name__}: {exc}") from exc
         with torch.inference_mode():
             for x in checks:
                 for _ in range(3):  # the profiling executor optimises the graph after its first runs

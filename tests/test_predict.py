@@ -275,17 +275,22 @@ def test_cpu_trace_scores_like_eager(scored_checkpoint, images, amp):
         traced.logits(torch.stack([eager.preprocess(p) for p in images[:2]]))
 
 
-def test_cpu_trace_that_scores_differently_is_refused(scored_checkpoint, images, monkeypatch):
-    """A trace whose logits differ from eager in any bit is not used: scores never depend on the switch."""
+@pytest.mark.parametrize("fault", ["differs", "fails"])
+def test_cpu_trace_that_fails_or_scores_differently_is_refused(scored_checkpoint, images, monkeypatch, fault):
+    """A trace whose logits differ from eager in any bit, or one that cannot be made, is not used: the
+    eager forward stays and scores never depend on the switch."""
     predictor = Predictor.from_checkpoint(scored_checkpoint, device="cpu")
     real_trace = torch.jit.trace
 
-    def off_by_a_little(module, example, **kwargs):
+    def faulty(module, example, **kwargs):
+        if fault == "fails":
+            raise TypeError("this model cannot be traced")
         traced = real_trace(module, example, **kwargs)
         return lambda x: traced(x) + 1e-6
 
-    monkeypatch.setattr(torch.jit, "trace", off_by_a_little)
-    with pytest.raises(RuntimeError, match="traced forward differs from eager by up to"):
+    monkeypatch.setattr(torch.jit, "trace", faulty)
+    message = "traced forward differs from eager by up to" if fault == "differs" else "cannot trace the forward: TypeError"
+    with pytest.raises(RuntimeError, match=message):
         predictor.trace_forward(4)
     assert predictor.has_trace is False
     pixels = torch.stack([predictor.pixels(p) for p in images[:2]])
