@@ -113,9 +113,8 @@ class _CudaGraph:
     """One captured forward over a static uint8 input buffer (torch.cuda.graphs)."""
 
     def __init__(self, predictor: "Predictor", batch_size: int):
-        s = predictor.preset.img_size
-        self.batch_size, self.shape = batch_size, torch.Size((1, s, s))
-        self.input = torch.zeros((batch_size, 1, s, s), dtype=torch.uint8, device=predictor.device)
+        self.batch_size, self.shape = batch_size, predictor.pixel_shape
+        self.input = torch.zeros((batch_size, *self.shape), dtype=torch.uint8, device=predictor.device)
         side = torch.cuda.Stream(predictor.device)
         side.wait_stream(torch.cuda.current_stream(predictor.device))
         with torch.cuda.stream(side):
@@ -242,6 +241,12 @@ class Predictor:
         return cls(model, meta, cal, device=device, amp=amp, channels_last=channels_last, model_id=model_id)
 
     @property
+    def pixel_shape(self) -> torch.Size:
+        """One image of the uint8 pixel batches the daemon feeds :meth:`logits`: [1, S, S]."""
+        s = self.preset.img_size
+        return torch.Size((1, s, s))
+
+    @property
     def temperature(self) -> float:
         return self.calibration.temperature
 
@@ -271,7 +276,7 @@ class Predictor:
         if g is not None and batch.dtype == torch.uint8 and batch.shape[0] <= g.batch_size and batch.shape[1:] == g.shape:
             return g(batch)
         t = self._traced
-        if t is not None and batch.dtype == torch.uint8 and batch.shape[1:] == (1, self.preset.img_size, self.preset.img_size):
+        if t is not None and batch.dtype == torch.uint8 and batch.shape[1:] == self.pixel_shape:
             return t(batch)
         return self._forward(batch.to(self.device, non_blocking=True)).cpu()
 
@@ -313,9 +318,8 @@ class Predictor:
         """
         if self.device.type != "cpu":
             raise RuntimeError(f"the traced forward is for the CPU, not {self.device}")
-        s = self.preset.img_size
         gen = torch.Generator().manual_seed(0)
-        checks = [torch.randint(0, 256, (n, 1, s, s), dtype=torch.uint8, generator=gen) for n in (batch_size, 1)]
+        checks = [torch.randint(0, 256, (n, *self.pixel_shape), dtype=torch.uint8, generator=gen) for n in (batch_size, 1)]
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 # torch.jit is deprecated in favour of torch.compile/torch.export, which need a C++ toolchain
@@ -328,8 +332,9 @@ class Predictor:
             raise RuntimeError(f"cannot trace the forward: {type(exc).__name__}: {exc}") from exc
         with torch.inference_mode():
             for x in checks:
+                want = self._forward(x, cache=False)
                 for _ in range(3):  # the profiling executor optimises the graph after its first runs
-                    got, want = traced(x), self._forward(x, cache=False)
+                    got = traced(x)
                     if not torch.equal(got, want):
                         diff = (got - want).abs().max().item()
                         raise RuntimeError(f"traced forward differs from eager by up to {diff:.3g} (batch {len(x)})")

@@ -110,7 +110,7 @@ if {graph} and p.device.type == "cuda":
     p.capture_cuda_graph({batch_size})
 elif {graph} and p.device.type == "cpu":
     p.trace_forward({batch_size})
-x = torch.randint(0, 256, ({batch_size}, 1, p.preset.img_size, p.preset.img_size), dtype=torch.uint8)
+x = torch.randint(0, 256, ({batch_size}, *p.pixel_shape), dtype=torch.uint8)
 for _ in range(3): p.predict_batch(x)
 n, t0 = 0, time.perf_counter()
 while time.perf_counter() - t0 < {seconds}:
