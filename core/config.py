@@ -231,7 +231,57 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Con
     return cfg
 
 
+# Allowed ranges of numeric keys in interval notation: "[" and "]" include the bound, "(" and ")" exclude it.
+# A pair must also hold low <= high. null (off) is always allowed. Checks that need a hint stay in _validate.
+_RANGES = {
+    "preprocess.max_pixels": "[1, inf)",
+    "augment.rotation_deg": "[0, 180]",
+    "augment.blur_sigma": "(0, inf)",
+    "augment.jpeg_quality": "[1, 100]",
+    "model.drop_rate": "[0, 1)",
+    "data.min_val_images": "[0, inf)",
+    "data.num_workers": "[0, inf)",
+    "train.epochs": "[1, inf)",
+    "train.head_epochs": "[0, inf)",
+    "train.lr": "(0, inf)",
+    "train.backbone_lr_mult": "[0, inf)",
+    "train.weight_decay": "[0, inf)",
+    "train.freeze_stages": "[0, inf)",
+    "train.ema_decay": "[0, 1)",
+    "train.label_smoothing": "[0, 1)",
+    "train.plateau_patience": "[0, inf)",
+    "train.plateau_factor": "(0, 1)",
+    "train.early_stopping_patience": "[1, inf)",
+    "train.max_steps_per_epoch": "[1, inf)",
+    "calibration.fn_cost": "(0, inf)",
+    "calibration.fp_cost": "(0, inf)",
+    "calibration.threshold_grid": "[1, inf)",
+    "calibration.ece_bins": "[1, inf)",
+}
+
+
+def _in_range(value: float, interval: str) -> bool:
+    """``value`` in ``interval`` ("[0, 1)"); False for NaN."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def _check_ranges(cfg: Config) -> None:
+    for dotted, interval in _RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, tuple) else [value]
+        if not all(_in_range(v, interval) for v in values) or values != sorted(values):
+            pair = "low <= high, each " if isinstance(value, tuple) else ""
+            raise ConfigError(f"{dotted}: {_plain(value)} is out of range; must be {pair}in {interval}")
+
+
 def _validate(cfg: Config) -> None:
+    _check_ranges(cfg)
     p = cfg.preprocess
     if p.img_size < 16:
         raise ConfigError(f"preprocess.img_size: {p.img_size} is too small (minimum 16)")

@@ -13,12 +13,34 @@ class ConfigError(XRError):
 
 
 class ImageError(XRError):
-    """An input image cannot be used. ``path`` names the file, ``reason`` says why."""
+    """An input image cannot be used. ``path`` names the file, ``reason`` says why.
 
-    def __init__(self, path: str | Path | None, reason: str):
+    ``ImageError(message)`` (one argument) is the finished message without a path: torch's DataLoader
+    re-raises a worker's exception as ``type(exc)(text)``, and a class it cannot rebuild that way
+    reaches the user as a bare RuntimeError.
+    """
+
+    def __init__(self, path: str | Path | None, reason: str | None = None):
+        if reason is None:
+            path, reason = None, _worker_message(str(path), type(self).__qualname__)
         self.path = None if path is None else str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}" if self.path else reason)
+
+    def __reduce__(self):
+        # Pickled by its two fields (the default would pass only the message, losing ``path``).
+        return type(self), (self.path, self.reason)
+
+
+def _worker_message(text: str, name: str) -> str:
+    """The original message in torch's DataLoader re-raise text, else ``text``.
+
+    That text is "Caught ImageError in DataLoader worker process N.\nOriginal Traceback ...\n
+    xr.core.errors.ImageError: <message>"; the user needs the file and reason, not the worker's stack."""
+    marker = f"{name}: "
+    if text.startswith(f"Caught {name} ") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
 
 
 class CheckpointError(XRError):

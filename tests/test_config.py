@@ -126,6 +126,44 @@ def test_out_of_range_value_is_rejected(tmp_path, section, key, value):
         load_config(_with(section, key, value, tmp_path))
 
 
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("calibration", "threshold_grid", 0),
+        ("calibration", "ece_bins", 0),
+        ("calibration", "fn_cost", -5.0),
+        ("train", "lr", -1e-3),
+        ("train", "epochs", 0),
+        ("train", "ema_decay", 1.0),
+        ("train", "label_smoothing", 1.0),
+        ("train", "plateau_factor", 1.5),
+        ("data", "num_workers", -1),
+        ("model", "drop_rate", 1.0),
+        ("augment", "rotation_deg", -5.0),
+        ("augment", "jpeg_quality", [0, 95]),
+        ("augment", "jpeg_quality", [50, 101]),
+        ("augment", "jpeg_quality", [95, 50]),
+        ("augment", "blur_sigma", [-0.1, 1.0]),
+    ],
+)
+def test_numbers_outside_their_range_are_rejected(tmp_path, section, key, value):
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: .* is out of range; must be "):
+        load_config(_with(section, key, value, tmp_path))
+
+
+def test_range_error_names_key_value_and_range():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"calibration.threshold_grid": 0})
+    assert str(info.value) == "calibration.threshold_grid: 0 is out of range; must be in [1, inf)"
+    with pytest.raises(ConfigError, match=r"must be low <= high, each in \[1, 100\]"):
+        load_config(overrides={"augment.jpeg_quality": [95, 50]})
+
+
+def test_committed_configs_pass_the_range_checks():
+    load_config(DEFAULT_CONFIG_PATH)
+    load_config(DEFAULT_CONFIG_PATH.parent / "models" / "config.yaml")
+
+
 def test_bad_yaml_and_missing_file_raise_config_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")

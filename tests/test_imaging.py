@@ -4,6 +4,7 @@ and the reason (never a bare PIL exception)."""
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,34 @@ def test_directory(tmp_path):
     d = tmp_path / "folder.png"
     d.mkdir()
     _expect_image_error(d, None, "directory")
+
+
+def test_image_error_survives_pickling():
+    exc = pickle.loads(pickle.dumps(ImageError("inbox/a.jpeg", "truncated image data")))
+    assert (exc.path, exc.reason, str(exc)) == ("inbox/a.jpeg", "truncated image data", "inbox/a.jpeg: truncated image data")
+
+
+class _LoadEach(torch.utils.data.Dataset):
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.as_tensor(np.asarray(load_image(self.paths[i])))
+
+
+def test_image_error_from_a_dataloader_worker_names_the_file(xray_path, tmp_path):
+    """torch re-raises a worker's exception as type(exc)(traceback text): it must stay an ImageError
+    with the file and reason, not become a RuntimeError carrying the worker's stack."""
+    bad = tmp_path / "cut.jpeg"
+    bad.write_bytes(xray_path.read_bytes()[:2000])
+    loader = torch.utils.data.DataLoader(_LoadEach([str(bad)]), num_workers=1)
+    with pytest.raises(ImageError) as info:
+        list(loader)
+    assert str(info.value).startswith(f"{bad}: truncated image data")
+    assert "Traceback" not in str(info.value) and "\n" not in str(info.value)
 
 
 # -- the 16-bit file through the product's predictor ------------------------------------------------

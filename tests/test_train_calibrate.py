@@ -74,3 +74,11 @@ def test_threshold_middle_of_tied_range():
 def test_unknown_objective_is_rejected():
     with pytest.raises(XRError, match="objective 'accuracy' is not allowed"):
         choose_threshold(PROBS, LABELS, "accuracy")
+
+
+def test_nan_logits_and_probabilities_are_named_not_fitted():
+    """A NaN would otherwise end in "separate the classes perfectly?" (fit) or a silently low ECE."""
+    with pytest.raises(XRError, match=r"1 of 4 logits are NaN or infinite \(first at row 2\)"):
+        fit_temperature([-1.0, 2.0, np.nan, 0.5], [0, 1, 1, 0])
+    with pytest.raises(XRError, match=r"2 of 4 probabilities are NaN or infinite \(first at row 0\)"):
+        ece([np.nan, 0.2, np.nan, 0.9], [1, 0, 1, 1])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from xr.core.config import load_config, save_config
 from xr.core.model import load_checkpoint
 from xr.core.predict import Predictor
 
@@ -120,3 +122,19 @@ def test_bad_data_folder_is_a_clear_error(tmp_path):
 def test_train_without_split_says_what_to_run(tmp_path):
     r = xr_train("train", "--out", tmp_path)
     assert r.returncode == 2 and "xr-train split" in r.stderr
+
+
+def test_truncated_image_in_a_loader_worker_is_a_one_line_error(tiny_checkpoint, xray_paths, tmp_path):
+    """The DataLoader worker's ImageError must reach main() as the file and reason, exit status 2."""
+    folder = tmp_path / "data" / "PNEUMONIA"
+    folder.mkdir(parents=True)
+    shutil.copy(xray_paths[-1], folder / "person1_bacteria_1.jpeg")
+    bad = folder / "person2_bacteria_2.jpeg"
+    bad.write_bytes(xray_paths[-2].read_bytes()[:2000])
+    save_config(load_config(overrides={"data.num_workers": 1}), tmp_path / "config.yaml")
+    r = xr_train("evaluate", "--data", tmp_path / "data", "--model", tiny_checkpoint,
+                 "--config", tmp_path / "config.yaml", "--out", tmp_path / "eval")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("xr-train: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"xr-train: error: {bad.resolve()}: truncated image data"), r.stderr

@@ -173,3 +173,77 @@ def test_dataset_views_share_the_augmentation(xray_paths):
     for x in draws:
         assert torch.equal(x[0], x[1])
     assert not torch.equal(draws[0][0], draws[1][0])  # the augmentation itself still varies per draw
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(path.as_posix().encode())  # distinct bytes per file: no byte-identical groups
+
+
+def _kaggle_tree(root: Path, n: int = 60) -> None:
+    """train/ with n PNEUMONIA (personI_*) and n NORMAL (IM-I-*) patients, one image each."""
+    for i in range(1, n + 1):
+        _touch(root / "train" / "PNEUMONIA" / f"person{i}_bacteria_{i}.jpeg")
+        _touch(root / "train" / "NORMAL" / f"IM-{i:04d}-0001.jpeg")
+
+
+def _patients(items) -> set[str]:
+    return {it.patient for it in items}
+
+
+def test_small_val_of_train_patients_never_leaks_into_test(tmp_path):
+    """The given val is merged before test is carved, so its patients move as whole patients."""
+    _kaggle_tree(tmp_path)
+    for i in range(1, 9):  # val images of patients who also have train images
+        _touch(tmp_path / "val" / "PNEUMONIA" / f"person{i}_bacteria_{i + 100}.jpeg")
+        _touch(tmp_path / "val" / "NORMAL" / f"IM-{i:04d}-0002.jpeg")
+    for seed in range(4):
+        s = make_splits(tmp_path, DataConfig(seed=seed))
+        assert any("merged into train" in n for n in s.notes)
+        assert not _patients(s.train) & _patients(s.test)
+        assert not _patients(s.train) & _patients(s.val)
+        assert not _patients(s.val) & _patients(s.test)
+        assert sum(len(x) for x in (s.train, s.val, s.test)) == 120 + 16
+
+
+def test_kept_splits_share_no_patient_with_train(tmp_path):
+    """Given val and test stay as they are; their patients' images leave train (and test's leave val)."""
+    _kaggle_tree(tmp_path)
+    for i in range(1, 6):
+        _touch(tmp_path / "val" / "PNEUMONIA" / f"person{i}_virus_{i}.jpeg")  # persons 1-5: also in train
+        _touch(tmp_path / "val" / "NORMAL" / f"IM-{i + 70:04d}-0001.jpeg")
+    _touch(tmp_path / "val" / "NORMAL" / f"IM-{80:04d}-0001.jpeg")  # IM-0080: also in test
+    _touch(tmp_path / "test" / "PNEUMONIA" / "person6_virus_6.jpeg")  # person6: also in train
+    _touch(tmp_path / "test" / "NORMAL" / "IM-0080-0002.jpeg")
+    found = discover(tmp_path)
+    s = make_splits(tmp_path, DataConfig(min_val_images=5))
+    assert s.test == found["test"]
+    assert s.val == [it for it in found["val"] if it.patient != "im-0080"]
+    assert not _patients(s.train) & (_patients(s.val) | _patients(s.test))
+    assert len(s.train) == 120 - 6
+    assert "1 patients (1 images) of the given val also in the given test: dropped from val" in s.notes
+    assert "6 patients (6 images) of train also in the given val/test: dropped from train" in s.notes
+    s.save(tmp_path / "splits")
+    assert "6 patients (6 images)" in (tmp_path / "splits" / "summary.json").read_text()
+
+
+def test_val_without_both_classes_is_merged_and_carved(tmp_path):
+    """A one-class val has no AUROC, so no epoch could ever be selected on it."""
+    _kaggle_tree(tmp_path)
+    for i in range(100, 110):
+        _touch(tmp_path / "val" / "PNEUMONIA" / f"person{i}_bacteria_{i}.jpeg")
+    s = make_splits(tmp_path, DataConfig(min_val_images=5))
+    assert "given val has only one class: merged into train" in s.notes
+    assert {it.label for it in s.val} == {0, 1}
+    assert sum(len(x) for x in (s.train, s.val, s.test)) == 130
+
+
+def test_split_files_name_images_from_any_working_directory(tmp_path, monkeypatch):
+    _kaggle_tree(tmp_path / "data", n=20)
+    monkeypatch.chdir(tmp_path)
+    s = make_splits("data", DataConfig())  # a relative --data
+    s.save(tmp_path / "run" / "splits")
+    monkeypatch.chdir(tmp_path / "run")
+    loaded = Splits.load("splits")
+    for it in loaded.train + loaded.val + loaded.test:
+        assert Path(it.path).is_absolute() and Path(it.path).is_file()

@@ -1,11 +1,17 @@
 """train/engine.py: freezing, head-on-features, and one real optimisation step."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from xr.core.config import load_config
+from xr.core.errors import XRError
 from xr.core.model import create_model
-from xr.train.engine import _HeadOnFeatures, evaluate, make_loader, set_trainable, train_one_epoch
+from xr.train import engine
+from xr.train.data import Item, Splits
+from xr.train.engine import _HeadOnFeatures, evaluate, fit, make_loader, set_trainable, train_one_epoch
 
 
 def _tiny_batchset(n=8, size=64):
@@ -110,3 +116,51 @@ def _view_gap(consistency: float) -> float:
 def test_consistency_loss_makes_two_views_of_an_image_score_alike():
     plain, stable = _view_gap(0.0), _view_gap(2.0)
     assert stable < 0.5 * plain, (plain, stable)
+
+
+def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), **train):
+    """fit() on 6 fixture images (2 NORMAL, 4 PNEUMONIA) with 4 for val, one step per epoch, on CPU."""
+    normal = [p for p in xray_paths if p.parent.name == "NORMAL"]
+    pneumonia = [p for p in xray_paths if p.parent.name == "PNEUMONIA"]
+    train_items = [Item(str(p), 0, p.stem) for p in normal[:2]] + [Item(str(p), 1, p.stem) for p in pneumonia[:4]]
+    pools = {0: iter(normal[2:]), 1: iter(pneumonia[4:])}
+    val_items = [Item(str(p), y, p.stem) for y in val_labels for p in [next(pools[y])]]
+    overrides = {"model.pretrained": False, "data.num_workers": 0, "train.batch_size": 4, "train.max_steps_per_epoch": 1}
+    cfg = load_config(overrides=overrides | {f"train.{k}": v for k, v in train.items()})
+    return fit(cfg, Splits(train_items, val_items, [], []), tmp_path, torch.device("cpu"))
+
+
+def test_epochs_is_the_total_head_epochs_included(tmp_path, xray_paths):
+    result = _tiny_fit(tmp_path, xray_paths, epochs=1, head_epochs=2)
+    assert result["epochs_run"] == 1 and [r["phase"] for r in result["history"]] == ["head"]
+
+
+def test_last_checkpoint_has_the_prior_correction_of_the_best(tmp_path, xray_paths):
+    """Both checkpoints say prior_correction in their meta; both must carry it in the classifier bias."""
+    result = _tiny_fit(tmp_path, xray_paths, epochs=1, head_epochs=0)
+    assert result["best_epoch"] == 1  # so best and last hold the same weights
+    best = torch.load(tmp_path / "xr_mvp_best.pt", weights_only=True)
+    last = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert best["meta"]["prior_correction"] == last["meta"]["prior_correction"] != 0.0
+    assert best["model"].keys() == last["model"].keys()
+    for key, value in best["model"].items():
+        assert torch.equal(value, last["model"][key]), key
+
+
+def test_one_class_val_is_a_clear_error_before_training(tmp_path, xray_paths):
+    with pytest.raises(XRError, match=r"val split holds 2 images of PNEUMONIA only.*both NORMAL and PNEUMONIA"):
+        _tiny_fit(tmp_path, xray_paths, val_labels=(1, 1), epochs=1, head_epochs=1)
+    assert not (tmp_path / "epochs.csv").exists()
+
+
+def test_nan_val_auroc_is_an_error_not_a_run_without_checkpoint(tmp_path, xray_paths, monkeypatch):
+    """NaN > best is False: without the check, training would end with no xr_mvp_best.pt and no word."""
+    real = engine.predict_logits
+
+    def diverged(*args, **kw):
+        logits, labels = real(*args, **kw)
+        return np.full_like(logits, np.nan), labels
+
+    monkeypatch.setattr(engine, "predict_logits", diverged)
+    with pytest.raises(XRError, match=r"epoch 1: val AUROC is undefined .*non-finite logits"):
+        _tiny_fit(tmp_path, xray_paths, epochs=1, head_epochs=1)

@@ -126,9 +126,11 @@ def pair_agreement(predictor: Predictor, first: list[Path], second: list[Path]) 
 
 
 def evaluate_items(
-    predictor: Predictor, items: list[Item], out: str | Path, *, batch_size: int = 32, num_workers: int = 1, title: str = ""
+    predictor: Predictor, items: list[Item], out: str | Path, *, batch_size: int = 32, num_workers: int = 1, title: str = "",
+    n_bins: int = 15,
 ) -> dict[str, Any]:
-    """Write predictions.csv, metrics.json and the four plots for ``items`` into ``out``."""
+    """Write predictions.csv, metrics.json and the four plots for ``items`` into ``out``; ECE and the
+    reliability diagram over ``n_bins`` bins (calibration.ece_bins)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = np.array([it.label for it in items])
@@ -141,8 +143,8 @@ def evaluate_items(
         for it, z, p in zip(items, logits, probs):
             predicted = CLASS_NAMES[int(p >= thr)]
             w.writerow([it.path, CLASS_NAMES[it.label], f"{z:.6f}", f"{p:.6f}", predicted, predicted == CLASS_NAMES[it.label]])
-    metrics = compute_metrics(labels, probs, thr)
+    metrics = compute_metrics(labels, probs, thr, n_bins)
     metrics.update({"T": predictor.temperature, "model_id": predictor.model_id})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    save_plots(out, labels, probs, thr, title=title)
+    save_plots(out, labels, probs, thr, title=title, n_bins=n_bins)
     return metrics

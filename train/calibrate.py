@@ -19,7 +19,18 @@ def _as_tensors(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.as_tensor(np.asarray(labels, dtype=np.float64)).reshape(-1)
     if z.numel() != y.numel() or z.numel() == 0:
         raise XRError(f"need as many labels as logits (got {z.numel()} logits, {y.numel()} labels)")
+    _check_finite(z.numpy(), "logits")
     return z, y
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    """NaN would poison the fit (or, in ece, count in a bin's weight but not its mean): name it instead."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise XRError(
+            f"{len(bad)} of {len(values)} {what} are NaN or infinite (first at row {bad[0]}); "
+            "the model's output is broken (training diverged?)"
+        )
 
 
 def nll(logits, labels, temperature: float = 1.0) -> float:
@@ -53,6 +64,7 @@ def ece(probs, labels, n_bins: int = 15) -> float:
     """Expected calibration error of P(PNEUMONIA), equal-width bins over [0, 1]."""
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    _check_finite(p, "probabilities")
     bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
     total = 0.0
     for b in range(n_bins):

@@ -3,6 +3,7 @@ bundle metadata.json) and human-readable (MODEL_CARD.md)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ LIMITS = [
     "accuracy elsewhere and re-calibrate on local data.",
     "Bacterial and viral pneumonia are one class; other findings (effusion, masses, devices) are not detected.",
 ]
+
+
+def _metric(value: float | None) -> str:
+    """A metric to 4 decimals; "n/a" where it is undefined (AUROC of a one-class test split is None)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def write_model_card(
@@ -94,7 +100,7 @@ def write_model_card(
         "## Test metrics (patient-held-out split)",
         "| AUROC | accuracy | F1 | recall PNEUMONIA | recall NORMAL | ECE |",
         "| --- | --- | --- | --- | --- | --- |",
-        f"| {t['auroc']:.4f} | {t['accuracy']:.4f} | {t['f1']:.4f} | {t['recall_PNEUMONIA']:.4f} | {t['recall_NORMAL']:.4f} | {t['ece']:.4f} |",
+        "| " + " | ".join(_metric(t[k]) for k in ("auroc", "accuracy", "f1", "recall_PNEUMONIA", "recall_NORMAL", "ece")) + " |",
         "",
         f"Validation calibration: NLL {calib['calibration']['nll_before']:.4f} -> {calib['calibration']['nll_after']:.4f}, "
         f"ECE {calib['calibration']['ece_before']:.4f} -> {calib['calibration']['ece_after']:.4f}.",

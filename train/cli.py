@@ -114,7 +114,10 @@ def stage_evaluate(cfg: Config, model: Path, items, out: Path, device: str, titl
     predictor = Predictor.from_checkpoint(model, device=device, amp=cfg.train.amp)
     if not predictor.calibration.extra or predictor.calibration.extra.get("calibrated") is False:
         print(f"warning: no {CALIBRATION_FILE} beside {model}; using T=1 and threshold 0.5", file=sys.stderr)
-    m = evaluate_items(predictor, items, out, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, title=title)
+    m = evaluate_items(
+        predictor, items, out, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, title=title,
+        n_bins=cfg.calibration.ece_bins,
+    )
     pc = m["per_class"]
     print(
         f"evaluate ({m['n']} images): AUROC {m['auroc'] or float('nan'):.4f}, accuracy {m['accuracy']:.4f}, F1 {m['f1']:.4f}, "

@@ -60,8 +60,10 @@ def list_class_folder(root: Path) -> list[Item]:
 
 
 def discover(root: str | Path) -> dict[str, list[Item]]:
-    """{split: items} for a Kaggle-layout root, or {"test": items} for a bare NORMAL/PNEUMONIA folder."""
-    root = Path(root)
+    """{split: items} for a Kaggle-layout root, or {"test": items} for a bare NORMAL/PNEUMONIA folder.
+
+    Item paths are absolute: the split files must name the same images from any working directory."""
+    root = Path(root).resolve()
     if not root.is_dir():
         raise XRError(f"data folder not found: {root}")
     if any((root / cls).is_dir() for cls in CLASS_NAMES):
@@ -174,9 +176,24 @@ def _pin(items: list[Item], patients: set[str]) -> tuple[list[Item], list[Item]]
     return rest, pinned
 
 
+def _drop_shared(items: list[Item], kept: list[Item]) -> tuple[list[Item], list[Item]]:
+    """(rest, dropped): the items whose patient, or a file byte-identical to one of theirs, is in ``kept``."""
+    groups = _content_groups(items + kept)
+    kept_groups = set(groups[len(items):])
+    rest = [it for it, g in zip(items, groups[: len(items)]) if g not in kept_groups]
+    dropped = [it for it, g in zip(items, groups[: len(items)]) if g in kept_groups]
+    return rest, dropped
+
+
+def _count(items: list[Item]) -> str:
+    return f"{len({it.patient for it in items})} patients ({len(items)} images)"
+
+
 def make_splits(root: str | Path, cfg: DataConfig) -> Splits:
     """Keep the given val/test splits when usable; carve the missing ones out of train by patient.
 
+    A given split is kept as it is (so results compare with others' on it); a patient it shares with a
+    split built here is dropped from train (or from val, where val and test share one), never moved.
     ``cfg.test_patients_from`` names a folder of images (the full-resolution samples) whose patients go
     to the carved test split whatever the draw, so checks on those images run on patients the model
     never trained on.
@@ -188,6 +205,21 @@ def make_splits(root: str | Path, cfg: DataConfig) -> Splits:
     notes = []
     if not train:
         raise XRError(f"{root}: no training images under {root}/train/NORMAL and {root}/train/PNEUMONIA")
+    if val and test:
+        val, dropped = _drop_shared(val, test)
+        if dropped:
+            notes.append(f"{_count(dropped)} of the given val also in the given test: dropped from val")
+    # Decided before test is carved, so an unusable val's patients join the pool test is carved from
+    # as whole patients: merged after, a patient could sit in both train and test.
+    val_classes = len({it.label for it in val})
+    if val and (len(val) < cfg.min_val_images or val_classes < 2):
+        why = f"{len(val)} images (< {cfg.min_val_images})" if len(val) < cfg.min_val_images else "only one class"
+        notes.append(f"given val has {why}: merged into train")
+        train, val = train + val, []
+    if val or test:
+        train, dropped = _drop_shared(train, val + test)
+        if dropped:
+            notes.append(f"{_count(dropped)} of train also in the given val/test: dropped from train")
     test_carved = not test
     if test_carved:
         pinned: list[Item] = []
@@ -201,10 +233,7 @@ def make_splits(root: str | Path, cfg: DataConfig) -> Splits:
             notes.append(f"{len(pinned)} images of {n_pat} patients from {cfg.test_patients_from} pinned to test")
     elif cfg.test_patients_from:
         notes.append("data.test_patients_from ignored: the dataset has its own test split")
-    if len(val) < cfg.min_val_images:
-        if val:
-            notes.append(f"given val has {len(val)} images (< {cfg.min_val_images}): merged into train")
-            train = train + val
+    if not val:
         # Carve from what is left so val is the same share of the whole as configured.
         share = cfg.val_fraction / (1.0 - (cfg.test_fraction if test_carved else 0.0))
         train, val = _carve(train, min(share, 0.5), cfg.seed + 1)

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from xr.core.config import Config
-from xr.core.model import checkpoint_meta, create_model, save_checkpoint
+from xr.core.errors import XRError
+from xr.core.model import CLASS_NAMES, checkpoint_meta, create_model, save_checkpoint
 from xr.core.predict import autocast, use_bf16
 from xr.core.preprocessing import Preset, RandomJpegHistory
 from xr.train.data import Splits, XRDataset
@@ -215,7 +216,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, **kw) -
     """Validation metrics at the raw logit (threshold 0.5 uncalibrated); logits kept for calibration."""
     logits, labels = predict_logits(model, loader, device, **kw)
     loss = float(F.binary_cross_entropy_with_logits(torch.as_tensor(logits), torch.as_tensor(labels, dtype=torch.float64)))
-    auroc = float(roc_auc_score(labels, logits)) if len(set(labels.tolist())) == 2 else float("nan")
+    usable = len(set(labels.tolist())) == 2 and np.isfinite(logits).all()
+    auroc = float(roc_auc_score(labels, logits)) if usable else float("nan")  # fit() names the cause
     acc = float(((logits >= 0) == (labels == 1)).mean())
     return {"loss": loss, "auroc": auroc, "acc": acc, "logits": logits, "labels": labels}
 
@@ -268,6 +270,13 @@ def save_val_logits(path: Path, items, logits: np.ndarray, labels: np.ndarray) -
 def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) -> dict[str, Any]:
     """Train on ``splits.train``, select on ``splits.val`` AUROC; write the best checkpoint and logs."""
     out_dir = Path(out_dir)
+    val_classes = sorted({it.label for it in splits.val})
+    if len(val_classes) < 2:
+        held = f"{len(splits.val)} images of {CLASS_NAMES[val_classes[0]]} only" if val_classes else "no images"
+        raise XRError(
+            f"the val split holds {held}: selecting the best epoch needs val AUROC, "
+            "which needs both NORMAL and PNEUMONIA; re-run `xr-train split`"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     gen = seed_everything(tc.seed)
@@ -295,6 +304,12 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
     history = []
 
     def finish_epoch(epoch: int, phase: str, train_stats: dict, val: dict, lr: float, eval_model: nn.Module) -> bool:
+        # NaN > best is always False: without this check no epoch would ever be saved, silently.
+        if math.isnan(val["auroc"]):
+            raise XRError(
+                f"epoch {epoch}: val AUROC is undefined (NaN): the model output non-finite logits "
+                f"(training diverged; try a lower train.lr than {tc.lr}); no checkpoint saved"
+            )
         improved = val["auroc"] > best["auroc"]
         if improved:
             best.update(auroc=val["auroc"], epoch=epoch)
@@ -318,7 +333,8 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
 
     # -- phase 1: head only, on cached features ------------------------------------------------------
     epoch = 0
-    if tc.head_epochs > 0:
+    head_epochs = min(tc.head_epochs, tc.epochs)  # train.epochs is the total, head epochs included
+    if head_epochs > 0:
         set_trainable(model, head_only=True, freeze_stages=tc.freeze_stages)
         feat_kw = {"bf16": bf16, "channels_last": cl}
         train_feats = extract_features(model, make_loader(train_eval_ds, tc.batch_size, nw, gen), device, **feat_kw)
@@ -327,7 +343,7 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
         head_opt = torch.optim.AdamW(model.get_classifier().parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         feat_loader = make_loader(train_feats, tc.batch_size, 0, gen, balanced=tc.weighted_sampler, shuffle=True)
         val_feat_loader = make_loader(val_feats, 256, 0, gen)
-        for _ in range(tc.head_epochs):
+        for _ in range(head_epochs):
             epoch += 1
             stats = train_one_epoch(
                 head, feat_loader, head_opt, loss_fn, device, bf16=False, channels_last=False,
@@ -367,10 +383,12 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
         val = evaluate(eval_model, val_loader, device, bf16=bf16, channels_last=cl)
         improved = finish_epoch(epoch, "full", stats, val, optimizer.param_groups[1]["lr"], eval_model)
         scheduler.step(val["auroc"])
-        save_checkpoint(
-            out_dir / LAST_CHECKPOINT, eval_model, meta, optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), epoch=epoch, config=cfg.to_dict(),
-        )
+        # Shifted like the best checkpoint, as meta["prior_correction"] says of both.
+        with _BiasShift(eval_model, shift):
+            save_checkpoint(
+                out_dir / LAST_CHECKPOINT, eval_model, meta, optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), epoch=epoch, config=cfg.to_dict(),
+            )
         since_best = 0 if improved else since_best + 1
         if since_best >= tc.early_stopping_patience:
             tqdm.write(f"early stopping: no val AUROC gain for {since_best} epochs")
