@@ -117,6 +117,7 @@ class DaemonConfig:
     on_success: Literal["move", "leave"] = "move"
     on_error: Literal["move", "leave"] = "move"
     dedupe: bool = True
+    max_file_mb: float = 512.0
     log_format: Literal["json", "console"] = "json"
 
 
@@ -257,6 +258,11 @@ _RANGES = {
     "calibration.fp_cost": "(0, inf)",
     "calibration.threshold_grid": "[1, inf)",
     "calibration.ece_bins": "[1, inf)",
+    "daemon.max_wait_ms": "[0, inf)",
+    "daemon.stable_ms": "[0, inf)",
+    "daemon.rescan_s": "(0, inf]",
+    "daemon.max_file_mb": "(0, inf)",
+    "output.csv_max_rows": "[1, inf)",
 }
 
 

@@ -121,21 +121,40 @@ class Discovery:
         self._observer = None
         self._next_scan = 0.0
         self.first_scan_done = threading.Event()
+        self.error: BaseException | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self) -> str | None:
+        """Start watching and the discovery thread. Returns why file events fell back to polling, if they did."""
+        fallback = None
         if self.watch:
-            if self.poll:
-                from watchdog.observers.polling import PollingObserver as ObserverCls
-            else:
-                from watchdog.observers import Observer as ObserverCls
-            obs = ObserverCls(timeout=0.2)
-            obs.name = "xr-observer"
-            obs.schedule(_Handler(self._events), str(self.inbox), recursive=True)
-            obs.start()
-            self._observer = obs
-        self._thread = threading.Thread(target=self._run, name="xr-discovery", daemon=True)
+            from watchdog.observers import Observer
+            from watchdog.observers.polling import PollingObserver
+
+            try:
+                self._observer = self._start_observer(PollingObserver if self.poll else Observer)
+            except OSError as exc:
+                # inotify's per-user watch or instance limit (ENOSPC, EMFILE) is a host setting, not a
+                # reason to stop: polling sees the same files, later
+                fallback = f"file events unavailable ({exc.strerror or exc}); polling instead"
+                self._observer = self._start_observer(PollingObserver)
+        self._thread = threading.Thread(target=self._guarded_run, name="xr-discovery", daemon=True)
         self._thread.start()
+        return fallback
+
+    def _start_observer(self, cls):
+        obs = cls(timeout=0.2)
+        obs.name = "xr-observer"
+        obs.schedule(_Handler(self._events), str(self.inbox), recursive=True)
+        try:
+            obs.start()
+        except BaseException:
+            obs.stop()
+            raise
+        return obs
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
@@ -163,6 +182,13 @@ class Discovery:
             return len(self._pending) + len(self._ready) + len(self._handed)
 
     # -- the loop ---------------------------------------------------------------------------------------
+    def _guarded_run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported by the service, which then stops
+            self.error = exc
+            raise
+
     def _run(self) -> None:
         tick = max(0.01, min(0.05, self.stable_s / 5))
         while not self._stop.is_set():
@@ -202,6 +228,10 @@ class Discovery:
             # a symlink to a file shows in ``files``; one to a directory in ``dirs`` (not followed)
         return n
 
+    def is_excluded(self, path: str) -> bool:
+        path = str(Path(path))
+        return any(path.startswith(ex + os.sep) for ex in self.exclude)
+
     def note(self, path: str, moved: bool = False) -> bool:
         """A hint that ``path`` exists (event or scan). Returns True when it is newly pending."""
         p = Path(path)
@@ -209,7 +239,7 @@ class Discovery:
             return False
         if any(part.startswith(".") for part in p.relative_to(self.inbox).parts[:-1]):
             return False
-        if self.exclude and any(str(p).startswith(ex + os.sep) for ex in self.exclude):
+        if self.is_excluded(path):
             return False
         try:
             st = os.lstat(path)

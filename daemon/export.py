@@ -2,10 +2,12 @@
 
 After each batch (at most once a second in a stream: the finisher paces it) the exporter takes the
 final rows with id above the last exported id, up to (not including) the lowest row still ``claimed``,
-so rows finish in any order but reach the CSVs in id order and none is skipped. Each CSV update writes a complete new file beside the old one (old content + the
-new rows, fsynced) and renames it over the old one: a reader sees the old or the new file, never a half
-row. The last exported id is kept in the DB and checked against the last line of the newest CSV on
-start-up, so a crash between the CSV rename and the DB update never writes a row twice.
+so rows finish in any order but reach the CSVs in id order and none is skipped. Each CSV update writes a
+complete new file beside the old one (old content + the new rows, fsynced) and renames it over the old
+one: a reader sees the old or the new file, never a half row. The last exported id is kept in the DB, and
+each file's own last id guards it: ids only grow within a file, so a row at or below a file's last id is
+already in it. A crash between the file renames and the DB update therefore never writes a row twice nor
+skips one, whether one update touched one file or two (daily files across midnight).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import csv
 import datetime as dt
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,6 +26,7 @@ from xr.daemon.db import CLAIMED, EXPORT_COLUMNS, FINAL_STATUSES, OK, Result, ge
 
 RESULTS_PREFIX = "results-"
 FLAGGED_NAME = "flagged.csv"
+FILE_PATTERNS = {"daily": re.compile(r"results-\d{4}-\d{2}-\d{2}\.csv"), "rows": re.compile(r"results-\d{6,}\.csv")}
 
 
 def format_value(value: Any) -> str:
@@ -109,16 +113,28 @@ class CsvExporter:
         self.max_rows = max(1, max_rows)
         self.flagged_path = self.dir / FLAGGED_NAME
         with sessions() as s:
-            db_last = int(get_meta(s, "last_exported_id", "0") or 0)
-        latest = self._latest_file()
-        self.last_id = max(db_last, last_id_in_csv(latest) if latest else 0)
+            self.last_id = int(get_meta(s, "last_exported_id", "0") or 0)
+        self._file_last: dict[Path, int] = {}  # last id written to each file this exporter touched
         self.flagged_last_id = last_id_in_csv(self.flagged_path)
+        # Files of the other rotation (the setting was changed) hold rows of an older update: none of them
+        # may be written again.
+        for mode in FILE_PATTERNS:
+            if mode != rotation and (other := self._latest_file(mode)) is not None:
+                self.last_id = max(self.last_id, last_id_in_csv(other))
+        latest = self._latest_file(rotation)
+        if rotation == "rows" and latest is not None:
+            self.last_id = max(self.last_id, last_id_in_csv(latest))  # files fill in id order
         self._current: Path | None = latest
         self._current_rows = count_rows(latest) if latest else 0
 
-    def _latest_file(self) -> Path | None:
-        files = sorted(self.dir.glob(f"{RESULTS_PREFIX}*.csv"))
+    def _latest_file(self, rotation: str) -> Path | None:
+        files = sorted(p for p in self.dir.glob(f"{RESULTS_PREFIX}*.csv") if FILE_PATTERNS[rotation].fullmatch(p.name))
         return files[-1] if files else None
+
+    def _last_in(self, path: Path) -> int:
+        if path not in self._file_last:
+            self._file_last[path] = last_id_in_csv(path)
+        return self._file_last[path]
 
     def _target(self, row: dict[str, Any]) -> Path:
         if self.rotation == "daily":
@@ -141,7 +157,8 @@ class CsvExporter:
         return [r.as_dict() for r in s.scalars(stmt.order_by(Result.id))]
 
     def export(self) -> int:
-        """Append every exportable row; returns how many were written."""
+        """Append every exportable row; returns how many were written (not counting rows a crash had
+        already written)."""
         with self.sessions() as s:
             rows = self.pending_rows(s)
         if not rows:
@@ -149,18 +166,22 @@ class CsvExporter:
         groups: dict[Path, list[dict[str, Any]]] = {}
         for r in rows:
             target = self._target(r)
+            if r["id"] <= self._last_in(target):
+                continue  # written before a crash that came ahead of the DB update
             if target != self._current:
                 self._current, self._current_rows = target, count_rows(target)
             groups.setdefault(target, []).append(r)
             self._current_rows += 1
         header = rows_to_csv([], header=True)
-        for path, group in groups.items():
-            atomic_append(path, rows_to_csv(group, header=False), header=header)
+        # flagged.csv first: the results files are what a restart could mistake for "exported"
         flagged = [r for r in rows if r["status"] == OK and r["flagged"] and r["id"] > self.flagged_last_id]
         if flagged:
             atomic_append(self.flagged_path, rows_to_csv(flagged, header=False), header=header)
             self.flagged_last_id = flagged[-1]["id"]
+        for path, group in groups.items():
+            atomic_append(path, rows_to_csv(group, header=False), header=header)
+            self._file_last[path] = group[-1]["id"]
         self.last_id = rows[-1]["id"]
         with self.sessions.begin() as s:
             set_meta(s, "last_exported_id", self.last_id)
-        return len(rows)
+        return sum(len(g) for g in groups.values())

@@ -13,6 +13,7 @@ import hashlib
 import os
 import queue
 import shutil
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,13 @@ from xr.daemon.export import CsvExporter
 
 POLL_S = 0.1  # every blocking wait in the stages uses this timeout and re-checks its stop event
 EXPORT_EVERY_S = 1.0  # under a steady stream of batches, CSVs are rewritten at most this often
+VANISHED = "file vanished before it could be read"  # no row: the file is simply not there any more
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))  # fmt: skip
+    return next((kind for test, kind in kinds if test(mode)), "not a plain file")
 
 
 # -- moving files -----------------------------------------------------------------------------------
@@ -72,8 +80,9 @@ def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
     """Move ``src`` (a file or a symlink itself) to ``dst`` or, if taken, to ``dst`` with a ``-N`` suffix.
 
     Never overwrites and never deletes data: a hard link is made first (``link`` fails if the name
-    exists), then the inbox name is removed. Across file systems the file is copied to a hidden temp
-    name beside the destination and linked from there.
+    exists), then the inbox name is removed. Across file systems, or where the kernel refuses to link a
+    file of another owner, the file is copied to a hidden temp name beside the destination and linked
+    from there.
     """
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +97,10 @@ def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
             except FileExistsError:
                 continue
             except OSError as exc:
-                if exc.errno != errno.EXDEV or tmp is not None:
+                # EXDEV: another file system. EPERM: protected_hardlinks (the default on Linux) refuses a
+                # link to a file the daemon does not own, the usual case when an exporter account writes
+                # the inbox. Both go through a copy the daemon owns.
+                if exc.errno not in (errno.EXDEV, errno.EPERM) or tmp is not None:
                     raise
                 tmp = dst.with_name(f".{dst.name}.{os.getpid()}.moving")
                 if os.path.islink(src):
@@ -158,6 +170,7 @@ class Context:
     on_success: str = "move"
     on_error: str = "move"
     dedupe: bool = True
+    max_file_bytes: int = 512 * 1024 * 1024
     stop: threading.Event = field(default_factory=threading.Event)  # stop taking new work
     reserved: set[str] = field(default_factory=set)  # destinations chosen but not yet moved to
     reserved_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -273,13 +286,25 @@ class Claimer(Stage):
             except ValueError:
                 return None, f"symlink points outside the inbox (to {target})", None
         try:
-            with open(item.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
+            # O_NONBLOCK: a FIFO under an image name must not block the claim thread in open()
+            fd = os.open(item.path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
-            return None, "file vanished before it could be read", None
+            if item.is_symlink and os.path.lexists(item.path):
+                return None, f"symlink target not found ({os.readlink(item.path)})", None
+            return None, VANISHED, None
         except IsADirectoryError:
             return None, "is a directory, not an image file", None
+        except OSError as exc:
+            return None, f"cannot read file: {exc.strerror or exc}", None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    return None, f"not a regular file ({_file_kind(st.st_mode)})", None
+                limit = self.ctx.max_file_bytes
+                if st.st_size > limit:
+                    return None, f"file is {st.st_size:,} bytes, over the limit of {limit:,} (daemon.max_file_mb)", None
+                data = f.read()
         except OSError as exc:
             return None, f"cannot read file: {exc.strerror or exc}", None
         if item.is_symlink:
@@ -297,7 +322,7 @@ class Claimer(Stage):
                 ctx.discovery.release(item.path)
                 ctx.discovery.note(item.path)
                 continue
-            if err == "file vanished before it could be read":
+            if err == VANISHED:
                 self.slots.release()
                 ctx.discovery.release(item.path)
                 continue
@@ -513,16 +538,26 @@ class Finisher(Stage):
 
     def handle(self, jobs: list[Done]) -> None:
         ctx = self.ctx
-        moved: dict[int, tuple[str, dt.datetime]] = {}
+        moved: dict[int, tuple[str | None, dt.datetime]] = {}
         for d in jobs:
             if d.moved_to is None:
                 ctx.discovery.release(d.src, settled=d.identity)
                 continue
             try:
-                if os.path.lexists(d.src):
-                    actual = str(move_no_overwrite(d.src, d.moved_to))
+                try:
+                    st = os.lstat(d.src)
+                except FileNotFoundError:
+                    st = None
+                if st is None:
+                    actual: str | None = d.moved_to  # already moved (or removed by someone else)
+                elif (st.st_size, st.st_mtime_ns) != d.identity:
+                    # Another file has this name now: the scored one was moved before a crash and a new one
+                    # dropped, or it was rewritten in place after it was read. That file is new work for
+                    # discovery, never moved under this row.
+                    actual = d.moved_to if os.path.lexists(d.moved_to) else None
+                    ctx.log.info("move_skipped", file=d.src, id=d.row_id, reason="the inbox file changed since it was read")
                 else:
-                    actual = d.moved_to  # already moved (or removed by someone else)
+                    actual = str(move_no_overwrite(d.src, d.moved_to))
                 moved[d.row_id] = (actual, utcnow())
             except OSError as exc:
                 ctx.log.error("move_failed", file=d.src, destination=d.moved_to, reason=str(exc))

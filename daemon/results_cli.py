@@ -36,6 +36,16 @@ def parse_since(text: str) -> dt.datetime:
     return t
 
 
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     def common(parser: argparse.ArgumentParser, top: bool) -> None:
         # options may come before or after the sub-command; a sub-command's unset option keeps the top value
@@ -50,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
         parser.add_argument("--flagged", action="store_true", default=d(False), help="only flagged cases")
         parser.add_argument("--status", choices=STATUSES, default=d(None), help="only rows with this status")
-        parser.add_argument("--limit", type=int, default=d(None), help="at most N rows (the newest)")
+        parser.add_argument("--limit", type=positive_int, default=d(None), help="at most N rows (the newest)")
         parser.add_argument("--all-columns", action="store_true", default=d(False), help="table format: every column")
 
     p = argparse.ArgumentParser(prog="xr-results", description="Query the xr-daemon results database.")
@@ -80,8 +90,8 @@ def query_rows(sessions, args: argparse.Namespace) -> list[dict[str, Any]]:
         stmt = stmt.where(Result.flagged.is_(True), Result.status == "ok")
     if args.status:
         stmt = stmt.where(Result.status == args.status)
-    if args.since:
-        stmt = stmt.where(Result.processed_at >= args.since)
+    if args.since:  # a claimed row has no processed_at yet: it counts from when it was received
+        stmt = stmt.where(func.coalesce(Result.processed_at, Result.received_at) >= args.since)
     stmt = stmt.order_by(Result.id.desc())
     if args.limit:
         stmt = stmt.limit(args.limit)

@@ -66,6 +66,23 @@ def default_db(cfg: Config, output: str | Path) -> str:
     return cfg.daemon.db or str(Path(output) / "results.sqlite")
 
 
+def _inside(p: Path, root: Path) -> bool:
+    return p == root or root in p.parents
+
+
+def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
+    """What discovery must not read: the output folder when it lies inside the inbox, else the daemon's
+    own sub-folders (an inbox may be the output folder or sit inside it).
+
+    An inbox inside processed/ or failed/ is refused: every file would be moved into its own inbox.
+    """
+    own = (output / "processed", output / "failed", output / "csv")
+    for d in own:
+        if _inside(inbox, d):
+            raise XRError(f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output")
+    return (output,) if output != inbox and _inside(output, inbox) else own
+
+
 class Service:
     """One daemon instance. ``run()`` blocks until a stop (signal, ``--once`` done, limits) and returns
     the exit code; everything it started is stopped and joined before it returns."""
@@ -89,6 +106,7 @@ class Service:
         self.db = db or default_db(cfg, self.output)
         self.model_path = Path(model).expanduser().resolve() if model else resolve_model_path(d.model)
         self.once = once
+        self.max_file_bytes = int(d.max_file_mb * 1024 * 1024)
         self.log = log or get_logger()
         self._predictor = predictor
         self._stop = threading.Event()
@@ -163,10 +181,17 @@ class Service:
 
     def reconcile(self, ctx: Context, finisher: Finisher) -> dict[str, int]:
         """Before watching: settle what a previous run left (see README "Crash safety")."""
-        stats = {"claimed_redo": 0, "claimed_gone": 0, "moves_finished": 0}
+        stats = {"claimed_redo": 0, "claimed_gone": 0, "claimed_released": 0, "moves_finished": 0}
         now = utcnow()
         with ctx.sessions.begin() as s:
             for row in s.scalars(select(Result).where(Result.status == CLAIMED)):
+                if not _inside(Path(row.path), self.inbox) or ctx.discovery.is_excluded(row.path):
+                    # Claimed by a run that watched another folder and stopped before scoring it: this run
+                    # will never redo it, and a claimed row would hold back every later row from the CSVs.
+                    # The claim is rolled back; the file, untouched, is new work wherever it is watched.
+                    s.delete(row)
+                    stats["claimed_released"] += 1
+                    continue
                 try:
                     st = os.lstat(row.path)
                     same = (st.st_size, st.st_mtime_ns) == (row.size_bytes, row.mtime_ns)
@@ -217,7 +242,7 @@ class Service:
                 rescan_s=math.inf if self.once else d.rescan_s,
                 poll=d.poll,
                 watch=not self.once,
-                exclude=(self.output,),
+                exclude=excluded_dirs(self.inbox, self.output),
             )
             exporter = CsvExporter(self.output / "csv", sessions, self.cfg.output.csv_rotation, self.cfg.output.csv_max_rows)
             ctx = Context(
@@ -234,6 +259,7 @@ class Service:
                 on_success=d.on_success,
                 on_error=d.on_error,
                 dedupe=d.dedupe,
+                max_file_bytes=self.max_file_bytes,
             )
             finisher = Finisher(ctx, finish_q)
             inferer = Inferer(ctx, decoded_q, finish_q, slots)
@@ -262,7 +288,9 @@ class Service:
             )
             for st in (finisher, inferer, claimer):
                 st.start()
-            discovery.start()
+            fallback = discovery.start()
+            if fallback:
+                self.log.warning("watch_polling", reason=fallback)
             self.inferer, self.discovery = inferer, discovery
             self.log.debug("threads", native_ids={t.name: t.native_id for t in threading.enumerate()})
             self._wait(discovery, idle_timeout)
@@ -283,11 +311,13 @@ class Service:
     def _wait(self, discovery: Discovery, idle_timeout: float | None) -> None:
         idle_since = time.monotonic()
         while not self._stop.wait(0.05):
-            for st in self.stages:
-                if st.error is not None:
-                    self.log.error("stage_failed", stage=st.name, reason=f"{st.error.__class__.__name__}: {st.error}")
-                    self.exit_code = 1
-                    self.request_stop(f"{st.name} failed")
+            failed = [(st.name, st.error) for st in self.stages if st.error is not None]
+            if discovery.error is not None or not discovery.is_alive():
+                failed.append(("xr-discovery", discovery.error or RuntimeError("thread ended")))
+            for name, err in failed:
+                self.log.error("stage_failed", stage=name, reason=f"{err.__class__.__name__}: {err}")
+                self.exit_code = 1
+                self.request_stop(f"{name} failed")
             busy = discovery.outstanding() > 0 or not discovery.first_scan_done.is_set()
             if busy:
                 idle_since = time.monotonic()

@@ -144,6 +144,10 @@ def test_out_of_range_value_is_rejected(tmp_path, section, key, value):
         ("augment", "jpeg_quality", [50, 101]),
         ("augment", "jpeg_quality", [95, 50]),
         ("augment", "blur_sigma", [-0.1, 1.0]),
+        ("daemon", "max_file_mb", 0),
+        ("daemon", "rescan_s", 0),
+        ("daemon", "stable_ms", -1),
+        ("output", "csv_max_rows", 0),
     ],
 )
 def test_numbers_outside_their_range_are_rejected(tmp_path, section, key, value):

@@ -131,3 +131,27 @@ def test_watchdog_thread_sees_renamed_file(tmp_path):
     finally:
         d.stop()
         d.join()
+
+
+def test_inotify_limit_falls_back_to_polling(tmp_path, monkeypatch):
+    """A host out of inotify watches (ENOSPC) must not stop the daemon: it polls and still finds files."""
+    import errno
+
+    import watchdog.observers
+
+    class NoInotify(watchdog.observers.Observer):
+        def start(self):
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(watchdog.observers, "Observer", NoInotify)
+    q = queue.Queue(maxsize=10)
+    d = Discovery(tmp_path, q, stable_ms=0, rescan_s=3600)
+    reason = d.start()
+    try:
+        assert reason and "inotify watch limit reached" in reason and "polling" in reason
+        assert d.first_scan_done.wait(10)
+        (tmp_path / "late.png").write_bytes(b"x")  # after the only scan: polling must see it
+        assert q.get(timeout=20).path.endswith("late.png")
+    finally:
+        d.stop()
+        d.join()

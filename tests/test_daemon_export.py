@@ -80,8 +80,64 @@ def test_crash_after_csv_before_db_update_writes_nothing_twice(tmp_path):
     with sessions.begin() as s:
         dbm.set_meta(s, "last_exported_id", 1)  # as if the process died before the DB update
     ex = CsvExporter(tmp_path / "csv", sessions, "daily")
-    assert ex.last_id == 3 and ex.export() == 0
+    assert ex.export() == 0 and ex.last_id == 3
     assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [1, 2, 3]
+    eng.dispose()
+
+
+def _crash_on(monkeypatch, name):
+    """atomic_append that dies (like kill -9) when it reaches the file called ``name``."""
+    import xr.daemon.export as export
+
+    real = export.atomic_append
+
+    def append(path, text, header=""):
+        if path.name == name:
+            raise SystemExit("killed")
+        real(path, text, header)
+
+    monkeypatch.setattr(export, "atomic_append", append)
+    return lambda: monkeypatch.setattr(export, "atomic_append", real)
+
+
+def test_crash_between_files_of_one_update_loses_nothing(tmp_path, monkeypatch):
+    """One update can write flagged.csv and two day files (rows finish out of order around midnight);
+    a crash between any two writes leaves every row exactly once after the restart."""
+    eng, sessions = _setup(tmp_path)
+    _add(sessions, 1, day=1, flagged=True)  # id 1, day 1
+    _add(sessions, 1, day=2, flagged=True)  # id 2, day 2
+    _add(sessions, 1, day=1, flagged=True)  # id 3, day 1 (committed before id 2)
+    for victim in ("results-2026-01-01.csv", "results-2026-01-02.csv", "flagged.csv"):
+        for p in (tmp_path / "csv").glob("*.csv"):
+            p.unlink()
+        with sessions.begin() as s:
+            dbm.set_meta(s, "last_exported_id", 0)
+        restore = _crash_on(monkeypatch, victim)
+        try:
+            CsvExporter(tmp_path / "csv", sessions, "daily").export()
+        except SystemExit:
+            pass
+        restore()
+        CsvExporter(tmp_path / "csv", sessions, "daily").export()  # the restart
+        assert _ids(tmp_path / "csv" / "results-2026-01-01.csv") == [1, 3], victim
+        assert _ids(tmp_path / "csv" / "results-2026-01-02.csv") == [2], victim
+        assert _ids(tmp_path / "csv" / "flagged.csv") == [1, 2, 3], victim
+    eng.dispose()
+
+
+def test_rotation_change_does_not_rewrite_rows(tmp_path):
+    eng, sessions = _setup(tmp_path)
+    _add(sessions, 2)
+    CsvExporter(tmp_path / "csv", sessions, "daily").export()
+    with sessions.begin() as s:
+        dbm.set_meta(s, "last_exported_id", 0)  # the daily run died before its DB update
+    _add(sessions, 1)
+    CsvExporter(tmp_path / "csv", sessions, "rows", max_rows=10).export()
+    assert _ids(tmp_path / "csv" / "results-2026-01-01.csv") == [1, 2]
+    assert _ids(tmp_path / "csv" / "results-000001.csv") == [3]  # numbered files start at 1, not after the day file
+    _add(sessions, 1)
+    CsvExporter(tmp_path / "csv", sessions, "rows", max_rows=10).export()
+    assert _ids(tmp_path / "csv" / "results-000001.csv") == [3, 4]
     eng.dispose()
 
 

@@ -76,3 +76,23 @@ def test_finisher_batches_csv_rewrites_under_a_stream(tmp_path):
     assert len(handled) == 200
     assert len(exporter.calls) <= 4, len(exporter.calls)  # not 200
     assert exporter.calls[-1] == handled  # everything handled reached the CSVs
+
+
+def test_move_copies_when_the_kernel_refuses_the_link(tmp_path, monkeypatch):
+    """protected_hardlinks: linking a file of another owner fails with EPERM; the move must still work."""
+    import errno
+
+    real_link = os.link
+    src = tmp_path / "in" / "a.png"
+    src.parent.mkdir()
+    src.write_bytes(b"data")
+
+    def link(a, b, **kw):
+        if os.fspath(a) == os.fspath(src):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_link(a, b, **kw)
+
+    monkeypatch.setattr(os, "link", link)
+    dst = move_no_overwrite(src, tmp_path / "out" / "a.png")
+    assert dst == tmp_path / "out" / "a.png" and dst.read_bytes() == b"data" and not src.exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]  # no temp file left

@@ -69,3 +69,12 @@ def test_missing_db_and_helpers(tmp_path, capsys):
     assert rc == 2 and "not found" in capsys.readouterr().err
     assert percentile([], 0.5) is None and percentile([1, 2, 3], 0.5) == 2
     assert (dt.datetime.utcnow() - parse_since("2h")).total_seconds() == pytest.approx(7200, abs=5)
+
+
+def test_since_includes_claimed_rows_received_in_the_window_and_limit_must_be_positive(out_dir, capsys):
+    rc, text = run("--output", str(out_dir), "--status", "claimed", "--since", "2026-01-01T11:00:00Z", "--format", "json")
+    assert rc == 0 and [r["filename"] for r in json.loads(text)] == ["c.png"]  # as `stats --since` counts it
+    for bad in ("0", "-3", "x"):
+        with pytest.raises(SystemExit):
+            run("--output", str(out_dir), "--limit", bad)
+        assert "expected a whole number >= 1" in capsys.readouterr().err

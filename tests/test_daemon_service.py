@@ -221,3 +221,115 @@ def test_cpu_trace_follows_the_config(tmp_path, tiny_checkpoint, xray_paths, cpu
     want = {p.name: r.logit for p, r in zip(xray_paths[:3], eager.predict_paths(xray_paths[:3]))}
     assert {r["filename"]: r["logit"] for r in _rows(tmp_path)} == pytest.approx(want, abs=1e-5)
 
+
+
+def test_inbox_inside_or_equal_to_the_output_folder(tmp_path, predictor, xray_paths):
+    """An inbox may sit inside the output folder or be it: its files are scored, and what the daemon
+    writes (processed/, failed/, csv/) is never read back as input."""
+    for name, inbox in (("inside", tmp_path / "out" / "inbox"), ("same", tmp_path / "out")):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        inbox.mkdir(parents=True)
+        for p in xray_paths[:3]:
+            shutil.copy(p, inbox / p.name)
+            os.utime(inbox / p.name, (1, 1))
+        log = configure_logging("json", stream=open(os.devnull, "w"))
+        svc = Service(_cfg(), watch=inbox, output=tmp_path / "out", predictor=predictor, log=log)
+        assert svc.run(idle_timeout=0.8) == 0, name
+        rows = _rows(tmp_path)
+        assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}, name
+        assert len(list((tmp_path / "out" / "processed").rglob("*.jpeg"))) == 3, name
+
+
+def test_inbox_inside_processed_is_refused(tmp_path, predictor):
+    (tmp_path / "out" / "processed").mkdir(parents=True)
+    log = configure_logging("json", stream=open(os.devnull, "w"))
+    svc = Service(_cfg(), watch=tmp_path / "out" / "processed", output=tmp_path / "out", predictor=predictor, log=log)
+    assert svc.run(idle_timeout=0.3) == 2
+
+
+def test_fifo_and_dangling_symlink_become_error_rows(tmp_path, predictor, xray_paths):
+    """Neither blocks nor is retried for ever: each gets an error row naming why, and goes to failed/."""
+    inbox = _inbox(tmp_path, xray_paths[:1])
+    os.mkfifo(inbox / "pipe.png")
+    (inbox / "dangling.png").symlink_to(inbox / "missing.png")
+    assert _svc(tmp_path, predictor, once=True).run() == 0
+    rows = {r["filename"]: r for r in _rows(tmp_path)}
+    assert rows[xray_paths[0].name]["status"] == "ok"
+    assert rows["pipe.png"]["status"] == "error" and "not a regular file (a FIFO)" in rows["pipe.png"]["error"]
+    assert rows["dangling.png"]["status"] == "error" and "symlink target not found" in rows["dangling.png"]["error"]
+    assert sorted(p.name for p in (tmp_path / "out" / "failed").iterdir()) == ["dangling.png", "pipe.png"]
+    assert not list(inbox.iterdir())
+
+
+def test_file_over_the_size_limit_is_an_error_row(tmp_path, predictor, xray_paths):
+    inbox = _inbox(tmp_path, xray_paths[:2])
+    svc = _svc(tmp_path, predictor, once=True)
+    small = min(os.path.getsize(inbox / p.name) for p in xray_paths[:2])
+    big = max(os.path.getsize(inbox / p.name) for p in xray_paths[:2])
+    svc.max_file_bytes = (small + big) // 2
+    assert small < big and svc.run() == 0
+    rows = sorted(_rows(tmp_path), key=lambda r: r["size_bytes"])
+    assert [r["status"] for r in rows] == ["ok", "error"]
+    assert f"over the limit of {svc.max_file_bytes:,}" in rows[1]["error"]
+
+
+def test_new_file_under_a_moved_name_is_not_moved_under_the_old_row(tmp_path, predictor, xray_paths):
+    """kill -9 after the move, before moved_at was committed, then a new file with the same name: the
+    restart records the old move and scores the new file as its own row."""
+    inbox = _inbox(tmp_path, xray_paths[:1])
+    out = tmp_path / "out"
+    a = inbox / xray_paths[0].name
+    st = os.lstat(a)
+    (out / "processed").mkdir(parents=True)
+    os.rename(a, out / "processed" / a.name)  # the move happened...
+    shutil.copy(xray_paths[1], a)  # ...and a different file now has the name
+    os.utime(a, (1, 1))
+    eng = make_engine(out / "results.sqlite")
+    t = dt.datetime(2026, 1, 1)
+    with session_factory(eng).begin() as s:  # ...but moved_at was never written
+        s.add(Result(path=str(a), filename=a.name, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns, sha256="a",
+                     status=dbm.OK, received_at=t, claimed_at=t, processed_at=t, moved_to=str(out / "processed" / a.name)))  # fmt: skip
+    eng.dispose()
+    assert _svc(tmp_path, predictor).run(idle_timeout=0.8) == 0
+    rows = _rows(tmp_path)
+    assert len(rows) == 2 and [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["moved_to"] == str(out / "processed" / a.name) and rows[0]["moved_at"]
+    assert rows[1]["moved_to"] == str(out / "processed" / f"{a.stem}-1{a.suffix}")
+    assert (out / "processed" / a.name).read_bytes() == xray_paths[0].read_bytes()
+    assert (out / "processed" / f"{a.stem}-1{a.suffix}").read_bytes() == xray_paths[1].read_bytes()
+
+
+def test_claim_left_by_a_run_on_another_inbox_is_rolled_back(tmp_path, predictor, xray_paths):
+    """A SIGTERM leaves claimed rows to redo; a restart on another inbox must not let them block the CSVs
+    for ever, nor mark an untouched file as failed."""
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(xray_paths[0], other / "x.jpeg")
+    st = os.lstat(other / "x.jpeg")
+    out = tmp_path / "out"
+    out.mkdir()
+    eng = make_engine(out / "results.sqlite")
+    t = dt.datetime(2026, 1, 1)
+    with session_factory(eng).begin() as s:
+        s.add(Result(path=str(other / "x.jpeg"), filename="x.jpeg", size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
+                     sha256=None, status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
+    eng.dispose()
+    _inbox(tmp_path, xray_paths[1:3])
+    assert _svc(tmp_path, predictor).run(idle_timeout=0.8) == 0
+    rows = _rows(tmp_path)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and (other / "x.jpeg").exists()
+    day_files = list((out / "csv").glob("results-*.csv"))
+    assert len(day_files) == 1 and len(day_files[0].read_text().splitlines()) == 3  # header + 2 rows
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_discovery_failure_stops_the_daemon_with_exit_1(tmp_path, predictor, xray_paths, monkeypatch):
+    """A dead discovery thread would leave a daemon that runs for ever and reads nothing."""
+    from xr.daemon.discovery import Discovery
+
+    def broken(self):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Discovery, "_check_pending", broken)
+    _inbox(tmp_path, xray_paths[:1])
+    assert _svc(tmp_path, predictor).run(idle_timeout=30) == 1
