@@ -101,6 +101,7 @@ def test_calibrate_stage_reruns_with_another_objective(run_dir):
     r = xr_train("calibrate", "--out", run_dir, "--objective", "youden")
     assert r.returncode == 0, r.stderr
     assert json.loads((run_dir / "calibration_threshold.json").read_text())["objective"] == "youden"
+    assert f"config: {run_dir / 'config.yaml'} (saved by an earlier run" in r.stderr  # said, not silent
     r = xr_train("calibrate", "--out", run_dir, "--objective", "f1")
     assert r.returncode == 0, r.stderr
 

@@ -51,6 +51,9 @@ def _overrides(args: argparse.Namespace) -> dict:
 def run_config(args: argparse.Namespace, out: Path) -> Config:
     """--config, else the run folder's saved config, else the project's config.yaml; then flags."""
     path = args.config or (out / "config.yaml" if (out / "config.yaml").exists() else DEFAULT_CONFIG_PATH)
+    if path == out / "config.yaml" and not args.config:
+        # a re-run keeps its run's settings, which later edits of the project's config.yaml do not reach
+        print(f"config: {path} (saved by an earlier run in this folder; --config FILE to use another)", file=sys.stderr)
     cfg = load_config(path, _overrides(args))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
