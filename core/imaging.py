@@ -121,23 +121,52 @@ def to_grayscale(img: Image.Image, name: str | Path | None = None) -> Image.Imag
     raise ImageError(name, f"unsupported image mode {mode!r}")
 
 
+# Pixels converted per band in _high_bit_depth_to_l. The float64 arithmetic needs ~30 bytes per pixel
+# of temporaries; doing it band by band keeps that to a few MB however large the film is.
+_BAND_PIXELS = 1 << 16
+
+
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     """Scale 16-bit (or 32-bit int) grayscale by the bit depth its values really use.
 
     A 12-bit detector stored in a 16-bit PNG has values up to 4095: dividing by 65535 would make it
     nearly black, clipping at 255 would make it white. The smallest bit depth (>= 8) that holds the
     maximum value is the image's real depth; ``v * 255 / (2**bits - 1)`` then reproduces its 8-bit export.
+
+    Works on bands of rows cropped from the image, so memory beyond the decoded image is the 8-bit
+    result plus one band's temporaries, not a 64-bit copy of the whole film (79 Mpx cost 3.5 GB).
     """
-    arr = np.asarray(img)
-    if arr.dtype.byteorder == ">" or arr.dtype != np.int64:
-        arr = arr.astype(np.int64)
-    lo = int(arr.min()) if arr.size else 0
-    if lo < 0:
-        arr = arr - lo  # signed data: shift to zero before measuring the range
-    hi = int(arr.max()) if arr.size else 0
-    bits = max(8, hi.bit_length())
-    scaled = np.rint(arr * (255.0 / float((1 << bits) - 1)))
-    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+    width, height = img.size
+    if width == 0 or height == 0:
+        return Image.new("L", img.size)
+    rows = max(1, _BAND_PIXELS // width)
+    bands = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+
+    def band(top: int, bottom: int) -> np.ndarray:
+        return np.asarray(img.crop((0, top, width, bottom)))
+
+    # First pass: the value range. PIL's getextrema() rejects I;16B/I;16L/I;16N, so numpy does it.
+    lo, hi = None, None
+    for top, bottom in bands:
+        values = band(top, bottom)
+        band_lo, band_hi = int(values.min()), int(values.max())
+        lo = band_lo if lo is None else min(lo, band_lo)
+        hi = band_hi if hi is None else max(hi, band_hi)
+    shift = -lo if lo < 0 else 0  # signed data: shift to zero before measuring the range
+    bits = max(8, (hi + shift).bit_length())
+    scale = 255.0 / float((1 << bits) - 1)
+
+    # Second pass: the same float64 formula as always (identical output), one band at a time.
+    out = np.empty((height, width), dtype=np.uint8)
+    for top, bottom in bands:
+        values = band(top, bottom).astype(np.int64)  # int64: also byte-swaps I;16B and holds int32 + shift
+        if shift:
+            values += shift
+        scaled = values * scale
+        np.rint(scaled, out=scaled)
+        np.clip(scaled, 0, 255, out=scaled)
+        out[top:bottom] = scaled
+    return Image.fromarray(out)
 
 
 def is_image_name(name: str) -> bool:

@@ -189,10 +189,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
-        raise CheckpointError(f"{path}: not an xr checkpoint (expected keys 'model' and 'meta')")
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken or foreign file
+        raise CheckpointError(f"{path}: not an xr-triage checkpoint ({_load_failure_reason(path, exc)})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("meta"), dict):
+        raise CheckpointError(f"{path}: not an xr-triage checkpoint (expected keys 'model' and 'meta')")
     meta = ckpt["meta"]
     for key in ("arch", "img_size", "normalize", "class_names", "preprocess"):
         if key not in meta:
@@ -213,6 +213,47 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, meta
+
+
+# Leading bytes of files people pass as --model by mistake, and what to call them.
+_FOREIGN_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "it is a PNG image"),
+    (b"\xff\xd8\xff", "it is a JPEG image"),
+    (b"SQLite format 3\x00", "it is an SQLite database"),
+)
+# torch.save writes a zip archive; files from before torch 1.6 are a bare pickle (protocol opcode 0x80).
+_TORCH_SIGNATURES = (b"PK\x03\x04", b"\x80")
+
+
+def _load_failure_reason(path: Path, exc: Exception) -> str:
+    """A one-line reason why torch.load failed, for the error message.
+
+    torch's own weights_only message is a page long and advises re-running with weights_only=False,
+    which would run code from the file: a checkpoint never needs that, so neither the advice nor the
+    text around it reaches the user.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as err:
+        return f"cannot read file: {err.strerror or err}"
+    if not head:
+        return "empty file"
+    for signature, kind in _FOREIGN_SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    if not head.startswith(_TORCH_SIGNATURES):
+        return "not a PyTorch file"
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        # The one line that says what was refused, e.g. "Unsupported global: GLOBAL numpy...".
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    # First sentence of the first line: torch follows it with advice that does not apply here.
+    detail = re.split(r"\.\s+(?=[A-Z])", lines[0])[0].rstrip(".") if lines else ""
+    if not detail or "weights_only" in detail:
+        return f"unreadable content ({exc.__class__.__name__})"
+    return f"unreadable content: {detail[:200]}"
 
 
 def _diff_keys(expected: dict[str, Any], got: dict[str, Any]) -> tuple[list[str], list[str]]:

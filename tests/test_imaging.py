@@ -163,6 +163,66 @@ def test_16bit_full_range_uses_every_grey_level():
     assert len(np.unique(out)) == 256
 
 
+def _old_high_bit_depth_formula(arr: np.ndarray) -> np.ndarray:
+    """The whole-image int64/float64 conversion imaging.py used before it worked in bands: the reference."""
+    arr = arr.astype(np.int64)
+    lo = int(arr.min())
+    if lo < 0:
+        arr = arr - lo
+    bits = max(8, int(arr.max()).bit_length())
+    return np.clip(np.rint(arr * (255.0 / float((1 << bits) - 1))), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("bits", [8, 9, 10, 12, 14, 15, 16])
+def test_16bit_conversion_equals_the_old_formula(bits, monkeypatch):
+    """Bit-for-bit the old output, with bands small enough that the image spans many (and a partial one)."""
+    import xr.core.imaging as imaging
+
+    monkeypatch.setattr(imaging, "_BAND_PIXELS", 3 * 37 + 5)  # 3 rows of 37 per band; 50 rows -> partial last
+    rng = np.random.default_rng(bits)
+    arr = rng.integers(0, 1 << bits, size=(50, 37), dtype=np.uint16)
+    arr[7, 3] = (1 << bits) - 1  # the depth in use is exactly `bits`
+    expected = _old_high_bit_depth_formula(arr)
+    via_png = decode_image(_png(Image.fromarray(arr)), name=f"rand{bits}.png")
+    assert np.array_equal(np.asarray(via_png), expected)
+    big_endian = Image.frombytes("I;16B", (37, 50), arr.astype(">u2").tobytes())
+    assert np.array_equal(np.asarray(to_grayscale(big_endian)), expected)
+    # A range that is not a full depth, in only the last (partial) band.
+    arr = rng.integers(0, 3, size=(50, 37), dtype=np.uint16)
+    arr[-1, -1] = rng.integers(256, 1 << bits) if bits > 8 else 200
+    assert np.array_equal(np.asarray(to_grayscale(Image.fromarray(arr))), _old_high_bit_depth_formula(arr))
+
+
+def test_signed_32bit_conversion_equals_the_old_formula(monkeypatch):
+    import xr.core.imaging as imaging
+
+    monkeypatch.setattr(imaging, "_BAND_PIXELS", 64)
+    rng = np.random.default_rng(0)
+    for lo, hi in [(-5000, 5000), (-(2**31), 2**31 - 1), (-9, -2), (0, 70000)]:
+        arr = rng.integers(lo, hi, size=(20, 9), dtype=np.int32, endpoint=True)
+        img = Image.fromarray(arr)
+        assert img.mode == "I"
+        assert np.array_equal(np.asarray(to_grayscale(img)), _old_high_bit_depth_formula(arr)), (lo, hi)
+
+
+def test_16bit_conversion_memory_is_a_few_bytes_per_pixel():
+    """A 79 Mpx 16-bit film took 3.5 GB through int64/float64 copies (~25 bytes/px): now the 8-bit result
+    plus one band. tracemalloc sees numpy's and Python's allocations, not PIL's decoded image."""
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 4096, size=(2000, 2000), dtype=np.uint16))
+    img.load()
+    tracemalloc.start()
+    try:
+        out = to_grayscale(img, name="big16.png")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.mode == "L" and out.size == (2000, 2000)
+    assert peak / (2000 * 2000) < 6, f"peak {peak / 1e6:.1f} MB = {peak / 4e6:.1f} bytes per pixel"
+
+
 def test_exif_orientation_is_applied():
     # Left half white on a landscape image; orientation 6 = "rotate 90 degrees clockwise to display".
     img = Image.new("L", (40, 20), 0)

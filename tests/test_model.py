@@ -180,17 +180,45 @@ def test_checkpoint_with_a_missing_tensor(saved, tmp_path):
 def test_garbage_and_foreign_files_raise_checkpoint_error(saved, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00\x01 definitely not a checkpoint" * 100)
-    with pytest.raises(CheckpointError, match="garbage.pt.*not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"garbage.pt: not an xr-triage checkpoint \(not a PyTorch file\)"):
         load_checkpoint(garbage)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "absent.pt")
     bare = tmp_path / "bare_state_dict.pt"
     torch.save({"conv_stem.weight": torch.zeros(1)}, bare)
-    with pytest.raises(CheckpointError, match="not an xr checkpoint"):
+    with pytest.raises(CheckpointError, match="not an xr-triage checkpoint"):
         load_checkpoint(bare)
     no_preset = _tampered(saved[0], tmp_path, "no_preset.pt", lambda raw: raw["meta"].pop("preprocess"))
     with pytest.raises(CheckpointError, match="preprocess"):
         load_checkpoint(no_preset)
+
+
+def test_foreign_file_error_is_one_short_line_without_weights_only_advice(tmp_path):
+    """torch's weights_only failure is a page that advises weights_only=False (which runs code from the
+    file): the user sees the file, "not an xr-triage checkpoint" and a short reason instead."""
+    import pickle
+
+    import numpy as np
+
+    png = tmp_path / "scan.png"
+    Image.new("L", (4, 4)).save(png)
+    foreign_pickle = tmp_path / "foreign_pickle.pt"
+    foreign_pickle.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    numpy_inside = tmp_path / "numpy_inside.pt"
+    torch.save({"model": np.zeros(3), "meta": {}}, numpy_inside)
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"model": {}, "meta": {}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    cases = [(png, "it is a PNG image"), (foreign_pickle, "unreadable content"), (numpy_inside, "numpy"),
+             (truncated, "unreadable content"), (empty, "empty file")]
+    for path, reason in cases:
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}: not an xr-triage checkpoint (") and reason in msg, msg
+        assert "weights_only" not in msg and "\n" not in msg and len(msg) < 300 + len(str(path)), msg
 
 
 def test_training_model_is_single_logit_on_imagenet_backbone():

@@ -139,3 +139,60 @@ def test_truncated_image_in_a_loader_worker_is_a_one_line_error(tiny_checkpoint,
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("xr-train: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"xr-train: error: {bad.resolve()}: truncated image data"), r.stderr
+
+
+# -- failures leave nothing behind; help says what each flag does ---------------------------------------
+def _main(capsys, monkeypatch, *args) -> tuple[int, str]:
+    """xr-train in this process (the failures below stop before any torch work): (status, stderr)."""
+    from xr.train import cli
+
+    monkeypatch.setattr(cli, "tune_malloc", lambda: False)  # not this test process's malloc settings
+    rc = cli.main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def test_a_stage_failing_on_its_inputs_writes_no_run_folder_or_config(tmp_path, capsys, monkeypatch):
+    """A config.yaml left by a failed run would be taken, silently, by every later run in that folder."""
+    rc, err = _main(capsys, monkeypatch, "split", "--data", tmp_path / "nope", "--out", tmp_path / "r1")
+    assert rc == 2 and "data folder not found" in err and "nope" in err, err
+    rc, err = _main(capsys, monkeypatch, "all", "--data", tmp_path / "nope", "--out", tmp_path / "r2")
+    assert rc == 2 and "data folder not found" in err, err
+    rc, err = _main(capsys, monkeypatch, "calibrate", "--out", tmp_path / "does-not-exist")
+    assert rc == 2 and "val_logits.csv not found" in err and "xr-train train --out" in err, err
+    (tmp_path / "empty").mkdir()
+    rc, err = _main(capsys, monkeypatch, "train", "--out", tmp_path / "empty")
+    assert rc == 2 and "split file missing" in err and "xr-train split" in err, err
+    rc, err = _main(capsys, monkeypatch, "calibrate", "--out", tmp_path / "empty")
+    assert rc == 2 and "val_logits.csv not found" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_evaluate_of_a_file_that_is_not_a_checkpoint_is_one_clear_line(fixtures_dir, tmp_path, capsys, monkeypatch):
+    png = tmp_path / "some.png"
+    Image.new("L", (8, 8)).save(png)
+    rc, err = _main(capsys, monkeypatch, "evaluate", "--data", fixtures_dir / "chest_xray" / "train",
+                    "--model", png, "--out", tmp_path / "eval")
+    assert rc == 2
+    assert err.strip() == f"xr-train: error: {png}: not an xr-triage checkpoint (it is a PNG image)", err
+    assert "weights_only" not in err
+
+
+def test_help_describes_each_stage_s_flags(capsys):
+    from xr.train.cli import build_parser
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+    evaluate = help_of("evaluate")
+    assert "output folder for predictions.csv" in evaluate and "run folder (default" not in evaluate
+    assert "the project's config.yaml" in evaluate and "saved config" not in evaluate
+    assert "--device" in evaluate
+    for command in ("split", "calibrate"):  # no model runs there: a --device flag would do nothing
+        text = help_of(command)
+        assert "--device" not in text and "run folder (default runs/latest)" in text
+        assert "run folder's saved config.yaml, else the project's config.yaml" in text
+    for command in ("train", "all"):
+        assert "--device" in help_of(command)

@@ -33,6 +33,7 @@ from xr.train.engine import BEST_CHECKPOINT, VAL_LOGITS, fit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / BEST_CHECKPOINT
+DEVICE_HELP = "auto (cuda, mps, cpu) | cuda | mps | cpu"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -55,9 +56,30 @@ def run_config(args: argparse.Namespace, out: Path) -> Config:
         # a re-run keeps its run's settings, which later edits of the project's config.yaml do not reach
         print(f"config: {path} (saved by an earlier run in this folder; --config FILE to use another)", file=sys.stderr)
     cfg = load_config(path, _overrides(args))
+    # A stage that is going to fail on its inputs must leave no run folder or config.yaml behind: a
+    # later run in that folder would take the saved config instead of the project's config.yaml.
+    check_stage_inputs(args, out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     return cfg
+
+
+def check_stage_inputs(args: argparse.Namespace, out: Path) -> None:
+    """Raise the stage's own error if the files it starts from are missing; writes nothing."""
+    command = args.command
+    if command in ("split", "all"):
+        discover(args.data)  # data folder not found / no images found
+    elif command == "train":
+        Splits.load(out / "splits")  # split file missing: ... (run `xr-train split` first)
+    elif command == "calibrate":
+        val_logits_path(out)
+
+
+def val_logits_path(out: Path) -> Path:
+    path = out / VAL_LOGITS
+    if not path.exists():
+        raise XRError(f"{path} not found: run `xr-train train --out {out}` first")
+    return path
 
 
 # -- stages -------------------------------------------------------------------------------------------
@@ -83,9 +105,7 @@ def stage_train(cfg: Config, out: Path, device: str) -> dict:
 
 
 def stage_calibrate(cfg: Config, out: Path) -> dict:
-    path = out / VAL_LOGITS
-    if not path.exists():
-        raise XRError(f"{path} not found: run `xr-train train --out {out}` first")
+    path = val_logits_path(out)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     logits = np.array([float(r["logit"]) for r in rows])
@@ -141,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, data=False, data_required=False):
+    def common(p, data=False, data_required=False, device=True):
         p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder (default runs/latest)")
-        p.add_argument("--config", type=Path, default=None, help="config file (default: the run's saved config, else config.yaml)")
-        p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cuda | mps | cpu")
+        p.add_argument("--config", type=Path, default=None,
+                       help="config file (default: the run folder's saved config.yaml, else the project's config.yaml)")
+        if device:  # split and calibrate run no model
+            p.add_argument("--device", default="auto", help=DEVICE_HELP)
         if data:
             p.add_argument("--data", type=Path, required=data_required, help="dataset root in the Kaggle layout")
 
@@ -161,16 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override data.test_patients_from: patients of the images under DIR go to the test split")
 
     p = sub.add_parser("split", help="carve val/test out of train by patient and save the file lists")
-    common(p, data=True, data_required=True)
+    common(p, data=True, data_required=True, device=False)
     split_flags(p)
     p = sub.add_parser("train", help="train from the saved splits")
     common(p)
     training_flags(p)
     p = sub.add_parser("calibrate", help="fit T and the threshold on the saved validation logits")
-    common(p)
+    common(p, device=False)
     p.add_argument("--objective", choices=cal.OBJECTIVES, help="override calibration.objective")
     p = sub.add_parser("evaluate", help="metrics and plots of a model on a labelled folder")
-    common(p, data=True)
+    # Not common(): --out is only where evaluate writes, and it never reads a run folder's saved config.
+    p.add_argument("--out", type=Path, default=Path("runs/latest"),
+                   help="output folder for predictions.csv, metrics.json and the plots (default runs/latest)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="config file (default: the project's config.yaml; a run folder's config.yaml only if named)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--data", type=Path,
+                   help="labelled folder (NORMAL/ and PNEUMONIA/), or a Kaggle-layout root: its test split")
     p.add_argument("--model", type=Path, default=None, help=f"checkpoint (default {DEFAULT_MODEL.relative_to(REPO_ROOT)})")
     p = sub.add_parser("all", help="split, train, calibrate and evaluate on the test split")
     common(p, data=True, data_required=True)
