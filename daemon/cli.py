@@ -53,11 +53,28 @@ def parse_overrides(args: argparse.Namespace) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise XRError(f"--set expects KEY=VALUE, got {item!r}")
-        ov[key.strip()] = yaml.safe_load(value)
+        try:
+            ov[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise XRError(f"--set {item}: the value is not valid YAML ({exc.__class__.__name__})") from None
     return ov
 
 
+def _exit_during_startup(signum: int, _frame) -> None:
+    # Until the service is up there is no batch to finish: leave quietly, as a signal later would.
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = {sig: signal.signal(sig, _exit_during_startup) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:  # torch takes seconds to import: a signal then must not end in a traceback
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from xr.daemon.logging import configure_logging
 

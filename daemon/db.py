@@ -8,6 +8,8 @@ after the move).
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from xr.core.errors import XRError
@@ -110,6 +113,29 @@ class Meta(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+# -- paths as the database holds them --------------------------------------------------------------
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def storable(path: str) -> str:
+    """``path`` as text SQLite can hold. A file name that is not valid UTF-8 reaches Python with its bad
+    bytes as surrogates, which no UTF-8 database, CSV or JSON log accepts: those bytes are written as
+    ``\\xNN`` instead. The file itself keeps its name until it is moved, to that escaped name."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def fs_path(stored: str) -> str:
+    """The file a stored path names: ``stored`` itself, or the name :func:`storable` escaped."""
+    if "\\x" not in stored or os.path.lexists(stored):
+        return stored
+    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), stored)
+    return raw if os.path.lexists(raw) else stored
+
+
 # -- engine ------------------------------------------------------------------------------------------
 def db_url(db: str | Path) -> str:
     """A SQLAlchemy URL as is, a path -> ``sqlite:///<absolute path>``."""
@@ -126,16 +152,20 @@ def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) 
     waits up to busy_timeout for it), so concurrent writers never fail with a lock upgrade error.
     """
     url = db_url(db)
-    if url.startswith("sqlite:///") and create:
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    try:
+        if url.startswith("sqlite:///") and create:
+            sqlite_file(url).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    except (ImportError, ArgumentError, OSError) as exc:  # a URL of an unknown or uninstalled driver, a bad folder
+        raise XRError(f"cannot open results database {url}: {exc}") from None
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # noqa: ANN001
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            if create:  # the writer; a reader (xr-results) must not rewrite the file it is asked to read
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=FULL")
@@ -145,11 +175,21 @@ def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) 
         def _begin(conn):  # noqa: ANN001
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
-    if create:
-        init_schema(engine)
-    else:
-        check_schema(engine)
+    try:
+        if create:
+            init_schema(engine)
+        else:
+            check_schema(engine)
+    except OperationalError as exc:  # read-only folder, a locked or unreachable server...
+        engine.dispose()
+        raise XRError(f"cannot open results database {url}: {exc.orig or exc}") from None
     return engine
+
+
+def sqlite_file(url: str) -> Path:
+    """The file of a ``sqlite:///`` URL, also in SQLite's URI form (``sqlite:///file:PATH?mode=ro&uri=true``)."""
+    path = url[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path[len("file:"):] if path.startswith("file:") else path)
 
 
 def init_schema(engine: Engine) -> None:
@@ -170,8 +210,10 @@ def check_schema(engine: Engine) -> None:
     with Session(engine) as s:
         try:
             row = s.get(Meta, "schema_version")
-        except Exception as exc:  # noqa: BLE001
-            raise XRError(f"not an xr-triage results database: {engine.url} ({exc.__class__.__name__})") from None
+        except DatabaseError as exc:
+            if "no such table" in str(exc) or "not a database" in str(exc):
+                raise XRError(f"not an xr-triage results database: {engine.url}") from None
+            raise XRError(f"cannot read results database {engine.url}: {exc.orig or exc}") from None
         if row is None:
             raise XRError(f"not an xr-triage results database: {engine.url}")
 

@@ -34,6 +34,7 @@ from xr.daemon.db import (
     first_ok_by_sha,
     owning_rows,
     rows_by_id,
+    storable,
     utcnow,
 )
 from xr.daemon.discovery import Discovery, FileItem
@@ -82,49 +83,47 @@ def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
     Never overwrites and never deletes data: a hard link is made first (``link`` fails if the name
     exists), then the inbox name is removed. Across file systems, or where the kernel refuses to link a
     file of another owner, the file is copied to a hidden temp name beside the destination and linked
-    from there.
+    from there. If the inbox name cannot be removed (a read-only share, a sticky folder), the new name
+    is taken back and the error raised: the file stays where it was, with no second copy.
     """
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(dst) and same_file(src, dst):
         os.unlink(src)  # a previous run linked it and died before unlinking the inbox name
         return dst
-    tmp: Path | None = None
     try:
-        for cand in candidate_names(dst):
-            try:
-                os.link(tmp or src, cand, follow_symlinks=False)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                # EXDEV: another file system. EPERM: protected_hardlinks (the default on Linux) refuses a
-                # link to a file the daemon does not own, the usual case when an exporter account writes
-                # the inbox. Both go through a copy the daemon owns.
-                if exc.errno not in (errno.EXDEV, errno.EPERM) or tmp is not None:
-                    raise
-                tmp = dst.with_name(f".{dst.name}.{os.getpid()}.moving")
-                if os.path.islink(src):
-                    os.symlink(os.readlink(src), tmp)
-                else:
-                    shutil.copy2(src, tmp)
-                    with open(tmp, "rb") as f:
-                        os.fsync(f.fileno())
-                return _finish_copy(src, tmp, dst)
-            os.unlink(src)
-            return cand
-    finally:
-        pass
-    raise AssertionError("unreachable")
+        new = _link_free_name(src, dst)
+    except OSError as exc:
+        # EXDEV: another file system. EPERM: protected_hardlinks (the default on Linux) refuses a link to
+        # a file the daemon does not own, the usual case when an exporter account writes the inbox.
+        if exc.errno not in (errno.EXDEV, errno.EPERM):
+            raise
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.moving")
+        try:
+            if os.path.islink(src):
+                os.symlink(os.readlink(src), tmp)
+            else:
+                shutil.copy2(src, tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            new = _link_free_name(tmp, dst)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+    try:
+        os.unlink(src)
+    except OSError:
+        os.unlink(new)
+        raise
+    return new
 
 
-def _finish_copy(src: Path, tmp: Path, dst: Path) -> Path:
+def _link_free_name(source: Path, dst: Path) -> Path:
     for cand in candidate_names(dst):
         try:
-            os.link(tmp, cand, follow_symlinks=False)
+            os.link(source, cand, follow_symlinks=False)
         except FileExistsError:
             continue
-        os.unlink(tmp)
-        os.unlink(src)
         return cand
     raise AssertionError("unreachable")
 
@@ -194,6 +193,7 @@ class Context:
             rel = Path(src).relative_to(self.inbox)
         except ValueError:
             rel = Path(Path(src).name)
+        rel = Path(storable(str(rel)))  # the row names its destination, so it must be a name the DB can hold
         with self.reserved_lock:
             dst = free_name(base / rel, self.reserved)
             self.reserved.add(str(dst))
@@ -332,11 +332,11 @@ class Claimer(Stage):
         now = utcnow()
         works: list[Work] = []
         with ctx.sessions.begin() as s:
-            owners = owning_rows(s, [(item.path, item.size, item.mtime_ns) for item, _, _ in reads])
+            owners = owning_rows(s, [(storable(item.path), item.size, item.mtime_ns) for item, _, _ in reads])
             claimed: list[tuple[Result, FileItem, bytes | None, str | None]] = []
             for item, data, err in reads:
                 sha = hashlib.sha256(data).hexdigest() if data is not None else None
-                row = owners.get((item.path, item.size, item.mtime_ns))
+                row = owners.get((storable(item.path), item.size, item.mtime_ns))
                 if row is not None and row.status != CLAIMED:
                     # already final (a previous run committed it): only the move may be left
                     self.slots.release()
@@ -344,8 +344,8 @@ class Claimer(Stage):
                     continue
                 if row is None:
                     row = Result(
-                        path=item.path,
-                        filename=os.path.basename(item.path),
+                        path=storable(item.path),
+                        filename=os.path.basename(storable(item.path)),
                         size_bytes=item.size,
                         mtime_ns=item.mtime_ns,
                         sha256=sha,
@@ -463,7 +463,7 @@ class Inferer(Stage):
                 row.latency_ms = max(0.0, (now - w.received_at).total_seconds() * 1000)
                 row.model_id, row.threshold, row.temperature = pred.model_id, pred.threshold, pred.temperature
                 if w.error is not None:
-                    row.status, row.error = ERROR, w.error
+                    row.status, row.error = ERROR, storable(w.error)
                 elif w.duplicate_of is not None:
                     row.status, row.duplicate_of = DUPLICATE, w.duplicate_of
                     first = rows[w.duplicate_of]
@@ -559,12 +559,16 @@ class Finisher(Stage):
                 else:
                     actual = str(move_no_overwrite(d.src, d.moved_to))
                 moved[d.row_id] = (actual, utcnow())
+                settled = None
             except OSError as exc:
                 ctx.log.error("move_failed", file=d.src, destination=d.moved_to, reason=str(exc))
+                # Scored and committed: a rescan must not pick it up again. The next start retries the
+                # move (its row keeps moved_at empty).
+                settled = d.identity
             finally:
                 with ctx.reserved_lock:
                     ctx.reserved.discard(d.moved_to)
-                ctx.discovery.release(d.src)
+            ctx.discovery.release(d.src, settled=settled)
         if moved:
             with ctx.sessions.begin() as s:
                 rows = rows_by_id(s, list(moved))

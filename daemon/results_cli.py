@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from xr.core.config import load_config
 from xr.core.errors import XRError
-from xr.daemon.db import EXPORT_COLUMNS, FINAL_STATUSES, STATUSES, Result, db_url, make_engine, session_factory
+from xr.daemon.db import EXPORT_COLUMNS, FINAL_STATUSES, STATUSES, Result, db_url, make_engine, session_factory, sqlite_file
 from xr.daemon.export import format_value
 
 TABLE_COLUMNS = ("id", "processed_at", "filename", "status", "probability", "label", "flagged", "error")
@@ -79,8 +79,8 @@ def open_db(args: argparse.Namespace):
     cfg = load_config(args.config)
     db = args.db or cfg.daemon.db or str(Path(args.output or cfg.daemon.output) / "results.sqlite")
     url = db_url(db)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        raise XRError(f"results database not found: {url[len('sqlite:///'):]}")
+    if url.startswith("sqlite:///") and not sqlite_file(url).exists():
+        raise XRError(f"results database not found: {sqlite_file(url)}")
     return make_engine(db, create=False, immediate=False)
 
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import math
 import os
 import queue
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,8 +18,8 @@ from sqlalchemy import select
 
 from xr.core.config import DEFAULT_CONFIG_PATH, Config, DaemonConfig
 from xr.core.errors import XRError
-from xr.core.predict import Predictor
-from xr.daemon.db import CLAIMED, ERROR, Result, make_engine, session_factory, utcnow
+from xr.core.predict import CALIBRATION_FILE, Predictor
+from xr.daemon.db import CLAIMED, ERROR, Result, db_url, fs_path, make_engine, session_factory, sqlite_file, utcnow
 from xr.daemon.discovery import Discovery
 from xr.daemon.export import CsvExporter
 from xr.daemon.logging import get_logger
@@ -113,6 +115,7 @@ class Service:
         self.signals = 0
         self.exit_code = 0
         self.stages: list = []
+        self._lock_fds: list[int] = []
 
     # -- control ----------------------------------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
@@ -125,18 +128,43 @@ class Service:
         self.signals += 1
         if self.signals > 1:
             os._exit(128 + signum)
-        self.request_stop(reason=f"signal {signum}")
+        self._stop.set()  # before logging, which must not be what decides whether the daemon stops
+        self.log.info("stopping", reason=f"signal {signum}")
 
     # -- set-up -------------------------------------------------------------------------------------------
     def _lock(self) -> None:
-        self.output.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.output / ".xr-daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """One daemon per output folder, per results database and per inbox: two on one database would
+        roll back each other's claims, two on one inbox would score every file twice."""
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise XRError(f"another xr-daemon is already running with output folder {self.output}") from None
+            self.output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise XRError(f"cannot create output folder {self.output}: {exc.strerror or exc}") from None
+        locks = [(self.output / ".xr-daemon.lock", f"output folder {self.output}", True)]
+        url = db_url(self.db)
+        if url.startswith("sqlite:///"):
+            db_file = sqlite_file(url)
+            locks.append((db_file.with_name(f".{db_file.name}.xr-daemon.lock"), f"results database {db_file}", True))
+        # The inbox is the users' folder: its lock lives in the temp folder, named after the inbox's path.
+        tag = hashlib.sha256(os.fsencode(self.inbox)).hexdigest()[:16]
+        locks.append((Path(tempfile.gettempdir()) / f"xr-daemon-inbox-{tag}.lock", f"watch folder {self.inbox}", False))
+        seen: set[Path] = set()
+        for path, what, required in locks:
+            if path in seen:
+                continue
+            seen.add(path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if required:
+                    raise XRError(f"cannot use {what}: {exc.strerror or exc}") from None
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise XRError(f"another xr-daemon is already running with {what}") from None
+            self._lock_fds.append(fd)
 
     def _load_predictor(self) -> Predictor:
         if self._predictor is not None:
@@ -163,6 +191,12 @@ class Service:
                 pred.trace_forward(self.cfg.daemon.batch_size)
             except RuntimeError as exc:  # a trace that fails or scores differently: the eager forward stays
                 self.log.warning("cpu_trace_unavailable", reason=str(exc))
+        if (pred.calibration.extra or {}).get("calibrated") is False:
+            # a triage model at T = 1 and threshold 0.5 flags other cases than the one validated
+            self.log.warning(
+                "uncalibrated_model",
+                reason=f"no {CALIBRATION_FILE} beside {self.model_path}: temperature 1, threshold 0.5",
+            )
         self.log.info(
             "model_ready",
             model=str(self.model_path),
@@ -185,7 +219,8 @@ class Service:
         now = utcnow()
         with ctx.sessions.begin() as s:
             for row in s.scalars(select(Result).where(Result.status == CLAIMED)):
-                if not _inside(Path(row.path), self.inbox) or ctx.discovery.is_excluded(row.path):
+                path = fs_path(row.path)
+                if not _inside(Path(path), self.inbox) or ctx.discovery.is_excluded(path):
                     # Claimed by a run that watched another folder and stopped before scoring it: this run
                     # will never redo it, and a claimed row would hold back every later row from the CSVs.
                     # The claim is rolled back; the file, untouched, is new work wherever it is watched.
@@ -193,7 +228,7 @@ class Service:
                     stats["claimed_released"] += 1
                     continue
                 try:
-                    st = os.lstat(row.path)
+                    st = os.lstat(path)
                     same = (st.st_size, st.st_mtime_ns) == (row.size_bytes, row.mtime_ns)
                 except OSError:
                     same = False
@@ -207,7 +242,7 @@ class Service:
             pending = s.scalars(
                 select(Result).where(Result.status != CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None))
             ).all()
-            jobs = [Done(r.id, r.path, (r.size_bytes, r.mtime_ns), r.moved_to) for r in pending]
+            jobs = [Done(r.id, fs_path(r.path), (r.size_bytes, r.mtime_ns), r.moved_to) for r in pending]
         for d in jobs:
             with ctx.reserved_lock:
                 ctx.reserved.add(d.moved_to)
@@ -222,7 +257,6 @@ class Service:
         d = self.cfg.daemon
         engine = None
         discovery = None
-        self._lock_fd = None
         try:
             if not self.inbox.is_dir():
                 raise XRError(f"watch folder not found: {self.inbox}")
@@ -304,8 +338,9 @@ class Service:
             self._shutdown(discovery)
             if engine is not None:
                 engine.dispose()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
+            for fd in self._lock_fds:
+                os.close(fd)
+            self._lock_fds = []
         return self.exit_code
 
     def _wait(self, discovery: Discovery, idle_timeout: float | None) -> None:

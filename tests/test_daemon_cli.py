@@ -31,3 +31,20 @@ def test_json_and_console_logs():
     configure_logging("console", stream=buf).error("file_error", file="/in/b.png", reason="empty file (0 bytes)")
     out = buf.getvalue()
     assert "file_error" in out and "empty file" in out and not out.startswith("{")
+
+
+def test_malformed_set_value_exits_2(tmp_path, capsys):
+    assert main(["--watch", str(tmp_path), "--set", "daemon.batch_size=["]) == 2
+    assert "--set daemon.batch_size=[: the value is not valid YAML" in capsys.readouterr().err
+
+
+def test_a_closed_log_stream_is_not_fatal():
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    log = configure_logging("json", stream=Closed())
+    log.error("file_error", file="/in/a.png", reason="x")  # no exception
+    buf = io.StringIO()
+    configure_logging("json", stream=buf).info("seen", file="/in/caf\udce9.png")  # a name that is not UTF-8
+    assert json.loads(buf.getvalue())["file"] == "/in/caf\udce9.png"

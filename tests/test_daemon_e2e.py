@@ -342,3 +342,24 @@ def test_kill9_restart_accounting(tmp_path, tiny_checkpoint, xray_paths):
     assert sum(r["status"] == "duplicate" for r in rows) >= 2
     exported = [int(r["id"]) for r in csv_rows(tmp_path)]
     assert exported == [r["id"] for r in rows]  # the CSVs hold each row exactly once
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has installed a handler for ``signum`` (``SigCgt`` in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_sigterm_while_starting_exits_0_without_a_traceback(tmp_path, tiny_checkpoint):
+    (tmp_path / "inbox").mkdir()
+    proc, log = start_daemon(tmp_path, tiny_checkpoint)
+    try:
+        wait_for(lambda: _catches(proc.pid, signal.SIGTERM), 60, proc, "the SIGTERM handler")
+        proc.send_signal(signal.SIGTERM)  # most likely while torch is still importing
+        assert proc.wait(120) == 0
+        assert "Traceback" not in log.read_text(errors="replace")
+    finally:
+        stop(proc)

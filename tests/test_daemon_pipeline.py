@@ -96,3 +96,38 @@ def test_move_copies_when_the_kernel_refuses_the_link(tmp_path, monkeypatch):
     dst = move_no_overwrite(src, tmp_path / "out" / "a.png")
     assert dst == tmp_path / "out" / "a.png" and dst.read_bytes() == b"data" and not src.exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]  # no temp file left
+
+
+def test_move_that_cannot_remove_the_inbox_file_leaves_no_copy(tmp_path, monkeypatch):
+    """A read-only share or a sticky folder: the file stays where it was, and processed/ gets no
+    copy (a copy per retry filled the disk), on the link path and on the copy path alike."""
+    import errno
+
+    real_unlink, real_link = os.unlink, os.link
+    for refuse_link in (False, True):
+        src = tmp_path / f"in{refuse_link}" / "a.png"
+        src.parent.mkdir()
+        src.write_bytes(b"data")
+
+        def unlink(p, *a, _src=src, **kw):
+            if os.fspath(p) == os.fspath(_src):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_unlink(p, *a, **kw)
+
+        def link(a, b, _src=src, _refuse=refuse_link, **kw):
+            if _refuse and os.fspath(a) == os.fspath(_src):
+                raise PermissionError(errno.EPERM, "Operation not permitted")
+            return real_link(a, b, **kw)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        monkeypatch.setattr(os, "link", link)
+        out = tmp_path / f"out{refuse_link}"
+        for _ in range(2):  # a retry
+            try:
+                move_no_overwrite(src, out / "a.png")
+            except PermissionError:
+                pass
+            else:
+                raise AssertionError("the move should fail")
+        monkeypatch.undo()
+        assert src.read_bytes() == b"data" and list(out.iterdir()) == []

@@ -78,3 +78,14 @@ def test_since_includes_claimed_rows_received_in_the_window_and_limit_must_be_po
         with pytest.raises(SystemExit):
             run("--output", str(out_dir), "--limit", bad)
         assert "expected a whole number >= 1" in capsys.readouterr().err
+
+
+def test_reader_url_query_and_files_that_are_not_results(out_dir, tmp_path, capsys):
+    url = f"sqlite:///file:{out_dir / 'results.sqlite'}?mode=ro&uri=true"  # SQLite's read-only URI form
+    rc, text = run("--db", url, "--format", "json")
+    assert rc == 0 and len(json.loads(text)) == 11
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    rc, _ = run("--db", str(empty))
+    assert rc == 2 and "not an xr-triage results database" in capsys.readouterr().err
+    assert empty.stat().st_size == 0  # a reader never rewrites the file it was pointed at

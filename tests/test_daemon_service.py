@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 import datetime as dt
+import io
+import json
 import os
 import shutil
 import sqlite3
@@ -333,3 +335,75 @@ def test_discovery_failure_stops_the_daemon_with_exit_1(tmp_path, predictor, xra
     monkeypatch.setattr(Discovery, "_check_pending", broken)
     _inbox(tmp_path, xray_paths[:1])
     assert _svc(tmp_path, predictor).run(idle_timeout=30) == 1
+
+
+def test_file_name_that_is_not_utf8_is_scored_not_fatal(tmp_path, predictor, xray_paths):
+    """Such a name cannot go into SQLite as is; it is stored (and moved) with \\xNN escapes."""
+    inbox = _inbox(tmp_path, xray_paths[:1])
+    raw = os.path.join(os.fsencode(inbox), b"caf\xe9.jpeg")
+    shutil.copy(xray_paths[1], raw)
+    os.utime(raw, (1, 1))
+    assert _svc(tmp_path, predictor, once=True).run() == 0
+    rows = {r["filename"]: r for r in _rows(tmp_path)}
+    assert set(rows) == {xray_paths[0].name, "caf\\xe9.jpeg"} and {r["status"] for r in rows.values()} == {"ok"}
+    moved = tmp_path / "out" / "processed" / "caf\\xe9.jpeg"
+    assert rows["caf\\xe9.jpeg"]["moved_to"] == str(moved) and moved.read_bytes() == xray_paths[1].read_bytes()
+    assert not list(inbox.iterdir())
+
+
+def test_second_daemon_on_the_same_database_or_inbox_is_refused(tmp_path, predictor, xray_paths):
+    _inbox(tmp_path, xray_paths[:1])
+    log = configure_logging("json", stream=open(os.devnull, "w"))
+    shared_db = str(tmp_path / "shared.sqlite")
+    first = Service(_cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", db=shared_db, predictor=predictor, log=log)
+    first._lock()  # as a running daemon holds it
+    try:
+        (tmp_path / "inbox2").mkdir()
+        same_db = Service(_cfg(), watch=tmp_path / "inbox2", output=tmp_path / "out2", db=shared_db, predictor=predictor, log=log)
+        assert same_db.run(idle_timeout=0.3) == 2
+        same_inbox = Service(_cfg(), watch=tmp_path / "inbox", output=tmp_path / "out3", predictor=predictor, log=log)
+        assert same_inbox.run(idle_timeout=0.3) == 2
+    finally:
+        for fd in first._lock_fds:
+            os.close(fd)
+    assert not (tmp_path / "out2" / "results.sqlite").exists()
+
+
+def test_setup_problems_exit_2_with_the_reason(tmp_path, predictor, capsys):
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "afile").write_text("x")
+    buf = io.StringIO()
+    log = configure_logging("json", stream=buf)
+    cases = [
+        ({"output": tmp_path / "afile" / "out"}, "cannot create output folder"),
+        ({"output": tmp_path / "out", "db": "nosuchdriver://host/db"}, "cannot open results database"),
+    ]
+    for kw, reason in cases:
+        svc = Service(_cfg(), watch=tmp_path / "inbox", predictor=predictor, log=log, **kw)
+        assert svc.run(idle_timeout=0.3) == 2, reason
+        assert reason in buf.getvalue()
+
+
+def test_a_closed_log_pipe_does_not_stop_the_daemon(tmp_path, predictor, xray_paths):
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    _inbox(tmp_path, xray_paths[:3])
+    log = configure_logging("json", stream=ClosedPipe())
+    svc = Service(_cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", predictor=predictor, log=log, once=True)
+    assert svc.run() == 0
+    rows = _rows(tmp_path)
+    assert len(rows) == 3 and all(r["status"] == "ok" and r["moved_at"] for r in rows)
+
+
+def test_uncalibrated_checkpoint_is_a_warning(tmp_path, tiny_checkpoint):
+    ckpt = tmp_path / "nocal" / "model.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_checkpoint, ckpt)  # without the calibration file beside it
+    (tmp_path / "inbox").mkdir()
+    buf = io.StringIO()
+    svc = Service(_cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", model=ckpt, log=configure_logging("json", stream=buf))
+    assert svc.run(idle_timeout=0.3) == 0
+    warn = [e for e in map(json.loads, buf.getvalue().splitlines()) if e["event"] == "uncalibrated_model"]
+    assert warn and warn[0]["level"] == "warning" and "temperature 1, threshold 0.5" in warn[0]["reason"]
