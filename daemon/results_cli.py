@@ -161,7 +161,13 @@ def main(argv: list[str] | None = None, out=None) -> int:
 
 
 def _main(argv: list[str] | None, out) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "stats":
+        ignored = [flag for flag, value in (("--flagged", args.flagged), ("--status", args.status),
+                   ("--limit", args.limit), ("--all-columns", args.all_columns)) if value]  # fmt: skip
+        if ignored:
+            parser.error(f"stats counts every row (optionally --since); {', '.join(ignored)} only apply to list")
     try:
         engine = open_db(args)
     except XRError as exc:

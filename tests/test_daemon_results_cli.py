@@ -89,3 +89,9 @@ def test_reader_url_query_and_files_that_are_not_results(out_dir, tmp_path, caps
     rc, _ = run("--db", str(empty))
     assert rc == 2 and "not an xr-triage results database" in capsys.readouterr().err
     assert empty.stat().st_size == 0  # a reader never rewrites the file it was pointed at
+
+
+def test_stats_refuses_list_filters_instead_of_ignoring_them(out_dir, capsys):
+    with pytest.raises(SystemExit):
+        run("--output", str(out_dir), "--flagged", "stats")
+    assert "--flagged only apply to list" in capsys.readouterr().err
