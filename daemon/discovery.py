@@ -232,14 +232,19 @@ class Discovery:
         path = str(Path(path))
         return any(path.startswith(ex + os.sep) for ex in self.exclude)
 
-    def note(self, path: str, moved: bool = False) -> bool:
-        """A hint that ``path`` exists (event or scan). Returns True when it is newly pending."""
+    def would_read(self, path: str) -> bool:
+        """Whether ``path`` is a file this discovery hands on: an image name inside the inbox, in no
+        hidden sub-folder, outside the excluded folders."""
         p = Path(path)
         if not is_candidate_name(p.name) or not _inside(p, self.inbox):
             return False
         if any(part.startswith(".") for part in p.relative_to(self.inbox).parts[:-1]):
             return False
-        if self.is_excluded(path):
+        return not self.is_excluded(path)
+
+    def note(self, path: str, moved: bool = False) -> bool:
+        """A hint that ``path`` exists (event or scan). Returns True when it is newly pending."""
+        if not self.would_read(path):
             return False
         try:
             st = os.lstat(path)

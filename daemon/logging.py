@@ -24,7 +24,10 @@ class SafeStream:
             try:
                 self.stream.write(text)
             except UnicodeEncodeError:
-                self.stream.write(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                enc = getattr(self.stream, "encoding", None) or "ascii"
+                self.stream.write(text.encode(enc, "backslashreplace").decode(enc))
+        except UnicodeError:
+            pass  # this line only; the next ones may well be writable
         except (OSError, ValueError):  # BrokenPipeError, EIO, or a stream closed under us
             self.closed = True
 

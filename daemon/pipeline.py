@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime as dt
 import errno
+import filecmp
 import hashlib
 import os
 import queue
@@ -77,6 +78,19 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+def same_copy(src: str | Path, dst: str | Path) -> bool:
+    """``dst`` is a finished copy of ``src`` made by the copy path (copy2 keeps size and mtime)."""
+    try:
+        ss, sd = os.lstat(src), os.lstat(dst)
+    except OSError:
+        return False
+    if (ss.st_size, ss.st_mtime_ns, stat.S_IFMT(ss.st_mode)) != (sd.st_size, sd.st_mtime_ns, stat.S_IFMT(sd.st_mode)):
+        return False
+    if stat.S_ISLNK(ss.st_mode):
+        return os.readlink(src) == os.readlink(dst)
+    return filecmp.cmp(src, dst, shallow=False)
+
+
 def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
     """Move ``src`` (a file or a symlink itself) to ``dst`` or, if taken, to ``dst`` with a ``-N`` suffix.
 
@@ -88,8 +102,13 @@ def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
     """
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if os.path.lexists(dst) and same_file(src, dst):
-        os.unlink(src)  # a previous run linked it and died before unlinking the inbox name
+    tmp = dst.with_name(f".{dst.name}.moving")  # one name per destination: a crash's leftover is found
+    if os.path.lexists(dst) and (same_file(src, dst) or same_copy(src, dst)):
+        # A previous run linked or copied it there and died before removing the inbox name. ``dst`` is
+        # the name this file's row reserved, so an equal file there is that copy, not another file.
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.unlink(src)
         return dst
     try:
         new = _link_free_name(src, dst)
@@ -98,8 +117,9 @@ def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
         # a file the daemon does not own, the usual case when an exporter account writes the inbox.
         if exc.errno not in (errno.EXDEV, errno.EPERM):
             raise
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.moving")
         try:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
             if os.path.islink(src):
                 os.symlink(os.readlink(src), tmp)
             else:
@@ -112,6 +132,8 @@ def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
                 os.unlink(tmp)
     try:
         os.unlink(src)
+    except FileNotFoundError:
+        pass  # someone else removed or renamed the inbox name meanwhile: ``new`` holds the data
     except OSError:
         os.unlink(new)
         raise

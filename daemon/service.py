@@ -116,6 +116,7 @@ class Service:
         self.exit_code = 0
         self.stages: list = []
         self._lock_fds: list[int] = []
+        self._signal_reason: str | None = None
 
     # -- control ----------------------------------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
@@ -128,8 +129,10 @@ class Service:
         self.signals += 1
         if self.signals > 1:
             os._exit(128 + signum)
-        self._stop.set()  # before logging, which must not be what decides whether the daemon stops
-        self.log.info("stopping", reason=f"signal {signum}")
+        # No logging here: the handler runs between two bytecodes of the main thread, which may hold the
+        # log stream's lock. The wait loop logs the stop.
+        self._signal_reason = f"signal {signum}"
+        self._stop.set()
 
     # -- set-up -------------------------------------------------------------------------------------------
     def _lock(self) -> None:
@@ -161,9 +164,13 @@ class Service:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as exc:
                 os.close(fd)
-                raise XRError(f"another xr-daemon is already running with {what}") from None
+                if isinstance(exc, BlockingIOError):
+                    raise XRError(f"another xr-daemon is already running with {what}") from None
+                if required:  # e.g. ENOLCK on a network file system
+                    raise XRError(f"cannot lock {what}: {exc.strerror or exc}") from None
+                continue
             self._lock_fds.append(fd)
 
     def _load_predictor(self) -> Predictor:
@@ -220,10 +227,11 @@ class Service:
         with ctx.sessions.begin() as s:
             for row in s.scalars(select(Result).where(Result.status == CLAIMED)):
                 path = fs_path(row.path)
-                if not _inside(Path(path), self.inbox) or ctx.discovery.is_excluded(path):
-                    # Claimed by a run that watched another folder and stopped before scoring it: this run
-                    # will never redo it, and a claimed row would hold back every later row from the CSVs.
-                    # The claim is rolled back; the file, untouched, is new work wherever it is watched.
+                if not ctx.discovery.would_read(path):
+                    # Claimed by a run that watched another folder (or read other names) and stopped before
+                    # scoring it: this run will never redo it, and a claimed row would hold back every later
+                    # row from the CSVs. The claim is rolled back; the file, untouched, is new work wherever
+                    # it is watched.
                     s.delete(row)
                     stats["claimed_released"] += 1
                     continue
@@ -360,6 +368,8 @@ class Service:
                 self.request_stop("once: inbox done")
             elif idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
                 self.request_stop("idle_timeout")
+        if self._signal_reason:
+            self.log.info("stopping", reason=self._signal_reason)
 
     def _shutdown(self, discovery: Discovery | None) -> None:
         t0 = time.perf_counter()

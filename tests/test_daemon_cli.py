@@ -48,3 +48,14 @@ def test_a_closed_log_stream_is_not_fatal():
     buf = io.StringIO()
     configure_logging("json", stream=buf).info("seen", file="/in/caf\udce9.png")  # a name that is not UTF-8
     assert json.loads(buf.getvalue())["file"] == "/in/caf\udce9.png"
+
+
+def test_a_name_the_log_stream_cannot_encode_does_not_silence_later_lines():
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="latin-1", errors="strict", write_through=True)
+    log = configure_logging("console", stream=stream)
+    log.info("one")
+    log.info("two", file="/in/снимок.png")
+    log.info("three")
+    text = raw.getvalue().decode("latin-1")
+    assert "one" in text and "two" in text and "three" in text

@@ -131,3 +131,38 @@ def test_move_that_cannot_remove_the_inbox_file_leaves_no_copy(tmp_path, monkeyp
                 raise AssertionError("the move should fail")
         monkeypatch.undo()
         assert src.read_bytes() == b"data" and list(out.iterdir()) == []
+
+
+def test_copy_finished_before_a_crash_is_recognised(tmp_path):
+    """The copy path (other file system, or a file of another owner) died after the copy got its name and
+    before the inbox name was removed: the restart must not make a second copy."""
+    import shutil
+
+    src = tmp_path / "in" / "a.png"
+    src.parent.mkdir()
+    src.write_bytes(b"data")
+    (tmp_path / "out").mkdir()
+    shutil.copy2(src, tmp_path / "out" / "a.png")  # what the crashed move left
+    (tmp_path / "out" / ".a.png.moving").write_bytes(b"da")  # and a half temp copy of an earlier try
+    dst = move_no_overwrite(src, tmp_path / "out" / "a.png")
+    assert dst == tmp_path / "out" / "a.png" and not src.exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]  # the temp leftover too
+    other = tmp_path / "in" / "b.png"  # same name reserved, different content: never taken for a copy
+    other.write_bytes(b"other")
+    assert move_no_overwrite(other, tmp_path / "out" / "a.png").name == "a-1.png"
+
+
+def test_inbox_name_removed_by_someone_else_mid_move_keeps_the_moved_file(tmp_path, monkeypatch):
+    real_unlink = os.unlink
+    src = tmp_path / "a.png"
+    src.write_bytes(b"data")
+
+    def unlink(p, *a, **kw):
+        if os.fspath(p) == os.fspath(src):
+            real_unlink(p)  # another process got there first
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_unlink(p, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    dst = move_no_overwrite(src, tmp_path / "out" / "a.png")
+    assert dst.read_bytes() == b"data" and not src.exists()

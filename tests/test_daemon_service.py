@@ -407,3 +407,24 @@ def test_uncalibrated_checkpoint_is_a_warning(tmp_path, tiny_checkpoint):
     assert svc.run(idle_timeout=0.3) == 0
     warn = [e for e in map(json.loads, buf.getvalue().splitlines()) if e["event"] == "uncalibrated_model"]
     assert warn and warn[0]["level"] == "warning" and "temperature 1, threshold 0.5" in warn[0]["reason"]
+
+
+def test_claim_on_a_file_discovery_would_not_read_is_rolled_back(tmp_path, predictor, xray_paths):
+    """A run that watched inbox/.old died holding a claim there; a run on inbox/ never reads hidden
+    folders, so that claim must not hold back the CSVs."""
+    inbox = _inbox(tmp_path, xray_paths[1:2])
+    hidden = inbox / ".old"
+    hidden.mkdir()
+    shutil.copy(xray_paths[0], hidden / "x.jpeg")
+    st = os.lstat(hidden / "x.jpeg")
+    out = tmp_path / "out"
+    out.mkdir()
+    eng = make_engine(out / "results.sqlite")
+    t = dt.datetime(2026, 1, 1)
+    with session_factory(eng).begin() as s:
+        s.add(Result(path=str(hidden / "x.jpeg"), filename="x.jpeg", size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
+                     sha256=None, status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
+    eng.dispose()
+    assert _svc(tmp_path, predictor).run(idle_timeout=0.8) == 0
+    assert [r["status"] for r in _rows(tmp_path)] == ["ok"] and (hidden / "x.jpeg").exists()
+    assert len(next((out / "csv").glob("results-*.csv")).read_text().splitlines()) == 2  # header + the row

@@ -133,6 +133,8 @@ def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), **train):
 def test_epochs_is_the_total_head_epochs_included(tmp_path, xray_paths):
     result = _tiny_fit(tmp_path, xray_paths, epochs=1, head_epochs=2)
     assert result["epochs_run"] == 1 and [r["phase"] for r in result["history"]] == ["head"]
+    last = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)  # a head-only run has one too
+    assert last["epoch"] == 1
 
 
 def test_last_checkpoint_has_the_prior_correction_of_the_best(tmp_path, xray_paths):

@@ -79,8 +79,10 @@ def write_model_card(
         "",
         "## Recipe",
         f"{cfg.model.arch}, one logit, BCEWithLogitsLoss (pos_weight {'on' if cfg.train.pos_weight else 'off'}), "
-        f"class-balanced sampler {'on' if cfg.train.weighted_sampler else 'off'}; {cfg.train.head_epochs} head-only epochs on "
-        f"cached features, then fine-tuning with stem + {cfg.train.freeze_stages} block stages frozen; AdamW lr {cfg.train.lr}, "
+        f"class-balanced sampler {'on' if cfg.train.weighted_sampler else 'off'}; {min(cfg.train.head_epochs, cfg.train.epochs)} "
+        f"head-only epochs on cached features"
+        + (f", then fine-tuning with stem + {cfg.train.freeze_stages} block stages frozen" if cfg.train.epochs > cfg.train.head_epochs else "")
+        + f"; AdamW lr {cfg.train.lr}, "
         f"weight decay {cfg.train.weight_decay}; ReduceLROnPlateau on val AUROC; early stopping {cfg.train.early_stopping_patience}; "
         f"best epoch {card['training']['best_epoch']} of {card['training']['epochs_run']} (val AUROC {card['training']['best_val_auroc']:.4f}). "
         + (

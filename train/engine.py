@@ -352,6 +352,12 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
             val = evaluate(head, val_feat_loader, device, channels_last=False)
             finish_epoch(epoch, "head", stats, val, head_opt.param_groups[0]["lr"], model)
         del train_feats, val_feats
+        if epoch >= tc.epochs:  # no fine-tuning epoch follows: the head-only model is also the last one
+            with _BiasShift(model, shift):
+                save_checkpoint(
+                    out_dir / LAST_CHECKPOINT, model, meta, optimizer=head_opt.state_dict(), epoch=epoch,
+                    config=cfg.to_dict(),
+                )
 
     # -- phase 2: fine-tune all but the frozen stem stages ------------------------------------------
     frozen = set_trainable(model, head_only=False, freeze_stages=tc.freeze_stages)
