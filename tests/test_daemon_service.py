@@ -301,25 +301,27 @@ def test_new_file_under_a_moved_name_is_not_moved_under_the_old_row(tmp_path, pr
     assert (out / "processed" / f"{a.stem}-1{a.suffix}").read_bytes() == xray_paths[1].read_bytes()
 
 
-def test_claim_left_by_a_run_on_another_inbox_is_rolled_back(tmp_path, predictor, xray_paths):
-    """A SIGTERM leaves claimed rows to redo; a restart on another inbox must not let them block the CSVs
-    for ever, nor mark an untouched file as failed."""
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(xray_paths[0], other / "x.jpeg")
-    st = os.lstat(other / "x.jpeg")
+@pytest.mark.parametrize("where", ["other", "inbox/.old"])
+def test_claim_this_run_would_never_redo_is_rolled_back(tmp_path, predictor, xray_paths, where):
+    """A SIGTERM leaves claimed rows to redo. A restart on another inbox, or one whose discovery never
+    reads the claimed name (a hidden folder), must not let them block the CSVs for ever, nor mark an
+    untouched file as failed."""
+    _inbox(tmp_path, xray_paths[1:3])
+    folder = tmp_path / where
+    folder.mkdir(parents=True)
+    shutil.copy(xray_paths[0], folder / "x.jpeg")
+    st = os.lstat(folder / "x.jpeg")
     out = tmp_path / "out"
     out.mkdir()
     eng = make_engine(out / "results.sqlite")
     t = dt.datetime(2026, 1, 1)
     with session_factory(eng).begin() as s:
-        s.add(Result(path=str(other / "x.jpeg"), filename="x.jpeg", size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
+        s.add(Result(path=str(folder / "x.jpeg"), filename="x.jpeg", size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
                      sha256=None, status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
     eng.dispose()
-    _inbox(tmp_path, xray_paths[1:3])
     assert _svc(tmp_path, predictor).run(idle_timeout=0.8) == 0
     rows = _rows(tmp_path)
-    assert [r["status"] for r in rows] == ["ok", "ok"] and (other / "x.jpeg").exists()
+    assert [r["status"] for r in rows] == ["ok", "ok"] and (folder / "x.jpeg").exists()
     day_files = list((out / "csv").glob("results-*.csv"))
     assert len(day_files) == 1 and len(day_files[0].read_text().splitlines()) == 3  # header + 2 rows
 
@@ -408,23 +410,3 @@ def test_uncalibrated_checkpoint_is_a_warning(tmp_path, tiny_checkpoint):
     warn = [e for e in map(json.loads, buf.getvalue().splitlines()) if e["event"] == "uncalibrated_model"]
     assert warn and warn[0]["level"] == "warning" and "temperature 1, threshold 0.5" in warn[0]["reason"]
 
-
-def test_claim_on_a_file_discovery_would_not_read_is_rolled_back(tmp_path, predictor, xray_paths):
-    """A run that watched inbox/.old died holding a claim there; a run on inbox/ never reads hidden
-    folders, so that claim must not hold back the CSVs."""
-    inbox = _inbox(tmp_path, xray_paths[1:2])
-    hidden = inbox / ".old"
-    hidden.mkdir()
-    shutil.copy(xray_paths[0], hidden / "x.jpeg")
-    st = os.lstat(hidden / "x.jpeg")
-    out = tmp_path / "out"
-    out.mkdir()
-    eng = make_engine(out / "results.sqlite")
-    t = dt.datetime(2026, 1, 1)
-    with session_factory(eng).begin() as s:
-        s.add(Result(path=str(hidden / "x.jpeg"), filename="x.jpeg", size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
-                     sha256=None, status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
-    eng.dispose()
-    assert _svc(tmp_path, predictor).run(idle_timeout=0.8) == 0
-    assert [r["status"] for r in _rows(tmp_path)] == ["ok"] and (hidden / "x.jpeg").exists()
-    assert len(next((out / "csv").glob("results-*.csv")).read_text().splitlines()) == 2  # header + the row
