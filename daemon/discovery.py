@@ -236,7 +236,7 @@ class Discovery:
         """Whether ``path`` is a file this discovery hands on: an image name inside the inbox, in no
         hidden sub-folder, outside the excluded folders."""
         p = Path(path)
-        if not is_candidate_name(p.name) or not _inside(p, self.inbox):
+        if not is_candidate_name(p.name) or not inside(p, self.inbox):
             return False
         if any(part.startswith(".") for part in p.relative_to(self.inbox).parts[:-1]):
             return False
@@ -314,7 +314,8 @@ class Discovery:
                 self.stats.handed += 1
 
 
-def _inside(p: Path, root: Path) -> bool:
+def inside(p: Path, root: Path) -> bool:
+    """``p`` is ``root`` or lies below it."""
     try:
         p.relative_to(root)
         return True

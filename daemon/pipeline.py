@@ -354,11 +354,12 @@ class Claimer(Stage):
         now = utcnow()
         works: list[Work] = []
         with ctx.sessions.begin() as s:
-            owners = owning_rows(s, [(storable(item.path), item.size, item.mtime_ns) for item, _, _ in reads])
+            keys = [(storable(item.path), item.size, item.mtime_ns) for item, _, _ in reads]  # as the rows hold them
+            owners = owning_rows(s, keys)
             claimed: list[tuple[Result, FileItem, bytes | None, str | None]] = []
-            for item, data, err in reads:
+            for (item, data, err), key in zip(reads, keys):
                 sha = hashlib.sha256(data).hexdigest() if data is not None else None
-                row = owners.get((storable(item.path), item.size, item.mtime_ns))
+                row = owners.get(key)
                 if row is not None and row.status != CLAIMED:
                     # already final (a previous run committed it): only the move may be left
                     self.slots.release()
@@ -366,8 +367,8 @@ class Claimer(Stage):
                     continue
                 if row is None:
                     row = Result(
-                        path=storable(item.path),
-                        filename=os.path.basename(storable(item.path)),
+                        path=key[0],
+                        filename=os.path.basename(key[0]),
                         size_bytes=item.size,
                         mtime_ns=item.mtime_ns,
                         sha256=sha,

@@ -20,7 +20,7 @@ from xr.core.config import DEFAULT_CONFIG_PATH, Config, DaemonConfig
 from xr.core.errors import XRError
 from xr.core.predict import CALIBRATION_FILE, Predictor
 from xr.daemon.db import CLAIMED, ERROR, Result, db_url, fs_path, make_engine, session_factory, sqlite_file, utcnow
-from xr.daemon.discovery import Discovery
+from xr.daemon.discovery import Discovery, inside
 from xr.daemon.export import CsvExporter
 from xr.daemon.logging import get_logger
 from xr.daemon.pipeline import Claimer, Context, Done, Finisher, Inferer
@@ -68,10 +68,6 @@ def default_db(cfg: Config, output: str | Path) -> str:
     return cfg.daemon.db or str(Path(output) / "results.sqlite")
 
 
-def _inside(p: Path, root: Path) -> bool:
-    return p == root or root in p.parents
-
-
 def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
     """What discovery must not read: the output folder when it lies inside the inbox, else the daemon's
     own sub-folders (an inbox may be the output folder or sit inside it).
@@ -80,9 +76,9 @@ def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
     """
     own = (output / "processed", output / "failed", output / "csv")
     for d in own:
-        if _inside(inbox, d):
+        if inside(inbox, d):
             raise XRError(f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output")
-    return (output,) if output != inbox and _inside(output, inbox) else own
+    return (output,) if output != inbox and inside(output, inbox) else own
 
 
 class Service:
@@ -150,11 +146,7 @@ class Service:
         # The inbox is the users' folder: its lock lives in the temp folder, named after the inbox's path.
         tag = hashlib.sha256(os.fsencode(self.inbox)).hexdigest()[:16]
         locks.append((Path(tempfile.gettempdir()) / f"xr-daemon-inbox-{tag}.lock", f"watch folder {self.inbox}", False))
-        seen: set[Path] = set()
         for path, what, required in locks:
-            if path in seen:
-                continue
-            seen.add(path)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -23,6 +23,12 @@ def _ids(path):
         return [int(r["id"]) for r in csv.DictReader(f)]
 
 
+def _died_before_db_update(sessions, last_id):
+    """The DB's export mark as a process left it that died after writing CSVs, before recording them."""
+    with sessions.begin() as s:
+        dbm.set_meta(s, "last_exported_id", last_id)
+
+
 def _setup(tmp_path):
     eng = make_engine(tmp_path / "r.sqlite")
     return eng, session_factory(eng)
@@ -77,8 +83,7 @@ def test_crash_after_csv_before_db_update_writes_nothing_twice(tmp_path):
     eng, sessions = _setup(tmp_path)
     _add(sessions, 3)
     CsvExporter(tmp_path / "csv", sessions, "daily").export()
-    with sessions.begin() as s:
-        dbm.set_meta(s, "last_exported_id", 1)  # as if the process died before the DB update
+    _died_before_db_update(sessions, 1)
     ex = CsvExporter(tmp_path / "csv", sessions, "daily")
     assert ex.export() == 0 and ex.last_id == 3
     assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [1, 2, 3]
@@ -110,8 +115,7 @@ def test_crash_between_files_of_one_update_loses_nothing(tmp_path, monkeypatch):
     for victim in ("results-2026-01-01.csv", "results-2026-01-02.csv", "flagged.csv"):
         for p in (tmp_path / "csv").glob("*.csv"):
             p.unlink()
-        with sessions.begin() as s:
-            dbm.set_meta(s, "last_exported_id", 0)
+        _died_before_db_update(sessions, 0)
         restore = _crash_on(monkeypatch, victim)
         try:
             CsvExporter(tmp_path / "csv", sessions, "daily").export()
@@ -129,8 +133,7 @@ def test_rotation_change_does_not_rewrite_rows(tmp_path):
     eng, sessions = _setup(tmp_path)
     _add(sessions, 2)
     CsvExporter(tmp_path / "csv", sessions, "daily").export()
-    with sessions.begin() as s:
-        dbm.set_meta(s, "last_exported_id", 0)  # the daily run died before its DB update
+    _died_before_db_update(sessions, 0)  # the daily run
     _add(sessions, 1)
     CsvExporter(tmp_path / "csv", sessions, "rows", max_rows=10).export()
     assert _ids(tmp_path / "csv" / "results-2026-01-01.csv") == [1, 2]
