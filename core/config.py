@@ -105,7 +105,7 @@ class DaemonConfig:
     db: str | None = None
     model: str = "models/xr_mvp_best.pt"
     device: str = "auto"
-    batch_size: int = 16
+    batch_size: int = 0
     max_wait_ms: int = 50
     stable_ms: int = 500
     rescan_s: float = 5.0
@@ -317,8 +317,8 @@ def _validate(cfg: Config) -> None:
     for name in ("decode_workers", "torch_threads"):
         if getattr(cfg.daemon, name) < 0:
             raise ConfigError(f"daemon.{name}: {getattr(cfg.daemon, name)} must be >= 0 (0 = choose by cores)")
-    if cfg.daemon.batch_size < 1:
-        raise ConfigError(f"daemon.batch_size: {cfg.daemon.batch_size} must be >= 1")
+    if cfg.daemon.batch_size < 0:
+        raise ConfigError(f"daemon.batch_size: {cfg.daemon.batch_size} must be >= 0 (0 = choose by device)")
     if cfg.train.consistency_weight < 0:
         raise ConfigError(f"train.consistency_weight: {cfg.train.consistency_weight} must be >= 0 (0 = off)")
     lo, hi = cfg.train.consistency_jpeg_quality

@@ -109,6 +109,23 @@ def tune_malloc() -> bool:
         return False
 
 
+def trim_malloc() -> bool:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``); False where not glibc.
+
+    :func:`tune_malloc` keeps up to 512 MiB of freed memory mapped so each forward reuses it. The daemon's
+    start-up checks (eager and traced forwards at two batch sizes) leave more than one forward needs, freed
+    but resident and scattered through the heap: trimming once after them lowered a 2,015-file burst's
+    peak RSS by ~100 MB (1,438 -> 1,334 MB sampled from smaps; `bench_daemon.py` 1,530 and 1,607 -> 1,470;
+    AVX2 EPYC, fp32 traced forward at batch 8; README "Speed").
+    """
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 class _CudaGraph:
     """One captured forward over a static uint8 input buffer (torch.cuda.graphs)."""
 

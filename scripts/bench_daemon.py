@@ -159,7 +159,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=2000, help="files in the burst")
     ap.add_argument("--singles", type=int, default=15, help="single files dropped into the idle daemon")
     ap.add_argument("--model", type=Path, help="checkpoint (default: models/xr_mvp_best.pt)")
-    ap.add_argument("--batch-size", type=int, help="daemon.batch_size (default: config)")
+    ap.add_argument("--batch-size", type=int, help="daemon.batch_size (default: what the daemon chooses here)")
     ap.add_argument("--decode-workers", type=int, help="daemon.decode_workers (default: config)")
     ap.add_argument("--torch-threads", type=int, help="daemon.torch_threads (default: config)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any daemon config override")
@@ -170,8 +170,12 @@ def main() -> int:
 
     from xr.core.config import load_config
 
+    from xr.core.predict import resolve_device, use_bf16
+    from xr.daemon.service import plan_run
+
     cfg = load_config()
-    bs = args.batch_size or cfg.daemon.batch_size
+    device = resolve_device(args.device)
+    bs = args.batch_size or plan_run(cfg.daemon, device.type, bf16=use_bf16(device)).batch_size
     src_dir = SHARED_FULLRES if SHARED_FULLRES.is_dir() else FIXTURE_FULLRES
     sources = sorted(src_dir.glob("*/*.jpeg"))
     work = Path(tempfile.mkdtemp(prefix="xr-bench-daemon-"))

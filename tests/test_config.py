@@ -116,6 +116,7 @@ def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
         ("augment", "downscale_range", [0.0, 1.0]),
         ("augment", "sharpen_range", [2.0, 1.0]),
         ("daemon", "decode_workers", -1),
+        ("daemon", "batch_size", -1),
         ("preprocess", "render_size", 8),
         ("preprocess", "render_quality", 0),
         ("preprocess", "render_quality", 101),

@@ -20,7 +20,7 @@ from xr.core.predict import Predictor
 from xr.daemon import db as dbm
 from xr.daemon.db import Result, make_engine, session_factory
 from xr.daemon.logging import configure_logging
-from xr.daemon.service import Service, ThreadPlan, plan_threads, resolve_model_path
+from xr.daemon.service import RunPlan, Service, plan_run, resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +146,19 @@ def test_one_instance_per_output(tmp_path, predictor, xray_paths):
 
 
 def test_helpers(tmp_path):
-    auto = dataclasses.replace(_cfg().daemon, decode_workers=0, torch_threads=0)
-    assert plan_threads(auto, "cpu", cpus=2) == ThreadPlan(decode_workers=1, torch_threads=2)
-    assert plan_threads(auto, "cpu", cpus=16) == ThreadPlan(decode_workers=4, torch_threads=16)
-    # a bf16 CPU model is about as cheap as decoding: the decoders get cores of their own
-    assert plan_threads(auto, "cpu", cpus=2, bf16=True) == ThreadPlan(decode_workers=1, torch_threads=1)
-    assert plan_threads(auto, "cpu", cpus=16, bf16=True) == ThreadPlan(decode_workers=4, torch_threads=12)
-    assert plan_threads(auto, "cuda", cpus=16, bf16=True) == ThreadPlan(decode_workers=8, torch_threads=16)
-    assert plan_threads(auto, "cuda", cpus=16) == ThreadPlan(decode_workers=8, torch_threads=16)
-    fixed = dataclasses.replace(auto, decode_workers=3, torch_threads=1)
-    assert plan_threads(fixed, "cpu", cpus=8) == ThreadPlan(decode_workers=3, torch_threads=1)
-    assert plan_threads(fixed, "cpu", cpus=8, bf16=True) == ThreadPlan(decode_workers=3, torch_threads=1)
+    auto = dataclasses.replace(_cfg().daemon, decode_workers=0, torch_threads=0, batch_size=0)
+    assert plan_run(auto, "cpu", cpus=2) == RunPlan(decode_workers=1, torch_threads=2, batch_size=4)
+    assert plan_run(auto, "cpu", cpus=16) == RunPlan(decode_workers=4, torch_threads=16, batch_size=4)
+    # a bf16 CPU model is about as cheap as decoding: the decoders get cores of their own; its activations
+    # are half the size, so twice the batch fits the same working set
+    assert plan_run(auto, "cpu", cpus=2, bf16=True) == RunPlan(decode_workers=1, torch_threads=1, batch_size=8)
+    assert plan_run(auto, "cpu", cpus=16, bf16=True) == RunPlan(decode_workers=4, torch_threads=12, batch_size=8)
+    assert plan_run(auto, "cuda", cpus=16, bf16=True) == RunPlan(decode_workers=8, torch_threads=16, batch_size=8)
+    assert plan_run(auto, "cuda", cpus=16) == RunPlan(decode_workers=8, torch_threads=16, batch_size=8)
+    fixed = dataclasses.replace(auto, decode_workers=3, torch_threads=1, batch_size=16)
+    assert plan_run(fixed, "cpu", cpus=8) == RunPlan(decode_workers=3, torch_threads=1, batch_size=16)
+    assert plan_run(fixed, "cpu", cpus=8, bf16=True) == RunPlan(decode_workers=3, torch_threads=1, batch_size=16)
+    assert plan_run(fixed, "cuda", cpus=8) == RunPlan(decode_workers=3, torch_threads=1, batch_size=16)
     assert resolve_model_path("models/x.pt").is_absolute()
     assert resolve_model_path(tmp_path / "m.pt") == tmp_path / "m.pt"
     svc = Service(_cfg(), watch=tmp_path / "missing", output=tmp_path / "out", model=tmp_path / "none.pt",
@@ -193,14 +195,15 @@ def test_compiled_forward_failure_falls_back_to_eager(tmp_path, predictor, devic
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cpu_thread_plan_follows_the_model_precision(tmp_path, predictor, monkeypatch, bf16):
-    """Beside a bf16 model the decoder keeps a core: torch runs on the cores the decoders leave."""
+    """Beside a bf16 model the decoder keeps a core: torch runs on the cores the decoders leave, and the
+    batch doubles (half-size activations, the same working set)."""
     monkeypatch.setattr("xr.daemon.service.usable_cpus", lambda: 2)
     pred = Predictor(predictor.model, predictor.meta, predictor.calibration, device="cpu", amp="off")
     pred.bf16 = bf16
     pred.warmup = lambda batch_size=1: None  # the plan, not the forward, is under test
-    svc = _svc(tmp_path, pred, cfg=_cfg(decode_workers=0, torch_threads=0))
+    svc = _svc(tmp_path, pred, cfg=_cfg(decode_workers=0, torch_threads=0, batch_size=0))
     svc._load_predictor()
-    assert svc.plan == ThreadPlan(decode_workers=1, torch_threads=1 if bf16 else 2)
+    assert svc.plan == RunPlan(decode_workers=1, torch_threads=1 if bf16 else 2, batch_size=8 if bf16 else 4)
     assert torch.get_num_threads() == svc.plan.torch_threads
 
 

@@ -253,6 +253,26 @@ def test_tune_malloc_settings_are_accepted_by_glibc():
     assert out.stdout.strip() == "True"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_trim_malloc_returns_what_the_tuned_heap_keeps():
+    # With tune_malloc's thresholds, 200 MB freed stays resident (so forwards reuse it); the daemon trims
+    # once after its start-up checks, or their scratch memory would count in its peak RSS for good.
+    code = """
+import torch
+from xr.core.predict import trim_malloc, tune_malloc
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+tune_malloc()
+x = torch.ones(50 * 2**20)  # 200 MB from the heap (below the 256 MiB mmap threshold)
+del x
+kept = rss()
+print(trim_malloc(), kept - rss())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    ok, released = out.stdout.split()
+    assert ok == "True" and int(released) > 150
+
+
 @pytest.mark.parametrize("amp", ["off", "auto"])
 def test_cpu_trace_scores_like_eager(scored_checkpoint, images, amp):
     """The daemon's CPU path: uint8 batches of any size run the trace and give the eager logits to the
