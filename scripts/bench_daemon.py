@@ -171,11 +171,14 @@ def main() -> int:
     from xr.core.config import load_config
 
     from xr.core.predict import resolve_device, use_bf16
+    from xr.daemon.cli import build_parser, parse_overrides
     from xr.daemon.service import plan_run
 
-    cfg = load_config()
+    # the daemon's own reading of --set, so the raw forward runs at the batch size the daemon will use
+    cfg = load_config(overrides=parse_overrides(build_parser().parse_args([a for kv in args.set for a in ("--set", kv)])))
     device = resolve_device(args.device)
-    bs = args.batch_size or plan_run(cfg.daemon, device.type, bf16=use_bf16(device)).batch_size
+    bf16 = device.type == "cpu" and use_bf16(device)  # plan_run ignores it elsewhere; no CUDA context here
+    bs = args.batch_size or plan_run(cfg.daemon, device.type, bf16=bf16).batch_size
     src_dir = SHARED_FULLRES if SHARED_FULLRES.is_dir() else FIXTURE_FULLRES
     sources = sorted(src_dir.glob("*/*.jpeg"))
     work = Path(tempfile.mkdtemp(prefix="xr-bench-daemon-"))

@@ -201,7 +201,7 @@ def test_cpu_thread_plan_follows_the_model_precision(tmp_path, predictor, monkey
     pred = Predictor(predictor.model, predictor.meta, predictor.calibration, device="cpu", amp="off")
     pred.bf16 = bf16
     pred.warmup = lambda batch_size=1: None  # the plan, not the forward, is under test
-    svc = _svc(tmp_path, pred, cfg=_cfg(decode_workers=0, torch_threads=0, batch_size=0))
+    svc = _svc(tmp_path, pred, cfg=_cfg(decode_workers=0, torch_threads=0, batch_size=0, cpu_trace=False))
     svc._load_predictor()
     assert svc.plan == RunPlan(decode_workers=1, torch_threads=1 if bf16 else 2, batch_size=8 if bf16 else 4)
     assert torch.get_num_threads() == svc.plan.torch_threads
