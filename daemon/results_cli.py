@@ -139,6 +139,15 @@ def compute_stats(sessions, since: dt.datetime | None = None) -> dict[str, Any]:
     }
 
 
+# wide enough for a whole sha256; a longer path or error is cut and ends in an ASCII "..." (any terminal
+# encoding prints it); csv and json give it whole
+TABLE_MAX_WIDTH = 64
+
+
+def _fit(value: str, width: int) -> str:
+    return value if len(value) <= width else value[: width - 3] + "..."
+
+
 def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...], out) -> None:
     cells = [[format_value(r[c]) for c in columns] for r in rows]
     for row in cells:
@@ -146,10 +155,11 @@ def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...], out) -> No
             if c == "probability" and row[i]:
                 row[i] = f"{float(row[i]):.4f}"
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    widths = [min(w, 60) for w in widths]
+    widths = [min(w, TABLE_MAX_WIDTH) for w in widths]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
     for r in cells:
-        print("  ".join(v[:w].ljust(w) for v, w in zip(r, widths)).rstrip(), file=out)
+        print("  ".join(_fit(v, w).ljust(w) for v, w in zip(r, widths)).rstrip(), file=out)
+
 
 
 def main(argv: list[str] | None = None, out=None) -> int:

@@ -95,3 +95,20 @@ def test_stats_refuses_list_filters_instead_of_ignoring_them(out_dir, capsys):
     with pytest.raises(SystemExit):
         run("--output", str(out_dir), "--flagged", "stats")
     assert "--flagged only apply to list" in capsys.readouterr().err
+
+
+def test_table_shows_a_whole_sha256_and_marks_what_it_cuts(tmp_path):
+    """A value copied from the table is either whole or visibly cut: never a silently shortened hash or path."""
+    out = tmp_path / "out"
+    eng = make_engine(out / "results.sqlite")
+    sha = "ab" * 32
+    path = "/inbox/" + "deep/" * 20 + "film.png"
+    t0 = dt.datetime(2026, 1, 1, 12)
+    with session_factory(eng).begin() as s:
+        s.add(Result(path=path, filename="film.png", size_bytes=1, mtime_ns=1, sha256=sha, status=dbm.OK,
+                     received_at=t0, claimed_at=t0, processed_at=t0, probability=0.5, flagged=True))  # fmt: skip
+    eng.dispose()
+    rc, text = run("--output", str(out), "--all-columns")
+    assert rc == 0 and sha in text.split()
+    cut = next(w for w in text.split() if w.startswith("/inbox/"))
+    assert cut.endswith("...") and path.startswith(cut[:-3]) and len(cut) == 64
