@@ -81,6 +81,17 @@ def autocast(device: torch.device, enabled: bool, cache: bool = True):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
+def _glibc():
+    """glibc with its malloc tunables (mallopt, malloc_trim), or None elsewhere (macOS, musl)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def tune_malloc() -> bool:
     """glibc malloc for a torch process on CPU (the daemon, training); call before threads start.
 
@@ -94,19 +105,16 @@ def tune_malloc() -> bool:
     against 15.7 images/s with glibc's defaults (means over 4 processes each). Returns False where it does
     not apply (not glibc, e.g. macOS).
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-8, 1)  # M_ARENA_MAX
-        # M_MMAP_THRESHOLD. mallopt(3) documents 32 MiB as its upper limit on 64-bit; glibc 2.36 takes
-        # more. Where it refuses, 32 MiB, not nothing: the trim setting below fixes the threshold, so a
-        # refusal would leave glibc's 128 KiB and map every activation buffer.
-        ok &= libc.mallopt(-3, 256 << 20) or libc.mallopt(-3, 32 << 20)
-        ok &= libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
-        return bool(ok)
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
+    ok = libc.mallopt(-8, 1)  # M_ARENA_MAX
+    # M_MMAP_THRESHOLD. mallopt(3) documents 32 MiB as its upper limit on 64-bit; glibc 2.36 takes
+    # more. Where it refuses, 32 MiB, not nothing: the trim setting below fixes the threshold, so a
+    # refusal would leave glibc's 128 KiB and map every activation buffer.
+    ok &= libc.mallopt(-3, 256 << 20) or libc.mallopt(-3, 32 << 20)
+    ok &= libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    return bool(ok)
 
 
 def trim_malloc() -> bool:
@@ -118,12 +126,8 @@ def trim_malloc() -> bool:
     peak RSS by ~100 MB (1,438 -> 1,334 MB sampled from smaps; `bench_daemon.py` 1,530 and 1,607 -> 1,470;
     AVX2 EPYC, fp32 traced forward at batch 8; README "Speed").
     """
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
 
 
 class _CudaGraph:

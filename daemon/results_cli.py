@@ -161,7 +161,6 @@ def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...], out) -> No
         print("  ".join(_fit(v, w).ljust(w) for v, w in zip(r, widths)).rstrip(), file=out)
 
 
-
 def main(argv: list[str] | None = None, out=None) -> int:
     try:
         return _main(argv, out or sys.stdout)

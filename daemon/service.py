@@ -58,9 +58,10 @@ def plan_run(d: DaemonConfig, device_type: str, cpus: int | None = None, bf16: b
     start no OpenMP teams of their own. With a GPU the CPU is theirs.
 
     The batch holds the forward's working set near 110 MB: 4 images in fp32 on a CPU, 8 in bf16 (half-size
-    activations) and on a GPU (activations in its own memory; 8 as before). An fp32 batch of 8 needs ~210 MB: on a 2-core AVX2 EPYC, 1,500-file `--once` runs peaked at
-    1,472-1,584 MB RSS with 8 (the issue's bound is 1.5 GB) against 1,358-1,364 MB with 4, for 8% fewer
-    files per second (40.2 against 37.2; README "Speed").
+    activations) and on a GPU (activations in its own memory; 8 as before). An fp32 batch of 8 needs
+    ~210 MB: on a 2-core AVX2 EPYC, 1,500-file `--once` runs peaked at 1,472-1,584 MB RSS with 8 (the
+    issue's bound is 1.5 GB) against 1,358-1,364 MB with 4, for 8% fewer files per second (40.2 against
+    37.2; README "Speed").
     """
     cpus = cpus or usable_cpus()
     if device_type != "cpu":

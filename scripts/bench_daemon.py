@@ -169,7 +169,6 @@ def main() -> int:
     args = ap.parse_args()
 
     from xr.core.config import load_config
-
     from xr.core.predict import resolve_device, use_bf16
     from xr.daemon.cli import build_parser, parse_overrides
     from xr.daemon.service import plan_run
