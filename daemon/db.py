@@ -23,9 +23,11 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    insert,
     select,
+    update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -238,28 +240,46 @@ def set_meta(s: Session, key: str, value: Any) -> None:
 Identity = tuple[str, int, int]  # (path, size_bytes, mtime_ns) of a file in the inbox
 
 
-def owning_rows(s: Session, identities: list[Identity]) -> dict[Identity, Result]:
+def owning_rows(s: Session, identities: list[Identity]) -> dict[Identity, Row]:
     """For each inbox file identity, the row that still owns it: claimed, or final and not moved away.
 
-    One query for the whole claim batch: per-file lookups were the claim thread's largest cost.
+    One query for the whole claim batch, and plain rows (``id``, ``status``, ``moved_to``,
+    ``received_at``) rather than ORM objects: the per-file cost of loading objects held the GIL that a
+    GPU host's decode threads need.
     """
     if not identities:
         return {}
     wanted = set(identities)
-    stmt = select(Result).where(Result.path.in_({i[0] for i in wanted}), Result.moved_at.is_(None))
-    out: dict[Identity, Result] = {}
-    for row in s.scalars(stmt.order_by(Result.id)):  # ascending: the newest row wins
+    stmt = select(Result.id, Result.path, Result.size_bytes, Result.mtime_ns, Result.status, Result.moved_to,
+                  Result.received_at).where(Result.path.in_({i[0] for i in wanted}), Result.moved_at.is_(None))
+    out: dict[Identity, Row] = {}
+    for row in s.execute(stmt.order_by(Result.id)):  # ascending: the newest row wins
         ident = (row.path, row.size_bytes, row.mtime_ns)
         if ident in wanted:
             out[ident] = row
     return out
 
 
-def rows_by_id(s: Session, ids: list[int]) -> dict[int, Result]:
-    """These rows, loaded in one query: a ``s.get`` per row was a SELECT per row."""
+def insert_rows(s: Session, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert these ``results`` rows in one statement; their ids, in the order given."""
+    if not rows:
+        return []
+    stmt = insert(Result).returning(Result.id, sort_by_parameter_order=True)
+    return list(s.scalars(stmt, rows))
+
+
+def update_rows(s: Session, rows: list[dict[str, Any]]) -> None:
+    """Update ``results`` rows by primary key (each dict has ``id``), as one executemany per set of keys."""
+    if rows:
+        s.execute(update(Result), rows)
+
+
+def scores_by_id(s: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """id -> {logit, probability, label, flagged} of these rows, in one query."""
     if not ids:
         return {}
-    return {r.id: r for r in s.scalars(select(Result).where(Result.id.in_(set(ids))))}
+    stmt = select(Result.id, Result.logit, Result.probability, Result.label, Result.flagged)
+    return {r.id: r._asdict() for r in s.execute(stmt.where(Result.id.in_(set(ids))))}
 
 
 def first_ok_by_sha(s: Session, shas: list[str]) -> dict[str, int]:

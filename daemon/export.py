@@ -151,10 +151,12 @@ class CsvExporter:
 
     def pending_rows(self, s: Session) -> list[dict[str, Any]]:
         min_claimed = s.scalar(select(func.min(Result.id)).where(Result.status == CLAIMED, Result.id > self.last_id))
-        stmt = select(Result).where(Result.id > self.last_id, Result.status.in_(FINAL_STATUSES))
+        # the columns, not ORM objects: half the cost per row, paid while the pipeline's other threads wait for the GIL
+        stmt = select(*(getattr(Result, c) for c in EXPORT_COLUMNS))
+        stmt = stmt.where(Result.id > self.last_id, Result.status.in_(FINAL_STATUSES))
         if min_claimed is not None:
             stmt = stmt.where(Result.id < min_claimed)
-        return [r.as_dict() for r in s.scalars(stmt.order_by(Result.id))]
+        return [dict(m) for m in s.execute(stmt.order_by(Result.id)).mappings()]
 
     def export(self) -> int:
         """Append every exportable row; returns how many were written (not counting rows a crash had

@@ -166,6 +166,10 @@ def main() -> int:
     ap.add_argument("--forward-seconds", type=float, default=15.0)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto: the daemon and the raw forward alike")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--raw-variant", help="measure the raw forward only as this variant (e.g. 1t+graph), "
+                    "not as the fastest of all eight: a shorter run where the reference is known")
+    ap.add_argument("--sources", type=Path, help="folder of full-resolution JPEGs in NORMAL/ and PNEUMONIA/ "
+                    "(default: ../shared/samples/fullres, else tests/fixtures/fullres)")
     args = ap.parse_args()
 
     from xr.core.config import load_config
@@ -178,8 +182,10 @@ def main() -> int:
     device = resolve_device(args.device)
     bf16 = device.type == "cpu" and use_bf16(device)  # plan_run ignores it elsewhere; no CUDA context here
     bs = args.batch_size or plan_run(cfg.daemon, device.type, bf16=bf16).batch_size
-    src_dir = SHARED_FULLRES if SHARED_FULLRES.is_dir() else FIXTURE_FULLRES
+    src_dir = args.sources or (SHARED_FULLRES if SHARED_FULLRES.is_dir() else FIXTURE_FULLRES)
     sources = sorted(src_dir.glob("*/*.jpeg"))
+    if not sources:
+        ap.error(f"--sources {src_dir}: no */*.jpeg files there")
     work = Path(tempfile.mkdtemp(prefix="xr-bench-daemon-"))
     inbox, out, staging = work / "inbox", work / "out", work / "staging"
     inbox.mkdir()
@@ -202,6 +208,10 @@ def main() -> int:
             for tuned in (False, True)
             for graph in (False, True)
         }
+        if args.raw_variant:
+            if args.raw_variant not in variants:
+                ap.error(f"--raw-variant {args.raw_variant!r}: choose one of {', '.join(variants)}")
+            variants = {args.raw_variant: variants[args.raw_variant]}
         fwd_threads = {k: raw_forward_rate(ckpt, bs, args.forward_seconds, args.device, *v) for k, v in variants.items()}
         best = max(fwd_threads, key=fwd_threads.get)
         fwd_before = fwd_threads[best]

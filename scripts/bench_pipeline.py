@@ -5,7 +5,10 @@ over N distinct 224-px JPEGs, with a near-free model (global average pool + line
 network, and prints files/s. On a GPU the model costs little, so this is the ceiling the daemon's
 Python stages set there (README "Speed").
 
-    python scripts/bench_pipeline.py --count 2000 [--decode-workers 1]
+    python scripts/bench_pipeline.py --count 2000 [--decode-workers 1] [--sources ../shared/samples/fullres]
+
+``--sources`` takes another folder of JPEGs (searched recursively), such as the full-resolution samples,
+whose decoding is what a GPU host spends its CPU on.
 """
 from __future__ import annotations
 
@@ -38,10 +41,13 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--decode-workers", type=int, default=0, help="daemon.decode_workers (0: the daemon's plan)")
     ap.add_argument("--model", type=Path, default=REPO / "models" / "xr_mvp_best.pt", help="checkpoint whose preset is used")
+    ap.add_argument("--sources", type=Path, help="folder of JPEGs to vary (default: the 224-px training images)")
     args = ap.parse_args()
 
-    root = next(p for p in SOURCES if p.is_dir())
+    root = args.sources or next(p for p in SOURCES if p.is_dir())
     sources = sorted(root.rglob("*.jpeg"))[:200]
+    if not sources:
+        ap.error(f"--sources {root}: no .jpeg files there")
     work = Path(tempfile.mkdtemp(prefix="xr-bench-pipeline-"))
     try:
         inbox = work / "inbox"
@@ -57,7 +63,7 @@ def main() -> int:
         rc = service.run()
         elapsed = time.perf_counter() - t0
         print(
-            f"{args.count} files from {root} (224-px JPEG variants), near-free model, "
+            f"{args.count} files from {root} (JPEG variants), near-free model, "
             f"{service.plan.decode_workers} decode thread(s): {args.count / elapsed:.1f} files/s ({elapsed:.1f} s), exit {rc}"
         )
         return rc

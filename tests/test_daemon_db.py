@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from xr.core.errors import XRError
 from xr.daemon import db as dbm
@@ -56,7 +56,7 @@ def test_db_url():
     assert dbm.db_url("rel.sqlite").startswith("sqlite:////")
 
 
-def test_owning_rows_rows_by_id_and_first_ok(tmp_path):
+def test_owning_rows_scores_by_id_and_first_ok(tmp_path):
     eng = make_engine(tmp_path / "r.sqlite")
     sessions = session_factory(eng)
     with sessions.begin() as s:
@@ -71,7 +71,9 @@ def test_owning_rows_rows_by_id_and_first_ok(tmp_path):
         assert owners[b].status == dbm.OK
         assert (owners[c].id, owners[c].status) == (4, dbm.CLAIMED)  # the newest row of an identity owns it
         assert dbm.owning_rows(s, []) == {}
-        assert set(dbm.rows_by_id(s, [2, 4, 99])) == {2, 4}
+        assert owners[b].moved_to is None and owners[b].received_at == dt.datetime(2026, 1, 1)
+        scores = dbm.scores_by_id(s, [2, 4, 99])
+        assert set(scores) == {2, 4} and set(scores[2]) == {"id", "logit", "probability", "label", "flagged"}
         assert dbm.first_ok_by_sha(s, ["x", "y", "z"]) == {"x": 1}  # errors are never a first result
     eng.dispose()
 
@@ -99,4 +101,31 @@ def test_concurrent_writers_wait_instead_of_failing(tmp_path):
     assert not errors
     with eng.connect() as c:
         assert c.execute(text("select count(*) from results")).scalar() == 60
+    eng.dispose()
+
+
+def test_insert_rows_returns_ids_in_order_and_update_rows_sets_by_id(tmp_path):
+    # The claim thread maps each new id back to its file by position: a wrong order would score one
+    # file under another file's row.
+    eng = make_engine(tmp_path / "r.sqlite")
+    sessions = session_factory(eng)
+    now = dt.datetime(2026, 1, 1)
+    with sessions.begin() as s:
+        s.add(_row(path="/in/older.png"))  # ids of the new rows do not start at 1
+    new = [dict(path=f"/in/{n}.png", filename=f"{n}.png", size_bytes=n, mtime_ns=1, sha256=None,
+                status=dbm.CLAIMED, received_at=now, claimed_at=now) for n in (5, 3, 9, 1)]  # fmt: skip
+    with sessions.begin() as s:
+        ids = dbm.insert_rows(s, new)
+        assert dbm.insert_rows(s, []) == []
+    with sessions() as s:
+        assert [s.get(Result, i).path for i in ids] == ["/in/5.png", "/in/3.png", "/in/9.png", "/in/1.png"]
+    with sessions.begin() as s:
+        dbm.update_rows(s, [{"id": ids[1], "status": dbm.OK, "logit": 1.5}, {"id": ids[2], "status": dbm.ERROR, "error": "bad"}])
+        dbm.update_rows(s, [])
+    with sessions() as s:
+        got = {r.path: (r.status, r.logit, r.error) for r in s.scalars(select(Result))}
+    assert got == {
+        "/in/older.png": (dbm.CLAIMED, None, None), "/in/5.png": (dbm.CLAIMED, None, None),
+        "/in/3.png": (dbm.OK, 1.5, None), "/in/9.png": (dbm.ERROR, None, "bad"), "/in/1.png": (dbm.CLAIMED, None, None),
+    }  # fmt: skip
     eng.dispose()

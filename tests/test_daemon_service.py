@@ -153,8 +153,13 @@ def test_helpers(tmp_path):
     # are half the size, so twice the batch fits the same working set
     assert plan_run(auto, "cpu", cpus=2, bf16=True) == RunPlan(decode_workers=1, torch_threads=1, batch_size=8)
     assert plan_run(auto, "cpu", cpus=16, bf16=True) == RunPlan(decode_workers=4, torch_threads=12, batch_size=8)
-    assert plan_run(auto, "cuda", cpus=16, bf16=True) == RunPlan(decode_workers=8, torch_threads=16, batch_size=8)
-    assert plan_run(auto, "cuda", cpus=16) == RunPlan(decode_workers=8, torch_threads=16, batch_size=8)
+    # CUDA graphs: one call per batch, so decoders can have all but 2 cores; eager launches need the GIL
+    assert plan_run(auto, "cuda", cpus=16, bf16=True) == RunPlan(decode_workers=14, torch_threads=16, batch_size=8)
+    assert plan_run(auto, "cuda", cpus=16) == RunPlan(decode_workers=14, torch_threads=16, batch_size=8)
+    assert plan_run(auto, "cuda", cpus=2) == RunPlan(decode_workers=1, torch_threads=2, batch_size=8)
+    eager = dataclasses.replace(auto, cuda_graphs=False)
+    assert plan_run(eager, "cuda", cpus=16) == RunPlan(decode_workers=8, torch_threads=16, batch_size=8)
+    assert plan_run(auto, "mps", cpus=12) == RunPlan(decode_workers=8, torch_threads=12, batch_size=8)
     fixed = dataclasses.replace(auto, decode_workers=3, torch_threads=1, batch_size=16)
     assert plan_run(fixed, "cpu", cpus=8) == RunPlan(decode_workers=3, torch_threads=1, batch_size=16)
     assert plan_run(fixed, "cpu", cpus=8, bf16=True) == RunPlan(decode_workers=3, torch_threads=1, batch_size=16)
