@@ -261,11 +261,18 @@ def owning_rows(s: Session, identities: list[Identity]) -> dict[Identity, Row]:
 
 
 def insert_rows(s: Session, rows: list[dict[str, Any]]) -> list[int]:
-    """Insert these ``results`` rows in one statement; their ids, in the order given."""
+    """Insert these ``results`` rows; their ids, in the order given.
+
+    INSERT ... RETURNING where the database can return ids in parameter order (SQLAlchemy batches the rows
+    on PostgreSQL; on SQLite 3.35+ it is still one statement per row, minus the ORM's per-object work);
+    elsewhere (MySQL, older SQLite) one plain INSERT per row, each id read from its cursor.
+    """
     if not rows:
         return []
-    stmt = insert(Result).returning(Result.id, sort_by_parameter_order=True)
-    return list(s.scalars(stmt, rows))
+    if s.get_bind().dialect.insert_executemany_returning_sort_by_parameter_order:
+        stmt = insert(Result).returning(Result.id, sort_by_parameter_order=True)
+        return list(s.scalars(stmt, rows))
+    return [s.execute(insert(Result).values(**row)).inserted_primary_key[0] for row in rows]
 
 
 def update_rows(s: Session, rows: list[dict[str, Any]]) -> None:

@@ -45,7 +45,12 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def plan_run(d: DaemonConfig, device_type: str, cpus: int | None = None, bf16: bool = False) -> RunPlan:
+GRAPH_DECODERS_MAX = 14  # measured on a 16-core host; larger hosts are not measured yet
+
+
+def plan_run(
+    d: DaemonConfig, device_type: str, cpus: int | None = None, bf16: bool = False, cuda_graph: bool | None = None
+) -> RunPlan:
     """Decode threads, torch threads and batch size; 0 in config means "choose".
 
     A CPU model gets one decode thread per 4 cores beside it. In fp32 the model costs about three times
@@ -57,9 +62,10 @@ def plan_run(d: DaemonConfig, device_type: str, cpus: int | None = None, bf16: b
     Decoders do no tensor math (uint8 pixels; the batch is normalised in the model's thread), so they
     start no OpenMP teams of their own. With a GPU the CPU is theirs: up to 8 decoders, because each eager
     kernel launch has to win the GIL back from them (session 5: a 6 ms forward took 110 ms beside 8), and
-    all but 2 cores where CUDA graphs replay the forward in one call. On a 16-core H200 host, 2,000-file
-    bursts went 195 images/s with 8 decoders and 297 with 14 at batch 32, 232 with 8 at batch 8 (README
-    "Speed").
+    all but 2 cores (at most 14) where a CUDA graph replays the forward in one call (``cuda_graph``: the
+    graph was captured; default ``d.cuda_graphs``). On a 16-core H200 host, 2,000-file bursts went 195
+    images/s with 8 decoders and 297 with 14 at batch 32, 232 with 8 at batch 8; 14 at batch 8 is not
+    measured (README "Speed").
 
     The batch holds the forward's working set near 110 MB: 4 images in fp32 on a CPU, 8 in bf16 (half-size
     activations) and on a GPU (activations in its own memory; 8 as before). An fp32 batch of 8 needs
@@ -69,8 +75,8 @@ def plan_run(d: DaemonConfig, device_type: str, cpus: int | None = None, bf16: b
     """
     cpus = cpus or usable_cpus()
     if device_type != "cpu":
-        graphs = device_type == "cuda" and d.cuda_graphs
-        workers = d.decode_workers or (max(1, cpus - 2) if graphs else min(cpus, 8))
+        graph = device_type == "cuda" and (d.cuda_graphs if cuda_graph is None else cuda_graph)
+        workers = d.decode_workers or (max(1, min(cpus - 2, GRAPH_DECODERS_MAX)) if graph else min(cpus, 8))
         return RunPlan(workers, d.torch_threads or cpus, d.batch_size or 8)
     workers = d.decode_workers or max(1, cpus // 4)
     torch_threads = d.torch_threads or (max(1, cpus - workers) if bf16 else cpus)
@@ -204,6 +210,8 @@ class Service:
                 pred.capture_cuda_graph(self.plan.batch_size)
             except RuntimeError as exc:  # a GPU or driver that cannot capture: the eager forward still works
                 self.log.warning("cuda_graph_unavailable", reason=str(exc))
+                # eager kernel launches need the GIL between them: the plan for that, fewer decoders
+                self.plan = plan_run(self.cfg.daemon, pred.device.type, bf16=pred.bf16, cuda_graph=False)
         if pred.device.type == "cpu":
             trim_malloc()
         if (pred.calibration.extra or {}).get("calibrated") is False:

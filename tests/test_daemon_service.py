@@ -157,8 +157,10 @@ def test_helpers(tmp_path):
     assert plan_run(auto, "cuda", cpus=16, bf16=True) == RunPlan(decode_workers=14, torch_threads=16, batch_size=8)
     assert plan_run(auto, "cuda", cpus=16) == RunPlan(decode_workers=14, torch_threads=16, batch_size=8)
     assert plan_run(auto, "cuda", cpus=2) == RunPlan(decode_workers=1, torch_threads=2, batch_size=8)
+    assert plan_run(auto, "cuda", cpus=64).decode_workers == 14  # larger hosts are not measured
     eager = dataclasses.replace(auto, cuda_graphs=False)
     assert plan_run(eager, "cuda", cpus=16) == RunPlan(decode_workers=8, torch_threads=16, batch_size=8)
+    assert plan_run(auto, "cuda", cpus=16, cuda_graph=False).decode_workers == 8  # the capture failed
     assert plan_run(auto, "mps", cpus=12) == RunPlan(decode_workers=8, torch_threads=12, batch_size=8)
     fixed = dataclasses.replace(auto, decode_workers=3, torch_threads=1, batch_size=16)
     assert plan_run(fixed, "cpu", cpus=8) == RunPlan(decode_workers=3, torch_threads=1, batch_size=16)
@@ -418,3 +420,21 @@ def test_uncalibrated_checkpoint_is_a_warning(tmp_path, tiny_checkpoint):
     warn = [e for e in map(json.loads, buf.getvalue().splitlines()) if e["event"] == "uncalibrated_model"]
     assert warn and warn[0]["level"] == "warning" and "temperature 1, threshold 0.5" in warn[0]["reason"]
 
+
+
+@pytest.mark.parametrize("captured", [True, False])
+def test_decoder_count_follows_whether_the_cuda_graph_was_captured(tmp_path, predictor, monkeypatch, captured):
+    """Eager kernel launches need the GIL between them: a failed capture must not leave the daemon with the
+    many decoders planned for a graph."""
+    monkeypatch.setattr("xr.daemon.service.usable_cpus", lambda: 16)
+
+    def capture(self, batch_size):
+        if not captured:
+            raise RuntimeError("no graphs on this device")
+
+    Gpu = type("Gpu", (Predictor,), {"warmup": lambda self, batch_size=1: None, "capture_cuda_graph": capture})
+    fake = Gpu(predictor.model, predictor.meta, predictor.calibration, device="cpu")
+    fake.device = torch.device("cuda")  # only its type is read before the first batch
+    svc = _svc(tmp_path, fake, cfg=_cfg(decode_workers=0, torch_threads=0, batch_size=0))
+    svc._load_predictor()
+    assert svc.plan == RunPlan(decode_workers=14 if captured else 8, torch_threads=16, batch_size=8)
