@@ -186,12 +186,20 @@ def main() -> int:
     sources = sorted(src_dir.glob("*/*.jpeg"))
     if not sources:
         ap.error(f"--sources {src_dir}: no */*.jpeg files there")
+    # the raw rate is the best torch thread count on this machine, so the ratio is not flattered
+    # name -> (torch threads, daemon malloc settings, CUDA graph or CPU trace); the fastest is the reference
     ncpu = len(os.sched_getaffinity(0))
     compiled = "+graph" if args.device == "cuda" else "+trace"
-    if args.raw_variant and args.raw_variant not in (
-        names := [f"{n}t{m}{c}" for n in sorted({1, ncpu}) for m in ("", "+malloc") for c in ("", compiled)]
-    ):
-        ap.error(f"--raw-variant {args.raw_variant!r}: choose one of {', '.join(names)}")
+    variants = {
+        f"{n}t{'+malloc' if tuned else ''}{compiled if graph else ''}": (n, tuned, graph)
+        for n in sorted({1, ncpu})
+        for tuned in (False, True)
+        for graph in (False, True)
+    }
+    if args.raw_variant:
+        if args.raw_variant not in variants:
+            ap.error(f"--raw-variant {args.raw_variant!r}: choose one of {', '.join(variants)}")
+        variants = {args.raw_variant: variants[args.raw_variant]}
     work = Path(tempfile.mkdtemp(prefix="xr-bench-daemon-"))
     inbox, out, staging = work / "inbox", work / "out", work / "staging"
     inbox.mkdir()
@@ -204,16 +212,6 @@ def main() -> int:
         singles = make_images(sources, staging, args.singles, "single-", offset=args.count)
         print(f"prepared {len(burst) + len(singles)} distinct images in {time.perf_counter() - t0:.1f} s")
 
-        # the raw rate is the best torch thread count on this machine, so the ratio is not flattered
-        # name -> (torch threads, daemon malloc settings, CUDA graph or CPU trace); the fastest is the reference
-        variants = {
-            f"{n}t{'+malloc' if tuned else ''}{compiled if graph else ''}": (n, tuned, graph)
-            for n in sorted({1, ncpu})
-            for tuned in (False, True)
-            for graph in (False, True)
-        }
-        if args.raw_variant:
-            variants = {args.raw_variant: variants[args.raw_variant]}
         fwd_threads = {k: raw_forward_rate(ckpt, bs, args.forward_seconds, args.device, *v) for k, v in variants.items()}
         best = max(fwd_threads, key=fwd_threads.get)
         fwd_before = fwd_threads[best]
