@@ -421,7 +421,6 @@ def test_uncalibrated_checkpoint_is_a_warning(tmp_path, tiny_checkpoint):
     assert warn and warn[0]["level"] == "warning" and "temperature 1, threshold 0.5" in warn[0]["reason"]
 
 
-
 @pytest.mark.parametrize("captured", [True, False])
 def test_decoder_count_follows_whether_the_cuda_graph_was_captured(tmp_path, predictor, monkeypatch, captured):
     """Eager kernel launches need the GIL between them: a failed capture must not leave the daemon with the
