@@ -64,11 +64,13 @@ def plan_run(
     kernel launch has to win the GIL back from them (session 5: a 6 ms forward took 110 ms beside 8), and
     all but 2 cores (at most 14) where a CUDA graph replays the forward in one call (``cuda_graph``: the
     graph was captured; default ``d.cuda_graphs``). On a 16-core H200 host, 2,000-file bursts went 195
-    images/s with 8 decoders and 297 with 14 at batch 32, 232 with 8 at batch 8; 14 at batch 8 is not
-    measured (README "Speed").
+    images/s with 8 decoders and 297 with 14 at batch 32, 232 with 8 at batch 8 (session 11); 247 with 14
+    at batch 8 against 302 at batch 32 (session 12, same host). So a graph replays batches of 32: one
+    replay per 32 films leaves the GIL to the decoders longer, and a lone film still goes after
+    ``max_wait_ms`` (p50 0.095 s at either size). The eager forward keeps 8.
 
-    The batch holds the forward's working set near 110 MB: 4 images in fp32 on a CPU, 8 in bf16 (half-size
-    activations) and on a GPU (activations in its own memory; 8 as before). An fp32 batch of 8 needs
+    On a CPU the batch holds the forward's working set near 110 MB: 4 images in fp32, 8 in bf16 (half-size
+    activations). An fp32 batch of 8 needs
     ~210 MB: on a 2-core AVX2 EPYC, 1,500-file `--once` runs peaked at 1,472-1,584 MB RSS with 8 (the
     issue's bound is 1.5 GB) against 1,358-1,364 MB with 4, for 8% fewer files per second (40.2 against
     37.2; README "Speed").
@@ -77,7 +79,7 @@ def plan_run(
     if device_type != "cpu":
         graph = device_type == "cuda" and (d.cuda_graphs if cuda_graph is None else cuda_graph)
         workers = d.decode_workers or (max(1, min(cpus - 2, GRAPH_DECODERS_MAX)) if graph else min(cpus, 8))
-        return RunPlan(workers, d.torch_threads or cpus, d.batch_size or 8)
+        return RunPlan(workers, d.torch_threads or cpus, d.batch_size or (32 if graph else 8))
     workers = d.decode_workers or max(1, cpus // 4)
     torch_threads = d.torch_threads or (max(1, cpus - workers) if bf16 else cpus)
     return RunPlan(workers, torch_threads, d.batch_size or (8 if bf16 else 4))

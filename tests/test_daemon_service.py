@@ -154,9 +154,9 @@ def test_helpers(tmp_path):
     assert plan_run(auto, "cpu", cpus=2, bf16=True) == RunPlan(decode_workers=1, torch_threads=1, batch_size=8)
     assert plan_run(auto, "cpu", cpus=16, bf16=True) == RunPlan(decode_workers=4, torch_threads=12, batch_size=8)
     # CUDA graphs: one call per batch, so decoders can have all but 2 cores; eager launches need the GIL
-    assert plan_run(auto, "cuda", cpus=16, bf16=True) == RunPlan(decode_workers=14, torch_threads=16, batch_size=8)
-    assert plan_run(auto, "cuda", cpus=16) == RunPlan(decode_workers=14, torch_threads=16, batch_size=8)
-    assert plan_run(auto, "cuda", cpus=2) == RunPlan(decode_workers=1, torch_threads=2, batch_size=8)
+    assert plan_run(auto, "cuda", cpus=16, bf16=True) == RunPlan(decode_workers=14, torch_threads=16, batch_size=32)
+    assert plan_run(auto, "cuda", cpus=16) == RunPlan(decode_workers=14, torch_threads=16, batch_size=32)
+    assert plan_run(auto, "cuda", cpus=2) == RunPlan(decode_workers=1, torch_threads=2, batch_size=32)
     assert plan_run(auto, "cuda", cpus=64).decode_workers == 14  # larger hosts are not measured
     eager = dataclasses.replace(auto, cuda_graphs=False)
     assert plan_run(eager, "cuda", cpus=16) == RunPlan(decode_workers=8, torch_threads=16, batch_size=8)
