@@ -49,7 +49,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["efficientnet_lite0", "efficientnet_b0"] = "efficientnet_lite0"
+    arch: Literal["efficientnet_lite0", "efficientnet_lite0_aa", "efficientnet_b0"] = "efficientnet_lite0"
     pretrained: bool = True
     weights_path: str | None = None
     drop_rate: float = 0.2

@@ -10,6 +10,7 @@ same weights); ``--draft`` overrides the JPEG draft size. Not a test: tests/test
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,8 +41,9 @@ def main() -> None:
     model, meta = load_checkpoint(args.model)
     for kv in args.set:
         key, _, value = kv.partition("=")
-        if key not in meta["preprocess"]:
-            raise SystemExit(f"--set {kv}: unknown preset field {key!r}; fields: {sorted(meta['preprocess'])}")
+        fields = sorted(dataclasses.fields(Preset), key=lambda f: f.name)
+        if key not in {f.name for f in fields}:
+            raise SystemExit(f"--set {kv}: unknown preset field {key!r}; fields: {[f.name for f in fields]}")
         meta["preprocess"][key] = json.loads(value)
     cal_path = args.model.parent / CALIBRATION_FILE
     cal = Calibration.read(cal_path) if cal_path.exists() else Calibration()

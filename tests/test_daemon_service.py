@@ -424,7 +424,7 @@ def test_uncalibrated_checkpoint_is_a_warning(tmp_path, tiny_checkpoint):
 @pytest.mark.parametrize("captured", [True, False])
 def test_decoder_count_follows_whether_the_cuda_graph_was_captured(tmp_path, predictor, monkeypatch, captured):
     """Eager kernel launches need the GIL between them: a failed capture must not leave the daemon with the
-    many decoders planned for a graph."""
+    many decoders and the large batch planned for a graph."""
     monkeypatch.setattr("xr.daemon.service.usable_cpus", lambda: 16)
 
     def capture(self, batch_size):
@@ -436,4 +436,4 @@ def test_decoder_count_follows_whether_the_cuda_graph_was_captured(tmp_path, pre
     fake.device = torch.device("cuda")  # only its type is read before the first batch
     svc = _svc(tmp_path, fake, cfg=_cfg(decode_workers=0, torch_threads=0, batch_size=0))
     svc._load_predictor()
-    assert svc.plan == RunPlan(decode_workers=14 if captured else 8, torch_threads=16, batch_size=8)
+    assert svc.plan == RunPlan(decode_workers=14 if captured else 8, torch_threads=16, batch_size=32 if captured else 8)
