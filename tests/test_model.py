@@ -190,6 +190,21 @@ def test_checkpoint_round_trip_preserves_outputs_and_meta(saved):
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
 
 
+def test_anti_aliased_checkpoint_loads_as_the_anti_aliased_network(tmp_path):
+    """The arch name, not the tensors (the blur-pools hold none), decides the network a checkpoint builds."""
+    torch.manual_seed(1)
+    model = build_model("efficientnet_lite0_aa", num_classes=1).eval()
+    cfg = load_config()
+    meta = checkpoint_meta("efficientnet_lite0_aa", Preset.from_config(cfg.preprocess), cfg.to_dict(), {})
+    save_checkpoint(tmp_path / "aa.pt", model, meta)
+    loaded, got = load_checkpoint(tmp_path / "aa.pt")
+    assert got["arch"] == "efficientnet_lite0_aa"
+    assert any(isinstance(m, BlurPool2d) for m in loaded.modules())
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
 def _tampered(saved_path: Path, tmp_path: Path, name: str, mutate) -> Path:
     """A copy of a saved checkpoint with ``mutate(raw_dict)`` applied, written as ``tmp_path / name``."""
     raw = torch.load(saved_path, map_location="cpu", weights_only=True)
