@@ -65,15 +65,14 @@ def plan_run(
     all but 2 cores (at most 14) where a CUDA graph replays the forward in one call (``cuda_graph``: the
     graph was captured; default ``d.cuda_graphs``). On a 16-core H200 host, 2,000-file bursts went 195
     images/s with 8 decoders and 297 with 14 at batch 32, 232 with 8 at batch 8 (session 11); 247 with 14
-    at batch 8 against 302 at batch 32 (session 12, same host). So a graph replays batches of 32: one
-    replay per 32 films leaves the GIL to the decoders longer, and a lone film still goes after
-    ``max_wait_ms`` (p50 0.095 s at either size). The eager forward keeps 8.
+    at batch 8 against 302 at batch 32, and on another host 190 against 276 (session 12). So a graph
+    replays batches of 32: one replay per 32 films leaves the GIL to the decoders longer, and a lone film
+    still goes after ``max_wait_ms`` (p50 0.094-0.096 s at either size). The eager forward keeps 8.
 
     On a CPU the batch holds the forward's working set near 110 MB: 4 images in fp32, 8 in bf16 (half-size
-    activations). An fp32 batch of 8 needs
-    ~210 MB: on a 2-core AVX2 EPYC, 1,500-file `--once` runs peaked at 1,472-1,584 MB RSS with 8 (the
-    issue's bound is 1.5 GB) against 1,358-1,364 MB with 4, for 8% fewer files per second (40.2 against
-    37.2; README "Speed").
+    activations). An fp32 batch of 8 needs ~210 MB: on a 2-core AVX2 EPYC, 1,500-file `--once` runs
+    peaked at 1,472-1,584 MB RSS with 8 (the issue's bound is 1.5 GB) against 1,358-1,364 MB with 4, for
+    8% fewer files per second (40.2 against 37.2; README "Speed").
     """
     cpus = cpus or usable_cpus()
     if device_type != "cpu":
