@@ -43,7 +43,7 @@ def build_model(arch: str, num_classes: int = 1, drop_rate: float = 0.2) -> nn.M
     if arch != "efficientnet_lite0_aa":
         return timm.create_model(TIMM_ARCH[arch], pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     # Anti-aliased Lite0 (Zhang, ICML 2019): every stride-2 step becomes a stride-1 conv followed by a
-    # blur-and-subsample, so JPEG grain finer than the next resolution cannot alias into the features.
+    # blur-and-subsample, so JPEG grain finer than the next resolution folds far less into the features.
     # The blur layers hold no weights: Lite0's ImageNet tensors load unchanged. It halved the spread of
     # the full-resolution-vs-copy logit gap in two runs but runs the forward ~1.7x slower, so it is
     # not the default (README "The shipped model", session 12).

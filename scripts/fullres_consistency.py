@@ -41,9 +41,10 @@ def main() -> None:
     model, meta = load_checkpoint(args.model)
     for kv in args.set:
         key, _, value = kv.partition("=")
-        fields = sorted(dataclasses.fields(Preset), key=lambda f: f.name)
-        if key not in {f.name for f in fields}:
-            raise SystemExit(f"--set {kv}: unknown preset field {key!r}; fields: {[f.name for f in fields]}")
+        # any Preset field, also one an older checkpoint predates (its render_size, say)
+        fields = sorted(f.name for f in dataclasses.fields(Preset))
+        if key not in fields:
+            raise SystemExit(f"--set {kv}: unknown preset field {key!r}; fields: {fields}")
         meta["preprocess"][key] = json.loads(value)
     cal_path = args.model.parent / CALIBRATION_FILE
     cal = Calibration.read(cal_path) if cal_path.exists() else Calibration()
