@@ -89,7 +89,7 @@ def test_lite0_aa_takes_the_same_imagenet_tensors_and_blurs_every_downsampling()
 
 def test_lite0_aa_features_move_less_when_the_picture_shifts_by_a_few_pixels():
     """What the anti-aliased arch is for: the same film a few pixels off gives nearly the same features
-    (on ImageNet weights, plain Lite0 spreads 2-2.5x more over 0-3 px shifts of these photos)."""
+    (on ImageNet weights, plain Lite0 spreads about twice as much over 0-3 px shifts of these photos)."""
     from sklearn.datasets import load_sample_images
 
     tf = T.Compose([T.Resize(256), T.CenterCrop(227), T.ToTensor(), T.Normalize(*IMAGENET_STATS[ARCH])])
