@@ -32,9 +32,14 @@ TIMM_ARCH = {
 # Lite0 was trained on inputs scaled to [-1, 1]; the ImageNet check uses its own statistics.
 IMAGENET_STATS = {
     "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "efficientnet_lite0_aa": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "efficientnet_b0": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+IMAGENET_STATS["efficientnet_lite0_aa"] = IMAGENET_STATS["efficientnet_lite0"]  # the same weights
+
+
+def _is_lite0(arch: str) -> bool:
+    """Whether ``arch`` is built on timm's Lite0, so it takes the packaged Lite0 ImageNet weights."""
+    return TIMM_ARCH.get(arch) == TIMM_ARCH["efficientnet_lite0"]
 
 
 def build_model(arch: str, num_classes: int = 1, drop_rate: float = 0.2) -> nn.Module:
@@ -104,11 +109,11 @@ def load_imagenet_weights(model: nn.Module, arch: str, weights_path: str | Path 
         state = torch.load(Path(weights_path), map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        if arch.startswith("efficientnet_lite0") and any(k.startswith("_blocks.") for k in state):
+        if _is_lite0(arch) and any(k.startswith("_blocks.") for k in state):
             state = {_lite0_key(k): v for k, v in state.items()}
         if arch == "efficientnet_b0" and any(k.startswith("features.") for k in state):
             state = _torchvision_b0_to_timm(state)  # config.yaml documents the torchvision layout
-    elif arch.startswith("efficientnet_lite0"):
+    elif _is_lite0(arch):
         state = lite0_imagenet_state_dict()
     else:
         cached = _torch_hub_cached(arch)

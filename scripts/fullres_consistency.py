@@ -39,10 +39,9 @@ def main() -> None:
         raise SystemExit(f"no full-resolution samples under {args.shared / 'samples' / 'fullres'}")
 
     model, meta = load_checkpoint(args.model)
+    fields = sorted(f.name for f in dataclasses.fields(Preset))  # also those an older checkpoint predates
     for kv in args.set:
         key, _, value = kv.partition("=")
-        # any Preset field, also one an older checkpoint predates (its render_size, say)
-        fields = sorted(f.name for f in dataclasses.fields(Preset))
         if key not in fields:
             raise SystemExit(f"--set {kv}: unknown preset field {key!r}; fields: {fields}")
         meta["preprocess"][key] = json.loads(value)
