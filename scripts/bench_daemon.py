@@ -291,6 +291,7 @@ def main() -> int:
         cpu_s = (cpu_end.user + cpu_end.system) - (cpu_start.user + cpu_start.system)
         cpu_ms_per_file = 1000 * cpu_s / len(expected)
         busy = cpu_s / (ncpu * (t_cpu_end - t_start))
+        ceiling = 1000 * ncpu / cpu_ms_per_file
 
         proc.send_signal(signal.SIGTERM)
         t_sig = time.time()
@@ -308,7 +309,6 @@ def main() -> int:
         batches = con.execute("select avg(size), avg(model_ms), sum(model_ms) / sum(size) from batches").fetchone()
         con.close()
         cpu = os.cpu_count()
-        ceiling = 1000 * ncpu / cpu_ms_per_file
         report = {
             "cpu_count": cpu,
             "device": args.device,
