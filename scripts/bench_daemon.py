@@ -177,7 +177,7 @@ def main() -> int:
     from xr.core.config import load_config
     from xr.core.predict import resolve_device, use_bf16
     from xr.daemon.cli import build_parser, parse_overrides
-    from xr.daemon.service import plan_run
+    from xr.daemon.service import plan_run, usable_cpus
 
     # the daemon's own reading of --set, so the raw forward runs at the batch size the daemon will use
     cfg = load_config(overrides=parse_overrides(build_parser().parse_args([a for kv in args.set for a in ("--set", kv)])))
@@ -190,7 +190,7 @@ def main() -> int:
         ap.error(f"--sources {src_dir}: no */*.jpeg files there")
     # the raw rate is the best torch thread count on this machine, so the ratio is not flattered
     # name -> (torch threads, daemon malloc settings, CUDA graph or CPU trace); the fastest is the reference
-    ncpu = len(os.sched_getaffinity(0))
+    ncpu = usable_cpus()  # the daemon's own count (macOS has no sched_getaffinity)
     compiled = "+graph" if args.device == "cuda" else "+trace"
     variants = {
         f"{n}t{'+malloc' if tuned else ''}{compiled if graph else ''}": (n, tuned, graph)
