@@ -27,6 +27,7 @@ class PreprocessConfig:
     resize_mode: Literal["squash", "shorter_side"] = "squash"
     render_size: int | None = 224
     render_quality: int = 75
+    render_filter: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     max_pixels: int = 80_000_000

@@ -78,6 +78,7 @@ def test_unknown_section_is_rejected_naming_it(tmp_path):
         ("preprocess", "mean", [0.5, 0.5]),  # list of wrong length
         ("preprocess", "std", "0.2"),  # not a list
         ("preprocess", "resize_mode", "crop"),  # bad Literal
+        ("preprocess", "render_filter", "cubic"),  # bad Literal
         ("model", "arch", "resnet50"),  # bad Literal
         ("train", "amp", "fp16"),  # bad Literal
         ("daemon", "watch", 5),  # int for str

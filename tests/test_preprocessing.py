@@ -125,11 +125,31 @@ def test_rendering_squashes_any_size_and_is_deterministic():
     assert a.size == (128, 128) and np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_render_filter_picks_pillows_resampler_and_travels_with_the_preset():
+    from xr.core.preprocessing import RenderAsDataset, _jpeg_round_trip
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (400, 600), dtype=np.uint8), mode="L")
+    renders = {}
+    for name, pil_filter in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+        renders[name] = np.asarray(RenderAsDataset(224, 75, name)(img))
+        expected = np.asarray(_jpeg_round_trip(img.resize((224, 224), pil_filter), 75))
+        assert np.array_equal(renders[name], expected), name
+    assert not np.array_equal(renders["bilinear"], renders["bicubic"])
+    assert np.array_equal(renders["bicubic"], np.asarray(RenderAsDataset(224, 75)(img)))  # Pillow's default
+
+    preset = Preset.from_config(PreprocessConfig(render_filter="bilinear"))
+    assert Preset.from_dict(json.loads(json.dumps(preset.to_dict()))).render_filter == "bilinear"
+    with pytest.raises(ValueError, match="'cubic'.*bicubic"):
+        RenderAsDataset(224, 75, "cubic")
+
+
 def test_presets_saved_before_rendering_existed_keep_their_pipeline(preset):
     old = preset.to_dict()
-    del old["render_size"], old["render_quality"]
+    del old["render_size"], old["render_quality"], old["render_filter"]
     restored = Preset.from_dict(old)
     assert restored.render_size is None  # an old checkpoint scores exactly as it was calibrated
+    assert restored.render_filter == "bicubic"  # the filter every checkpoint before the option used
     assert preset.render_size == 224 and preset.render_quality == 75  # config.yaml turns it on for new ones
 
 

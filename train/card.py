@@ -42,7 +42,7 @@ def write_model_card(
             "files": "PNG or JPEG chest radiograph (8-bit, 16-bit grayscale, RGB, RGBA, palette)",
             "img_size": cfg.preprocess.img_size,
             "render": (
-                f"squashed to {cfg.preprocess.render_size}x{cfg.preprocess.render_size} (bicubic), "
+                f"squashed to {cfg.preprocess.render_size}x{cfg.preprocess.render_size} ({cfg.preprocess.render_filter}), "
                 f"JPEG quality {cfg.preprocess.render_quality}, as the training copies were made"
                 if cfg.preprocess.render_size else "off"
             ),
