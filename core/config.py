@@ -81,6 +81,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     consistency_weight: float = 0.0
     consistency_jpeg_quality: tuple[int, int] = (50, 75)
+    consistency_view: Literal["jpeg", "rerender", "both"] = "jpeg"
+    consistency_space: Literal["logit", "probability"] = "logit"
     plateau_patience: int = 1
     plateau_factor: float = 0.3
     early_stopping_patience: int = 5

@@ -79,6 +79,8 @@ def test_unknown_section_is_rejected_naming_it(tmp_path):
         ("preprocess", "std", "0.2"),  # not a list
         ("preprocess", "resize_mode", "crop"),  # bad Literal
         ("preprocess", "render_filter", "cubic"),  # bad Literal
+        ("train", "consistency_view", "blur"),  # bad Literal
+        ("train", "consistency_space", "prob"),  # bad Literal
         ("model", "arch", "resnet50"),  # bad Literal
         ("train", "amp", "fp16"),  # bad Literal
         ("daemon", "watch", 5),  # int for str

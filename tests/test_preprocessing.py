@@ -144,6 +144,46 @@ def test_render_filter_picks_pillows_resampler_and_travels_with_the_preset():
         RenderAsDataset(224, 75, "cubic")
 
 
+def _film(size=(224, 224), seed=0) -> Image.Image:
+    """A smooth picture with some fine texture, like a small chest film."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    smooth = 128 + 60 * np.sin(xx / 17.0) * np.cos(yy / 23.0)
+    return Image.fromarray(np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8), mode="L")
+
+
+def test_rerender_view_is_a_bigger_export_that_renders_back_close_to_the_copy():
+    from xr.core.preprocessing import RandomRerender, RenderAsDataset
+
+    copy, render, view = _film(), RenderAsDataset(224, 75), RandomRerender()
+    base = np.asarray(render(copy), dtype=np.float64)
+    torch.manual_seed(0)
+    gaps = []
+    for _ in range(12):
+        big = view(copy)
+        # 2-6x the copy's side, the aspect ratio split between the two sides
+        assert big.mode == "L" and 2 * 224 / 1.6**0.5 - 1 <= min(big.size) and max(big.size) <= 6 * 224 * 1.6**0.5 + 1
+        assert 1.0 - 1e-2 <= big.width / big.height <= 1.6 + 1e-2
+        gaps.append(np.sqrt(((np.asarray(render(big), dtype=np.float64) - base) ** 2).mean()))
+    # Close to the copy (the same film) but never the copy itself: a new shrink and a new JPEG grain.
+    assert 0.3 < min(gaps) and max(gaps) < 15, gaps
+    torch.manual_seed(5)
+    first = np.asarray(view(copy))
+    torch.manual_seed(5)
+    assert np.array_equal(first, np.asarray(view(copy)))  # seeded by torch, as the data loader seeds it
+
+
+def test_random_choice_draws_each_transform_from_torchs_generator():
+    from xr.core.preprocessing import RandomChoice
+
+    pick = RandomChoice([lambda img: "a", lambda img: "b"])
+    torch.manual_seed(0)
+    draws = [pick(None) for _ in range(40)]
+    assert set(draws) == {"a", "b"}
+    torch.manual_seed(0)
+    assert [pick(None) for _ in range(40)] == draws
+
+
 def test_presets_saved_before_rendering_existed_keep_their_pipeline(preset):
     old = preset.to_dict()
     del old["render_size"], old["render_quality"], old["render_filter"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from xr.core.config import load_config
 from xr.core.errors import XRError
@@ -116,6 +116,30 @@ def _view_gap(consistency: float) -> float:
 def test_consistency_loss_makes_two_views_of_an_image_score_alike():
     plain, stable = _view_gap(0.0), _view_gap(2.0)
     assert stable < 0.5 * plain, (plain, stable)
+
+
+def _consistency_pull(space: str) -> torch.Tensor:
+    """How far one consistency step moves each view's logit, for a confident pair (logits 6 and 8) and a
+    borderline pair (0 and 2): each view's logit is its own weight, and the classification loss is off."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 1, bias=False))
+    logits = torch.tensor([6.0, 8.0, 0.0, 2.0])
+    with torch.no_grad():
+        model[1].weight.copy_(logits[None])
+    views = torch.eye(4).reshape(2, 2, 1, 1, 4)  # [images, views, C, H, W]: one-hot, so z = weight
+    loader = DataLoader(TensorDataset(views, torch.tensor([1, 1])), batch_size=2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_one_epoch(
+        model, loader, opt, lambda out, y: 0.0 * out.sum(), torch.device("cpu"), channels_last=False,
+        consistency=1.0, consistency_space=space,
+    )
+    return (model[1].weight.detach()[0] - logits).abs()
+
+
+def test_probability_space_consistency_pulls_borderline_films_and_leaves_confident_ones():
+    logit, prob = _consistency_pull("logit"), _consistency_pull("probability")
+    assert torch.allclose(logit[:2], logit[2:])  # on logits, a gap of 2 pulls alike however sure the model is
+    assert prob[2:].min() > 20 * prob[:2].max(), prob  # on probabilities, the pair near 0.5 takes the pull
+    assert prob[2:].min() > 0
 
 
 def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), **train):

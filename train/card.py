@@ -24,6 +24,14 @@ LIMITS = [
 ]
 
 
+CONSISTENCY_VIEWS = {
+    "jpeg": "its re-encoded copy (JPEG quality {}-{}, shifted block grid)",
+    "rerender": "a simulated full-resolution export of it (upsampled, sharpened, rendered again)",
+    "both": "either its re-encoded copy (JPEG quality {}-{}, shifted block grid) or a simulated "
+            "full-resolution export of it (upsampled, sharpened, rendered again)",
+}
+
+
 def _metric(value: float | None) -> str:
     """A metric to 4 decimals; "n/a" where it is undefined (AUROC of a one-class test split is None)."""
     return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
@@ -86,8 +94,8 @@ def write_model_card(
         f"weight decay {cfg.train.weight_decay}; ReduceLROnPlateau on val AUROC; early stopping {cfg.train.early_stopping_patience}; "
         f"best epoch {card['training']['best_epoch']} of {card['training']['epochs_run']} (val AUROC {card['training']['best_val_auroc']:.4f}). "
         + (
-            f"Consistency loss weight {cfg.train.consistency_weight} between each image and its re-encoded copy "
-            f"(JPEG quality {cfg.train.consistency_jpeg_quality[0]}-{cfg.train.consistency_jpeg_quality[1]}, shifted block grid). "
+            f"Consistency loss weight {cfg.train.consistency_weight} on the {'probabilities' if cfg.train.consistency_space == 'probability' else 'logits'} of each image "
+            f"and {CONSISTENCY_VIEWS[cfg.train.consistency_view].format(*cfg.train.consistency_jpeg_quality)}. "
             if cfg.train.consistency_weight > 0 else ""
         )
         + (

@@ -21,11 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from xr.core.config import Config
+from xr.core.config import Config, TrainConfig
 from xr.core.errors import XRError
 from xr.core.model import CLASS_NAMES, checkpoint_meta, create_model, save_checkpoint
 from xr.core.predict import autocast, use_bf16
-from xr.core.preprocessing import Preset, RandomJpegHistory
+from xr.core.preprocessing import Preset, RandomChoice, RandomJpegHistory, RandomRerender
 from xr.train.data import Splits, XRDataset
 
 BEST_CHECKPOINT = "xr_mvp_best.pt"
@@ -139,6 +139,12 @@ def set_trainable(model: nn.Module, head_only: bool, freeze_stages: int) -> list
     return frozen
 
 
+def consistency_view(tc: TrainConfig) -> torch.nn.Module:
+    """The second view of each training image for the consistency loss (``train.consistency_view``)."""
+    jpeg, rerender = RandomJpegHistory(tc.consistency_jpeg_quality), RandomRerender()
+    return {"jpeg": jpeg, "rerender": rerender, "both": RandomChoice([jpeg, rerender])}[tc.consistency_view]
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -153,12 +159,16 @@ def train_one_epoch(
     max_steps: int | None = None,
     ema: Any = None,
     consistency: float = 0.0,
+    consistency_space: str = "logit",
     desc: str = "train",
 ) -> dict[str, float]:
     """One pass over ``loader``. Batches of paired views [B, 2, C, H, W] (XRDataset ``second_view``) add
-    ``consistency`` times half the squared logit difference between the two views of each image (their
-    spread around the pair's mean), so two renderings of one film score alike (stability training,
-    Zheng et al., CVPR 2016). Both views also get the classification loss."""
+    ``consistency`` times half the squared difference between the two views of each image (their spread
+    around the pair's mean), so two renderings of one film score alike (stability training, Zheng et al.,
+    CVPR 2016). Both views also get the classification loss. ``consistency_space`` "logit" compares the
+    logits; "probability" compares their sigmoids, which weighs a pair by how much its gap moves the
+    probability: films near 0.5 are pulled together, confident films are left alone, so the model gains
+    nothing by shrinking all its logits."""
     model.train()
     for m in frozen:
         m.eval()  # frozen layers keep their ImageNet BatchNorm statistics
@@ -181,6 +191,8 @@ def train_one_epoch(
         loss = loss_fn(out, _targets(y, smoothing))
         if views > 1 and consistency > 0:
             paired = out.reshape(-1, views)
+            if consistency_space == "probability":
+                paired = torch.sigmoid(paired)
             loss = loss + consistency * (paired - paired.mean(1, keepdim=True)).pow(2).sum(1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -284,7 +296,7 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
     bf16_step = use_bf16(device, tc.amp, training=True)
     cl = tc.channels_last
     preset = Preset.from_config(cfg.preprocess)
-    second_view = RandomJpegHistory(tc.consistency_jpeg_quality) if tc.consistency_weight > 0 else None
+    second_view = consistency_view(tc) if tc.consistency_weight > 0 else None
     train_ds = XRDataset(splits.train, preset, preset.train_transform(cfg.augment), second_view=second_view)
     train_eval_ds = XRDataset(splits.train, preset, preset.eval_transform())
     val_ds = XRDataset(splits.val, preset, preset.eval_transform())
@@ -383,7 +395,7 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
         stats = train_one_epoch(
             model, train_loader, optimizer, loss_fn, device, frozen=frozen, bf16=bf16_step, channels_last=cl,
             smoothing=tc.label_smoothing, max_steps=tc.max_steps_per_epoch, ema=ema,
-            consistency=tc.consistency_weight, desc=f"epoch {epoch}",
+            consistency=tc.consistency_weight, consistency_space=tc.consistency_space, desc=f"epoch {epoch}",
         )
         eval_model = ema.module if ema is not None else model
         val = evaluate(eval_model, val_loader, device, bf16=bf16, channels_last=cl)
