@@ -25,14 +25,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from xr.core.preprocessing import RenderAsDataset
 from xr.train.analysis import fullres_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (224, 224)
-PIL_FILTERS = {
-    "nearest": Image.NEAREST, "box": Image.BOX, "bilinear": Image.BILINEAR, "hamming": Image.HAMMING,
-    "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
-}
+PIL_FILTERS = RenderAsDataset.FILTERS  # Pillow's filters by name, as preprocess.render_filter takes them
 Shrink = Callable[[Image.Image], np.ndarray]  # mode "L" original -> uint8 [224, 224]
 
 

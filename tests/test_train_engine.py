@@ -154,6 +154,20 @@ def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), **train):
     return fit(cfg, Splits(train_items, val_items, [], []), tmp_path, torch.device("cpu"))
 
 
+def test_fit_trains_with_the_configured_consistency_view_and_space(tmp_path, xray_paths, monkeypatch):
+    seen, real = [], engine.train_one_epoch
+
+    def spy(model, loader, *args, **kw):
+        second_view = getattr(loader.dataset, "second_view", None)
+        seen.append((type(second_view).__name__, kw.get("consistency"), kw.get("consistency_space")))
+        return real(model, loader, *args, **kw)
+
+    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    _tiny_fit(tmp_path, xray_paths, epochs=3, head_epochs=2, consistency_weight=1.0, consistency_view="both",
+              consistency_space="probability")
+    assert seen[-1] == ("RandomChoice", 1.0, "probability")  # the fine-tuning epoch, with both views
+
+
 def test_epochs_is_the_total_head_epochs_included(tmp_path, xray_paths):
     result = _tiny_fit(tmp_path, xray_paths, epochs=1, head_epochs=2)
     assert result["epochs_run"] == 1 and [r["phase"] for r in result["history"]] == ["head"]
