@@ -121,7 +121,7 @@ class RandomRerender(torch.nn.Module):
     (README "The shipped model"). Draws from torch's generator, like torchvision's random transforms.
     """
 
-    FILTERS = (Image.BICUBIC, Image.LANCZOS, Image.BILINEAR)
+    FILTERS = tuple(RenderAsDataset.FILTERS[name] for name in ("bicubic", "lanczos", "bilinear"))
 
     def __init__(self, upscale: tuple[float, float] = (2.0, 6.0), aspect: tuple[float, float] = (1.0, 1.6),
                  sharpen_percent: tuple[int, int] = (0, 300)):

@@ -3,9 +3,9 @@
     python scripts/copy_provenance.py [--shared ../shared] [--limit 40] [--top 12]
 
 The copies are 224x224 RGB JPEGs of IJG quality 75 with 4:2:0 chroma (what Pillow writes by default),
-made from the originals by an unpublished pipeline (../shared/README.md). If some pipeline here were theirs,
+made from the originals by a pipeline not given with the data (../shared/README.md). If some pipeline here were theirs,
 its output would land on the copy's own quantised DCT coefficients and the distance would collapse towards 0;
-a single grey level of noise before encoding already gives about 1.3 grey levels rms after it. The script
+half a grey level of noise before encoding already gives about 1.2 grey levels rms after it. The script
 scores every candidate (one-step shrinks with Pillow's filters, with and without ``reducing_gap``; torch's
 resamplers with and without antialiasing, rounded or truncated to 8 bits; two-step shrinks through an
 intermediate size, with and without an intermediate JPEG) by its rms distance, in grey levels, to the copies
@@ -112,9 +112,10 @@ def main() -> None:
     noise, filters = [], []
     for original, _ in pairs:
         bicubic = np.asarray(original.resize(SIZE, Image.BICUBIC))
+        stored = store_like_copies(bicubic)
         noisy = np.clip(np.round(bicubic + rng.normal(0, 0.5, bicubic.shape)), 0, 255).astype(np.uint8)
-        noise.append(rms(store_like_copies(bicubic), store_like_copies(noisy)))
-        filters.append(rms(store_like_copies(bicubic), store_like_copies(np.asarray(original.resize(SIZE, Image.BILINEAR)))))
+        noise.append(rms(stored, store_like_copies(noisy)))
+        filters.append(rms(stored, store_like_copies(np.asarray(original.resize(SIZE, Image.BILINEAR)))))
     print(f"{len(pairs)} pairs; rms distance in grey levels after storing both the copies' way")
     print(f"  reference: 0.5 grey levels of noise before encoding   {np.mean(noise):.3f}")
     print(f"  reference: Pillow bicubic against bilinear shrink      {np.mean(filters):.3f}")

@@ -27,9 +27,8 @@ LIMITS = [
 CONSISTENCY_VIEWS = {
     "jpeg": "its re-encoded copy (JPEG quality {}-{}, shifted block grid)",
     "rerender": "a simulated full-resolution export of it (upsampled, sharpened, rendered again)",
-    "both": "either its re-encoded copy (JPEG quality {}-{}, shifted block grid) or a simulated "
-            "full-resolution export of it (upsampled, sharpened, rendered again)",
 }
+CONSISTENCY_VIEWS["both"] = f"either {CONSISTENCY_VIEWS['jpeg']} or {CONSISTENCY_VIEWS['rerender']}"
 
 
 def _metric(value: float | None) -> str:
