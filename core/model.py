@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-from timm.layers import BlurPool2d
 import torch
 from torch import nn
 
@@ -24,40 +23,18 @@ CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 CHECKPOINT_FORMAT = 1
 # timm architecture behind each product arch name. The Lite0 weights were converted from TensorFlow,
 # whose "SAME" padding only timm's tf_ variant reproduces (checked by tests/test_model.py on a photo).
-TIMM_ARCH = {
-    "efficientnet_lite0": "tf_efficientnet_lite0",
-    "efficientnet_lite0_aa": "tf_efficientnet_lite0",
-    "efficientnet_b0": "efficientnet_b0",
-}
+TIMM_ARCH = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_b0": "efficientnet_b0"}
 # Lite0 was trained on inputs scaled to [-1, 1]; the ImageNet check uses its own statistics.
 IMAGENET_STATS = {
     "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "efficientnet_b0": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-IMAGENET_STATS["efficientnet_lite0_aa"] = IMAGENET_STATS["efficientnet_lite0"]  # the same weights
-
-
-def _is_lite0(arch: str) -> bool:
-    """Whether ``arch`` is built on timm's Lite0, so it takes the packaged Lite0 ImageNet weights."""
-    return TIMM_ARCH.get(arch) == TIMM_ARCH["efficientnet_lite0"]
 
 
 def build_model(arch: str, num_classes: int = 1, drop_rate: float = 0.2) -> nn.Module:
     if arch not in TIMM_ARCH:
         raise CheckpointError(f"unknown arch {arch!r}; choose one of {', '.join(TIMM_ARCH)}")
-    if arch != "efficientnet_lite0_aa":
-        return timm.create_model(TIMM_ARCH[arch], pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
-    # Anti-aliased Lite0 (Zhang, ICML 2019): every stride-2 step becomes a stride-1 conv followed by a
-    # blur-and-subsample, so JPEG grain finer than the next resolution folds far less into the features.
-    # The blur layers hold no weights: Lite0's ImageNet tensors load unchanged. It halved the spread of
-    # the full-resolution-vs-copy logit gap in two runs but runs the forward ~1.7x slower, so it is
-    # not the default (README "The shipped model", session 12).
-    model = timm.create_model(
-        TIMM_ARCH[arch], pretrained=False, num_classes=num_classes, drop_rate=drop_rate, aa_layer="blurpc"
-    )
-    model.conv_stem.stride = (1, 1)
-    model.bn1.act = nn.Sequential(model.bn1.act, BlurPool2d(model.bn1.num_features, stride=2, pad_mode="constant"))
-    return model
+    return timm.create_model(TIMM_ARCH[arch], pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
 
 
 # -- ImageNet weights --------------------------------------------------------------------------------
@@ -109,11 +86,11 @@ def load_imagenet_weights(model: nn.Module, arch: str, weights_path: str | Path 
         state = torch.load(Path(weights_path), map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        if _is_lite0(arch) and any(k.startswith("_blocks.") for k in state):
+        if arch == "efficientnet_lite0" and any(k.startswith("_blocks.") for k in state):
             state = {_lite0_key(k): v for k, v in state.items()}
         if arch == "efficientnet_b0" and any(k.startswith("features.") for k in state):
-            state = _torchvision_b0_to_timm(state)  # config.yaml documents the torchvision layout
-    elif _is_lite0(arch):
+            state = _torchvision_b0_to_timm(state)  # model.weights_path takes the torchvision layout
+    elif arch == "efficientnet_lite0":
         state = lite0_imagenet_state_dict()
     else:
         cached = _torch_hub_cached(arch)

@@ -44,11 +44,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has native bf16 math (AVX512-BF16 or AMX).
-
-    Without it, bf16 autocast is emulated and measured ~10x slower than fp32 on an AVX2 EPYC, so
-    ``auto`` only turns it on where it pays.
-    """
+    """True where the CPU has native bf16 math (AVX512-BF16 or AMX); elsewhere bf16 is emulated and
+    ~10x slower than fp32 (docs/benchmarks.md), so ``auto`` only turns it on where it pays."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -57,12 +54,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def use_bf16(device: torch.device, amp: str = "auto", training: bool = False) -> bool:
-    """Whether to run bf16 autocast. ``auto`` on a CPU: forward passes only (``training`` False).
-
-    On CPUs with native bf16 the forward is faster in bf16 (80.8 against 55-58 images/s, Lite0 batch 32)
-    but the training step is slower (19.2 against 35.0 images/s with frozen stem + 2 stages; 35.0 against
-    38.6 on another such CPU), so ``auto`` trains in fp32 there and evaluates in bf16 (README "Speed").
-    """
+    """Whether to run bf16 autocast. ``auto`` on a CPU: forward passes only (``training`` False), since
+    on CPUs with native bf16 the forward is faster in bf16 but the training step is slower."""
     if amp == "off":
         return False
     if amp == "bf16":
@@ -97,13 +90,8 @@ def tune_malloc() -> bool:
 
     One arena (one per thread otherwise: RSS grows with the decode pool), and a fixed 256 MiB mmap
     threshold with a 512 MiB trim threshold, so the model's activation buffers are reused from the heap
-    instead of being mapped, zero-filled and unmapped on every forward. Measured on the 2-core target
-    (Lite0, batch 16, 1 thread): 22.6 images/s against 19.1 with glibc's defaults, and a fixed 4 MiB
-    threshold (returns memory, costs page faults) fell to 11.5. The threshold was 64 MiB until an fp32
-    batch of 16 (77 MB tensors in the second stage) measured 46-52 images/s against 62-63 with 256 MiB,
-    2 threads, same processes. Training (fp32 step, batch 32, stem + 2 stages frozen, 2 threads): 18.7
-    against 15.7 images/s with glibc's defaults (means over 4 processes each). Returns False where it does
-    not apply (not glibc, e.g. macOS).
+    instead of being mapped and zero-filled on every forward (docs/benchmarks.md, "Allocator").
+    Returns False where it does not apply (not glibc, e.g. macOS).
     """
     libc = _glibc()
     if libc is None:
@@ -120,11 +108,8 @@ def tune_malloc() -> bool:
 def trim_malloc() -> bool:
     """Hand the heap's free pages back to the system (glibc ``malloc_trim``); False where not glibc.
 
-    :func:`tune_malloc` keeps up to 512 MiB of freed memory mapped so each forward reuses it. The daemon's
-    start-up checks (eager and traced forwards at two batch sizes) leave more than one forward needs, freed
-    but resident and scattered through the heap: trimming once after them lowered a 2,015-file burst's
-    peak RSS by ~100 MB (1,438 -> 1,334 MB sampled from smaps; `bench_daemon.py` 1,530 and 1,607 -> 1,470;
-    AVX2 EPYC, fp32 traced forward at batch 8; README "Speed").
+    :func:`tune_malloc` keeps up to 512 MiB of freed memory mapped; the daemon's start-up checks leave
+    more than one forward needs, so it trims once after them (lower peak RSS in a burst).
     """
     libc = _glibc()
     return libc is not None and bool(libc.malloc_trim(0))
@@ -157,9 +142,9 @@ class _TracedForward(nn.Module):
     """The CPU forward of uint8 batches as a TorchScript trace (normalise, channels_last, autocast, model).
 
     Eager, each of the forward's ~250 operators returns to Python and must take the GIL back; beside the
-    daemon's decode and bookkeeping threads a batch then waits on them between layers (README "Speed",
-    session 8). The trace runs the same operators in C++ without the GIL, so its logits are bitwise the
-    eager ones: :meth:`Predictor.trace_forward` checks that before using it.
+    daemon's decode and bookkeeping threads a batch then waits on them between layers. The trace runs the
+    same operators in C++ without the GIL, so its logits are bitwise the eager ones:
+    :meth:`Predictor.trace_forward` checks that before using it.
     """
 
     def __init__(self, predictor: "Predictor"):
@@ -318,8 +303,8 @@ class Predictor:
     def capture_cuda_graph(self, batch_size: int) -> None:
         """Record the forward of uint8 batches of up to ``batch_size`` as one CUDA graph.
 
-        Eager, a forward is ~300 kernel launches, each taking the GIL from Python: beside the daemon's
-        decode threads the H100 forward took 110 ms a batch against 6 ms alone. A replay is one call.
+        Eager, a forward is ~300 kernel launches, each taking the GIL from Python, so beside the daemon's
+        decode threads it waits on them; a replay is one call.
         Smaller batches are padded to ``batch_size`` (the GPU cost is the same); others stay eager.
         """
         if self.device.type != "cuda":

@@ -1,4 +1,4 @@
-"""``xr-daemon``: watch a folder and score every X-ray dropped into it (see README "Daemon")."""
+"""``xr-daemon``: watch a folder and score every X-ray dropped into it (docs/operations.md)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,6 @@ import sys
 
 import yaml
 
-from xr.core.config import load_config
 from xr.core.errors import XRError
 
 
@@ -17,10 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch a folder, score each chest X-ray with the calibrated model, record results in SQLite and CSV.",
     )
     p.add_argument("--watch", help="inbox folder to watch (default: daemon.watch)")
-    p.add_argument("--config", help="config.yaml (default: the project's config.yaml)")
-    p.add_argument("--db", help="results database: a path or SQLAlchemy URL (default: <output>/results.sqlite)")
-    p.add_argument("--output", help="output folder for processed/, failed/, csv/ (default: daemon.output)")
-    p.add_argument("--model", help="checkpoint (default: daemon.model, relative to the repository root)")
+    p.add_argument("--config", help="config.yaml (default: $XR_CONFIG, else the packaged defaults)")
+    p.add_argument("--db", help="results database: a path or SQLAlchemy URL (default: daemon.db, else <output>/results.sqlite)")
+    p.add_argument("--output", help="output folder for results.sqlite, processed/, failed/, csv/ (default: daemon.output)")
+    p.add_argument("--model", help="checkpoint (default: daemon.model, else the shipped model)")
     p.add_argument("--once", action="store_true", help="process what is in the inbox now, then exit 0")
     p.add_argument("--log-format", choices=("json", "console"), help="default: daemon.log_format")
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: daemon.device)")
@@ -34,13 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any config key, e.g. --set output.csv_rotation=rows (value parsed as YAML)",
+        help="override any config.yaml key, e.g. --set csv.rotation=rows (value parsed as YAML)",
     )
     return p
 
 
 def parse_overrides(args: argparse.Namespace) -> dict:
-    ov = {
+    """Config overrides from the flags given (an unset flag overrides nothing) and every ``--set``."""
+    flags = {
         "daemon.device": args.device,
         "daemon.batch_size": args.batch_size,
         "daemon.max_wait_ms": args.max_wait_ms,
@@ -49,6 +49,7 @@ def parse_overrides(args: argparse.Namespace) -> dict:
         "daemon.poll": args.poll,
         "daemon.log_format": args.log_format,
     }
+    ov = {k: v for k, v in flags.items() if v is not None}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -77,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from xr.daemon.logging import configure_logging
+    from xr.daemon.paths import settings_for
 
     try:
-        cfg = load_config(args.config, parse_overrides(args))
+        cfg = settings_for(args.config, parse_overrides(args))
     except XRError as exc:
         configure_logging(args.log_format or "json").error("config_error", reason=str(exc))
         return 2
@@ -89,9 +91,8 @@ def _main(argv: list[str] | None) -> int:
     from xr.daemon.service import Service
 
     tune_malloc()
-    # The model's forward pass takes the GIL back between its ~100 layers; with Python's default 5 ms
-    # switch interval each hand-back can wait on a claim/export thread. 0.5 ms measured: model time per
-    # image in the daemon 8.6 -> 7.6 ms, burst 76 -> 85 images/s (README "Speed").
+    # The eager forward takes the GIL back between its layers; with Python's default 5 ms switch interval
+    # each hand-back can wait on a claim/export thread (docs/benchmarks.md, "Daemon").
     sys.setswitchinterval(0.0005)
 
     svc = Service(cfg, watch=args.watch, output=args.output, db=args.db, model=args.model, once=args.once, log=log)

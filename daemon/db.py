@@ -1,6 +1,6 @@
 """The results database: SQLAlchemy 2.0 models, engine factory and the few queries the daemon needs.
 
-The database is the daemon's journal (see README "Daemon"): a row is written with status ``claimed``
+The database is the daemon's journal (docs/design.md): a row is written with status ``claimed``
 before a file is decoded, the batch commit turns it into ``ok`` / ``error`` / ``duplicate`` in one
 transaction, and only then is the file moved (``moved_to`` is chosen in that commit, ``moved_at`` is set
 after the move).

@@ -299,19 +299,23 @@ class Discovery:
 
     def _push_ready(self) -> None:
         while not self._stop.is_set():
+            # Recorded as handed before it is queued: the pipeline may take and release it before put()
+            # returns, and a release that came first would leave it outstanding for ever.
             with self._lock:
                 if not self._ready:
                     return
-                item = self._ready[0]
+                item = self._ready.popleft()
+                self._ready_paths.discard(item.path)
+                self._handed[item.path] = (item.size, item.mtime_ns)
             try:
                 self.out.put(item, timeout=0.05)
             except queue.Full:
-                return  # back-pressure: keep the rest as names and look again next tick
-            with self._lock:
-                self._ready.popleft()
-                self._ready_paths.discard(item.path)
-                self._handed[item.path] = (item.size, item.mtime_ns)
-                self.stats.handed += 1
+                with self._lock:  # back-pressure: undo, keep it first in line, look again next tick
+                    self._handed.pop(item.path, None)
+                    self._ready.appendleft(item)
+                    self._ready_paths.add(item.path)
+                return
+            self.stats.handed += 1
 
 
 def inside(p: Path, root: Path) -> bool:

@@ -484,7 +484,7 @@ class Inferer(Stage):
             s.add(b)
             s.flush()
             # Plain dicts in one executemany, not loaded ORM objects: less GIL held per file, which a GPU
-            # host's decode threads need (README "Speed", session 11).
+            # host's decode threads need (docs/benchmarks.md).
             firsts = scores_by_id(s, [w.duplicate_of for w in batch if w.duplicate_of is not None])
             rows: dict[int, dict] = {}
             for w in batch:

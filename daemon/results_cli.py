@@ -8,12 +8,10 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
-from xr.core.config import load_config
 from xr.core.errors import XRError
 from xr.daemon.db import EXPORT_COLUMNS, FINAL_STATUSES, STATUSES, Result, db_url, make_engine, session_factory, sqlite_file
 from xr.daemon.export import format_value
@@ -50,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(parser: argparse.ArgumentParser, top: bool) -> None:
         # options may come before or after the sub-command; a sub-command's unset option keeps the top value
         d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
-        parser.add_argument("--db", default=d(None), help="database path or SQLAlchemy URL (default: daemon.db or <output>/results.sqlite)")
+        parser.add_argument("--db", default=d(None), help="database path or SQLAlchemy URL (default: daemon.db, else <output>/results.sqlite)")
         parser.add_argument("--output", default=d(None), help="the daemon's output folder (default: daemon.output)")
-        parser.add_argument("--config", default=d(None), help="config.yaml (default: the project's)")
+        parser.add_argument("--config", default=d(None), help="config.yaml (default: $XR_CONFIG, else the packaged defaults)")
         parser.add_argument("--since", type=parse_since, default=d(None), help="only rows processed since (ISO UTC time, or 30m / 12h / 7d)")
         parser.add_argument("--format", choices=("table", "csv", "json"), default=d("table"))
 
@@ -76,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def open_db(args: argparse.Namespace):
-    cfg = load_config(args.config)
-    db = args.db or cfg.daemon.db or str(Path(args.output or cfg.daemon.output) / "results.sqlite")
+    from xr.daemon.paths import output_dir, results_db, settings_for
+
+    cfg = settings_for(args.config)
+    db = results_db(cfg, output_dir(cfg, args.output), args.db)
     url = db_url(db)
     if url.startswith("sqlite:///") and not sqlite_file(url).exists():
         raise XRError(f"results database not found: {sqlite_file(url)}")

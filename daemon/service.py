@@ -16,22 +16,15 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
-from xr.core.config import DEFAULT_CONFIG_PATH, Config, DaemonConfig
+from xr.core.config import DaemonConfig, Settings
 from xr.core.errors import XRError
 from xr.core.predict import CALIBRATION_FILE, Predictor, trim_malloc
 from xr.daemon.db import CLAIMED, ERROR, Result, db_url, fs_path, make_engine, session_factory, sqlite_file, utcnow
 from xr.daemon.discovery import Discovery, inside
 from xr.daemon.export import CsvExporter
 from xr.daemon.logging import get_logger
+from xr.daemon.paths import model_path, output_dir, results_db
 from xr.daemon.pipeline import Claimer, Context, Done, Finisher, Inferer
-
-REPO_ROOT = DEFAULT_CONFIG_PATH.parent
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    """An absolute path as is; a relative one is taken from the repository root (where models/ lives)."""
-    p = Path(model).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,34 +38,19 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-GRAPH_DECODERS_MAX = 14  # measured on a 16-core host; larger hosts are not measured yet
+GRAPH_DECODERS_MAX = 14  # the largest host measured had 16 cores (docs/benchmarks.md)
 
 
 def plan_run(
     d: DaemonConfig, device_type: str, cpus: int | None = None, bf16: bool = False, cuda_graph: bool | None = None
 ) -> RunPlan:
-    """Decode threads, torch threads and batch size; 0 in config means "choose".
+    """Decode threads, torch threads and batch size; 0 in config means "choose" (docs/design.md, "Thread plan").
 
-    A CPU model gets one decode thread per 4 cores beside it. In fp32 the model costs about three times
-    what decoding a film does, so it also gets every core: on 2-core AVX2 machines that measured 88
-    images/s against 76 with 2 decoders taking turns with the model and 69 with the cores split one each.
-    In bf16 (``bf16``: a CPU with native bf16) the model costs about what decoding does, and a 2-thread
-    team with one thread on the decoder's core lost to one thread on a core of its own: the decoders get
-    cores of their own (1 and 1 on 2 cores won 10 of 11 paired bursts, by 1-27%; README "Speed").
-    Decoders do no tensor math (uint8 pixels; the batch is normalised in the model's thread), so they
-    start no OpenMP teams of their own. With a GPU the CPU is theirs: up to 8 decoders, because each eager
-    kernel launch has to win the GIL back from them (session 5: a 6 ms forward took 110 ms beside 8), and
-    all but 2 cores (at most 14) where a CUDA graph replays the forward in one call (``cuda_graph``: the
-    graph was captured; default ``d.cuda_graphs``). On a 16-core H200 host, 2,000-file bursts went 195
-    images/s with 8 decoders and 297 with 14 at batch 32, 232 with 8 at batch 8 (session 11); 247 with 14
-    at batch 8 against 302 at batch 32, and on another host 190 against 276 (session 12). So a graph
-    replays batches of 32: one replay per 32 films leaves the GIL to the decoders longer, and a lone film
-    still goes after ``max_wait_ms`` (p50 0.094-0.096 s at either size). The eager forward keeps 8.
-
-    On a CPU the batch holds the forward's working set near 110 MB: 4 images in fp32, 8 in bf16 (half-size
-    activations). An fp32 batch of 8 needs ~210 MB: on a 2-core AVX2 EPYC, 1,500-file `--once` runs
-    peaked at 1,472-1,584 MB RSS with 8 (the issue's bound is 1.5 GB) against 1,358-1,364 MB with 4, for
-    8% fewer files per second (40.2 against 37.2; README "Speed").
+    CPU model: one decoder per 4 cores; in fp32 the model also gets every core, in bf16 (``bf16``: a CPU
+    with native bf16) only the cores the decoders do not have. Batches of 4 in fp32 and 8 in bf16 keep the
+    forward's working set near 110 MB. GPU: the CPU is the decoders'; up to 8 beside an eager forward (each
+    kernel launch must win the GIL back from them), all but 2 cores (at most 14) and batches of 32 where a
+    CUDA graph replays the forward in one call (``cuda_graph``: it was captured; default ``d.cuda_graphs``).
     """
     cpus = cpus or usable_cpus()
     if device_type != "cpu":
@@ -82,10 +60,6 @@ def plan_run(
     workers = d.decode_workers or max(1, cpus // 4)
     torch_threads = d.torch_threads or (max(1, cpus - workers) if bf16 else cpus)
     return RunPlan(workers, torch_threads, d.batch_size or (8 if bf16 else 4))
-
-
-def default_db(cfg: Config, output: str | Path) -> str:
-    return cfg.daemon.db or str(Path(output) / "results.sqlite")
 
 
 def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
@@ -107,7 +81,7 @@ class Service:
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: Settings,
         *,
         watch: str | Path | None = None,
         output: str | Path | None = None,
@@ -119,10 +93,11 @@ class Service:
     ):
         d = cfg.daemon
         self.cfg = cfg
-        self.inbox = Path(watch or d.watch).expanduser().resolve()
-        self.output = Path(output or d.output).expanduser().resolve()
-        self.db = db or default_db(cfg, self.output)
-        self.model_path = Path(model).expanduser().resolve() if model else resolve_model_path(d.model)
+        inbox = watch or d.watch
+        self.inbox = Path(inbox).expanduser().resolve() if inbox else None
+        self.output = output_dir(cfg, output)
+        self.db = results_db(cfg, self.output, db)
+        self.model_path = model_path(cfg, model)
         self.once = once
         self.max_file_bytes = int(d.max_file_mb * 1024 * 1024)
         self.log = log or get_logger()
@@ -195,8 +170,8 @@ class Service:
         self.plan = plan_run(self.cfg.daemon, pred.device.type, bf16=pred.bf16)
         if pred.device.type == "cpu":
             torch.set_num_threads(self.plan.torch_threads)
-        # The pixel limit is a run-time guard: config.yaml wins over the value stored in the checkpoint.
-        pred.preset = dataclasses.replace(pred.preset, max_pixels=self.cfg.preprocess.max_pixels)
+        # The pixel limit is the operator's guard, not a property of the model.
+        pred.preset = dataclasses.replace(pred.preset, max_pixels=self.cfg.daemon.max_pixels)
         t0 = time.perf_counter()
         if pred.device.type == "cpu" and self.cfg.daemon.cpu_trace:
             try:  # its checks run the eager and the traced forward at both batch sizes: a warm-up of its own
@@ -239,7 +214,7 @@ class Service:
         return pred
 
     def reconcile(self, ctx: Context, finisher: Finisher) -> dict[str, int]:
-        """Before watching: settle what a previous run left (see README "Crash safety")."""
+        """Before watching: settle what a previous run left (docs/operations.md, "Crash safety")."""
         stats = {"claimed_redo": 0, "claimed_gone": 0, "claimed_released": 0, "moves_finished": 0}
         now = utcnow()
         with ctx.sessions.begin() as s:
@@ -284,6 +259,8 @@ class Service:
         engine = None
         discovery = None
         try:
+            if self.inbox is None:
+                raise XRError("no watch folder: pass --watch DIR or set daemon.watch in config.yaml")
             if not self.inbox.is_dir():
                 raise XRError(f"watch folder not found: {self.inbox}")
             self._lock()
@@ -304,7 +281,7 @@ class Service:
                 watch=not self.once,
                 exclude=excluded_dirs(self.inbox, self.output),
             )
-            exporter = CsvExporter(self.output / "csv", sessions, self.cfg.output.csv_rotation, self.cfg.output.csv_max_rows)
+            exporter = CsvExporter(self.output / "csv", sessions, self.cfg.csv.rotation, self.cfg.csv.max_rows)
             ctx = Context(
                 inbox=self.inbox,
                 output=self.output,

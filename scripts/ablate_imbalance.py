@@ -9,12 +9,11 @@ AUROC and per-class recall at the raw 0.5 threshold and at the F1 threshold chos
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from xr.core.config import load_config
+from xr.core.config import load_recipe
 from xr.core.model import create_model
 from xr.core.preprocessing import Preset
 from xr.train.calibrate import choose_threshold, fit_temperature, sigmoid
@@ -28,7 +27,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--epochs", type=int, default=6)
     args = ap.parse_args()
-    cfg = load_config()
+    cfg = load_recipe()
     splits = make_splits(args.data, cfg.data)
     preset = Preset.from_config(cfg.preprocess)
     dev = torch.device("cpu")
@@ -42,12 +41,11 @@ def main() -> None:
           f"val-F1 thr: {'rec N':>6} {'rec P':>6} {'acc':>6}")
     for pos_weight in (False, True):
         for sampler in (False, True):
-            tc = dataclasses.replace(cfg.train, pos_weight=pos_weight, weighted_sampler=sampler)
-            c = dataclasses.replace(cfg, train=tc)
+            c = cfg.replace({"train.pos_weight": pos_weight, "train.weighted_sampler": sampler})
             seed_everything(0)
             model = create_model(cfg.model.arch, pretrained=False)
             head = _HeadOnFeatures(model)
-            opt = torch.optim.AdamW(model.get_classifier().parameters(), lr=1e-3, weight_decay=tc.weight_decay)
+            opt = torch.optim.AdamW(model.get_classifier().parameters(), lr=1e-3, weight_decay=c.train.weight_decay)
             loss_fn = make_loss(c, feats["train"].tensors[1].tolist(), dev)
             loader = make_loader(feats["train"], 32, 0, torch.Generator().manual_seed(0), balanced=sampler, shuffle=True)
             for _ in range(args.epochs):

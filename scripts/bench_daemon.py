@@ -80,11 +80,11 @@ def ensure_model(path: Path | None, work: Path) -> tuple[Path, str]:
     # The shipped model is not there yet: an untrained Lite0 checkpoint has the same compute.
     import torch
 
-    from xr.core.config import load_config
+    from xr.core.config import load_recipe
     from xr.core.model import checkpoint_meta, create_model, save_checkpoint
     from xr.core.preprocessing import Preset
 
-    cfg = load_config()
+    cfg = load_recipe()
     model = create_model(cfg.model.arch, pretrained=True)
     meta = checkpoint_meta(cfg.model.arch, Preset.from_config(cfg.preprocess), cfg.to_dict(), {"bench": True})
     ckpt = work / "model" / "bench.pt"
@@ -174,13 +174,13 @@ def main() -> int:
                     "(default: ../shared/samples/fullres, else tests/fixtures/fullres)")
     args = ap.parse_args()
 
-    from xr.core.config import load_config
+    from xr.core.config import load_settings
     from xr.core.predict import resolve_device, use_bf16
     from xr.daemon.cli import build_parser, parse_overrides
     from xr.daemon.service import plan_run, usable_cpus
 
     # the daemon's own reading of --set, so the raw forward runs at the batch size the daemon will use
-    cfg = load_config(overrides=parse_overrides(build_parser().parse_args([a for kv in args.set for a in ("--set", kv)])))
+    cfg = load_settings(overrides=parse_overrides(build_parser().parse_args([a for kv in args.set for a in ("--set", kv)])))
     device = resolve_device(args.device)
     bf16 = device.type == "cpu" and use_bf16(device)  # plan_run ignores it elsewhere; no CUDA context here
     bs = args.batch_size or plan_run(cfg.daemon, device.type, bf16=bf16).batch_size

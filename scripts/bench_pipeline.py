@@ -3,7 +3,7 @@
 Runs the real pipeline (claim, decode, micro-batch, commit, move, CSV export) in-process with ``--once``
 over N distinct 224-px JPEGs, with a near-free model (global average pool + linear) in place of the
 network, and prints files/s. On a GPU the model costs little, so this is the ceiling the daemon's
-Python stages set there (README "Speed").
+Python stages set there (docs/benchmarks.md).
 
     python scripts/bench_pipeline.py --count 2000 [--decode-workers 1] [--sources ../shared/samples/fullres]
 
@@ -13,7 +13,6 @@ whose decoding is what a GPU host spends its CPU on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_daemon import make_images  # noqa: E402  (one way to make distinct images)
 
-from xr.core.config import load_config  # noqa: E402
+from xr.core.config import load_settings  # noqa: E402
 from xr.core.model import load_checkpoint  # noqa: E402
 from xr.core.predict import Calibration, Predictor  # noqa: E402
 from xr.daemon.logging import configure_logging  # noqa: E402
@@ -55,8 +54,7 @@ def main() -> int:
         _, meta = load_checkpoint(args.model)
         free = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 1))
         predictor = Predictor(free, meta, Calibration(1.0, 0.5), device="cpu", model_id="near-free")
-        cfg = load_config()
-        cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, decode_workers=args.decode_workers))
+        cfg = load_settings(overrides={"daemon.decode_workers": args.decode_workers})
         log = configure_logging("json", stream=open(os.devnull, "w"))  # the daemon's logging cost, not its output
         service = Service(cfg, watch=inbox, output=work / "out", once=True, predictor=predictor, log=log)
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from xr.core.config import load_config
+from xr.core.config import load_recipe
 from xr.core.model import create_model
 from xr.core.predict import autocast, cpu_has_fast_bf16, tune_malloc
 from xr.train.engine import set_trainable
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--full-cycle", type=Path, default=None, help="dataset root: also time a whole `xr-train all`")
     args = ap.parse_args()
     tuned = tune_malloc()  # as `xr-train` runs
-    cfg = load_config()
+    cfg = load_recipe()
     print(f"malloc settings: {tuned}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_fast_bf16()}")
     print(f"forward (features/eval) fp32 NCHW:          {forward_rate(False, args.batch, args.steps):6.1f} images/s")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xr.core.config import load_config
+from xr.core.config import load_recipe
 from xr.core.model import checkpoint_meta, create_model, save_checkpoint
 from xr.core.preprocessing import Preset
 
@@ -69,7 +69,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     prediction is the product's own.
     """
     out = tmp_path_factory.mktemp("tiny_model")
-    cfg = load_config()
+    cfg = load_recipe()
     torch.manual_seed(0)
     model = create_model(cfg.model.arch, pretrained=True)
     # create_model zero-inits the head (p = 0.5 for every image); a seeded random head makes the

@@ -1,70 +1,106 @@
-"""config.yaml -> typed, frozen Config: the shipped file loads, typos and wrong types are rejected with
-the key named, overrides are type-checked, and a saved config loads back identical."""
+"""core/config.py: the two files load, typos, misplaced keys and wrong types are rejected with the key
+named, overrides are type-checked, a saved recipe loads back identical, and the generated files are current."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
-from xr.core.config import DEFAULT_CONFIG_PATH, Config, load_config, save_config
+from xr.core.config import (
+    RECIPE_PATH,
+    SETTINGS_PATH,
+    Recipe,
+    Settings,
+    load_recipe,
+    load_settings,
+    save_config,
+)
 from xr.core.errors import ConfigError
 
+REPO = Path(__file__).resolve().parent.parent
 
-def _write(tmp_path: Path, data) -> Path:
-    path = tmp_path / "config.yaml"
+
+def _write(tmp_path: Path, data, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def _shipped() -> dict:
-    return yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-
-
-def _with(section: str, key: str, value, tmp_path):
-    data = _shipped()
+def _load(section: str, key: str, value, tmp_path):
+    """Load the packaged file that holds ``section`` with one value changed."""
+    if section in Settings.model_fields:
+        data = yaml.safe_load(SETTINGS_PATH.read_text())
+        data[section][key] = value
+        return load_settings(_write(tmp_path, data))
+    data = yaml.safe_load(RECIPE_PATH.read_text())
     data[section][key] = value
-    return _write(tmp_path, data)
+    return load_recipe(_write(tmp_path, data, "recipe.yaml"))
 
 
-def test_shipped_config_loads_with_its_values():
-    raw = _shipped()
-    cfg = load_config(DEFAULT_CONFIG_PATH)
-    assert isinstance(cfg, Config)
-    # Every value in the file arrives in the typed object (no key silently ignored).
-    for section, values in raw.items():
-        obj = getattr(cfg, section)
-        for key, value in values.items():
-            got = getattr(obj, key)
-            if isinstance(got, tuple):
-                got = list(got)
-            assert got == value, f"{section}.{key}: {got!r} != {value!r}"
-    assert cfg.preprocess.img_size == 224
-    assert cfg.preprocess.resize_mode == "squash"
-    assert cfg.model.arch == "efficientnet_lite0"
-    assert isinstance(cfg.preprocess.mean, tuple) and len(cfg.preprocess.mean) == 3
-    # The default path is the shipped file.
-    assert load_config() == cfg
+def test_packaged_files_load_with_their_values():
+    for loader, path, cls in ((load_settings, SETTINGS_PATH, Settings), (load_recipe, RECIPE_PATH, Recipe)):
+        raw = yaml.safe_load(path.read_text())
+        cfg = loader()
+        assert isinstance(cfg, cls) and cfg == cls()  # the file is exactly the code's defaults
+        for section, values in raw.items():  # every value in the file arrives in the typed object
+            for key, value in values.items():
+                got = getattr(getattr(cfg, section), key)
+                assert (list(got) if isinstance(got, tuple) else got) == value, f"{section}.{key}"
+    recipe = load_recipe()
+    assert recipe.preprocess.img_size == 224 and recipe.model.arch == "efficientnet_lite0"
+    assert isinstance(recipe.preprocess.mean, tuple) and len(recipe.preprocess.mean) == 3
+
+
+def test_generated_files_are_current():
+    """daemon/config.yaml, train/recipe.yaml and docs/configuration.md come from the definitions:
+    run `python scripts/write_config_docs.py` after changing a key."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("write_config_docs", REPO / "scripts" / "write_config_docs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for path, text in mod.generated().items():
+        assert path.read_text() == text, f"{path} is stale: run python scripts/write_config_docs.py"
+
+
+def test_docs_table_lists_every_key_with_default_range_and_reader():
+    text = (REPO / "docs" / "configuration.md").read_text()
+    for cls in (Settings, Recipe):
+        for section, info in cls.model_fields.items():
+            for key in info.annotation.model_fields:
+                assert f"| `{section}.{key}` |" in text, f"{section}.{key} missing from docs/configuration.md"
+    assert "| `daemon.stable_ms` | a file written in place is ready once size and mtime are unchanged this long | `500` | integer >= 0 | xr-daemon |" in text
+    assert "| `daemon.db` |" in text and "xr-daemon, xr-results |" in text
+    assert "| `train.lr` | AdamW learning rate | `0.0003` | number > 0 | xr-train |" in text
 
 
 def test_config_is_frozen():
-    cfg = load_config()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.train.epochs = 99  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        load_recipe().train.epochs = 99  # type: ignore[misc]
 
 
 def test_unknown_key_in_section_is_rejected_naming_it(tmp_path):
-    path = _with("train", "epochz", 3, tmp_path)
-    with pytest.raises(ConfigError, match=r"train\.epochz"):
-        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown config key train\.epochz; known keys of train: epochs, "):
+        _load("train", "epochz", 3, tmp_path)
 
 
 def test_unknown_section_is_rejected_naming_it(tmp_path):
-    data = _shipped()
-    data["trainer"] = {"epochs": 3}
-    with pytest.raises(ConfigError, match="trainer"):
-        load_config(_write(tmp_path, data))
+    data = yaml.safe_load(RECIPE_PATH.read_text()) | {"trainer": {"epochs": 3}}
+    with pytest.raises(ConfigError, match="unknown config section 'trainer'"):
+        load_recipe(_write(tmp_path, data))
+
+
+def test_a_recipe_key_in_the_operators_config_says_where_it_belongs(tmp_path):
+    """The daemon takes preprocessing from the checkpoint: an operator editing it must be told, not ignored."""
+    data = yaml.safe_load(SETTINGS_PATH.read_text()) | {"preprocess": {"render_size": 112}}
+    with pytest.raises(ConfigError, match=r"config section preprocess belongs in recipe\.yaml, read by xr-train; config\.yaml holds sections daemon, csv"):
+        load_settings(_write(tmp_path, data))
+    with pytest.raises(ConfigError, match=r"config key preprocess\.render_size belongs in recipe\.yaml"):
+        load_settings(overrides={"preprocess.render_size": 112})
+    with pytest.raises(ConfigError, match=r"config key daemon\.stable_ms belongs in config\.yaml, read by xr-daemon"):
+        load_recipe(overrides={"daemon.stable_ms": 100})
 
 
 @pytest.mark.parametrize(
@@ -75,129 +111,133 @@ def test_unknown_section_is_rejected_naming_it(tmp_path):
         ("train", "epochs", 3.5),  # float for int
         ("train", "channels_last", "yes"),  # string for bool
         ("train", "lr", "fast"),  # string for float
+        ("train", "lr", "0.1"),  # a number as a string is still a string
         ("preprocess", "mean", [0.5, 0.5]),  # list of wrong length
         ("preprocess", "std", "0.2"),  # not a list
         ("preprocess", "resize_mode", "crop"),  # bad Literal
-        ("preprocess", "render_filter", "cubic"),  # bad Literal
-        ("train", "consistency_view", "blur"),  # bad Literal
-        ("train", "consistency_space", "prob"),  # bad Literal
         ("model", "arch", "resnet50"),  # bad Literal
+        ("model", "arch", "efficientnet_lite0_aa"),  # no longer an option
         ("train", "amp", "fp16"),  # bad Literal
         ("daemon", "watch", 5),  # int for str
+        ("daemon", "poll", 1),  # int for bool
+        ("csv", "rotation", "weekly"),  # bad Literal
     ],
 )
 def test_wrong_type_is_rejected_naming_the_key(tmp_path, section, key, value):
-    path = _with(section, key, value, tmp_path)
     with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
-        load_config(path)
+        _load(section, key, value, tmp_path)
+
+
+def test_type_error_says_what_was_expected_and_what_came(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _load("train", "epochs", "12", tmp_path)
+    assert str(info.value).startswith("train.epochs: Input should be a valid integer, got '12' (")
+    with pytest.raises(ConfigError, match=r"model\.arch: Input should be 'efficientnet_lite0' or 'efficientnet_b0', got 'resnet50'"):
+        _load("model", "arch", "resnet50", tmp_path)
 
 
 def test_list_element_of_wrong_type_is_rejected(tmp_path):
-    path = _with("augment", "rrc_scale", [0.9, "one"], tmp_path)
-    with pytest.raises(ConfigError, match=r"augment\.rrc_scale"):
-        load_config(path)
+    with pytest.raises(ConfigError, match=r"augment\.rrc_scale\[1\]"):
+        _load("augment", "rrc_scale", [0.9, "one"], tmp_path)
 
 
 def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
-    data = _shipped()
+    data = yaml.safe_load(RECIPE_PATH.read_text())
     data["train"]["lr"] = 1
     data["train"]["max_steps_per_epoch"] = 5
-    data["daemon"]["db"] = None
     data["preprocess"]["render_size"] = None
-    cfg = load_config(_write(tmp_path, data))
+    cfg = load_recipe(_write(tmp_path, data))
     assert cfg.preprocess.render_size is None
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps_per_epoch == 5
-    assert cfg.daemon.db is None
+    assert load_settings(overrides={"daemon.db": None}).daemon.db is None
 
 
 @pytest.mark.parametrize(
-    "section,key,value",
+    "section,key,value,bound",
     [
-        ("data", "val_fraction", 0.9),
-        ("augment", "sharpen_p", 1.5),
-        ("augment", "downscale_range", [0.0, 1.0]),
-        ("augment", "sharpen_range", [2.0, 1.0]),
-        ("daemon", "decode_workers", -1),
-        ("daemon", "batch_size", -1),
-        ("preprocess", "render_size", 8),
-        ("preprocess", "render_quality", 0),
-        ("preprocess", "render_quality", 101),
+        ("calibration", "threshold_grid", 0, ">= 1"),
+        ("calibration", "ece_bins", 0, ">= 1"),
+        ("calibration", "fn_cost", -5.0, "> 0"),
+        ("train", "lr", -1e-3, "> 0"),
+        ("train", "epochs", 0, ">= 1"),
+        ("train", "batch_size", 1, ">= 2"),
+        ("train", "ema_decay", 1.0, "< 1"),
+        ("train", "label_smoothing", 1.0, "< 1"),
+        ("train", "plateau_factor", 1.5, "< 1"),
+        ("data", "num_workers", -1, ">= 0"),
+        ("data", "val_fraction", 0.9, "< 0.5"),
+        ("model", "drop_rate", 1.0, "< 1"),
+        ("augment", "rotation_deg", -5.0, ">= 0"),
+        ("augment", "hflip_p", 1.5, "<= 1"),
+        ("preprocess", "render_size", 8, ">= 16"),
+        ("preprocess", "render_quality", 0, ">= 1"),
+        ("preprocess", "render_quality", 101, "<= 100"),
+        ("preprocess", "img_size", 8, ">= 16"),
+        ("daemon", "max_file_mb", 0, "> 0"),
+        ("daemon", "rescan_s", 0, "> 0"),
+        ("daemon", "stable_ms", -1, ">= 0"),
+        ("daemon", "decode_workers", -1, ">= 0"),
+        ("daemon", "batch_size", -1, ">= 0"),
+        ("daemon", "max_pixels", 0, ">= 1"),
+        ("csv", "max_rows", 0, ">= 1"),
     ],
 )
-def test_out_of_range_value_is_rejected(tmp_path, section, key, value):
-    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
-        load_config(_with(section, key, value, tmp_path))
+def test_numbers_outside_their_range_are_rejected(tmp_path, section, key, value, bound):
+    with pytest.raises(ConfigError, match=rf"^{section}\.{key}: {value!r} is out of range; must be {bound} \("):
+        _load(section, key, value, tmp_path)
 
 
-@pytest.mark.parametrize(
-    "section,key,value",
-    [
-        ("calibration", "threshold_grid", 0),
-        ("calibration", "ece_bins", 0),
-        ("calibration", "fn_cost", -5.0),
-        ("train", "lr", -1e-3),
-        ("train", "epochs", 0),
-        ("train", "ema_decay", 1.0),
-        ("train", "label_smoothing", 1.0),
-        ("train", "plateau_factor", 1.5),
-        ("data", "num_workers", -1),
-        ("model", "drop_rate", 1.0),
-        ("augment", "rotation_deg", -5.0),
-        ("augment", "jpeg_quality", [0, 95]),
-        ("augment", "jpeg_quality", [50, 101]),
-        ("augment", "jpeg_quality", [95, 50]),
-        ("augment", "blur_sigma", [-0.1, 1.0]),
-        ("daemon", "max_file_mb", 0),
-        ("daemon", "rescan_s", 0),
-        ("daemon", "stable_ms", -1),
-        ("output", "csv_max_rows", 0),
-    ],
-)
-def test_numbers_outside_their_range_are_rejected(tmp_path, section, key, value):
-    with pytest.raises(ConfigError, match=rf"{section}\.{key}: .* is out of range; must be "):
-        load_config(_with(section, key, value, tmp_path))
+def test_cross_field_checks_name_the_key():
+    with pytest.raises(ConfigError, match=r"^augment\.rrc_scale must be \[low, high\] with low <= high, got \[1\.0, 0\.5\]$"):
+        load_recipe(overrides={"augment.rrc_scale": [1.0, 0.5]})
+    with pytest.raises(ConfigError, match=r"^augment\.rrc_scale low must be > 0"):
+        load_recipe(overrides={"augment.rrc_scale": [0.0, 0.5]})
+    with pytest.raises(ConfigError, match=r"^preprocess\.std must be > 0"):
+        load_recipe(overrides={"preprocess.std": [0.2, 0.0, 0.2]})
 
 
-def test_range_error_names_key_value_and_range():
-    with pytest.raises(ConfigError) as info:
-        load_config(overrides={"calibration.threshold_grid": 0})
-    assert str(info.value) == "calibration.threshold_grid: 0 is out of range; must be in [1, inf)"
-    with pytest.raises(ConfigError, match=r"must be low <= high, each in \[1, 100\]"):
-        load_config(overrides={"augment.jpeg_quality": [95, 50]})
-
-
-def test_committed_configs_pass_the_range_checks():
-    load_config(DEFAULT_CONFIG_PATH)
-    load_config(DEFAULT_CONFIG_PATH.parent / "models" / "config.yaml")
+def test_committed_recipes_load():
+    load_recipe(REPO / "models" / "recipe.yaml")
 
 
 def test_bad_yaml_and_missing_file_raise_config_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
-        load_config(bad)
+        load_recipe(bad)
     with pytest.raises(ConfigError, match="nope.yaml"):
-        load_config(tmp_path / "nope.yaml")
+        load_settings(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- daemon\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_settings(tmp_path / "list.yaml")
+
+
+def test_an_empty_file_or_section_means_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_settings(tmp_path / "empty.yaml") == Settings()
+    (tmp_path / "section.yaml").write_text("daemon:\n")
+    assert load_settings(tmp_path / "section.yaml") == Settings()
 
 
 def test_overrides_apply_and_are_type_checked():
-    cfg = load_config(DEFAULT_CONFIG_PATH, overrides={"train.epochs": 3, "model.arch": "efficientnet_b0"})
+    cfg = load_recipe(overrides={"train.epochs": 3, "model.arch": "efficientnet_b0"})
     assert cfg.train.epochs == 3
     assert cfg.model.arch == "efficientnet_b0"
-    assert cfg.train.batch_size == load_config().train.batch_size  # the rest untouched
-    # None means "flag not given": no change.
-    assert load_config(overrides={"train.epochs": None}).train.epochs == load_config().train.epochs
+    assert cfg.train.batch_size == load_recipe().train.batch_size  # the rest untouched
+    assert load_recipe(overrides={"preprocess.render_size": None}).preprocess.render_size is None  # null
+    with pytest.raises(ConfigError, match=r"train\.epochs: Input should be a valid integer, got None"):
+        load_recipe(overrides={"train.epochs": None})
     with pytest.raises(ConfigError, match=r"train\.epochs"):
-        load_config(overrides={"train.epochs": "three"})
+        load_recipe(overrides={"train.epochs": "three"})
     with pytest.raises(ConfigError, match=r"train\.epochz"):
-        load_config(overrides={"train.epochz": 3})
-    with pytest.raises(ConfigError, match=r"trainer\.epochs"):
-        load_config(overrides={"trainer.epochs": 3})
+        load_recipe(overrides={"train.epochz": 3})
+    with pytest.raises(ConfigError, match=r"'trainer'"):
+        load_recipe(overrides={"trainer.epochs": 3})
 
 
 def test_replace_returns_a_checked_copy():
-    cfg = load_config()
+    cfg = load_recipe()
     new = cfg.replace({"train.lr": 1e-3, "preprocess.resize_mode": "shorter_side"})
     assert new.train.lr == 1e-3 and new.preprocess.resize_mode == "shorter_side"
     assert cfg.train.lr == 3e-4 and cfg.preprocess.resize_mode == "squash"  # original unchanged
@@ -208,11 +248,13 @@ def test_replace_returns_a_checked_copy():
 
 
 def test_save_config_round_trip(tmp_path):
-    cfg = load_config(overrides={"train.epochs": 7, "preprocess.mean": [0.5, 0.5, 0.5], "daemon.db": "x.sqlite"})
-    out = tmp_path / "run" / "config.yaml"
+    cfg = load_recipe(overrides={"train.epochs": 7, "preprocess.mean": [0.5, 0.5, 0.5]})
+    out = tmp_path / "run" / "recipe.yaml"
     out.parent.mkdir()
     save_config(cfg, out)
-    back = load_config(out)
-    assert back == cfg
-    assert back.preprocess.mean == (0.5, 0.5, 0.5)
+    back = load_recipe(out)
+    assert back == cfg and back.preprocess.mean == (0.5, 0.5, 0.5)
     assert back.to_dict() == cfg.to_dict()
+    settings = load_settings(overrides={"daemon.db": "x.sqlite", "csv.rotation": "rows"})
+    save_config(settings, tmp_path / "config.yaml")
+    assert load_settings(tmp_path / "config.yaml") == settings

@@ -9,16 +9,27 @@ from xr.daemon.logging import configure_logging
 
 
 def test_overrides_from_flags():
-    args = build_parser().parse_args(["--batch-size", "8", "--stable-ms", "100", "--set", "output.csv_rotation=rows", "--set", "preprocess.max_pixels=1000"])
+    args = build_parser().parse_args(["--batch-size", "8", "--stable-ms", "100", "--set", "csv.rotation=rows", "--set", "daemon.max_pixels=1000"])
     ov = parse_overrides(args)
     assert ov["daemon.batch_size"] == 8 and ov["daemon.stable_ms"] == 100
-    assert ov["output.csv_rotation"] == "rows" and ov["preprocess.max_pixels"] == 1000
-    assert ov["daemon.device"] is None  # unset flags do not override
+    assert ov["csv.rotation"] == "rows" and ov["daemon.max_pixels"] == 1000
+    assert "daemon.device" not in ov  # unset flags do not override
+    assert parse_overrides(build_parser().parse_args(["--set", "daemon.db=null"])) == {"daemon.db": None}
 
 
 def test_bad_config_exits_2(tmp_path, capsys):
     assert main(["--watch", str(tmp_path), "--set", "daemon.batch_sise=3"]) == 2
     assert "batch_sise" in capsys.readouterr().err
+    # a recipe key is not the operator's: the daemon takes preprocessing from the checkpoint
+    assert main(["--watch", str(tmp_path), "--set", "preprocess.render_size=112"]) == 2
+    assert "preprocess.render_size belongs in recipe.yaml, read by xr-train" in capsys.readouterr().err
+
+
+def test_xr_config_names_the_config_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mine.yaml").write_text("daemon:\n  stable_ms: -5\n")
+    monkeypatch.setenv("XR_CONFIG", str(tmp_path / "mine.yaml"))
+    assert main(["--watch", str(tmp_path)]) == 2
+    assert "daemon.stable_ms: -5 is out of range; must be >= 0" in capsys.readouterr().err
 
 
 def test_json_and_console_logs():

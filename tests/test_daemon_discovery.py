@@ -118,6 +118,49 @@ def test_back_pressure_keeps_names_only(tmp_path):
     assert q.qsize() == 4
 
 
+class _ReleasingQueue(queue.Queue):
+    """A pipeline that takes each file and releases it (it vanished) before put() returns."""
+
+    def __init__(self, discovery_ref: list):
+        super().__init__(maxsize=10)
+        self.ref = discovery_ref
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        self.get_nowait()
+        self.ref[0].release(item.path)
+
+
+def test_a_file_released_before_put_returns_is_not_left_outstanding(tmp_path):
+    """Without this, --once and idle_timeout would wait for ever on a file the pipeline already dropped."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (1, 1))
+    ref: list = [None]
+    d, _ = _disc(tmp_path, _ReleasingQueue(ref))
+    ref[0] = d
+    d.scan()
+    d._check_pending(); d._push_ready()  # noqa: E702
+    assert d.outstanding() == 0 and d.stats.handed == 2
+
+
+def test_full_queue_keeps_the_file_first_in_line_and_not_handed(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"x")
+        os.utime(tmp_path / f"{i}.png", (1, 1))
+    q = queue.Queue(maxsize=1)
+    d, _ = _disc(tmp_path, q)
+    d.scan()
+    d._check_pending()
+    order = [i.path for i in d._ready]
+    d._push_ready()
+    assert [i.path for i in d._ready] == order[1:] and list(d._handed) == order[:1]
+    assert d.scan() == 0  # neither noted twice nor lost while it waits
+    _drain(q)
+    d._push_ready()
+    assert _drain(q)[0].path == order[1] and d.outstanding() == 3
+
+
 def test_watchdog_thread_sees_renamed_file(tmp_path):
     q = queue.Queue(maxsize=10)
     d = Discovery(tmp_path, q, stable_ms=60_000, rescan_s=3600)

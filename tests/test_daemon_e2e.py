@@ -138,7 +138,7 @@ def test_once_good_16bit_bad_inputs_duplicates(tmp_path, tiny_checkpoint, xray_p
     for ignored in (".hidden.png", "x.png.part", "y.jpg.tmp", "z.jpeg.crdownload", "w.png~", "readme.txt"):
         (inbox / ignored).write_bytes(good[0].read_bytes())
 
-    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", "--set", "preprocess.max_pixels=100000")
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", "--set", "daemon.max_pixels=100000")
     try:
         rc = proc.wait(300)
     finally:
@@ -210,7 +210,7 @@ def test_once_good_16bit_bad_inputs_duplicates(tmp_path, tiny_checkpoint, xray_p
 def test_watch_slow_writer_moves_and_sigterm(tmp_path, tiny_checkpoint, xray_paths, fullres_paths):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--set", "output.csv_rotation=rows", "--set", "output.csv_max_rows=3")
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--set", "csv.rotation=rows", "--set", "csv.max_rows=3")
     try:
         wait_started(proc, log)
         # a slow writer: the full-res JPEG written in place in chunks over ~1.2 s (> stable_ms = 300)

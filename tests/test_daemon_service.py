@@ -1,8 +1,6 @@
 """daemon/service.py in-process: run limits, reconcile after a crash, leave mode, one instance per output."""
 from __future__ import annotations
 
-import dataclasses
-
 import datetime as dt
 import io
 import json
@@ -10,17 +8,19 @@ import os
 import shutil
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
-from xr.core.config import load_config
+from xr.core.config import SHIPPED_MODEL, load_settings
 from xr.core.errors import XRError
 from xr.core.predict import Predictor
 from xr.daemon import db as dbm
 from xr.daemon.db import Result, make_engine, session_factory
 from xr.daemon.logging import configure_logging
-from xr.daemon.service import RunPlan, Service, plan_run, resolve_model_path
+from xr.daemon.paths import model_path
+from xr.daemon.service import RunPlan, Service, plan_run
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def restore_globals():
 def _cfg(**kw):
     ov = {"daemon.stable_ms": 100, "daemon.rescan_s": 0.3, "daemon.device": "cpu", "daemon.batch_size": 4}
     ov.update({f"daemon.{k}": v for k, v in kw.items()})
-    return load_config(overrides=ov)
+    return load_settings(overrides=ov)
 
 
 def _inbox(tmp_path, paths):
@@ -146,7 +146,7 @@ def test_one_instance_per_output(tmp_path, predictor, xray_paths):
 
 
 def test_helpers(tmp_path):
-    auto = dataclasses.replace(_cfg().daemon, decode_workers=0, torch_threads=0, batch_size=0)
+    auto = _cfg().daemon.model_copy(update={"decode_workers": 0, "torch_threads": 0, "batch_size": 0})
     assert plan_run(auto, "cpu", cpus=2) == RunPlan(decode_workers=1, torch_threads=2, batch_size=4)
     assert plan_run(auto, "cpu", cpus=16) == RunPlan(decode_workers=4, torch_threads=16, batch_size=4)
     # a bf16 CPU model is about as cheap as decoding: the decoders get cores of their own; its activations
@@ -158,16 +158,17 @@ def test_helpers(tmp_path):
     assert plan_run(auto, "cuda", cpus=16) == RunPlan(decode_workers=14, torch_threads=16, batch_size=32)
     assert plan_run(auto, "cuda", cpus=2) == RunPlan(decode_workers=1, torch_threads=2, batch_size=32)
     assert plan_run(auto, "cuda", cpus=64).decode_workers == 14  # larger hosts are not measured
-    eager = dataclasses.replace(auto, cuda_graphs=False)
+    eager = auto.model_copy(update={"cuda_graphs": False})
     assert plan_run(eager, "cuda", cpus=16) == RunPlan(decode_workers=8, torch_threads=16, batch_size=8)
     assert plan_run(auto, "cuda", cpus=16, cuda_graph=False).decode_workers == 8  # the capture failed
     assert plan_run(auto, "mps", cpus=12) == RunPlan(decode_workers=8, torch_threads=12, batch_size=8)
-    fixed = dataclasses.replace(auto, decode_workers=3, torch_threads=1, batch_size=16)
+    fixed = auto.model_copy(update={"decode_workers": 3, "torch_threads": 1, "batch_size": 16})
     assert plan_run(fixed, "cpu", cpus=8) == RunPlan(decode_workers=3, torch_threads=1, batch_size=16)
     assert plan_run(fixed, "cpu", cpus=8, bf16=True) == RunPlan(decode_workers=3, torch_threads=1, batch_size=16)
     assert plan_run(fixed, "cuda", cpus=8) == RunPlan(decode_workers=3, torch_threads=1, batch_size=16)
-    assert resolve_model_path("models/x.pt").is_absolute()
-    assert resolve_model_path(tmp_path / "m.pt") == tmp_path / "m.pt"
+    assert model_path(_cfg()) == SHIPPED_MODEL and SHIPPED_MODEL.is_file()  # the packaged model by default
+    assert model_path(_cfg(), "models/x.pt") == (Path.cwd() / "models" / "x.pt")  # a flag: from the current folder
+    assert model_path(_cfg(model=str(tmp_path / "m.pt"))) == tmp_path / "m.pt"
     svc = Service(_cfg(), watch=tmp_path / "missing", output=tmp_path / "out", model=tmp_path / "none.pt",
                   log=configure_logging("json", stream=open(os.devnull, "w")))  # fmt: skip
     assert svc.run() == 2  # a missing inbox is a clear error, not a traceback
@@ -388,10 +389,11 @@ def test_setup_problems_exit_2_with_the_reason(tmp_path, predictor, capsys):
     log = configure_logging("json", stream=buf)
     cases = [
         ({"output": tmp_path / "afile" / "out"}, "cannot create output folder"),
+        ({"output": tmp_path / "out", "watch": None}, "no watch folder: pass --watch DIR or set daemon.watch"),
         ({"output": tmp_path / "out", "db": "nosuchdriver://host/db"}, "cannot open results database"),
     ]
     for kw, reason in cases:
-        svc = Service(_cfg(), watch=tmp_path / "inbox", predictor=predictor, log=log, **kw)
+        svc = Service(_cfg(), **({"watch": tmp_path / "inbox"} | kw), predictor=predictor, log=log)
         assert svc.run(idle_timeout=0.3) == 2, reason
         assert reason in buf.getvalue()
 

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from timm.layers import BlurPool2d
 from torchvision import transforms as T
 
 import xr.core.model as xr_model
-from xr.core.config import load_config
+from xr.core.config import load_recipe
 from xr.core.errors import CheckpointError
 from xr.core.model import (
     CLASS_NAMES,
@@ -77,38 +76,6 @@ def test_lite0_recognises_real_photos(imagenet_lite0, photo, expected):
     assert probs.max() > 0.15  # a confident answer, not a flat distribution
 
 
-def test_lite0_aa_takes_the_same_imagenet_tensors_and_blurs_every_downsampling():
-    model = build_model("efficientnet_lite0_aa", num_classes=1)
-    assert load_imagenet_weights(model, "efficientnet_lite0_aa")["mapped"] == 294
-    blurs = [m for m in model.modules() if isinstance(m, BlurPool2d)]
-    strided = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.stride != (1, 1)]
-    assert len(blurs) == 5 and strided == []  # the stem and four stride-2 stages, each now conv + blur-pool
-    with torch.no_grad():
-        assert model.eval().forward_features(torch.zeros(1, 3, 224, 224)).shape == (1, 1280, 7, 7)
-
-
-def test_lite0_aa_features_move_less_when_the_picture_shifts_by_a_few_pixels():
-    """What the anti-aliased arch is for: the same film a few pixels off gives nearly the same features
-    (on ImageNet weights, plain Lite0 spreads about twice as much over 0-3 px shifts of these photos)."""
-    from sklearn.datasets import load_sample_images
-
-    tf = T.Compose([T.Resize(256), T.CenterCrop(227), T.ToTensor(), T.Normalize(*IMAGENET_STATS[ARCH])])
-    spread = {}
-    for arch in (ARCH, "efficientnet_lite0_aa"):
-        model = build_model(arch, num_classes=1000)
-        model.load_state_dict(lite0_imagenet_state_dict(), strict=True)
-        model.eval()
-        for path in load_sample_images().filenames:
-            with Image.open(path) as im:
-                x = tf(im.convert("RGB"))[None]
-            crops = torch.cat([x[..., dy : dy + 224, dx : dx + 224] for dy in range(4) for dx in range(4)])
-            with torch.no_grad():
-                feat = model.forward_head(model.forward_features(crops), pre_logits=True)
-            spread[arch, Path(path).name] = float((feat - feat.mean(0)).norm(dim=1).mean() / feat.mean(0).norm())
-    for photo in ("china.jpg", "flower.jpg"):
-        assert spread["efficientnet_lite0_aa", photo] < 0.7 * spread[ARCH, photo], spread
-
-
 def test_efficientnet_b0_without_offline_weights_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
     with pytest.raises(CheckpointError) as info:
@@ -153,7 +120,7 @@ def saved(tmp_path_factory):
     """A random-init Lite0 (no ImageNet load needed) saved with full metadata and training state."""
     torch.manual_seed(1)
     model = build_model(ARCH, num_classes=1).eval()
-    cfg = load_config()
+    cfg = load_recipe()
     preset = Preset.from_config(cfg.preprocess)
     meta = checkpoint_meta(ARCH, preset, cfg.to_dict(), {"train": {"images": 27}})
     path = tmp_path_factory.mktemp("ckpt") / "sub" / "model.pt"
@@ -188,21 +155,6 @@ def test_checkpoint_round_trip_preserves_outputs_and_meta(saved):
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["epoch"] == 3 and raw["optimizer"] == {"lr": 0.1}
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
-
-
-def test_anti_aliased_checkpoint_loads_as_the_anti_aliased_network(tmp_path):
-    """The arch name, not the tensors (the blur-pools hold none), decides the network a checkpoint builds."""
-    torch.manual_seed(1)
-    model = build_model("efficientnet_lite0_aa", num_classes=1).eval()
-    cfg = load_config()
-    meta = checkpoint_meta("efficientnet_lite0_aa", Preset.from_config(cfg.preprocess), cfg.to_dict(), {})
-    save_checkpoint(tmp_path / "aa.pt", model, meta)
-    loaded, got = load_checkpoint(tmp_path / "aa.pt")
-    assert got["arch"] == "efficientnet_lite0_aa"
-    assert any(isinstance(m, BlurPool2d) for m in loaded.modules())
-    x = torch.randn(2, 3, 96, 96)
-    with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
 
 
 def _tampered(saved_path: Path, tmp_path: Path, name: str, mutate) -> Path:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from xr.core.config import load_config, save_config
+from xr.core.config import load_recipe, save_config
 from xr.core.model import load_checkpoint
 from xr.core.predict import Predictor
 
@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory, fixtures_dir) -> Path:
 
 
 def test_all_writes_every_output(run_dir):
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert cfg["train"]["epochs"] == 3 and cfg["train"]["max_steps_per_epoch"] == 2
     for split in ("train", "val", "test"):
         rows = list(csv.DictReader(open(run_dir / "splits" / f"{split}.csv")))
@@ -101,7 +101,7 @@ def test_calibrate_stage_reruns_with_another_objective(run_dir):
     r = xr_train("calibrate", "--out", run_dir, "--objective", "youden")
     assert r.returncode == 0, r.stderr
     assert json.loads((run_dir / "calibration_threshold.json").read_text())["objective"] == "youden"
-    assert f"config: {run_dir / 'config.yaml'} (saved by an earlier run" in r.stderr  # said, not silent
+    assert f"recipe: {run_dir / 'recipe.yaml'} (saved by an earlier run" in r.stderr  # said, not silent
     r = xr_train("calibrate", "--out", run_dir, "--objective", "f1")
     assert r.returncode == 0, r.stderr
 
@@ -132,9 +132,9 @@ def test_truncated_image_in_a_loader_worker_is_a_one_line_error(tiny_checkpoint,
     shutil.copy(xray_paths[-1], folder / "person1_bacteria_1.jpeg")
     bad = folder / "person2_bacteria_2.jpeg"
     bad.write_bytes(xray_paths[-2].read_bytes()[:2000])
-    save_config(load_config(overrides={"data.num_workers": 1}), tmp_path / "config.yaml")
+    save_config(load_recipe(overrides={"data.num_workers": 1}), tmp_path / "recipe.yaml")
     r = xr_train("evaluate", "--data", tmp_path / "data", "--model", tiny_checkpoint,
-                 "--config", tmp_path / "config.yaml", "--out", tmp_path / "eval")
+                 "--recipe", tmp_path / "recipe.yaml", "--out", tmp_path / "eval")
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("xr-train: error:")]
@@ -151,8 +151,8 @@ def _main(capsys, monkeypatch, *args) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def test_a_stage_failing_on_its_inputs_writes_no_run_folder_or_config(tmp_path, capsys, monkeypatch):
-    """A config.yaml left by a failed run would be taken, silently, by every later run in that folder."""
+def test_a_stage_failing_on_its_inputs_writes_no_run_folder_or_recipe(tmp_path, capsys, monkeypatch):
+    """A recipe.yaml left by a failed run would be taken, silently, by every later run in that folder."""
     rc, err = _main(capsys, monkeypatch, "split", "--data", tmp_path / "nope", "--out", tmp_path / "r1")
     assert rc == 2 and "data folder not found" in err and "nope" in err, err
     rc, err = _main(capsys, monkeypatch, "all", "--data", tmp_path / "nope", "--out", tmp_path / "r2")
@@ -188,11 +188,12 @@ def test_help_describes_each_stage_s_flags(capsys):
 
     evaluate = help_of("evaluate")
     assert "output folder for predictions.csv" in evaluate and "run folder (default" not in evaluate
-    assert "the project's config.yaml" in evaluate and "saved config" not in evaluate
+    assert "the packaged train/recipe.yaml" in evaluate and "saved recipe" not in evaluate
+    assert "checkpoint (default: the shipped model)" in evaluate
     assert "--device" in evaluate
     for command in ("split", "calibrate"):  # no model runs there: a --device flag would do nothing
         text = help_of(command)
         assert "--device" not in text and "run folder (default runs/latest)" in text
-        assert "run folder's saved config.yaml, else the project's config.yaml" in text
+        assert "run folder's saved recipe.yaml, else the packaged train/recipe.yaml" in text
     for command in ("train", "all"):
         assert "--device" in help_of(command)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from xr.core.config import load_config
+from xr.core.config import load_recipe
 from xr.core.errors import XRError
 from xr.core.model import create_model
 from xr.train import engine
@@ -66,80 +66,20 @@ def test_balanced_sampler_draws_classes_evenly():
 
 
 def test_prior_correction_undoes_the_training_odds():
-    import dataclasses
     import math
 
-    from xr.core.config import load_config
     from xr.train.engine import prior_correction
 
-    cfg = load_config()
+    cfg = load_recipe()
     labels = [0] * 100 + [1] * 300  # true odds 3:1
 
     def with_(sampler, pos_weight):
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, weighted_sampler=sampler, pos_weight=pos_weight))
+        return cfg.replace({"train.weighted_sampler": sampler, "train.pos_weight": pos_weight})
 
     assert prior_correction(with_(False, False), labels) == 0.0
     assert prior_correction(with_(True, False), labels) == math.log(3)  # balanced batches learned odds 1:1
     assert prior_correction(with_(False, True), labels) == math.log(3)  # pos_weight 1/3 learned odds 1:1
     assert prior_correction(with_(True, True), labels) == 2 * math.log(3)
-
-
-def _paired_views(n=64, dim=16, seed=0):
-    """Two 'renderings' of each sample: feature 0 is the film, shared by both views; the others are
-    grain, drawn afresh per view but spuriously more present in the positives, so a plain model leans
-    on it (as ours read JPEG grain as disease)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.tensor([0, 1] * (n // 2))
-    views = torch.zeros(n, 2, dim)
-    views[:, :, 0] = (2.0 * y + 0.5 * torch.randn(n, generator=g))[:, None]
-    views[:, :, 1:] = 0.7 * y[:, None, None] + torch.randn(n, 2, dim - 1, generator=g)
-    return TensorDataset(views.reshape(n, 2, 1, 4, dim // 4), y)  # [N, views, C, H, W] like XRDataset
-
-
-def _view_gap(consistency: float) -> float:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1))
-    ds = _paired_views()
-    loader = make_loader(ds, 16, 0, torch.Generator().manual_seed(0), shuffle=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(30):
-        stats = train_one_epoch(
-            model, loader, opt, torch.nn.BCEWithLogitsLoss(), torch.device("cpu"), channels_last=False,
-            consistency=consistency,
-        )
-    assert stats["images"] == 2 * len(ds)  # both views of every image were trained on
-    with torch.no_grad():
-        z = model(ds.tensors[0].flatten(0, 1)).reshape(-1, 2)
-    return (z[:, 0] - z[:, 1]).abs().mean().item()
-
-
-def test_consistency_loss_makes_two_views_of_an_image_score_alike():
-    plain, stable = _view_gap(0.0), _view_gap(2.0)
-    assert stable < 0.5 * plain, (plain, stable)
-
-
-def _consistency_pull(space: str) -> torch.Tensor:
-    """How far one consistency step moves each view's logit, for a confident pair (logits 6 and 8) and a
-    borderline pair (0 and 2): each view's logit is its own weight, and the classification loss is off."""
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 1, bias=False))
-    logits = torch.tensor([6.0, 8.0, 0.0, 2.0])
-    with torch.no_grad():
-        model[1].weight.copy_(logits[None])
-    views = torch.eye(4).reshape(2, 2, 1, 1, 4)  # [images, views, C, H, W]: one-hot, so z = weight
-    loader = DataLoader(TensorDataset(views, torch.tensor([1, 1])), batch_size=2)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    train_one_epoch(
-        model, loader, opt, lambda out, y: 0.0 * out.sum(), torch.device("cpu"), channels_last=False,
-        consistency=1.0, consistency_space=space,
-    )
-    return (model[1].weight.detach()[0] - logits).abs()
-
-
-def test_probability_space_consistency_pulls_borderline_films_and_leaves_confident_ones():
-    logit, prob = _consistency_pull("logit"), _consistency_pull("probability")
-    assert torch.allclose(logit[:2], logit[2:])  # on logits, a gap of 2 pulls alike however sure the model is
-    assert prob[2:].min() > 20 * prob[:2].max(), prob  # on probabilities, the pair near 0.5 takes the pull
-    assert prob[2:].min() > 0
 
 
 def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), **train):
@@ -150,22 +90,8 @@ def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), **train):
     pools = {0: iter(normal[2:]), 1: iter(pneumonia[4:])}
     val_items = [Item(str(p), y, p.stem) for y in val_labels for p in [next(pools[y])]]
     overrides = {"model.pretrained": False, "data.num_workers": 0, "train.batch_size": 4, "train.max_steps_per_epoch": 1}
-    cfg = load_config(overrides=overrides | {f"train.{k}": v for k, v in train.items()})
+    cfg = load_recipe(overrides=overrides | {f"train.{k}": v for k, v in train.items()})
     return fit(cfg, Splits(train_items, val_items, [], []), tmp_path, torch.device("cpu"))
-
-
-def test_fit_trains_with_the_configured_consistency_view_and_space(tmp_path, xray_paths, monkeypatch):
-    seen, real = [], engine.train_one_epoch
-
-    def spy(model, loader, *args, **kw):
-        second_view = getattr(loader.dataset, "second_view", None)
-        seen.append((type(second_view).__name__, kw.get("consistency"), kw.get("consistency_space")))
-        return real(model, loader, *args, **kw)
-
-    monkeypatch.setattr(engine, "train_one_epoch", spy)
-    _tiny_fit(tmp_path, xray_paths, epochs=3, head_epochs=2, consistency_weight=1.0, consistency_view="both",
-              consistency_space="probability")
-    assert seen[-1] == ("RandomChoice", 1.0, "probability")  # the fine-tuning epoch, with both views
 
 
 def test_epochs_is_the_total_head_epochs_included(tmp_path, xray_paths):

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from xr.core.config import Config
+from xr.core.config import Recipe
 from xr.core.model import CLASS_NAMES, git_commit
 from xr.train.data import Splits
 
@@ -24,20 +24,13 @@ LIMITS = [
 ]
 
 
-CONSISTENCY_VIEWS = {
-    "jpeg": "its re-encoded copy (JPEG quality {}-{}, shifted block grid)",
-    "rerender": "a simulated full-resolution export of it (upsampled, sharpened, rendered again)",
-}
-CONSISTENCY_VIEWS["both"] = f"either {CONSISTENCY_VIEWS['jpeg']} or {CONSISTENCY_VIEWS['rerender']}"
-
-
 def _metric(value: float | None) -> str:
     """A metric to 4 decimals; "n/a" where it is undefined (AUROC of a one-class test split is None)."""
     return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def write_model_card(
-    out: Path, cfg: Config, splits: Splits, train: dict, calib: dict, test: dict, command: str, seconds: float
+    out: Path, cfg: Recipe, splits: Splits, train: dict, calib: dict, test: dict, command: str, seconds: float
 ) -> dict[str, Any]:
     card = {
         "name": "xr-triage pneumonia classifier",
@@ -49,7 +42,7 @@ def write_model_card(
             "files": "PNG or JPEG chest radiograph (8-bit, 16-bit grayscale, RGB, RGBA, palette)",
             "img_size": cfg.preprocess.img_size,
             "render": (
-                f"squashed to {cfg.preprocess.render_size}x{cfg.preprocess.render_size} ({cfg.preprocess.render_filter}), "
+                f"squashed to {cfg.preprocess.render_size}x{cfg.preprocess.render_size} (bicubic), "
                 f"JPEG quality {cfg.preprocess.render_quality}, as the training copies were made"
                 if cfg.preprocess.render_size else "off"
             ),
@@ -92,11 +85,6 @@ def write_model_card(
         + f"; AdamW lr {cfg.train.lr}, "
         f"weight decay {cfg.train.weight_decay}; ReduceLROnPlateau on val AUROC; early stopping {cfg.train.early_stopping_patience}; "
         f"best epoch {card['training']['best_epoch']} of {card['training']['epochs_run']} (val AUROC {card['training']['best_val_auroc']:.4f}). "
-        + (
-            f"Consistency loss weight {cfg.train.consistency_weight} on the {'probabilities' if cfg.train.consistency_space == 'probability' else 'logits'} of each image "
-            f"and {CONSISTENCY_VIEWS[cfg.train.consistency_view].format(*cfg.train.consistency_jpeg_quality)}. "
-            if cfg.train.consistency_weight > 0 else ""
-        )
         + (
             f"Every input is first rendered: {card['input']['render']}. "
             if cfg.preprocess.render_size else ""

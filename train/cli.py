@@ -2,7 +2,7 @@
 
 Each stage starts from the files the previous one wrote in the run folder, so one stage can be re-run:
 
-    RUN/config.yaml                 resolved config (flags applied)
+    RUN/recipe.yaml                 resolved recipe (flags applied)
     RUN/splits/{train,val,test}.csv file lists, grouped by patient; RUN/splits/summary.json
     RUN/xr_mvp_best.pt              best-val-AUROC checkpoint; RUN/checkpoint_last.pt (+ optimizer, scheduler)
     RUN/epochs.csv, RUN/val_logits.csv
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xr.core.config import DEFAULT_CONFIG_PATH, Config, load_config, save_config
+from xr.core.config import RECIPE_PATH, SHIPPED_MODEL, Recipe, load_recipe, save_config
 from xr.core.errors import XRError
 from xr.core.predict import CALIBRATION_FILE, Predictor, resolve_device, tune_malloc
 from xr.train import calibrate as cal
@@ -31,13 +31,13 @@ from xr.train.card import write_model_card
 from xr.train.data import Splits, discover, make_splits
 from xr.train.engine import BEST_CHECKPOINT, VAL_LOGITS, fit
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "models" / BEST_CHECKPOINT
+RECIPE_FILE = "recipe.yaml"
 DEVICE_HELP = "auto (cuda, mps, cpu) | cuda | mps | cpu"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {
+    """Recipe overrides from the flags given; an unset flag overrides nothing."""
+    flags = {
         "train.epochs": getattr(args, "epochs", None),
         "train.head_epochs": getattr(args, "head_epochs", None),
         "train.batch_size": getattr(args, "batch_size", None),
@@ -47,20 +47,22 @@ def _overrides(args: argparse.Namespace) -> dict:
         "data.test_patients_from": str(args.test_patients_from) if getattr(args, "test_patients_from", None) else None,
         "calibration.objective": getattr(args, "objective", None),
     }
+    return {k: v for k, v in flags.items() if v is not None}
 
 
-def run_config(args: argparse.Namespace, out: Path) -> Config:
-    """--config, else the run folder's saved config, else the project's config.yaml; then flags."""
-    path = args.config or (out / "config.yaml" if (out / "config.yaml").exists() else DEFAULT_CONFIG_PATH)
-    if path == out / "config.yaml" and not args.config:
-        # a re-run keeps its run's settings, which later edits of the project's config.yaml do not reach
-        print(f"config: {path} (saved by an earlier run in this folder; --config FILE to use another)", file=sys.stderr)
-    cfg = load_config(path, _overrides(args))
-    # A stage that is going to fail on its inputs must leave no run folder or config.yaml behind: a
-    # later run in that folder would take the saved config instead of the project's config.yaml.
+def run_recipe(args: argparse.Namespace, out: Path) -> Recipe:
+    """--recipe, else the run folder's saved recipe, else the packaged train/recipe.yaml; then flags."""
+    saved = out / RECIPE_FILE
+    path = args.recipe or (saved if saved.exists() else RECIPE_PATH)
+    if path == saved and not args.recipe:
+        # a re-run keeps its run's recipe, which later edits of the default recipe do not reach
+        print(f"recipe: {path} (saved by an earlier run in this folder; --recipe FILE to use another)", file=sys.stderr)
+    cfg = load_recipe(path, _overrides(args))
+    # A stage that is going to fail on its inputs must leave no run folder or recipe behind: a later
+    # run in that folder would take the saved recipe instead of the default.
     check_stage_inputs(args, out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, saved)
     return cfg
 
 
@@ -83,7 +85,7 @@ def val_logits_path(out: Path) -> Path:
 
 
 # -- stages -------------------------------------------------------------------------------------------
-def stage_split(cfg: Config, data: Path, out: Path) -> Splits:
+def stage_split(cfg: Recipe, data: Path, out: Path) -> Splits:
     splits = make_splits(data, cfg.data)
     splits.save(out / "splits")
     s = splits.summary()
@@ -94,7 +96,7 @@ def stage_split(cfg: Config, data: Path, out: Path) -> Splits:
     return splits
 
 
-def stage_train(cfg: Config, out: Path, device: str) -> dict:
+def stage_train(cfg: Recipe, out: Path, device: str) -> dict:
     splits = Splits.load(out / "splits")
     dev = resolve_device(device)
     t0 = time.perf_counter()
@@ -104,7 +106,7 @@ def stage_train(cfg: Config, out: Path, device: str) -> dict:
     return result
 
 
-def stage_calibrate(cfg: Config, out: Path) -> dict:
+def stage_calibrate(cfg: Recipe, out: Path) -> dict:
     path = val_logits_path(out)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -133,7 +135,7 @@ def stage_calibrate(cfg: Config, out: Path) -> dict:
     return result
 
 
-def stage_evaluate(cfg: Config, model: Path, items, out: Path, device: str, title: str) -> dict:
+def stage_evaluate(cfg: Recipe, model: Path, items, out: Path, device: str, title: str) -> dict:
     predictor = Predictor.from_checkpoint(model, device=device, amp=cfg.train.amp)
     if not predictor.calibration.extra or predictor.calibration.extra.get("calibrated") is False:
         print(f"warning: no {CALIBRATION_FILE} beside {model}; using T=1 and threshold 0.5", file=sys.stderr)
@@ -163,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, data=False, data_required=False, device=True):
         p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder (default runs/latest)")
-        p.add_argument("--config", type=Path, default=None,
-                       help="config file (default: the run folder's saved config.yaml, else the project's config.yaml)")
+        p.add_argument("--recipe", type=Path, default=None,
+                       help="recipe file (default: the run folder's saved recipe.yaml, else the packaged train/recipe.yaml)")
         if device:  # split and calibrate run no model
             p.add_argument("--device", default="auto", help=DEVICE_HELP)
         if data:
@@ -195,12 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Not common(): --out is only where evaluate writes, and it never reads a run folder's saved config.
     p.add_argument("--out", type=Path, default=Path("runs/latest"),
                    help="output folder for predictions.csv, metrics.json and the plots (default runs/latest)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="config file (default: the project's config.yaml; a run folder's config.yaml only if named)")
+    p.add_argument("--recipe", type=Path, default=None,
+                   help="recipe file for calibration.ece_bins and batch sizes (default: the packaged train/recipe.yaml)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--data", type=Path,
                    help="labelled folder (NORMAL/ and PNEUMONIA/), or a Kaggle-layout root: its test split")
-    p.add_argument("--model", type=Path, default=None, help=f"checkpoint (default {DEFAULT_MODEL.relative_to(REPO_ROOT)})")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
     p = sub.add_parser("all", help="split, train, calibrate and evaluate on the test split")
     common(p, data=True, data_required=True)
     split_flags(p)
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     tune_malloc()
     try:
-        cfg = run_config(args, out) if args.command != "evaluate" else load_config(args.config, {})
+        cfg = run_recipe(args, out) if args.command != "evaluate" else load_recipe(args.recipe, {})
         if args.command == "split":
             stage_split(cfg, args.data, out)
         elif args.command == "train":
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "calibrate":
             stage_calibrate(cfg, out)
         elif args.command == "evaluate":
-            model = args.model or DEFAULT_MODEL
+            model = args.model or SHIPPED_MODEL
             if args.data is None:
                 raise XRError("evaluate needs --data: a labelled folder (NORMAL/ and PNEUMONIA/) or a Kaggle-layout root")
             stage_evaluate(cfg, model, _eval_items(args.data), out, args.device, title=args.data.name)

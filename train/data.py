@@ -242,33 +242,19 @@ def make_splits(root: str | Path, cfg: DataConfig) -> Splits:
 
 
 class XRDataset(Dataset):
-    """(tensor, label) pairs through the shared :class:`Preset` decode and a transform.
+    """(tensor, label) pairs through the shared :class:`Preset` decode and a transform."""
 
-    With ``second_view`` each item is two views, [2, C, H, W]: the transform of the picture and of
-    ``second_view(picture)``, for the consistency loss (train/engine.py). Both views get the same random
-    crop, flip and rotation, so they differ only in what ``second_view`` did, as a full-resolution export
-    and its dataset copy differ only in their rendering.
-    """
-
-    def __init__(self, items: list[Item], preset: Preset, transform: Callable, second_view: Callable | None = None):
+    def __init__(self, items: list[Item], preset: Preset, transform: Callable):
         self.items = items
         self.preset = preset
         self.transform = transform
-        self.second_view = second_view
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         it = self.items[i]
-        img = self.preset.load(it.path)
-        if self.second_view is None:
-            return self.transform(img), it.label
-        second = self.second_view(img)
-        state = torch.get_rng_state()  # torchvision's random transforms draw from torch's generator
-        first = self.transform(img)
-        torch.set_rng_state(state)
-        return torch.stack([first, self.transform(second)]), it.label
+        return self.transform(self.preset.load(it.path)), it.label
 
     def labels(self) -> list[int]:
         return [it.label for it in self.items]

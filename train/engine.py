@@ -21,11 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from xr.core.config import Config, TrainConfig
+from xr.core.config import Recipe
 from xr.core.errors import XRError
 from xr.core.model import CLASS_NAMES, checkpoint_meta, create_model, save_checkpoint
 from xr.core.predict import autocast, use_bf16
-from xr.core.preprocessing import Preset, RandomChoice, RandomJpegHistory, RandomRerender
+from xr.core.preprocessing import Preset
 from xr.train.data import Splits, XRDataset
 
 BEST_CHECKPOINT = "xr_mvp_best.pt"
@@ -69,7 +69,7 @@ def make_loader(
     )
 
 
-def make_loss(cfg: Config, labels: list[int], device: torch.device) -> nn.Module:
+def make_loss(cfg: Recipe, labels: list[int], device: torch.device) -> nn.Module:
     pos_weight = None
     if cfg.train.pos_weight:
         n_pos = max(1, sum(labels))
@@ -78,14 +78,13 @@ def make_loss(cfg: Config, labels: list[int], device: torch.device) -> nn.Module
     return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
 
-def prior_correction(cfg: Config, labels: list[int]) -> float:
+def prior_correction(cfg: Recipe, labels: list[int]) -> float:
     """Logit offset that turns the training objective's posterior back into the data's.
 
     A class-balanced sampler trains the model as if PNEUMONIA had odds 1:1, and pos_weight w multiplies
     the odds it learns by w; on this data the true odds are ~2.9:1. A single temperature cannot undo such
     a shift (it only scales), so the offset log(true odds) - log(trained odds) is added to the classifier
-    bias of the saved model (logit adjustment, Menon et al. 2021). Measured on the shipped run: val ECE
-    0.024 -> 0.012 after temperature scaling, ranking unchanged.
+    bias of the saved model (logit adjustment, Menon et al. 2021); docs/benchmarks.md has its effect.
     """
     n_pos = max(1, sum(labels))
     n_neg = max(1, len(labels) - n_pos)
@@ -119,8 +118,7 @@ def _targets(y: torch.Tensor, smoothing: float) -> torch.Tensor:
 
 def frozen_modules(model: nn.Module, freeze_stages: int) -> list[nn.Module]:
     """Stem plus the first ``freeze_stages`` block stages: generic edge/texture filters. Keeping them
-    fixed halves the backward cost on a CPU (measured 9.5 -> 18.6 images/s for 2 stages) and leaves
-    fewer weights to overfit a few thousand images."""
+    fixed halves the backward cost on a CPU and leaves fewer weights to overfit a few thousand images."""
     return [model.conv_stem, model.bn1, *list(model.blocks)[:freeze_stages]]
 
 
@@ -139,12 +137,6 @@ def set_trainable(model: nn.Module, head_only: bool, freeze_stages: int) -> list
     return frozen
 
 
-def consistency_view(tc: TrainConfig) -> torch.nn.Module:
-    """The second view of each training image for the consistency loss (``train.consistency_view``)."""
-    jpeg, rerender = RandomJpegHistory(tc.consistency_jpeg_quality), RandomRerender()
-    return {"jpeg": jpeg, "rerender": rerender, "both": RandomChoice([jpeg, rerender])}[tc.consistency_view]
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -158,17 +150,9 @@ def train_one_epoch(
     smoothing: float = 0.0,
     max_steps: int | None = None,
     ema: Any = None,
-    consistency: float = 0.0,
-    consistency_space: str = "logit",
     desc: str = "train",
 ) -> dict[str, float]:
-    """One pass over ``loader``. Batches of paired views [B, 2, C, H, W] (XRDataset ``second_view``) add
-    ``consistency`` times half the squared difference between the two views of each image (their spread
-    around the pair's mean), so two renderings of one film score alike (stability training, Zheng et al.,
-    CVPR 2016). Both views also get the classification loss. ``consistency_space`` "logit" compares the
-    logits; "probability" compares their sigmoids, which weighs a pair by how much its gap moves the
-    probability: films near 0.5 are pulled together, confident films are left alone, so the model gains
-    nothing by shrinking all its logits."""
+    """One pass over ``loader`` (at most ``max_steps`` batches); the mean loss and the speed."""
     model.train()
     for m in frozen:
         m.eval()  # frozen layers keep their ImageNet BatchNorm statistics
@@ -179,9 +163,6 @@ def train_one_epoch(
         if step >= steps:
             break
         x = x.to(device, non_blocking=True)
-        views = x.shape[1] if x.dim() == 5 else 1
-        if views > 1:
-            x, y = x.flatten(0, 1), y.repeat_interleave(views)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device).float().reshape(-1, 1)
@@ -189,11 +170,6 @@ def train_one_epoch(
             out = model(x)
         out = out.float().reshape(-1, 1)
         loss = loss_fn(out, _targets(y, smoothing))
-        if views > 1 and consistency > 0:
-            paired = out.reshape(-1, views)
-            if consistency_space == "probability":
-                paired = torch.sigmoid(paired)
-            loss = loss + consistency * (paired - paired.mean(1, keepdim=True)).pow(2).sum(1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -279,7 +255,7 @@ def save_val_logits(path: Path, items, logits: np.ndarray, labels: np.ndarray) -
             w.writerow([it.path, int(y), repr(float(z))])
 
 
-def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) -> dict[str, Any]:
+def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) -> dict[str, Any]:
     """Train on ``splits.train``, select on ``splits.val`` AUROC; write the best checkpoint and logs."""
     out_dir = Path(out_dir)
     val_classes = sorted({it.label for it in splits.val})
@@ -296,8 +272,7 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
     bf16_step = use_bf16(device, tc.amp, training=True)
     cl = tc.channels_last
     preset = Preset.from_config(cfg.preprocess)
-    second_view = consistency_view(tc) if tc.consistency_weight > 0 else None
-    train_ds = XRDataset(splits.train, preset, preset.train_transform(cfg.augment), second_view=second_view)
+    train_ds = XRDataset(splits.train, preset, preset.train_transform(cfg.augment))
     train_eval_ds = XRDataset(splits.train, preset, preset.eval_transform())
     val_ds = XRDataset(splits.val, preset, preset.eval_transform())
     nw = cfg.data.num_workers
@@ -394,8 +369,7 @@ def fit(cfg: Config, splits: Splits, out_dir: str | Path, device: torch.device) 
         epoch += 1
         stats = train_one_epoch(
             model, train_loader, optimizer, loss_fn, device, frozen=frozen, bf16=bf16_step, channels_last=cl,
-            smoothing=tc.label_smoothing, max_steps=tc.max_steps_per_epoch, ema=ema,
-            consistency=tc.consistency_weight, consistency_space=tc.consistency_space, desc=f"epoch {epoch}",
+            smoothing=tc.label_smoothing, max_steps=tc.max_steps_per_epoch, ema=ema, desc=f"epoch {epoch}",
         )
         eval_model = ema.module if ema is not None else model
         val = evaluate(eval_model, val_loader, device, bf16=bf16, channels_last=cl)
