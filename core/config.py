@@ -13,7 +13,6 @@ and a test keeps them current.
 """
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -301,87 +300,3 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def save_config(cfg: _File, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-# -- generated text: the packaged defaults and docs/configuration.md -----------------------------------
-def _yaml_value(value: Any) -> str:
-    return yaml.safe_dump(_plain(value), default_flow_style=True, width=1000).strip().removesuffix("\n...")
-
-
-def _bounds(metadata) -> list[str]:
-    signs = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-    found = []
-    for m in metadata:
-        if hasattr(m, "metadata"):  # a Field(...) inside Annotated
-            found += _bounds(m.metadata)
-        found += [f"{sign} {_num(getattr(m, attr))}" for attr, sign in signs if getattr(m, attr, None) is not None]
-    return found
-
-
-def _kind(ann) -> str:
-    """A type annotation in a reader's words."""
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin is Literal:
-        return " \\| ".join(str(a) for a in args)
-    if origin is Annotated:
-        kind = _kind(args[0])
-        return " ".join([kind, *_bounds(args[1:])]) if _bounds(args[1:]) else kind
-    if origin is tuple:
-        return f"list of {len(args)}: {_kind(args[0])}"
-    if type(None) in args:
-        return f"{_kind(next(a for a in args if a is not type(None)))} or null"
-    names = {bool: "true \\| false", int: "integer", float: "number", str: "text"}
-    return next((name for tp, name in names.items() if ann is tp or getattr(ann, "__origin__", None) is tp), str(ann))
-
-
-def _allowed(info) -> str:
-    """The values a field admits, from its type and bounds."""
-    return " ".join([_kind(info.annotation), *_bounds(info.metadata)])
-
-
-def render_yaml(cls: type[_File]) -> str:
-    """The packaged defaults file of ``cls``, every key with its description as a comment."""
-    flag = "--recipe" if cls is Recipe else "--config (or $XR_CONFIG)"
-    lines = [
-        f"# {cls.FILE}: {cls.__doc__.split(':', 1)[1].strip()} Read by {cls.READERS}.",
-        "# Generated from core/config.py by scripts/write_config_docs.py; docs/configuration.md explains each key.",
-        f"# To change a value, copy this file, keep what you change, and pass it with {flag}.",
-    ]
-    for section, sinfo in cls.model_fields.items():
-        lines += ["", f"{section}:"]
-        for key, info in sinfo.annotation.model_fields.items():
-            lines.append(f"  {key}: {_yaml_value(info.default)}  # {info.description}")
-    return "\n".join(lines) + "\n"
-
-
-def render_markdown() -> str:
-    """docs/configuration.md: every key of both files with meaning, default, range and reader."""
-    out = [
-        "# Configuration",
-        "",
-        "Generated from `core/config.py` by `python scripts/write_config_docs.py`; `tests/test_config.py` fails when it is stale.",
-        "",
-        "Two files, each validated once at start-up: an unknown or misplaced key, a wrong type or a value out of",
-        "range stops the program with an error naming the key. Command-line flags override single values",
-        "(`--set section.key=VALUE`, the value parsed as YAML).",
-        "",
-        "- `config.yaml`: the operator's settings, read by `xr-daemon` (and by `xr-results` to find the results):",
-        "  `--config FILE`, else `$XR_CONFIG`, else the packaged defaults `daemon/config.yaml`.",
-        "- `recipe.yaml`: the training recipe, read by `xr-train` only (`--recipe FILE`, else the run folder's saved",
-        "  `recipe.yaml`, else the packaged `train/recipe.yaml`). The daemon never reads it: preprocessing and the",
-        "  network travel inside the checkpoint, so a trained model always sees the inputs it was trained on.",
-        "",
-        "Relative paths are taken from the current directory.",
-    ]
-    for cls in FILES:
-        for section, sinfo in cls.model_fields.items():
-            model = sinfo.annotation
-            out += ["", f"## `{cls.FILE}`: `{section}`", ""]
-            if model.__doc__ and "Usage docs" not in model.__doc__:
-                out += [model.__doc__.strip(), ""]
-            out += ["| key | meaning | default | allowed | read by |", "| --- | --- | --- | --- | --- |"]
-            for key, info in model.model_fields.items():
-                meaning = info.description.replace("|", "\\|")
-                readers = ", ".join([cls.READERS, *filter(None, [model.ALSO_READ_BY.get(key)])])
-                out.append(f"| `{section}.{key}` | {meaning} | `{_yaml_value(info.default)}` | {_allowed(info)} | {readers} |")
-    return "\n".join(out) + "\n"

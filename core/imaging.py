@@ -134,7 +134,7 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     maximum value is the image's real depth; ``v * 255 / (2**bits - 1)`` then reproduces its 8-bit export.
 
     Works on bands of rows cropped from the image, so memory beyond the decoded image is the 8-bit
-    result plus one band's temporaries, not a 64-bit copy of the whole film (79 Mpx cost 3.5 GB).
+    result plus one band's temporaries, not a 64-bit copy of the whole film.
     """
     width, height = img.size
     if width == 0 or height == 0:
