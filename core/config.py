@@ -144,6 +144,9 @@ class DaemonConfig(Section):
     batch_size: StrictInt = Field(0, ge=0, description="files per forward; 0 = choose by device (docs/design.md)")
     max_wait_ms: StrictInt = Field(50, ge=0, description="a batch closes this long after its first file, if not full")
     stable_ms: StrictInt = Field(500, ge=0, description="a file written in place is ready once size and mtime are unchanged this long")
+    incomplete_grace_s: Number = Field(
+        60.0, ge=0, description="a file that reads as cut short (empty, truncated) is watched this long after its last change before it is an error"
+    )
     rescan_s: Number = Field(5.0, gt=0, description="full inbox scan interval, seconds (file events are only hints)")
     poll: StrictBool = Field(False, description="polling observer, for network shares that send no file events")
     decode_workers: StrictInt = Field(0, ge=0, description="decode threads; 0 = choose by cores and device")
@@ -156,6 +159,7 @@ class DaemonConfig(Section):
     max_file_mb: Number = Field(512.0, gt=0, description="larger files get an error row without being read")
     max_pixels: StrictInt = Field(80_000_000, ge=1, description="decompression-bomb guard: images with more pixels get an error row")
     log_format: Literal["json", "console"] = Field("json", description="log lines on stderr: JSON objects, or human-readable")
+    heartbeat_s: Number = Field(60.0, gt=0, description="interval of the heartbeat log event (backlog, rows since the last one)")
 
 
 class CsvConfig(Section):

@@ -13,23 +13,25 @@ class ConfigError(XRError):
 
 
 class ImageError(XRError):
-    """An input image cannot be used. ``path`` names the file, ``reason`` says why.
+    """An input image cannot be used. ``path`` names the file, ``reason`` says why; ``incomplete`` says the
+    bytes end too early (empty, a cut header, truncated data): a file still being written looks like that.
 
     ``ImageError(message)`` (one argument) is the finished message without a path: torch's DataLoader
     re-raises a worker's exception as ``type(exc)(text)``, and a class it cannot rebuild that way
     reaches the user as a bare RuntimeError.
     """
 
-    def __init__(self, path: str | Path | None, reason: str | None = None):
+    def __init__(self, path: str | Path | None, reason: str | None = None, incomplete: bool = False):
         if reason is None:
             path, reason = None, _worker_message(str(path), type(self).__qualname__)
         self.path = None if path is None else str(path)
         self.reason = reason
+        self.incomplete = incomplete
         super().__init__(f"{self.path}: {reason}" if self.path else reason)
 
     def __reduce__(self):
-        # Pickled by its two fields (the default would pass only the message, losing ``path``).
-        return type(self), (self.path, self.reason)
+        # Pickled by its fields (the default would pass only the message, losing ``path``).
+        return type(self), (self.path, self.reason, self.incomplete)
 
 
 def _worker_message(text: str, name: str) -> str:

@@ -16,6 +16,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from xr.core.errors import ImageError
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: multi-picture JPEG some cameras/exporters write
+SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # what a PNG or JPEG file starts with
 SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "I", "I;16", "I;16B", "I;16L", "I;16N")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -59,17 +60,21 @@ def decode_image(
     name: str | Path | None = None,
 ) -> Image.Image:
     if len(data) == 0:
-        raise ImageError(name, "empty file (0 bytes)")
+        raise ImageError(name, "empty file (0 bytes)", incomplete=True)
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below replaces PIL's bomb warning/error with a clear message.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if any(data.startswith(sig[: len(data)]) for sig in SIGNATURES):
+            raise ImageError(name, f"incomplete file: {len(data)} bytes end inside the image header", incomplete=True) from None
         raise ImageError(name, "not a PNG or JPEG image (unrecognised content)") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"image too large: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, not a crash
+        if "Truncated File Read" in str(exc):
+            raise ImageError(name, f"truncated image header ({exc})", incomplete=True) from None
         raise ImageError(name, f"cannot open image: {exc}") from None
 
     if img.format not in SUPPORTED_FORMATS:
@@ -95,8 +100,8 @@ def decode_image(
         raise
     except Exception as exc:  # noqa: BLE001
         msg = str(exc)
-        if "truncated" in msg or "broken data stream" in msg or "image file is truncated" in msg:
-            raise ImageError(name, f"truncated image data ({msg})") from None
+        if "truncated" in msg or "broken data stream" in msg:
+            raise ImageError(name, f"truncated image data ({msg})", incomplete=True) from None
         raise ImageError(name, f"corrupt image data ({msg})") from None
 
 

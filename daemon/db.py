@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    delete,
     event,
     insert,
     select,
@@ -37,6 +38,7 @@ SCHEMA_VERSION = 1
 
 CLAIMED, OK, ERROR, DUPLICATE = "claimed", "ok", "error", "duplicate"
 FINAL_STATUSES = (OK, ERROR, DUPLICATE)
+SCORED = (OK, DUPLICATE)  # rows with a score: a duplicate carries its first result's
 STATUSES = (CLAIMED, *FINAL_STATUSES)
 
 
@@ -273,6 +275,12 @@ def insert_rows(s: Session, rows: list[dict[str, Any]]) -> list[int]:
         stmt = insert(Result).returning(Result.id, sort_by_parameter_order=True)
         return list(s.scalars(stmt, rows))
     return [s.execute(insert(Result).values(**row)).inserted_primary_key[0] for row in rows]
+
+
+def delete_rows(s: Session, ids: list[int]) -> None:
+    """Delete these ``results`` rows (claims given back: their files are new work again)."""
+    if ids:
+        s.execute(delete(Result).where(Result.id.in_(ids)))
 
 
 def update_rows(s: Session, rows: list[dict[str, Any]]) -> None:

@@ -7,6 +7,10 @@ Readiness: a file renamed/moved into the inbox is complete when it appears. A fi
 ready once its size and mtime have not changed for ``stable_ms``. The first observation takes the
 file's mtime age into account (a file whose mtime is older than ``stable_ms`` has not been written for
 that long), so an old file found by a scan is ready at once while a file being copied waits.
+
+A file the pipeline read as cut short comes back with :meth:`Discovery.defer`: it is watched until its
+grace period after its last change ends, and handed on again (``final``) unless it changed before.
+Files under names the daemon does not read are reported once each (``file_ignored``) and left alone.
 """
 from __future__ import annotations
 
@@ -22,18 +26,26 @@ from typing import Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from xr.core.imaging import is_image_name
+from xr.core.imaging import IMAGE_SUFFIXES, is_image_name
+from xr.daemon.db import storable
 
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
 
 
+def is_hidden_or_temporary(name: str) -> bool:
+    """A name exporters use while writing (never read, never reported)."""
+    return not name or name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
+
+
 def is_candidate_name(name: str) -> bool:
     """An image name the daemon reads: .png/.jpg/.jpeg in any case, not hidden, not a temporary name."""
-    if not name or name.startswith("."):
-        return False
-    if name.lower().endswith(TEMP_SUFFIXES):
-        return False
-    return is_image_name(name)
+    return not is_hidden_or_temporary(name) and is_image_name(name)
+
+
+def ignored_reason(name: str) -> str:
+    suffix = os.path.splitext(name)[1].lower()
+    kind = f"extension {suffix}" if suffix else "no extension"
+    return f"{kind} is not read (the daemon reads {', '.join(IMAGE_SUFFIXES)}); the file is left where it is"
 
 
 @dataclass
@@ -46,6 +58,14 @@ class FileItem:
     received_at: dt.datetime  # first seen (UTC, naive)
     received_mono: float
     is_symlink: bool = False
+    changed_mono: float = 0.0  # when its size or mtime last changed (from its mtime age when first seen)
+    final: bool = False  # its grace period for reading as cut short is over: a failure now is an error
+
+
+@dataclass
+class _Deferred:
+    item: FileItem
+    until: float  # monotonic: hand it on again then, unless it changes before
 
 
 @dataclass
@@ -99,6 +119,7 @@ class Discovery:
         watch: bool = True,
         exclude: tuple[str | Path, ...] = (),
         clock: Callable[[], float] = time.monotonic,
+        log=None,
     ):
         self.inbox = Path(inbox).resolve()
         self.out = out
@@ -116,6 +137,9 @@ class Discovery:
         self._lock = threading.Lock()
         self._handed: dict[str, tuple[int, int]] = {}  # path -> identity, until released
         self._settled: set[tuple[str, int, int]] = set()  # identities left in place after processing
+        self._deferred: dict[str, _Deferred] = {}  # read as cut short: waiting out their grace period
+        self._ignored: set[str] = set()  # reported once as a name the daemon does not read
+        self.log = log
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer = None
@@ -176,10 +200,21 @@ class Discovery:
             if settled is not None:
                 self._settled.add((path, *settled))
 
-    def outstanding(self) -> int:
-        """Files seen but not yet released by the pipeline."""
+    def defer(self, item: FileItem, until: float) -> None:
+        """The pipeline read ``item`` as cut short: watch it until ``until`` (monotonic). If its size or mtime
+        changes before, it waits to be stable as a new file would; else it comes back with ``final`` set."""
         with self._lock:
-            return len(self._pending) + len(self._ready) + len(self._handed)
+            self._handed.pop(item.path, None)
+            self._deferred[item.path] = _Deferred(item, until)
+
+    def deferred(self) -> int:
+        with self._lock:
+            return len(self._deferred)
+
+    def outstanding(self) -> int:
+        """Files seen but not yet released by the pipeline (files waiting out a grace period included)."""
+        with self._lock:
+            return len(self._pending) + len(self._ready) + len(self._handed) + len(self._deferred)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def _guarded_run(self) -> None:
@@ -198,6 +233,7 @@ class Discovery:
                 self.scan()
                 self._next_scan = self.clock() + self.rescan_s
                 self.first_scan_done.set()
+            self._check_deferred()
             self._check_pending()
             self._push_ready()
             self._stop.wait(tick)
@@ -225,8 +261,21 @@ class Discovery:
             for name in files:
                 if is_candidate_name(name):
                     n += self.note(os.path.join(root, name))
+                elif not is_hidden_or_temporary(name):
+                    self._report_ignored(os.path.join(root, name))
             # a symlink to a file shows in ``files``; one to a directory in ``dirs`` (not followed)
+        with self._lock:  # a reported name that is gone is reported again if a file comes back under it
+            self._ignored = {p for p in self._ignored if os.path.lexists(p)}
         return n
+
+    def _report_ignored(self, path: str) -> None:
+        """A file under a name the daemon does not read: a warning, once, and the file is left alone."""
+        with self._lock:
+            if path in self._ignored:
+                return
+            self._ignored.add(path)
+        if self.log is not None:
+            self.log.warning("file_ignored", file=storable(path), reason=ignored_reason(os.path.basename(path)))
 
     def is_excluded(self, path: str) -> bool:
         path = str(Path(path))
@@ -245,6 +294,9 @@ class Discovery:
     def note(self, path: str, moved: bool = False) -> bool:
         """A hint that ``path`` exists (event or scan). Returns True when it is newly pending."""
         if not self.would_read(path):
+            name = os.path.basename(path)
+            if not is_hidden_or_temporary(name) and not is_image_name(name) and self._reportable(path):
+                self._report_ignored(path)
             return False
         try:
             st = os.lstat(path)
@@ -252,7 +304,7 @@ class Discovery:
             return False
         ident = (st.st_size, st.st_mtime_ns)
         with self._lock:
-            if path in self._handed or (path, *ident) in self._settled:
+            if path in self._handed or path in self._deferred or (path, *ident) in self._settled:
                 return False
             pend = self._pending.get(path)
             if pend is not None:
@@ -274,6 +326,35 @@ class Discovery:
             )
         return True
 
+    def _reportable(self, path: str) -> bool:
+        """A plain file in the watched part of the inbox (not a folder, not the daemon's own output)."""
+        p = Path(path)
+        if not inside(p, self.inbox) or self.is_excluded(path) or not os.path.isfile(path):
+            return False
+        return not any(part.startswith(".") for part in p.relative_to(self.inbox).parts[:-1])
+
+    def _check_deferred(self) -> None:
+        now = self.clock()
+        with self._lock:
+            for path, d in list(self._deferred.items()):
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    del self._deferred[path]  # gone: nothing left to score
+                    continue
+                item = d.item
+                if (st.st_size, st.st_mtime_ns) != (item.size, item.mtime_ns):
+                    # still being written: settle like any file written in place; a new grace period
+                    del self._deferred[path]
+                    self._pending[path] = _Pending(
+                        st.st_size, st.st_mtime_ns, now, item.received_at, item.received_mono, is_symlink=item.is_symlink
+                    )
+                elif now >= d.until:
+                    del self._deferred[path]
+                    item.final = True
+                    self._ready.append(item)
+                    self._ready_paths.add(path)
+
     def _check_pending(self) -> None:
         now = self.clock()
         ready: list[FileItem] = []
@@ -290,9 +371,10 @@ class Discovery:
                     continue
                 if pend.moved or pend.is_symlink or now - pend.last_change >= self.stable_s:
                     del self._pending[path]
-                    ready.append(
-                        FileItem(path, pend.size, pend.mtime_ns, pend.received_at, pend.received_mono, pend.is_symlink)
-                    )
+                    ready.append(FileItem(
+                        path, pend.size, pend.mtime_ns, pend.received_at, pend.received_mono, pend.is_symlink,
+                        changed_mono=pend.last_change,
+                    ))  # fmt: skip
             ready.sort(key=lambda i: i.received_mono)
             self._ready.extend(ready)
             self._ready_paths.update(i.path for i in ready)

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from xr.daemon.db import CLAIMED, EXPORT_COLUMNS, FINAL_STATUSES, OK, Result, get_meta, set_meta
+from xr.daemon.db import CLAIMED, EXPORT_COLUMNS, FINAL_STATUSES, SCORED, Result, get_meta, set_meta
 
 RESULTS_PREFIX = "results-"
 FLAGGED_NAME = "flagged.csv"
@@ -176,7 +176,7 @@ class CsvExporter:
             self._current_rows += 1
         header = rows_to_csv([], header=True)
         # flagged.csv first: the results files are what a restart could mistake for "exported"
-        flagged = [r for r in rows if r["status"] == OK and r["flagged"] and r["id"] > self.flagged_last_id]
+        flagged = [r for r in rows if r["status"] in SCORED and r["flagged"] and r["id"] > self.flagged_last_id]
         if flagged:
             atomic_append(self.flagged_path, rows_to_csv(flagged, header=False), header=header)
             self.flagged_last_id = flagged[-1]["id"]

@@ -31,6 +31,7 @@ from xr.daemon.db import (
     ERROR,
     OK,
     Batch,
+    delete_rows,
     first_ok_by_sha,
     insert_rows,
     owning_rows,
@@ -163,6 +164,7 @@ class Work:
     error: str | None = None
     duplicate_of: int | None = None
     decode_ms: float = 0.0
+    incomplete: bool = False  # the bytes read end too early (the error says how)
 
 
 @dataclass
@@ -193,6 +195,7 @@ class Context:
     on_error: str = "move"
     dedupe: bool = True
     max_file_bytes: int = 512 * 1024 * 1024
+    incomplete_grace_s: float = 60.0
     stop: threading.Event = field(default_factory=threading.Event)  # stop taking new work
     reserved: set[str] = field(default_factory=set)  # destinations chosen but not yet moved to
     reserved_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -407,7 +410,7 @@ class Claimer(Stage):
         try:
             w.tensor = self.ctx.predictor.pixels(data, name=w.item.path)
         except ImageError as exc:
-            w.error = exc.reason
+            w.error, w.incomplete = exc.reason, exc.incomplete
         except Exception as exc:  # noqa: BLE001 - a bad file must never stop the daemon
             w.error = f"cannot decode image: {exc.__class__.__name__}: {exc}"
         w.decode_ms = (time.perf_counter() - t0) * 1000
@@ -454,8 +457,41 @@ class Inferer(Stage):
                 break
         return batch, (time.perf_counter() - t0) * 1000
 
+    def still_writing(self, w: Work) -> bool:
+        """Read as cut short, and either changed since it was read or still inside its grace period after
+        its last change: a writer may have paused, so it is watched again instead of failed."""
+        if not w.incomplete or w.item.final:
+            return False
+        try:
+            st = os.lstat(w.item.path)
+        except OSError:
+            return False  # gone: what was read is all there is
+        changed = (st.st_size, st.st_mtime_ns) != (w.item.size, w.item.mtime_ns)
+        return changed or time.monotonic() < w.item.changed_mono + self.ctx.incomplete_grace_s
+
+    def defer(self, waiting: list[Work]) -> None:
+        """Hand cut-short files back to discovery with no row: the file in the inbox is the only state, so a
+        restart finds it as new work and its grace period runs on from its mtime."""
+        ctx = self.ctx
+        with ctx.sessions.begin() as s:
+            delete_rows(s, [w.row_id for w in waiting])
+        for w in waiting:
+            until = w.item.changed_mono + ctx.incomplete_grace_s
+            ctx.log.info(
+                "file_incomplete", file=storable(w.item.path), reason=w.error,
+                watching_s=round(max(0.0, until - time.monotonic()), 1),
+            )  # fmt: skip
+            ctx.discovery.defer(w.item, until)
+            self.slots.release()
+
     def process(self, batch: list[Work], wait_ms: float) -> None:
         ctx, pred = self.ctx, self.ctx.predictor
+        waiting = [w for w in batch if self.still_writing(w)]
+        if waiting:
+            self.defer(waiting)
+            batch = [w for w in batch if w not in waiting]
+            if not batch:
+                return
         # duplicates first, so the model only sees content it has not scored before
         if ctx.dedupe:
             with ctx.sessions() as s:
@@ -496,7 +532,10 @@ class Inferer(Stage):
                     "flagged": None,
                 }  # fmt: skip
                 if w.error is not None:
-                    row["status"], row["error"] = ERROR, storable(w.error)
+                    reason = w.error
+                    if w.incomplete and ctx.incomplete_grace_s > 0:
+                        reason += f"; the file stayed unchanged for {ctx.incomplete_grace_s:g} s"
+                    row["status"], row["error"] = ERROR, storable(reason)
                 elif w.duplicate_of is not None:
                     first = rows.get(w.duplicate_of) or firsts[w.duplicate_of]  # earlier in this batch, or committed
                     row["status"], row["duplicate_of"] = DUPLICATE, w.duplicate_of
@@ -538,10 +577,11 @@ class Inferer(Stage):
         log = self.ctx.log
         if row["status"] == ERROR:
             log.error("file_error", file=storable(path), reason=row["error"], id=row["id"])
-        elif row["status"] == OK and row["flagged"]:
+        elif row["flagged"]:  # a duplicate of a flagged film is flagged under its own name too
+            extra = {"duplicate_of": row["duplicate_of"]} if row["status"] == DUPLICATE else {}
             log.warning(
                 "flagged", file=storable(path), id=row["id"], probability=round(row["probability"], 4),
-                threshold=row["threshold"],
+                threshold=row["threshold"], **extra,
             )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from xr.core.errors import XRError
-from xr.daemon.db import EXPORT_COLUMNS, FINAL_STATUSES, STATUSES, Result, db_url, make_engine, session_factory, sqlite_file
+from xr.daemon.db import EXPORT_COLUMNS, FINAL_STATUSES, SCORED, STATUSES, Result, db_url, make_engine, session_factory, sqlite_file
 from xr.daemon.export import format_value
 
 TABLE_COLUMNS = ("id", "processed_at", "filename", "status", "probability", "label", "flagged", "error")
@@ -87,7 +87,7 @@ def open_db(args: argparse.Namespace):
 def query_rows(sessions, args: argparse.Namespace) -> list[dict[str, Any]]:
     stmt = select(Result)
     if args.flagged:
-        stmt = stmt.where(Result.flagged.is_(True), Result.status == "ok")
+        stmt = stmt.where(Result.flagged.is_(True), Result.status.in_(SCORED))
     if args.status:
         stmt = stmt.where(Result.status == args.status)
     if args.since:  # a claimed row has no processed_at yet: it counts from when it was received
@@ -120,17 +120,17 @@ def compute_stats(sessions, since: dt.datetime | None = None) -> dict[str, Any]:
             if n_claimed:
                 counts["claimed"] = n_claimed
         final = [Result.status.in_(FINAL_STATUSES), *cond]
-        n_flagged = s.scalar(select(func.count()).where(Result.status == "ok", Result.flagged.is_(True), *cond)) or 0
+        n_flagged = s.scalar(select(func.count()).where(Result.status.in_(SCORED), Result.flagged.is_(True), *cond)) or 0
         lat = [x for (x,) in s.execute(select(Result.latency_ms).where(*final, Result.latency_ms.is_not(None)))]
         first_rx, last_done = s.execute(select(func.min(Result.received_at), func.max(Result.processed_at)).where(*final)).one()
-    n_ok = counts.get("ok", 0)
+    n_scored = sum(counts.get(k, 0) for k in SCORED)
     n_final = sum(counts.get(k, 0) for k in FINAL_STATUSES)
     span = (last_done - first_rx).total_seconds() if first_rx and last_done else 0.0
     return {
         "total": sum(counts.values()),
         "by_status": {k: counts.get(k, 0) for k in STATUSES},
         "flagged": n_flagged,
-        "flagged_rate": (n_flagged / n_ok) if n_ok else None,
+        "flagged_rate": (n_flagged / n_scored) if n_scored else None,
         "throughput_files_per_s": (n_final / span) if span > 0 else None,
         "first_received_at": format_value(first_rx) or None,
         "last_processed_at": format_value(last_done) or None,

@@ -19,7 +19,18 @@ from sqlalchemy import select
 from xr.core.config import DaemonConfig, Settings
 from xr.core.errors import XRError
 from xr.core.predict import CALIBRATION_FILE, Predictor, trim_malloc
-from xr.daemon.db import CLAIMED, ERROR, Result, db_url, fs_path, make_engine, session_factory, sqlite_file, utcnow
+from xr.daemon.db import (
+    CLAIMED,
+    ERROR,
+    Result,
+    db_url,
+    delete_rows,
+    fs_path,
+    make_engine,
+    session_factory,
+    sqlite_file,
+    utcnow,
+)
 from xr.daemon.discovery import Discovery, inside
 from xr.daemon.export import CsvExporter
 from xr.daemon.logging import get_logger
@@ -73,6 +84,26 @@ def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
         if inside(inbox, d):
             raise XRError(f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output")
     return (output,) if output != inbox and inside(output, inbox) else own
+
+
+class Heartbeat:
+    """A periodic ``heartbeat`` log event, so an idle daemon is seen to be alive and a stuck one to be stuck."""
+
+    def __init__(self, log: Any, interval_s: float, discovery: Discovery, inferer: Any):
+        self.log, self.interval_s, self.discovery, self.inferer = log, interval_s, discovery, inferer
+        self.started = self.last = time.monotonic()
+        self.files_at_last = inferer.files
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            return
+        files = self.inferer.files
+        self.log.info(
+            "heartbeat", backlog=self.discovery.outstanding(), waiting_incomplete=self.discovery.deferred(),
+            rows=files - self.files_at_last, interval_s=round(now - self.last, 1), uptime_s=round(now - self.started),
+        )  # fmt: skip
+        self.last, self.files_at_last = now, files
 
 
 class Service:
@@ -216,6 +247,7 @@ class Service:
     def reconcile(self, ctx: Context, finisher: Finisher) -> dict[str, int]:
         """Before watching: settle what a previous run left (docs/operations.md, "Crash safety")."""
         stats = {"claimed_redo": 0, "claimed_gone": 0, "claimed_released": 0, "moves_finished": 0}
+        released = []
         now = utcnow()
         with ctx.sessions.begin() as s:
             for row in s.scalars(select(Result).where(Result.status == CLAIMED)):
@@ -230,16 +262,22 @@ class Service:
                     continue
                 try:
                     st = os.lstat(path)
-                    same = (st.st_size, st.st_mtime_ns) == (row.size_bytes, row.mtime_ns)
                 except OSError:
-                    same = False
-                if same:
+                    st = None
+                if st is not None and (st.st_size, st.st_mtime_ns) == (row.size_bytes, row.mtime_ns):
                     stats["claimed_redo"] += 1  # the scan finds it again and the claim reuses this row
                     continue
-                row.status, row.error = ERROR, "file left or changed in the inbox before it was processed"
+                if st is not None:
+                    # Written on since it was claimed (a writer that paused): the file as it is now is the
+                    # work, found by the scan; the claim of its earlier bytes is rolled back.
+                    released.append(row.id)
+                    stats["claimed_released"] += 1
+                    continue
+                row.status, row.error = ERROR, "file left the inbox before it was processed"
                 row.processed_at, row.moved_at = now, now
                 row.latency_ms = max(0.0, (now - row.received_at).total_seconds() * 1000)
                 stats["claimed_gone"] += 1
+            delete_rows(s, released)
             pending = s.scalars(
                 select(Result).where(Result.status != CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None))
             ).all()
@@ -280,6 +318,7 @@ class Service:
                 poll=d.poll,
                 watch=not self.once,
                 exclude=excluded_dirs(self.inbox, self.output),
+                log=self.log,
             )
             exporter = CsvExporter(self.output / "csv", sessions, self.cfg.csv.rotation, self.cfg.csv.max_rows)
             ctx = Context(
@@ -297,6 +336,7 @@ class Service:
                 on_error=d.on_error,
                 dedupe=d.dedupe,
                 max_file_bytes=self.max_file_bytes,
+                incomplete_grace_s=d.incomplete_grace_s,
             )
             finisher = Finisher(ctx, finish_q)
             inferer = Inferer(ctx, decoded_q, finish_q, slots)
@@ -348,7 +388,9 @@ class Service:
 
     def _wait(self, discovery: Discovery, idle_timeout: float | None) -> None:
         idle_since = time.monotonic()
+        beat = Heartbeat(self.log, self.cfg.daemon.heartbeat_s, discovery, self.inferer)
         while not self._stop.wait(0.05):
+            beat.tick()
             failed = [(st.name, st.error) for st in self.stages if st.error is not None]
             if discovery.error is not None or not discovery.is_alive():
                 failed.append(("xr-discovery", discovery.error or RuntimeError("thread ended")))

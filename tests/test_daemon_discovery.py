@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import queue
 import time
+from pathlib import Path
 
 from xr.daemon.discovery import Discovery, is_candidate_name
 
@@ -198,3 +199,93 @@ def test_inotify_limit_falls_back_to_polling(tmp_path, monkeypatch):
     finally:
         d.stop()
         d.join()
+
+
+class _Log:
+    def __init__(self):
+        self.events = []
+
+    def warning(self, event, **kw):
+        self.events.append((event, kw))
+
+
+def test_a_deferred_file_comes_back_final_after_its_grace_period_unless_it_changes(tmp_path):
+    f = tmp_path / "cut.jpeg"
+    f.write_bytes(b"\xff\xd8\xff partial")
+    os.utime(f, (1, 1))
+    q = queue.Queue(maxsize=10)
+    d, clock = _disc(tmp_path, q, stable_ms=300)
+    d.scan()
+    d._check_pending(); d._push_ready()  # noqa: E702
+    item = _drain(q)[0]
+    assert not item.final and item.changed_mono < clock.t  # an old file: its last change lies in the past
+    d.defer(item, until=clock.t + 5)
+    assert d.outstanding() == 1 and d.deferred() == 1
+    assert d.scan() == 0  # not picked up again by a scan while it waits
+    clock.t += 4.9
+    d._check_deferred(); d._push_ready()  # noqa: E702
+    assert q.empty()
+    clock.t += 0.2
+    d._check_deferred(); d._push_ready()  # noqa: E702
+    again = _drain(q)
+    assert [i.path for i in again] == [str(f)] and again[0].final and d.deferred() == 0
+
+
+def test_a_deferred_file_that_grows_waits_to_be_stable_as_a_new_file(tmp_path):
+    f = tmp_path / "slow.png"
+    f.write_bytes(b"\x89PNG")
+    q = queue.Queue(maxsize=10)
+    d, clock = _disc(tmp_path, q, stable_ms=300)
+    d.scan()
+    clock.t += 0.4
+    d._check_pending(); d._push_ready()  # noqa: E702
+    item = _drain(q)[0]
+    d.defer(item, until=clock.t + 60)
+    with open(f, "ab") as fh:  # the writer goes on
+        fh.write(b"\r\n\x1a\nmore")
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    d._check_deferred(); d._check_pending(); d._push_ready()  # noqa: E702
+    assert q.empty() and d.deferred() == 0 and d.outstanding() == 1  # pending again, waiting to settle
+    clock.t += 0.31
+    d._check_pending(); d._push_ready()  # noqa: E702
+    grown = _drain(q)[0]
+    assert grown.size == 12 and not grown.final and grown.changed_mono > item.changed_mono
+
+
+def test_a_deferred_file_that_vanishes_is_dropped(tmp_path):
+    f = tmp_path / "gone.png"
+    f.write_bytes(b"x")
+    q = queue.Queue(maxsize=10)
+    d, clock = _disc(tmp_path, q)
+    os.utime(f, (1, 1))
+    d.scan()
+    d._check_pending(); d._push_ready()  # noqa: E702
+    d.defer(_drain(q)[0], until=clock.t + 60)
+    f.unlink()
+    d._check_deferred()
+    assert d.outstanding() == 0
+
+
+def test_names_the_daemon_does_not_read_are_reported_once_and_left(tmp_path):
+    (tmp_path / "study.dcm").write_bytes(b"DICM")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "noext").write_text("x")
+    for quiet in (".hidden.dcm", "a.png.part", "b.tmp", "c.dcm~"):
+        (tmp_path / quiet).write_text("x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.pdf").write_text("x")  # the daemon's own output: not the inbox's
+    log = _Log()
+    d = Discovery(tmp_path, queue.Queue(), watch=False, exclude=(tmp_path / "out",), log=log)
+    d.scan()
+    d.scan()
+    d.note(str(tmp_path / "study.dcm"))  # a file event for it too
+    reported = {Path(kw["file"]).name: kw["reason"] for event, kw in log.events if event == "file_ignored"}
+    assert len(log.events) == 3 and set(reported) == {"study.dcm", "notes.txt", "noext"}
+    assert reported["study.dcm"].startswith("extension .dcm is not read (the daemon reads .png, .jpg, .jpeg)")
+    assert reported["noext"].startswith("no extension is not read")
+    assert (tmp_path / "study.dcm").exists() and d.outstanding() == 0
+    (tmp_path / "study.dcm").unlink()
+    d.scan()
+    (tmp_path / "study.dcm").write_bytes(b"DICM")  # a new file under the name: reported again
+    d.scan()
+    assert sum(Path(kw["file"]).name == "study.dcm" for _, kw in log.events) == 2

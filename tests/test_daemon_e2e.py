@@ -130,6 +130,8 @@ def test_once_good_16bit_bad_inputs_duplicates(tmp_path, tiny_checkpoint, xray_p
     (inbox / "detector16.png").write_bytes(png16)
     (inbox / "zero.png").write_bytes(b"")
     (inbox / "truncated.jpeg").write_bytes(good[2].read_bytes()[:2000])
+    for cut_short in ("zero.png", "truncated.jpeg"):  # unchanged for longer than the grace period: errors now
+        os.utime(inbox / cut_short, (1, 1))
     (inbox / "notes.png").write_text("this is not an image\n")
     Image.new("L", (400, 400), 128).save(inbox / "huge.png")  # over the pixel limit set below
     outside = tmp_path / "outside.jpeg"
@@ -174,6 +176,7 @@ def test_once_good_16bit_bad_inputs_duplicates(tmp_path, tiny_checkpoint, xray_p
     for name, reason in reasons.items():
         assert rows[name]["status"] == "error", name
         assert reason in rows[name]["error"], (name, rows[name]["error"])
+    assert rows["truncated.jpeg"]["error"].endswith("; the file stayed unchanged for 60 s")
 
     out = tmp_path / "out"
     processed = {p.relative_to(out / "processed").as_posix() for p in (out / "processed").rglob("*") if p.is_file()}
@@ -184,16 +187,19 @@ def test_once_good_16bit_bad_inputs_duplicates(tmp_path, tiny_checkpoint, xray_p
     left = sorted(p.name for p in inbox.iterdir() if p.is_file() or p.is_symlink())
     assert left == sorted([".hidden.png", "x.png.part", "y.jpg.tmp", "z.jpeg.crdownload", "w.png~", "readme.txt"])
 
-    # CSVs: every DB row exactly once, in id order; flagged.csv holds the flagged ok rows
+    # CSVs: every DB row exactly once, in id order; flagged.csv holds the flagged rows, duplicates too
     exported = csv_rows(tmp_path)
     assert [int(r["id"]) for r in exported] == [r["id"] for r in db_rows(tmp_path)]
-    flagged_db = [r["id"] for r in db_rows(tmp_path) if r["status"] == "ok" and r["flagged"]]
+    flagged_db = [r["id"] for r in db_rows(tmp_path) if r["status"] in ("ok", "duplicate") and r["flagged"]]
     assert [int(r["id"]) for r in csv_rows(tmp_path, "flagged.csv")] == flagged_db
 
     events = log_events(log)
     assert any(e["event"] == "batch" and e["size"] >= 1 and "model_ms" in e for e in events)
     errors = [e for e in events if e["event"] == "file_error"]
     assert {Path(e["file"]).name for e in errors} == set(reasons) and all(e["reason"] for e in errors)
+    ignored = [e for e in events if e["event"] == "file_ignored"]  # said once, left in place
+    assert [(Path(e["file"]).name, e["level"]) for e in ignored] == [("readme.txt", "warning")]
+    assert "extension .txt is not read" in ignored[0]["reason"]
     if flagged_db:
         assert any(e["event"] == "flagged" and e["level"] == "warning" for e in events)
 
@@ -363,3 +369,141 @@ def test_sigterm_while_starting_exits_0_without_a_traceback(tmp_path, tiny_check
         assert "Traceback" not in log.read_text(errors="replace")
     finally:
         stop(proc)
+
+
+# -- writers that pause, files cut short for good, duplicates of flagged films, the soak ----------------
+def _paused_write(path: Path, payload: bytes, pause_s: float) -> None:
+    """A writer that stops mid-file (a network share, a slow exporter), then finishes the file."""
+    with open(path, "wb") as f:
+        f.write(payload[: len(payload) // 2])
+        f.flush()
+        time.sleep(pause_s)
+        f.write(payload[len(payload) // 2 :])
+
+
+def test_writers_that_pause_mid_file_end_as_one_ok_row_each(tmp_path, tiny_checkpoint, xray_paths, fullres_paths):
+    """Pauses of 2x, 5x and 12x stable_ms: each file is read once complete, nothing goes to failed/."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--set", "daemon.heartbeat_s=0.5")  # stable_ms 300
+    payloads = {f"paused-{k}x.jpeg": fullres_paths[i % len(fullres_paths)].read_bytes() + f"xr-tag-{k}".encode()
+                for i, k in enumerate((2, 5, 12))}  # fmt: skip
+    try:
+        wait_started(proc, log)
+        writers = [threading.Thread(target=_paused_write, args=(inbox / name, data, 0.3 * k), name=f"writer-{k}x")
+                   for (name, data), k in zip(payloads.items(), (2, 5, 12))]  # fmt: skip
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        wait_for(lambda: len([r for r in db_rows(tmp_path) if r["status"] != "claimed"]) == 3, 120, proc, "3 rows")
+        time.sleep(1.0)  # a second row for any of them would come now
+        wait_for(lambda: any(e["event"] == "heartbeat" for e in log_events(log)), 30, proc, "a heartbeat")
+    finally:
+        stop(proc)
+    rows = db_rows(tmp_path)
+    assert sorted(r["filename"] for r in rows) == sorted(payloads)
+    for r in rows:
+        assert r["status"] == "ok", (r["filename"], r["error"])
+        assert r["sha256"] == hashlib.sha256(payloads[r["filename"]]).hexdigest()  # the whole file was scored
+    assert not (tmp_path / "out" / "failed").exists() or not list((tmp_path / "out" / "failed").iterdir())
+    events = log_events(log)
+    waited = {Path(e["file"]).name for e in events if e["event"] == "file_incomplete"}
+    assert "paused-12x.jpeg" in waited  # read half-written, watched, read again when it was complete
+    assert not [e for e in events if e["event"] == "file_error"]
+    beat = next(e for e in events if e["event"] == "heartbeat")
+    assert {"backlog", "rows", "interval_s", "uptime_s", "waiting_incomplete"} <= set(beat)
+
+
+def test_a_file_cut_short_for_good_is_one_error_row_after_its_grace_period(tmp_path, tiny_checkpoint, xray_paths):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--set", "daemon.incomplete_grace_s=4")
+    try:
+        wait_started(proc, log)
+        t0 = time.monotonic()
+        (inbox / "cut.jpeg").write_bytes(xray_paths[0].read_bytes()[:3000])
+        wait_for(lambda: any(e["event"] == "file_incomplete" for e in log_events(log)), 60, proc, "file_incomplete")
+        assert not [r for r in db_rows(tmp_path) if r["status"] == "error"] and (inbox / "cut.jpeg").exists()
+        wait_for(lambda: [r for r in db_rows(tmp_path) if r["status"] == "error"], 60, proc, "the error row")
+        waited_s = time.monotonic() - t0
+    finally:
+        stop(proc)
+    rows = db_rows(tmp_path)
+    assert len(rows) == 1 and rows[0]["status"] == "error"
+    assert "truncated" in rows[0]["error"] and rows[0]["error"].endswith("the file stayed unchanged for 4 s")
+    assert waited_s >= 4.0  # not failed before its grace period ran out
+    wait_for(lambda: (tmp_path / "out" / "failed" / "cut.jpeg").exists(), 30, None, "the move to failed/")
+
+
+def test_kill9_during_the_grace_period_loses_nothing(tmp_path, tiny_checkpoint, xray_paths):
+    """Killed while two cut-short files wait: one stays cut (an error after its grace period), the other is
+    finished by its writer while the daemon is down (scored). One final row each, no claim left."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    full = {name: xray_paths[i].read_bytes() + f"xr-tag-{i}".encode() for i, name in enumerate(("stays-cut.jpeg", "finished.jpeg"))}
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--set", "daemon.incomplete_grace_s=5")
+    try:
+        wait_started(proc, log)
+        for name, data in full.items():
+            (inbox / name).write_bytes(data[:3000])
+        wait_for(lambda: len({e["file"] for e in log_events(log) if e["event"] == "file_incomplete"}) == 2, 60, proc, "two waits")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop(proc)
+    assert not [r for r in db_rows(tmp_path) if r["status"] != "claimed"]
+    with open(inbox / "finished.jpeg", "ab") as f:  # the writer goes on while the daemon is down
+        f.write(full["finished.jpeg"][3000:])
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", "--set", "daemon.incomplete_grace_s=5", log_name="restart.log")
+    try:
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        stop(proc)
+    rows = {r["filename"]: r for r in db_rows(tmp_path)}
+    assert len(db_rows(tmp_path)) == 2 and set(rows) == set(full)
+    assert rows["finished.jpeg"]["status"] == "ok"
+    assert rows["finished.jpeg"]["sha256"] == hashlib.sha256(full["finished.jpeg"]).hexdigest()
+    assert rows["stays-cut.jpeg"]["status"] == "error" and "truncated" in rows["stays-cut.jpeg"]["error"]
+    assert (tmp_path / "out" / "failed" / "stays-cut.jpeg").exists() and (tmp_path / "out" / "processed" / "finished.jpeg").exists()
+    assert [int(r["id"]) for r in csv_rows(tmp_path)] == [r["id"] for r in db_rows(tmp_path)]
+
+
+def test_a_duplicate_of_a_flagged_film_is_flagged_everywhere(tmp_path, tiny_model_dir, xray_paths):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    # a threshold every film passes: each one is flagged
+    (model_dir / "calibration_threshold.json").write_text(json.dumps({"T": 1.5, "threshold": 0.001}))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    proc, log = start_daemon(tmp_path, model_dir / "xr_mvp_best.pt")
+    try:
+        wait_started(proc, log)
+        drop(xray_paths[5].read_bytes(), inbox, "first.jpeg")
+        wait_for(lambda: [r for r in db_rows(tmp_path) if r["status"] == "ok"], 60, proc, "the first row")
+        drop(xray_paths[5].read_bytes(), inbox, "re-export.jpeg")  # the same film under another name
+        wait_for(lambda: len([r for r in db_rows(tmp_path) if r["status"] == "duplicate"]) == 1, 60, proc, "the duplicate")
+        wait_for(lambda: len(csv_rows(tmp_path, "flagged.csv")) == 2, 30, proc, "flagged.csv")
+    finally:
+        stop(proc)
+    first, dup = db_rows(tmp_path)
+    assert first["flagged"] == 1 and dup["flagged"] == 1 and dup["duplicate_of"] == first["id"]
+    assert [r["filename"] for r in csv_rows(tmp_path, "flagged.csv")] == ["first.jpeg", "re-export.jpeg"]
+    flagged = [e for e in log_events(log) if e["event"] == "flagged"]
+    assert [(Path(e["file"]).name, e["level"], e.get("duplicate_of")) for e in flagged] == [
+        ("first.jpeg", "warning", None), ("re-export.jpeg", "warning", first["id"])]
+    res = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--output", str(tmp_path / "out"), "--flagged",
+                          "--format", "json"], capture_output=True, text=True, check=True)  # fmt: skip
+    assert [r["filename"] for r in json.loads(res.stdout)] == ["first.jpeg", "re-export.jpeg"]
+
+
+def test_soak_kill9_at_random_moments_of_a_burst(tmp_path, tiny_checkpoint):
+    """scripts/soak_daemon.py, small: 3 kills over 100 files (the benchmark runs 10 over 1,000)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("soak_daemon", Path(__file__).parent.parent / "scripts" / "soak_daemon.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    result = soak.soak(tmp_path / "soak", tiny_checkpoint, files=100, kills=3, seed=int(os.environ.get("XR_KILL_SEED", "4")))
+    assert result["problems"] == [], result
+    assert result["kills"] == 3 and result["rows"] == result["files"] == 100 and result["integrity"] == "ok"

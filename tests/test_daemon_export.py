@@ -39,11 +39,13 @@ def test_daily_rotation_flagged_and_newlines(tmp_path):
     _add(sessions, 2, day=1)
     _add(sessions, 1, day=2, flagged=True)
     _add(sessions, 1, status=dbm.ERROR, day=2)
+    _add(sessions, 1, status=dbm.DUPLICATE, day=2, flagged=True)  # the flagged film again, under another name
+    _add(sessions, 1, status=dbm.DUPLICATE, day=2)
     ex = CsvExporter(tmp_path / "csv", sessions, "daily")
-    assert ex.export() == 4
+    assert ex.export() == 6
     assert _ids(tmp_path / "csv" / "results-2026-01-01.csv") == [1, 2]
-    assert _ids(tmp_path / "csv" / "results-2026-01-02.csv") == [3, 4]
-    assert _ids(tmp_path / "csv" / "flagged.csv") == [3]
+    assert _ids(tmp_path / "csv" / "results-2026-01-02.csv") == [3, 4, 5, 6]
+    assert _ids(tmp_path / "csv" / "flagged.csv") == [3, 5]
     assert "bad line" in (tmp_path / "csv" / "results-2026-01-02.csv").read_text()
     assert ex.export() == 0
     eng.dispose()

@@ -26,6 +26,10 @@ def out_dir(tmp_path):
                          received_at=t0 + dt.timedelta(seconds=i), claimed_at=t0,
                          processed_at=t0 + dt.timedelta(seconds=i + 1), latency_ms=1000.0 + i,
                          probability=0.9 if i % 2 else 0.1, flagged=bool(i % 2) if status != dbm.ERROR else None))  # fmt: skip
+        # a flagged film dropped again under another name: flagged like its first result
+        s.add(Result(path="/in/d.png", filename="d.png", size_bytes=1, mtime_ns=1, sha256="1", status=dbm.DUPLICATE,
+                     duplicate_of=2, received_at=t0 + dt.timedelta(seconds=4), claimed_at=t0,
+                     processed_at=t0 + dt.timedelta(seconds=5), latency_ms=1004.5, probability=0.9, flagged=True))  # fmt: skip
         s.add(Result(path="/in/c.png", filename="c.png", size_bytes=1, mtime_ns=1, status=dbm.CLAIMED,
                      received_at=t0, claimed_at=t0))  # fmt: skip
     eng.dispose()
@@ -41,7 +45,8 @@ def run(*argv):
 def test_list_filters_and_formats(out_dir):
     rc, text = run("--output", str(out_dir), "--flagged", "--format", "json")
     rows = json.loads(text)
-    assert rc == 0 and [r["filename"] for r in rows] == ["1.png", "5.png", "7.png", "9.png"]
+    assert rc == 0 and [r["filename"] for r in rows] == ["1.png", "5.png", "7.png", "9.png", "d.png"]
+    assert rows[-1]["status"] == "duplicate" and rows[-1]["duplicate_of"] == 2
     rc, text = run("list", "--output", str(out_dir), "--status", "error", "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["error"] for r in rows] == ["empty file (0 bytes)"]
@@ -56,9 +61,9 @@ def test_list_filters_and_formats(out_dir):
 def test_stats(out_dir):
     rc, text = run("stats", "--output", str(out_dir), "--format", "json")
     st = json.loads(text)
-    assert st["by_status"] == {"claimed": 1, "ok": 8, "error": 1, "duplicate": 1}
-    assert st["flagged"] == 4 and st["flagged_rate"] == pytest.approx(4 / 8)
-    assert st["throughput_files_per_s"] == pytest.approx(10 / 10)
+    assert st["by_status"] == {"claimed": 1, "ok": 8, "error": 1, "duplicate": 2}
+    assert st["flagged"] == 5 and st["flagged_rate"] == pytest.approx(5 / 10)  # of the rows with a score
+    assert st["throughput_files_per_s"] == pytest.approx(11 / 10)
     assert st["latency_ms_p50"] == pytest.approx(1004.5)
     rc, text = run("stats", "--output", str(out_dir))
     assert rc == 0 and "latency_ms_p95" in text
@@ -83,7 +88,7 @@ def test_since_includes_claimed_rows_received_in_the_window_and_limit_must_be_po
 def test_reader_url_query_and_files_that_are_not_results(out_dir, tmp_path, capsys):
     url = f"sqlite:///file:{out_dir / 'results.sqlite'}?mode=ro&uri=true"  # SQLite's read-only URI form
     rc, text = run("--db", url, "--format", "json")
-    assert rc == 0 and len(json.loads(text)) == 11
+    assert rc == 0 and len(json.loads(text)) == 12
     empty = tmp_path / "empty.sqlite"
     empty.write_bytes(b"")
     rc, _ = run("--db", str(empty))

@@ -88,6 +88,9 @@ def test_max_batches_then_restart_redoes_only_unfinished(tmp_path, predictor, xr
 
 def test_reconcile_after_crash(tmp_path, predictor, xray_paths):
     inbox = _inbox(tmp_path, xray_paths[:2])
+    grown = inbox / "grown.jpeg"  # claimed half-written; its writer finished it while the daemon was down
+    grown.write_bytes(xray_paths[2].read_bytes())
+    os.utime(grown, (1, 1))
     out = tmp_path / "out"
     eng = make_engine(out / "results.sqlite")
     t = dt.datetime(2026, 1, 1)
@@ -105,12 +108,16 @@ def test_reconcile_after_crash(tmp_path, predictor, xray_paths):
         # claimed, then the file was taken away
         s.add(Result(path=str(inbox / "gone.png"), filename="gone.png", size_bytes=1, mtime_ns=1, sha256=None,
                      status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
+        s.add(Result(path=str(grown), filename=grown.name, size_bytes=1000, mtime_ns=5, sha256=None,
+                     status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
     eng.dispose()
     assert _svc(tmp_path, predictor).run(idle_timeout=0.5) == 0
     rows = _rows(tmp_path)
-    assert len(rows) == 3  # nothing processed twice
-    assert [r["status"] for r in rows] == ["ok", "ok", "error"] and "left or changed" in rows[2]["error"]
-    assert sorted(p.name for p in (out / "processed").iterdir()) == sorted([a.name, b.name])  # no -1 copy
+    assert len(rows) == 4  # nothing processed twice; the grown file has one row, of its whole bytes
+    assert [(r["filename"], r["status"]) for r in rows] == [(a.name, "ok"), (b.name, "ok"), ("gone.png", "error"), ("grown.jpeg", "ok")]
+    assert rows[2]["error"] == "file left the inbox before it was processed"
+    assert rows[3]["size_bytes"] == len(xray_paths[2].read_bytes())
+    assert sorted(p.name for p in (out / "processed").iterdir()) == sorted([a.name, b.name, "grown.jpeg"])  # no -1 copy
     assert not list(inbox.iterdir())
 
 

@@ -262,10 +262,22 @@ def test_truncated_file(xray_path, gray, tmp_path, fmt):
     _expect_image_error(path, None, "truncated")
 
 
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_a_file_cut_anywhere_reads_as_incomplete(xray_path, gray, fmt):
+    """What a writer that paused mid-file leaves: the daemon waits for such a file instead of failing it."""
+    data = xray_path.read_bytes() if fmt == "jpeg" else _png(Image.fromarray(gray, "L"))
+    for cut in (0, 1, 3, 8, 20, 100, len(data) // 3, 2 * len(data) // 3):
+        with pytest.raises(ImageError) as info:
+            decode_image(data[:cut], name=f"cut.{fmt}")
+        assert info.value.incomplete, (cut, info.value.reason)
+
+
 def test_not_an_image(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("this is a text file, not an X-ray\n" * 10)
-    _expect_image_error(path, None, "not a PNG or JPEG")
+    exc = _expect_image_error(path, None, "not a PNG or JPEG")
+    assert not exc.incomplete  # a wrong file, not a short one: it fails at once
+    assert not _expect_image_error(b"GIF8", "short.png", "not a PNG or JPEG").incomplete
 
 
 def test_over_the_pixel_limit(xray_path):
@@ -302,8 +314,9 @@ def test_directory(tmp_path):
 
 
 def test_image_error_survives_pickling():
-    exc = pickle.loads(pickle.dumps(ImageError("inbox/a.jpeg", "truncated image data")))
+    exc = pickle.loads(pickle.dumps(ImageError("inbox/a.jpeg", "truncated image data", incomplete=True)))
     assert (exc.path, exc.reason, str(exc)) == ("inbox/a.jpeg", "truncated image data", "inbox/a.jpeg: truncated image data")
+    assert exc.incomplete
 
 
 class _LoadEach(torch.utils.data.Dataset):
