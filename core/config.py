@@ -123,7 +123,10 @@ class TrainConfig(Section):
 
 
 class CalibrationConfig(Section):
-    objective: Literal["f1", "youden", "cost"] = Field("f1", description="how the threshold is chosen on calibrated val probabilities")
+    objective: Literal["f1", "youden", "cost", "sensitivity"] = Field(
+        "f1", description="how the threshold is chosen on calibrated val probabilities"
+    )
+    target_sensitivity: Fraction = Field(0.97, description="objective sensitivity: the highest threshold keeping this PNEUMONIA recall")
     fn_cost: Number = Field(5.0, gt=0, description="objective cost: cost of a missed pneumonia")
     fp_cost: Number = Field(1.0, gt=0, description="objective cost: cost of a false alarm")
     threshold_grid: StrictInt = Field(999, ge=1, description="candidate thresholds in (0, 1)")
@@ -140,6 +143,10 @@ class DaemonConfig(Section):
     )
     db: StrictStr | None = Field(None, description="results database, a path or SQLAlchemy URL; null: <output>/results.sqlite")
     model: StrictStr | None = Field(None, description="checkpoint; null: the shipped model (package data)")
+    calibration: StrictStr | None = Field(
+        None, description="calibration file, e.g. a site's from xr-train site-calibrate; null: the one beside the checkpoint"
+    )
+    reload_s: Number = Field(2.0, gt=0, description="how often the checkpoint and calibration files are checked for changes, seconds")
     device: StrictStr = Field("auto", description="auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu")
     batch_size: StrictInt = Field(0, ge=0, description="files per forward; 0 = choose by device (docs/design.md)")
     max_wait_ms: StrictInt = Field(50, ge=0, description="a batch closes this long after its first file, if not full")

@@ -1,14 +1,12 @@
 """Calibrated prediction: checkpoint + calibration_threshold.json -> logit, probability, label, flagged.
 
-Core only divides the logit by the fitted temperature T (fitted in train/calibrate.py) and compares the
-calibrated probability with the stored threshold.
+The calibration (core/calibration.py, fitted by train/calibrate.py) maps the logit to a probability and
+holds the threshold; a calibration fitted for another checkpoint is refused.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +15,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from xr.core.calibration import CALIBRATION_FILE, UNCALIBRATED, Calibration
 from xr.core.errors import CheckpointError, ImageError
 from xr.core.model import file_sha256, load_checkpoint
 from xr.core.preprocessing import Preset
 
-CALIBRATION_FILE = "calibration_threshold.json"
+__all__ = ["CALIBRATION_FILE", "Calibration", "Prediction", "Predictor"]
 
 
 # -- device and numeric fast paths --------------------------------------------------------------------
@@ -156,39 +155,20 @@ class _TracedForward(nn.Module):
         return self._forward(x, cache=False)
 
 
-# -- calibration file --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Calibration:
-    temperature: float = 1.0
-    threshold: float = 0.5
-    extra: dict[str, Any] | None = None
-
-    @classmethod
-    def read(cls, path: str | Path) -> "Calibration":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"calibration file not found: {path}") from None
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-        try:
-            t, thr = float(data["T"]), float(data["threshold"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: needs numeric 'T' and 'threshold'") from None
-        if not (math.isfinite(t) and t > 0):
-            raise CheckpointError(f"{path}: T must be a positive number, got {data['T']!r}")
-        if not 0.0 < thr < 1.0:
-            raise CheckpointError(f"{path}: threshold must be between 0 and 1, got {data['threshold']!r}")
-        return cls(temperature=t, threshold=thr, extra=data)
-
-
 @dataclass(frozen=True)
 class Prediction:
     logit: float
-    probability: float  # calibrated: sigmoid(logit / T)
+    probability: float  # calibrated: sigmoid(logit / T + shift)
     label: str
     flagged: bool
+
+
+def load_calibration(checkpoint: Path, model_sha256: str, calibration: str | Path | None = None) -> Calibration:
+    """``calibration`` (a site's file), else the file beside ``checkpoint``, else uncalibrated."""
+    path = Path(calibration) if calibration else checkpoint.parent / CALIBRATION_FILE
+    if calibration is None and not path.exists():
+        return UNCALIBRATED
+    return Calibration.read(path, model_sha256=model_sha256)
 
 
 class Predictor:
@@ -203,6 +183,7 @@ class Predictor:
         amp: str = "auto",
         channels_last: bool = True,
         model_id: str = "unknown",
+        model_sha256: str | None = None,
     ):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.meta = meta
@@ -212,6 +193,7 @@ class Predictor:
         self.bf16 = use_bf16(self.device, amp)
         self.channels_last = channels_last
         self.model_id = model_id
+        self.model_sha256 = model_sha256
         model = model.to(self.device).eval()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -233,18 +215,26 @@ class Predictor:
     ) -> "Predictor":
         """Load ``checkpoint``; calibration defaults to ``calibration_threshold.json`` beside it.
 
-        Without that file the model is uncalibrated: T = 1 and threshold 0.5, and ``calibrated`` is False.
+        Without that file the model is uncalibrated: T = 1 and threshold 0.5 (``calibration.calibrated``
+        is False). A calibration file fitted for another checkpoint is a :class:`CheckpointError`.
         """
         checkpoint = Path(checkpoint)
         model, meta = load_checkpoint(checkpoint)
-        cal_path = Path(calibration) if calibration else checkpoint.parent / CALIBRATION_FILE
-        if calibration is not None or cal_path.exists():
-            cal = Calibration.read(cal_path)
-        else:
-            cal = Calibration(extra={"calibrated": False})
-        digest = file_sha256(checkpoint)[:12]
-        model_id = f"{meta['arch']}-{digest}-T{cal.temperature:.3f}-thr{cal.threshold:.3f}"
-        return cls(model, meta, cal, device=device, amp=amp, channels_last=channels_last, model_id=model_id)
+        digest = file_sha256(checkpoint)
+        return cls(
+            model, meta, load_calibration(checkpoint, digest, calibration), device=device, amp=amp,
+            channels_last=channels_last, model_id=f"{meta['arch']}-{digest[:12]}", model_sha256=digest,
+        )
+
+    def with_calibration(self, calibration: Calibration) -> None:
+        """Score with ``calibration`` from the next batch on (it must belong to this model)."""
+        if self.model_sha256 is not None:
+            calibration.check_model(self.model_sha256)
+        self.calibration = calibration
+
+    @property
+    def calibration_id(self) -> str:
+        return self.calibration.id
 
     @property
     def pixel_shape(self) -> torch.Size:
@@ -347,7 +337,7 @@ class Predictor:
         self._traced = traced
 
     def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits / self.temperature)
+        return self.calibration.probability(logits)
 
     def predict_batch(self, batch: torch.Tensor) -> list[Prediction]:
         logits = self.logits(batch)

@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="results database: a path or SQLAlchemy URL (default: daemon.db, else <output>/results.sqlite)")
     p.add_argument("--output", help="output folder for results.sqlite, processed/, failed/, csv/ (default: daemon.output)")
     p.add_argument("--model", help="checkpoint (default: daemon.model, else the shipped model)")
+    p.add_argument("--calibration", help="calibration file, e.g. a site's (default: daemon.calibration, else the one beside the checkpoint)")
     p.add_argument("--once", action="store_true", help="process what is in the inbox now, then exit 0")
     p.add_argument("--log-format", choices=("json", "console"), help="default: daemon.log_format")
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: daemon.device)")
@@ -48,6 +49,7 @@ def parse_overrides(args: argparse.Namespace) -> dict:
         "daemon.rescan_s": args.rescan_s,
         "daemon.poll": args.poll,
         "daemon.log_format": args.log_format,
+        "daemon.calibration": args.calibration,
     }
     ov = {k: v for k, v in flags.items() if v is not None}
     for item in args.set:

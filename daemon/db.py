@@ -8,6 +8,7 @@ after the move).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    inspect,
     select,
     update,
 )
@@ -34,7 +36,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from xr.core.errors import XRError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the head revision of daemon/migrations (0002)
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 CLAIMED, OK, ERROR, DUPLICATE = "claimed", "ok", "error", "duplicate"
 FINAL_STATUSES = (OK, ERROR, DUPLICATE)
@@ -71,6 +74,7 @@ class Result(Base):
     flagged: Mapped[bool | None] = mapped_column(Boolean, index=True)
     model_id: Mapped[str | None] = mapped_column(Text)
     temperature: Mapped[float | None] = mapped_column(Float)
+    calibration_id: Mapped[str | None] = mapped_column(String(64), index=True)  # -> calibrations.id
     batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"))
     received_at: Mapped[dt.datetime] = mapped_column(index=True)  # first seen by the daemon (UTC)
     claimed_at: Mapped[dt.datetime]
@@ -87,7 +91,7 @@ class Result(Base):
 
 EXPORT_COLUMNS = (
     "id", "path", "filename", "sha256", "size_bytes", "status", "error", "duplicate_of", "logit",
-    "probability", "threshold", "label", "flagged", "model_id", "temperature", "batch_id",
+    "probability", "threshold", "label", "flagged", "model_id", "temperature", "calibration_id", "batch_id",
     "received_at", "processed_at", "latency_ms", "moved_to",
 )  # fmt: skip
 
@@ -106,6 +110,22 @@ class Batch(Base):
     wait_ms: Mapped[float] = mapped_column(Float, default=0.0)  # first item ready -> batch closed
     model_ms: Mapped[float] = mapped_column(Float, default=0.0)
     model_id: Mapped[str | None] = mapped_column(Text)
+
+
+class CalibrationRecord(Base):
+    """A calibration the daemon scored with: its parameters and the score distribution it expects."""
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # core.calibration.Calibration.id
+    model_id: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(32))  # validation | site | none
+    path: Mapped[str | None] = mapped_column(Text)
+    temperature: Mapped[float] = mapped_column(Float)
+    shift: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    reference: Mapped[str | None] = mapped_column(Text)  # JSON: what a stream scored by it should look like
+    first_used_at: Mapped[dt.datetime]
 
 
 class Meta(Base):
@@ -196,30 +216,67 @@ def sqlite_file(url: str) -> Path:
     return Path(path[len("file:"):] if path.startswith("file:") else path)
 
 
+def _alembic(connection):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
 def init_schema(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
-    with Session(engine) as s, s.begin():
-        row = s.get(Meta, "schema_version")
-        if row is None:
-            s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-        elif int(row.value) > SCHEMA_VERSION:
+    """Create or upgrade the schema through the migrations in daemon/migrations (Alembic), in one transaction.
+
+    A database made before the migrations existed (schema version 1, no ``alembic_version``) is stamped
+    as revision 0001 first, then upgraded like any other.
+    """
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.begin() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+        version = _schema_version(conn)
+        if version is not None and version > SCHEMA_VERSION:
             raise XRError(
-                f"results database schema version {row.value} is newer than this xr-daemon "
+                f"results database schema version {version} is newer than this xr-daemon "
                 f"(version {SCHEMA_VERSION}); upgrade xr-triage"
             )
-        # Migrations from older versions would go here (none yet: version 1 is the first).
+        cfg = _alembic(conn)
+        if current is None and version == 1:
+            command.stamp(cfg, "0001")
+        command.upgrade(cfg, "head")
+        with Session(bind=conn) as s:
+            set_meta(s, "schema_version", SCHEMA_VERSION)
+            s.flush()
+
+
+def _schema_version(conn) -> int | None:
+    """``meta.schema_version`` of the database behind ``conn``, or None where there is none yet."""
+    if not inspect(conn).has_table("meta"):
+        return None
+    value = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+    return None if value is None else int(value)
 
 
 def check_schema(engine: Engine) -> None:
-    with Session(engine) as s:
-        try:
-            row = s.get(Meta, "schema_version")
-        except DatabaseError as exc:
-            if "no such table" in str(exc) or "not a database" in str(exc):
-                raise XRError(f"not an xr-triage results database: {engine.url}") from None
-            raise XRError(f"cannot read results database {engine.url}: {exc.orig or exc}") from None
-        if row is None:
-            raise XRError(f"not an xr-triage results database: {engine.url}")
+    """For readers: the database is an xr-triage results database of this version (they never migrate it)."""
+    try:
+        with engine.connect() as conn:
+            version = _schema_version(conn)
+    except DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise XRError(f"not an xr-triage results database: {engine.url}") from None
+        raise XRError(f"cannot read results database {engine.url}: {exc.orig or exc}") from None
+    if version is None:
+        raise XRError(f"not an xr-triage results database: {engine.url}")
+    if version < SCHEMA_VERSION:
+        raise XRError(
+            f"results database {engine.url} has schema version {version}, this version reads {SCHEMA_VERSION}: "
+            "start xr-daemon on it once to upgrade it in place"
+        )
+    if version > SCHEMA_VERSION:
+        raise XRError(f"results database schema version {version} is newer than this program (version {SCHEMA_VERSION}); upgrade xr-triage")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -275,6 +332,19 @@ def insert_rows(s: Session, rows: list[dict[str, Any]]) -> list[int]:
         stmt = insert(Result).returning(Result.id, sort_by_parameter_order=True)
         return list(s.scalars(stmt, rows))
     return [s.execute(insert(Result).values(**row)).inserted_primary_key[0] for row in rows]
+
+
+def record_calibration(s: Session, predictor: Any) -> None:
+    """The predictor's calibration in ``calibrations`` (once per id): rows name it, the drift watch reads
+    its reference."""
+    cal = predictor.calibration
+    if s.get(CalibrationRecord, cal.id) is not None:
+        return
+    s.add(CalibrationRecord(
+        id=cal.id, model_id=predictor.model_id, kind=cal.kind, path=cal.source, temperature=cal.temperature,
+        shift=cal.shift, threshold=cal.threshold, first_used_at=utcnow(),
+        reference=json.dumps(cal.reference) if cal.reference is not None else None,
+    ))  # fmt: skip
 
 
 def delete_rows(s: Session, ids: list[int]) -> None:

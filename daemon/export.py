@@ -81,6 +81,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def header_of(path: Path) -> str | None:
+    """The first line of ``path`` (None when absent)."""
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        return f.readline().rstrip("\n")
+
+
 def last_id_in_csv(path: Path) -> int:
     """The id in the last data row of ``path`` (0 when absent or header only)."""
     if not path.exists():
@@ -115,7 +123,7 @@ class CsvExporter:
         with sessions() as s:
             self.last_id = int(get_meta(s, "last_exported_id", "0") or 0)
         self._file_last: dict[Path, int] = {}  # last id written to each file this exporter touched
-        self.flagged_last_id = last_id_in_csv(self.flagged_path)
+        self.flagged_last_id = self._start_if_columns_changed(self.flagged_path)
         # Files of the other rotation (the setting was changed) hold rows of an older update: none of them
         # may be written again.
         for mode in FILE_PATTERNS:
@@ -133,8 +141,22 @@ class CsvExporter:
 
     def _last_in(self, path: Path) -> int:
         if path not in self._file_last:
-            self._file_last[path] = last_id_in_csv(path)
+            self._file_last[path] = self._start_if_columns_changed(path)
         return self._file_last[path]
+
+    def _start_if_columns_changed(self, path: Path) -> int:
+        """The last id ``path`` holds. A file written with other columns (before an upgrade) is renamed to
+        ``<name>.old-columns[-N].csv`` so the rows that follow start a file of their own; its last id still
+        guards against writing a row twice."""
+        last = last_id_in_csv(path)
+        found = header_of(path)
+        if found is not None and found != rows_to_csv([], header=True).rstrip("\n"):
+            k = 0
+            while (aside := path.with_name(f"{path.stem}.old-columns{f'-{k}' if k else ''}.csv")).exists():
+                k += 1
+            os.replace(path, aside)
+            fsync_dir(path.parent)
+        return last
 
     def _target(self, row: dict[str, Any]) -> Path:
         if self.rotation == "daily":

@@ -33,6 +33,7 @@ from xr.daemon.db import (
     Batch,
     delete_rows,
     first_ok_by_sha,
+    record_calibration,
     insert_rows,
     owning_rows,
     scores_by_id,
@@ -161,6 +162,8 @@ class Work:
     sha256: str | None = None
     size: int = 0
     tensor: torch.Tensor | None = None
+    data: bytes | None = None  # the bytes read, kept until the commit: a new model with another preset decodes them again
+    preset: Any = None  # the preset ``tensor`` was made with
     error: str | None = None
     duplicate_of: int | None = None
     decode_ms: float = 0.0
@@ -200,6 +203,7 @@ class Context:
     reserved: set[str] = field(default_factory=set)  # destinations chosen but not yet moved to
     reserved_lock: threading.Lock = field(default_factory=threading.Lock)
     on_batch: Callable[[int], None] | None = None
+    reloader: Any = None  # offers a new model or calibration between batches (daemon/loading.py)
 
     @property
     def processed_dir(self) -> Path:
@@ -390,29 +394,21 @@ class Claimer(Stage):
             for owner, item, data, err, sha in claimed:
                 row_id, received = (next(new_ids), item.received_at) if owner is None else (owner.id, owner.received_at)
                 works.append(Work(row_id, item, received, sha256=sha, size=item.size, error=err))
-                if data is not None:
-                    works[-1].tensor = data  # type: ignore[assignment]  # bytes until decoded
+                works[-1].data = data
             dups = first_ok_by_sha(s, [w.sha256 for w in works if w.sha256 and w.error is None]) if ctx.dedupe else {}
         for w in works:
             if w.error is not None:
-                w.tensor = None
                 self.decoded.put(w)
             elif w.sha256 in dups:
-                w.tensor, w.duplicate_of = None, dups[w.sha256]
+                w.duplicate_of = dups[w.sha256]
                 self.decoded.put(w)
             else:
-                data, w.tensor = w.tensor, None
-                fut = self.pool.submit(self._decode, w, data)
+                fut = self.pool.submit(self._decode, w)
                 fut.add_done_callback(lambda f, w=w: self._done(f, w))
 
-    def _decode(self, w: Work, data: bytes) -> None:
+    def _decode(self, w: Work) -> None:
         t0 = time.perf_counter()
-        try:
-            w.tensor = self.ctx.predictor.pixels(data, name=w.item.path)
-        except ImageError as exc:
-            w.error, w.incomplete = exc.reason, exc.incomplete
-        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the daemon
-            w.error = f"cannot decode image: {exc.__class__.__name__}: {exc}"
+        decode(w, self.ctx.predictor)
         w.decode_ms = (time.perf_counter() - t0) * 1000
 
     def _done(self, fut: cf.Future, w: Work) -> None:
@@ -421,6 +417,16 @@ class Claimer(Stage):
         if fut.exception() is not None and w.error is None:
             w.error = f"cannot decode image: {fut.exception()}"
         self.decoded.put(w)
+
+
+def decode(w: Work, predictor: Any) -> None:
+    """``w``'s bytes to uint8 pixels with ``predictor``'s preset; a bad file sets ``w.error``, never raises."""
+    try:
+        w.tensor, w.preset = predictor.pixels(w.data, name=w.item.path), predictor.preset
+    except ImageError as exc:
+        w.error, w.incomplete = exc.reason, exc.incomplete
+    except Exception as exc:  # noqa: BLE001 - a bad file must never stop the daemon
+        w.error = f"cannot decode image: {exc.__class__.__name__}: {exc}"
 
 
 # -- micro-batch + model + commit -----------------------------------------------------------------------------
@@ -440,6 +446,8 @@ class Inferer(Stage):
             batch, wait_ms = self.collect()
             if batch:
                 self.process(batch, wait_ms)
+            else:
+                self.adopt()  # idle is between batches too: the next film is scored by the new files
 
     def collect(self) -> tuple[list[Work], float]:
         try:
@@ -484,8 +492,33 @@ class Inferer(Stage):
             ctx.discovery.defer(w.item, until)
             self.slots.release()
 
+    def adopt(self) -> None:
+        """Between two batches: score with what the reloader offers from now on."""
+        ctx = self.ctx
+        offer = ctx.reloader.take() if ctx.reloader is not None else None
+        if offer is None:
+            return
+        old = ctx.predictor
+        previous = {"previous_model_id": old.model_id, "previous_calibration_id": old.calibration_id}
+        if offer.predictor is not None:
+            ctx.predictor = offer.predictor
+        else:
+            old.with_calibration(offer.calibration)
+        pred = ctx.predictor
+        with ctx.sessions.begin() as s:
+            record_calibration(s, pred)
+        ctx.log.info(
+            "model_reloaded" if offer.predictor is not None else "calibration_reloaded", model_id=pred.model_id,
+            calibration_id=pred.calibration_id, threshold=pred.threshold, **previous,
+        )  # fmt: skip
+
     def process(self, batch: list[Work], wait_ms: float) -> None:
+        self.adopt()
         ctx, pred = self.ctx, self.ctx.predictor
+        for w in batch:  # decoded before a new model with another preset came in: decode again
+            if w.tensor is not None and w.preset != pred.preset:
+                w.tensor = None
+                decode(w, pred)
         waiting = [w for w in batch if self.still_writing(w)]
         if waiting:
             self.defer(waiting)
@@ -528,6 +561,7 @@ class Inferer(Stage):
                     "id": w.row_id, "batch_id": b.id, "processed_at": now,
                     "latency_ms": max(0.0, (now - w.received_at).total_seconds() * 1000),
                     "model_id": pred.model_id, "threshold": pred.threshold, "temperature": pred.temperature,
+                    "calibration_id": pred.calibration_id,
                     "error": None, "duplicate_of": None, "logit": None, "probability": None, "label": None,
                     "flagged": None,
                 }  # fmt: skip

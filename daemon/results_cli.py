@@ -13,7 +13,20 @@ from typing import Any
 from sqlalchemy import func, select
 
 from xr.core.errors import XRError
-from xr.daemon.db import EXPORT_COLUMNS, FINAL_STATUSES, SCORED, STATUSES, Result, db_url, make_engine, session_factory, sqlite_file
+from xr.daemon.db import (
+    EXPORT_COLUMNS,
+    FINAL_STATUSES,
+    OK,
+    SCORED,
+    STATUSES,
+    CalibrationRecord,
+    Result,
+    db_url,
+    make_engine,
+    session_factory,
+    sqlite_file,
+)
+from xr.daemon.drift import drift
 from xr.daemon.export import format_value
 
 TABLE_COLUMNS = ("id", "processed_at", "filename", "status", "probability", "label", "flagged", "error")
@@ -123,6 +136,7 @@ def compute_stats(sessions, since: dt.datetime | None = None) -> dict[str, Any]:
         n_flagged = s.scalar(select(func.count()).where(Result.status.in_(SCORED), Result.flagged.is_(True), *cond)) or 0
         lat = [x for (x,) in s.execute(select(Result.latency_ms).where(*final, Result.latency_ms.is_not(None)))]
         first_rx, last_done = s.execute(select(func.min(Result.received_at), func.max(Result.processed_at)).where(*final)).one()
+        drift = drift_by_calibration(s, cond)
     n_scored = sum(counts.get(k, 0) for k in SCORED)
     n_final = sum(counts.get(k, 0) for k in FINAL_STATUSES)
     span = (last_done - first_rx).total_seconds() if first_rx and last_done else 0.0
@@ -136,7 +150,23 @@ def compute_stats(sessions, since: dt.datetime | None = None) -> dict[str, Any]:
         "last_processed_at": format_value(last_done) or None,
         "latency_ms_p50": percentile(lat, 0.50),
         "latency_ms_p95": percentile(lat, 0.95),
+        "drift": drift,
     }
+
+
+def drift_by_calibration(s, cond: list) -> dict[str, dict[str, Any]]:
+    """Per calibration that scored films in the window: the drift watch (daemon/drift.py) on its ``ok`` rows."""
+    refs = {c.id: c for c in s.scalars(select(CalibrationRecord))}
+    probs: dict[str, list[float]] = {}
+    for cid, p in s.execute(select(Result.calibration_id, Result.probability).where(Result.status == OK, *cond)):
+        if cid is not None and p is not None:
+            probs.setdefault(cid, []).append(p)
+    out = {}
+    for cid, values in sorted(probs.items()):
+        ref = refs.get(cid)
+        reference = json.loads(ref.reference) if ref is not None and ref.reference else None
+        out[cid] = drift(reference, values, ref.threshold if ref is not None else 0.5)
+    return out
 
 
 # wide enough for a whole sha256; a longer path or error is cut and ends in an ASCII "..." (any terminal
@@ -186,6 +216,10 @@ def _main(argv: list[str] | None, out) -> int:
         sessions = session_factory(engine)
         if args.command == "stats":
             st = compute_stats(sessions, args.since)
+            for cid, d in st["drift"].items():
+                if d["warning"]:
+                    print(f"xr-results: warning: drift for calibration {cid}: {d['reason']}; "
+                          "consider `xr-train site-calibrate` on this site's films", file=sys.stderr)
             if args.format == "json":
                 json.dump(st, out, indent=2)
                 print(file=out)
@@ -197,7 +231,7 @@ def _main(argv: list[str] | None, out) -> int:
             else:
                 for k, v in _flat(st):
                     if isinstance(v, float):
-                        v = f"{v:.4f}" if "rate" in k else f"{v:.1f}"
+                        v = f"{v:.4f}" if "rate" in k or k.endswith("psi") else f"{v:.1f}"
                     print(f"{k:<28} {'-' if v is None else v}", file=out)
             return 0
         rows = query_rows(sessions, args)

@@ -18,7 +18,8 @@ from sqlalchemy import select
 
 from xr.core.config import DaemonConfig, Settings
 from xr.core.errors import XRError
-from xr.core.predict import CALIBRATION_FILE, Predictor, trim_malloc
+from xr.core.calibration import CALIBRATION_FILE
+from xr.core.predict import Predictor
 from xr.daemon.db import (
     CLAIMED,
     ERROR,
@@ -27,12 +28,14 @@ from xr.daemon.db import (
     delete_rows,
     fs_path,
     make_engine,
+    record_calibration,
     session_factory,
     sqlite_file,
     utcnow,
 )
 from xr.daemon.discovery import Discovery, inside
 from xr.daemon.export import CsvExporter
+from xr.daemon.loading import ModelReloader, apply_limits, open_predictor, prepare
 from xr.daemon.logging import get_logger
 from xr.daemon.paths import model_path, output_dir, results_db
 from xr.daemon.pipeline import Claimer, Context, Done, Finisher, Inferer
@@ -129,6 +132,7 @@ class Service:
         self.output = output_dir(cfg, output)
         self.db = results_db(cfg, self.output, db)
         self.model_path = model_path(cfg, model)
+        self.calibration = Path(d.calibration).expanduser().resolve() if d.calibration else None  # None: beside the model
         self.once = once
         self.max_file_bytes = int(d.max_file_mb * 1024 * 1024)
         self.log = log or get_logger()
@@ -192,36 +196,17 @@ class Service:
             self._lock_fds.append(fd)
 
     def _load_predictor(self) -> Predictor:
-        if self._predictor is not None:
-            pred = self._predictor
-        else:
-            if not self.model_path.exists():
-                raise XRError(f"model checkpoint not found: {self.model_path} (set --model or daemon.model)")
-            pred = Predictor.from_checkpoint(self.model_path, device=self.cfg.daemon.device)
-        self.plan = plan_run(self.cfg.daemon, pred.device.type, bf16=pred.bf16)
+        d = self.cfg.daemon
+        pred = apply_limits(self._predictor, d) if self._predictor else open_predictor(d, self.model_path, self.calibration)
+        self.plan = plan_run(d, pred.device.type, bf16=pred.bf16)
         if pred.device.type == "cpu":
             torch.set_num_threads(self.plan.torch_threads)
-        # The pixel limit is the operator's guard, not a property of the model.
-        pred.preset = dataclasses.replace(pred.preset, max_pixels=self.cfg.daemon.max_pixels)
         t0 = time.perf_counter()
-        if pred.device.type == "cpu" and self.cfg.daemon.cpu_trace:
-            try:  # its checks run the eager and the traced forward at both batch sizes: a warm-up of its own
-                pred.trace_forward(self.plan.batch_size)
-            except RuntimeError as exc:  # a trace that fails or scores differently: the eager forward stays
-                self.log.warning("cpu_trace_unavailable", reason=str(exc))
-        if not pred.has_trace:
-            pred.warmup(self.plan.batch_size)
-            pred.warmup(1)
-        if pred.device.type == "cuda" and self.cfg.daemon.cuda_graphs:
-            try:
-                pred.capture_cuda_graph(self.plan.batch_size)
-            except RuntimeError as exc:  # a GPU or driver that cannot capture: the eager forward still works
-                self.log.warning("cuda_graph_unavailable", reason=str(exc))
-                # eager kernel launches need the GIL between them: the plan for that, fewer decoders
-                self.plan = plan_run(self.cfg.daemon, pred.device.type, bf16=pred.bf16, cuda_graph=False)
-        if pred.device.type == "cpu":
-            trim_malloc()
-        if (pred.calibration.extra or {}).get("calibrated") is False:
+        captured = prepare(pred, d, self.plan.batch_size, self.log)
+        if not captured:
+            # eager kernel launches need the GIL between them: the plan for that, fewer decoders
+            self.plan = plan_run(d, pred.device.type, bf16=pred.bf16, cuda_graph=False)
+        if not pred.calibration.calibrated:
             # a triage model at T = 1 and threshold 0.5 flags other cases than the one validated
             self.log.warning(
                 "uncalibrated_model",
@@ -231,10 +216,13 @@ class Service:
             "model_ready",
             model=str(self.model_path),
             model_id=pred.model_id,
+            calibration=pred.calibration.source,
+            calibration_id=pred.calibration_id,
             device=str(pred.device),
             bf16=pred.bf16,
             threshold=pred.threshold,
             temperature=pred.temperature,
+            shift=pred.calibration.shift,
             torch_threads=torch.get_num_threads(),
             decode_workers=self.plan.decode_workers,
             batch_size=self.plan.batch_size,
@@ -350,6 +338,9 @@ class Service:
                 ctx.on_batch = on_batch
             claimer = Claimer(ctx, ready_q, decoded_q, finish_q, slots)
             self.stages = [claimer, inferer, finisher]
+            if not self.once and self._predictor is None:
+                ctx.reloader = ModelReloader(d, self.model_path, self.calibration, predictor, plan.batch_size, self.log)
+                self.stages.append(ctx.reloader)
             rec = self.reconcile(ctx, finisher)
             self.log.info(
                 "daemon_started",
@@ -363,7 +354,9 @@ class Service:
                 decode_workers=plan.decode_workers,
                 **rec,
             )
-            for st in (finisher, inferer, claimer):
+            with sessions.begin() as s:
+                record_calibration(s, predictor)
+            for st in (finisher, inferer, claimer, *self.stages[3:]):
                 st.start()
             fallback = discovery.start()
             if fallback:
@@ -414,7 +407,7 @@ class Service:
             discovery.stop()
             discovery.join()
         claimer, inferer, finisher = (self.stages + [None, None, None])[:3]
-        for st in (claimer, inferer, finisher):  # upstream first; the inferer finishes its batch
+        for st in (*self.stages[3:], claimer, inferer, finisher):  # upstream first; the inferer finishes its batch
             if st is not None:
                 st.halt.set()
                 st.join()

@@ -120,7 +120,7 @@ def account(work: Path, names: list[str], kills: int, final_rc: int, seconds: fl
     db = work / "out" / "results.sqlite"
     con = sqlite3.connect(db)
     con.row_factory = sqlite3.Row
-    rows = [dict(r) for r in con.execute("select id, filename, status, error, moved_to from results order by id")]
+    rows = [dict(r) for r in con.execute("select id, filename, status, error, moved_to, latency_ms from results order by id")]
     integrity = con.execute("pragma integrity_check").fetchone()[0]
     con.close()
     by_name: dict[str, int] = {}
@@ -133,6 +133,8 @@ def account(work: Path, names: list[str], kills: int, final_rc: int, seconds: fl
         with open(f, newline="") as fh:
             exported += [int(r["id"]) for r in csv.DictReader(fh)]
     left = [p.name for p in (work / "inbox").iterdir() if not p.name.startswith(".")]
+    waited = {Path(e["file"]).name for log in work.glob("*.log") for e in _events(log) if e.get("event") == "file_incomplete"}
+    waited_latency = [r["latency_ms"] for r in rows if r["filename"] in waited and r["latency_ms"] is not None]
     lost = sorted(set(names) - set(by_name))
     doubled = sorted(n for n, c in by_name.items() if c > 1)
     problems = []
@@ -158,7 +160,9 @@ def account(work: Path, names: list[str], kills: int, final_rc: int, seconds: fl
         problems.append(f"integrity_check: {integrity}")
     return {"kills": kills, "files": len(names), "rows": len(rows), "lost": len(lost), "doubled": len(doubled),
             "duplicates": sum(r["status"] == "duplicate" for r in rows), "csv_rows": len(exported),
-            "integrity": integrity, "seconds": round(seconds, 1), "problems": problems}
+            "integrity": integrity, "seconds": round(seconds, 1),
+            "read_cut_short": len(waited), "slowest_cut_short_s": round(max(waited_latency) / 1000, 1) if waited_latency else None,
+            "problems": problems}
 
 
 def main() -> int:

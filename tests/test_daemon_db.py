@@ -136,3 +136,43 @@ def test_insert_rows_returns_ids_in_order_and_update_rows_sets_by_id(tmp_path, m
         "/in/7.png": (dbm.CLAIMED, None, None),
     }  # fmt: skip
     eng.dispose()
+
+
+def test_a_database_made_by_the_previous_release_is_upgraded_in_place(tmp_path, fixtures_dir):
+    """tests/fixtures/db/results-v1.sqlite was written by xr-daemon before the migrations existed."""
+    import shutil
+    import sqlite3
+
+    db = tmp_path / "results.sqlite"
+    shutil.copy(fixtures_dir / "db" / "results-v1.sqlite", db)
+    before = sqlite3.connect(db).execute("select id, filename, status, probability from results order by id").fetchall()
+    with pytest.raises(XRError, match="has schema version 1, this version reads 2: start xr-daemon on it once"):
+        make_engine(db, create=False)  # a reader never migrates
+    make_engine(db).dispose()
+    make_engine(db).dispose()  # upgrading twice changes nothing
+    con = sqlite3.connect(db)
+    assert con.execute("select id, filename, status, probability from results order by id").fetchall() == before
+    assert len(before) == 4 and {r[2] for r in before} == {"ok", "error", "duplicate"}
+    assert con.execute("select version_num from alembic_version").fetchall() == [("0002",)]
+    assert "calibration_id" in {r[1] for r in con.execute("pragma table_info(results)")}
+    assert con.execute("select count(*) from calibrations").fetchone() == (0,)
+    assert dict(con.execute("select key, value from meta").fetchall()) == {"schema_version": "2", "last_exported_id": "4"}
+    con.close()
+    make_engine(db, create=False).dispose()  # now readable
+
+
+def test_fresh_and_upgraded_schemas_are_the_same(tmp_path, fixtures_dir):
+    import shutil
+
+    from sqlalchemy import inspect
+
+    shutil.copy(fixtures_dir / "db" / "results-v1.sqlite", tmp_path / "old.sqlite")
+    shapes = []
+    for name in ("old.sqlite", "new.sqlite"):
+        eng = make_engine(tmp_path / name)
+        insp = inspect(eng)
+        shapes.append({t: ({c["name"] for c in insp.get_columns(t)}, {i["name"] for i in insp.get_indexes(t)})
+                       for t in insp.get_table_names()})
+        eng.dispose()
+    assert shapes[0] == shapes[1]
+    assert {"results", "batches", "meta", "calibrations", "alembic_version"} <= set(shapes[1])

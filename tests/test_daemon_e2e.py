@@ -507,3 +507,104 @@ def test_soak_kill9_at_random_moments_of_a_burst(tmp_path, tiny_checkpoint):
     result = soak.soak(tmp_path / "soak", tiny_checkpoint, files=100, kills=3, seed=int(os.environ.get("XR_KILL_SEED", "4")))
     assert result["problems"] == [], result
     assert result["kills"] == 3 and result["rows"] == result["files"] == 100 and result["integrity"] == "ok"
+
+
+# -- calibration and model reloads ---------------------------------------------------------------------
+def _ids(tmp: Path) -> list[tuple[str, str, float, str]]:
+    return [(r["filename"], r["calibration_id"], r["threshold"], r["model_id"]) for r in db_rows(tmp)]
+
+
+def test_a_new_calibration_or_model_is_picked_up_between_batches(tmp_path, tiny_model_dir, xray_paths):
+    """Rows before and after a reload carry the two ids; no file is lost or scored twice; a calibration
+    fitted for another model is refused and the current one stays."""
+    import torch
+
+    from xr.core.calibration import Calibration
+    from xr.core.model import file_sha256
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    ckpt, cal_file = model_dir / "xr_mvp_best.pt", model_dir / "calibration_threshold.json"
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    proc, log = start_daemon(tmp_path, ckpt, "--set", "daemon.reload_s=0.3")
+    n = 0
+
+    def drop_films(k: int) -> None:
+        nonlocal n
+        for _ in range(k):
+            drop(xray_paths[n % len(xray_paths)].read_bytes() + f"xr-tag-{n}".encode(), inbox, f"f{n:02d}.jpeg")
+            n += 1
+        wait_for(lambda: len([r for r in db_rows(tmp_path) if r["status"] == "ok"]) == n, 120, proc, f"{n} rows")
+
+    def wait_event(name: str, count: int = 1) -> None:
+        wait_for(lambda: sum(e["event"] == name for e in log_events(log)) >= count, 60, proc, name)
+
+    try:
+        wait_started(proc, log)
+        drop_films(4)
+        Calibration(temperature=1.0, threshold=0.001, kind="site", model_sha256=file_sha256(ckpt)).write(cal_file)
+        wait_event("calibration_reloaded")
+        drop_films(4)
+        # fitted for another model: refused, the calibration in use stays
+        Calibration(temperature=2.0, threshold=0.9, kind="site", model_sha256="0" * 64).write(cal_file)
+        wait_event("reload_failed")
+        drop_films(2)
+        # a retrained model with the calibration that goes with it
+        raw = torch.load(ckpt, weights_only=True)
+        raw["model"]["classifier.bias"] += 3.0
+        torch.save(raw, model_dir / ".new.pt")
+        Calibration(temperature=1.0, threshold=0.6).write(cal_file)
+        os.replace(model_dir / ".new.pt", ckpt)
+        wait_event("model_reloaded")
+        drop_films(3)
+    finally:
+        stop(proc)
+    rows = sorted(_ids(tmp_path))  # by file name: f00-f03, then f04-f09 after the new calibration, f10-f12 after the model
+    assert [r[0] for r in rows] == [f"f{i:02d}.jpeg" for i in range(13)]  # each file once
+    cal_ids = [r[1] for r in rows]
+    assert len(set(cal_ids[:4])) == 1 and len(set(cal_ids[4:10])) == 1 and len(set(cal_ids[10:])) == 1
+    assert cal_ids[0].startswith("validation-") and cal_ids[4].startswith("site-") and cal_ids[0] != cal_ids[4] != cal_ids[10]
+    assert {r[2] for r in rows[:4]} == {0.5} and {r[2] for r in rows[4:10]} == {0.001} and {r[2] for r in rows[10:]} == {0.6}
+    assert len({r[3] for r in rows[:10]}) == 1 and rows[10][3] != rows[0][3]  # the new weights have a new id
+    assert all(r["flagged"] for r in db_rows(tmp_path) if r["filename"] in {f"f{i:02d}.jpeg" for i in range(4, 10)})
+    con = sqlite3.connect(tmp_path / "out" / "results.sqlite")
+    known = {r[0] for r in con.execute("select id from calibrations")}
+    con.close()
+    assert set(cal_ids) <= known
+    failed = next(e for e in log_events(log) if e["event"] == "reload_failed")
+    assert "was fitted for model 000000000000" in failed["reason"]
+
+
+def test_calibration_flag_scores_with_a_sites_file(tmp_path, tiny_checkpoint, xray_paths):
+    from xr.core.calibration import Calibration
+    from xr.core.model import file_sha256
+
+    site = Calibration(temperature=0.8, shift=-0.5, threshold=0.3, kind="site", model_sha256=file_sha256(tiny_checkpoint))
+    site.write(tmp_path / "site.json")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    drop(xray_paths[0].read_bytes(), inbox, "a.jpeg")
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", "--calibration", str(tmp_path / "site.json"))
+    try:
+        assert proc.wait(300) == 0, log.read_text()[-2000:]
+    finally:
+        stop(proc)
+    (row,) = db_rows(tmp_path)
+    assert row["calibration_id"] == site.id and row["threshold"] == 0.3 and row["temperature"] == 0.8
+    assert row["probability"] == pytest.approx(1 / (1 + np.exp(-(row["logit"] / 0.8 - 0.5))), abs=1e-6)
+    ready = next(e for e in log_events(log) if e["event"] == "model_ready")
+    assert ready["calibration_id"] == site.id and ready["calibration"] == str((tmp_path / "site.json").resolve())
+    # with another model the file is refused at start: exit 2, the reason in the log
+    other = tmp_path / "other.pt"
+    import torch
+
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["model"]["classifier.bias"] += 1.0
+    torch.save(raw, other)
+    proc, log = start_daemon(tmp_path, other, "--once", "--calibration", str(tmp_path / "site.json"), log_name="other.log")
+    try:
+        assert proc.wait(300) == 2
+    finally:
+        stop(proc)
+    assert any(e["event"] == "daemon_error" and "was fitted for model" in e["reason"] for e in log_events(log))

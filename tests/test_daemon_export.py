@@ -154,3 +154,26 @@ def test_atomic_append_replaces_whole_file(tmp_path):
     assert p.read_text() == "id,v\n1,a\n2,b\n"
     assert p.stat().st_ino != ino  # a new file renamed over the old: readers never see a partial one
     assert last_id_in_csv(p) == 2 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_file_written_with_other_columns_is_set_aside_not_mixed(tmp_path):
+    """After an upgrade adds a column, the day's file and flagged.csv written before it keep their header
+    (renamed aside); the rows that follow go to a file whose header matches them, none twice."""
+    eng, sessions = _setup(tmp_path)
+    _add(sessions, 2, day=1, flagged=True)
+    _add(sessions, 2, day=1)
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    old_header = "id,path,filename,status\n"
+    for name, ids in (("results-2026-01-01.csv", [1, 2, 3]), ("flagged.csv", [1, 2])):
+        (csv_dir / name).write_text(old_header + "".join(f"{i},/in/{i}.png,{i}.png,ok\n" for i in ids))
+    _died_before_db_update(sessions, 2)  # row 3 reached the old file, the database does not know it
+    assert CsvExporter(csv_dir, sessions, "daily").export() == 1
+    assert _ids(csv_dir / "results-2026-01-01.old-columns.csv") == [1, 2, 3]
+    assert _ids(csv_dir / "results-2026-01-01.csv") == [4]  # row 3 not written again
+    assert (csv_dir / "results-2026-01-01.csv").read_text().startswith("id,path,filename,sha256,")
+    assert _ids(csv_dir / "flagged.old-columns.csv") == [1, 2] and not (csv_dir / "flagged.csv").exists()
+    _add(sessions, 1, day=1, flagged=True)
+    CsvExporter(csv_dir, sessions, "daily").export()
+    assert _ids(csv_dir / "flagged.csv") == [5] and _ids(csv_dir / "results-2026-01-01.csv") == [4, 5]
+    eng.dispose()

@@ -117,3 +117,37 @@ def test_table_shows_a_whole_sha256_and_marks_what_it_cuts(tmp_path):
     assert rc == 0 and sha in text.split()
     cut = next(w for w in text.split() if w.startswith("/inbox/"))
     assert cut.endswith("...") and path.startswith(cut[:-3]) and len(cut) == 64
+
+
+def test_stats_watch_drift_per_calibration(tmp_path, capsys):
+    import numpy as np
+
+    from xr.core.calibration import reference
+
+    out = tmp_path / "out"
+    eng = make_engine(out / "results.sqlite")
+    rng = np.random.default_rng(0)
+
+    def scores(n, shift=0.0):
+        y = rng.random(n) < 0.6
+        return np.clip(np.where(y, rng.beta(8, 1.5, n), rng.beta(1.5, 8, n)) + shift, 0, 1)
+
+    t0 = dt.datetime(2026, 1, 1, 12)
+    with session_factory(eng).begin() as s:
+        for cid in ("validation-aaaaaaaaaaaa", "site-bbbbbbbbbbbb"):
+            s.add(dbm.CalibrationRecord(id=cid, model_id="m", kind=cid.split("-")[0], path=None, temperature=1.0, shift=0.0,
+                                        threshold=0.5, reference=json.dumps(reference(scores(700), 0.5)), first_used_at=t0))
+        rows = [("validation-aaaaaaaaaaaa", p) for p in scores(300)] + [("site-bbbbbbbbbbbb", p) for p in scores(300, 0.3)]
+        for i, (cid, p) in enumerate(rows):
+            s.add(Result(path=f"/in/{i}.png", filename=f"{i}.png", size_bytes=1, mtime_ns=i, status=dbm.OK, probability=float(p),
+                         flagged=bool(p >= 0.5), calibration_id=cid, received_at=t0, claimed_at=t0, processed_at=t0))
+    eng.dispose()
+    rc, text = run("stats", "--output", str(out), "--format", "json")
+    drift = json.loads(text)["drift"]
+    assert rc == 0 and drift["validation-aaaaaaaaaaaa"]["warning"] is False and drift["site-bbbbbbbbbbbb"]["warning"] is True
+    assert drift["site-bbbbbbbbbbbb"]["n"] == 300 and drift["site-bbbbbbbbbbbb"]["psi"] > 0.25
+    err = capsys.readouterr().err
+    assert "warning: drift for calibration site-bbbbbbbbbbbb: " in err and "score distribution moved (PSI" in err
+    assert "validation-aaaaaaaaaaaa" not in err and "xr-train site-calibrate" in err
+    rc, text = run("stats", "--output", str(out))  # the table shows it too
+    assert "drift.site-bbbbbbbbbbbb.warning" in text and "drift.validation-aaaaaaaaaaaa.psi" in text

@@ -65,7 +65,9 @@ def test_reads_calibration_beside_checkpoint(base):
     predictor, preds = base
     assert predictor.temperature == 1.5 and predictor.threshold == 0.5
     assert predictor.calibration.extra["objective"] == "f1"
-    assert "T1.500" in predictor.model_id and "thr0.500" in predictor.model_id
+    digest = predictor.model_sha256
+    assert predictor.model_id == f"efficientnet_lite0-{digest[:12]}" and len(digest) == 64  # the weights
+    assert predictor.calibration_id.startswith("validation-")  # and the calibration, apart
     assert len(preds) == 12 and all(isinstance(p, Prediction) for p in preds)
     for p in preds:
         assert p.probability == pytest.approx(1 / (1 + math.exp(-p.logit / 1.5)), abs=1e-6)
@@ -145,6 +147,23 @@ def test_invalid_calibration_beside_checkpoint_fails_loading(scored_checkpoint, 
     # An explicitly named calibration file that is absent is an error, not a silent default.
     with pytest.raises(CheckpointError, match="calibration file not found"):
         Predictor.from_checkpoint(scored_checkpoint, calibration=tmp_path / "nope.json", device="cpu")
+
+
+def test_a_site_calibration_shifts_and_scales_and_refuses_another_model(base, scored_checkpoint, tiny_checkpoint, images, tmp_path):
+    predictor, preds = base
+    site = Calibration(temperature=0.5, shift=-1.0, threshold=0.7, kind="site", model_sha256=predictor.model_sha256)
+    site.write(tmp_path / "site.json")
+    with_site = Predictor.from_checkpoint(scored_checkpoint, calibration=tmp_path / "site.json", device="cpu", amp="off",
+                                          channels_last=False)  # fmt: skip
+    assert with_site.calibration_id.startswith("site-") and with_site.calibration_id != predictor.calibration_id
+    for old, new in zip(preds, with_site.predict_paths(images)):
+        assert new.probability == pytest.approx(1 / (1 + math.exp(-(old.logit / 0.5 - 1.0))), abs=1e-5)
+        assert new.flagged == (new.probability >= 0.7)
+    # the file records its model: with another checkpoint it is an error naming both
+    with pytest.raises(CheckpointError, match=r"site\.json was fitted for model [0-9a-f]{12}, not this one"):
+        Predictor.from_checkpoint(tiny_checkpoint, calibration=tmp_path / "site.json", device="cpu")
+    with pytest.raises(CheckpointError, match="was fitted for model"):
+        Predictor.from_checkpoint(tiny_checkpoint, device="cpu").with_calibration(with_site.calibration)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")

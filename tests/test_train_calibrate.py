@@ -82,3 +82,39 @@ def test_nan_logits_and_probabilities_are_named_not_fitted():
         fit_temperature([-1.0, 2.0, np.nan, 0.5], [0, 1, 1, 0])
     with pytest.raises(XRError, match=r"2 of 4 probabilities are NaN or infinite \(first at row 0\)"):
         ece([np.nan, 0.2, np.nan, 0.9], [1, 0, 1, 1])
+
+
+@pytest.mark.parametrize(("a", "b"), [(1.0, -2.0), (0.6, 1.0), (1.8, -0.5)])
+def test_fit_logistic_recovers_a_known_shift_and_scale(a, b):
+    """A site whose logits are scaled and shifted from calibrated ones: the fit finds both back."""
+    from xr.train.calibrate import fit_logistic
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(1.0, 3.0, 8000)
+    y = (rng.random(8000) < sigmoid(a * z + b)).astype(int)
+    got_a, got_b = fit_logistic(z, y, scale0=1.0, shift0=0.0, strength=1.0)
+    assert got_a == pytest.approx(a, rel=0.08) and got_b == pytest.approx(b, abs=0.15)
+
+
+def test_fit_logistic_prior_holds_a_few_films_near_the_models_own_calibration():
+    from xr.train.calibrate import fit_logistic
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(0.0, 3.0, 12)
+    y = (rng.random(12) < sigmoid(z - 2.0)).astype(int)
+    y[:2] = [0, 1]
+    weak, strong = fit_logistic(z, y, 1.0, 0.0, strength=0.01), fit_logistic(z, y, 1.0, 0.0, strength=1000.0)
+    assert strong == pytest.approx((1.0, 0.0), abs=0.02)  # 12 films cannot outweigh a strong prior
+    assert abs(weak[1]) > abs(strong[1])  # a weak one lets them move it
+    with pytest.raises(XRError, match="both classes"):
+        fit_logistic([1.0, 2.0], [1, 1])
+
+
+def test_sensitivity_objective_keeps_the_target_recall_with_the_highest_threshold():
+    rng = np.random.default_rng(5)
+    y = np.array([0] * 300 + [1] * 300)
+    p = np.clip(np.where(y == 1, rng.normal(0.75, 0.15, 600), rng.normal(0.3, 0.15, 600)), 0.001, 0.999)
+    thr, spec = choose_threshold(p, y, "sensitivity", target_sensitivity=0.95)
+    sens = (p[y == 1] >= thr).mean()
+    assert sens >= 0.95 and spec == pytest.approx((p[y == 0] < thr).mean())
+    assert (p[y == 1] >= thr + 0.01).mean() < 0.95  # a threshold 0.01 higher would miss the target

@@ -60,6 +60,54 @@ def compute_metrics(labels, probs, threshold: float, n_bins: int = 15) -> dict[s
     }
 
 
+CI_METRICS = ("accuracy", "sensitivity", "specificity", "f1", "auroc", "ece")
+
+
+def bootstrap_metrics(
+    labels, probs, threshold: float, groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0, n_bins: int = 15
+) -> dict[str, dict[str, float | None]]:
+    """Each metric of :data:`CI_METRICS` with a percentile bootstrap interval: ``{"value", "low", "high"}``.
+
+    Resamples whole patients (``groups``) with replacement where given, so two films of one patient
+    never count as two independent cases. A resample without both classes has no AUROC and is skipped
+    for it.
+    """
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    names, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+
+    def point(idx: np.ndarray) -> dict[str, float | None]:
+        yy, pp = y[idx], p[idx]
+        pred = pp >= threshold
+        tp, fp = int((pred & (yy == 1)).sum()), int((pred & (yy == 0)).sum())
+        fn, tn = int((~pred & (yy == 1)).sum()), int((~pred & (yy == 0)).sum())
+        return {
+            "accuracy": (tp + tn) / len(yy),
+            "sensitivity": tp / (tp + fn) if tp + fn else None,
+            "specificity": tn / (tn + fp) if tn + fp else None,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+            "auroc": float(roc_auc_score(yy, pp)) if 0 < yy.sum() < len(yy) else None,
+            "ece": ece(pp, yy, n_bins),
+        }
+
+    value = point(np.arange(len(y)))
+    draws: dict[str, list[float]] = {k: [] for k in CI_METRICS}
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        for k, v in point(idx).items():
+            if v is not None:
+                draws[k].append(v)
+    tail = 100 * (1 - level) / 2
+    return {
+        k: {"value": value[k], "low": float(np.percentile(draws[k], tail)) if draws[k] else None,
+            "high": float(np.percentile(draws[k], 100 - tail)) if draws[k] else None}
+        for k in CI_METRICS
+    }
+
+
 @contextmanager
 def _figure(path: Path, title: str):
     """One 4.5x4 in figure per plot, titled, saved to ``path`` and closed."""

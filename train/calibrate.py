@@ -1,7 +1,11 @@
-"""Temperature scaling and the decision threshold, as plain functions over cached logits.
+"""Calibration as plain functions over cached logits: temperature scaling, logistic recalibration for a
+site, and the decision threshold.
 
-After gpleiss/temperature_scaling: one scalar T fitted by LBFGS on the validation NLL; the predictor in
-core only divides logits by T. The threshold is then chosen on the calibrated validation probabilities.
+- ``fit_temperature``: one scalar T by LBFGS on the validation NLL (after gpleiss/temperature_scaling).
+- ``fit_logistic``: p = sigmoid(a z + b) on a site's films, a MAP fit with a Gaussian prior centred on
+  the model's own calibration, so 50-200 films move it only as far as they show it must go: a new site
+  shifts logits (other exposures, another prevalence), which a temperature alone cannot undo.
+- ``choose_threshold``: on calibrated probabilities, by F1, Youden, cost or a target sensitivity.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch.nn.functional as F
 
 from xr.core.errors import XRError
 
-OBJECTIVES = ("f1", "youden", "cost")
+OBJECTIVES = ("f1", "youden", "cost", "sensitivity")
 
 
 def _as_tensors(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +64,38 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> float:
     return float(np.clip(t, 0.05, 20.0))
 
 
+def fit_logistic(logits, labels, scale0: float = 1.0, shift0: float = 0.0, strength: float = 1.0) -> tuple[float, float]:
+    """(a, b) of p = sigmoid(a z + b): the minimum of the summed NLL plus ``strength`` / 2 x
+    ((log a - log scale0)^2 + (b - shift0)^2), a Gaussian prior on the log-scale and the shift centred on
+    the calibration the model came with (``scale0`` = 1/T, ``shift0``). ``strength`` is the prior's weight
+    in units of the NLL's curvature of about one film: small next to 100 films, decisive next to 5."""
+    from scipy.optimize import minimize
+
+    z, y = (t.numpy() for t in _as_tensors(logits, labels))
+    if y.min() == y.max():
+        raise XRError("a site calibration needs films of both classes (NORMAL and PNEUMONIA)")
+    if not (scale0 > 0 and strength >= 0):
+        raise XRError(f"fit_logistic: scale0 must be > 0 and strength >= 0, got {scale0}, {strength}")
+    log_a0 = np.log(scale0)
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        la, b = theta
+        a = np.exp(la)
+        s = a * z + b
+        p = sigmoid(s)
+        nll = float((np.logaddexp(0.0, s) - y * s).sum())
+        prior = 0.5 * strength * ((la - log_a0) ** 2 + (b - shift0) ** 2)
+        grad_s = p - y
+        grad = np.array([(grad_s * z).sum() * a + strength * (la - log_a0), grad_s.sum() + strength * (b - shift0)])
+        return nll + prior, grad
+
+    res = minimize(objective, x0=np.array([log_a0, shift0]), jac=True, method="L-BFGS-B")
+    a, b = float(np.exp(res.x[0])), float(res.x[1])
+    if not (np.isfinite(a) and np.isfinite(b)):
+        raise XRError("logistic recalibration diverged (do the site's logits separate the classes perfectly?)")
+    return a, b
+
+
 def ece(probs, labels, n_bins: int = 15) -> float:
     """Expected calibration error of P(PNEUMONIA), equal-width bins over [0, 1]."""
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
@@ -79,9 +115,12 @@ def sigmoid(x) -> np.ndarray:
 
 
 def threshold_scores(
-    probs, labels, objective: str = "f1", fn_cost: float = 5.0, fp_cost: float = 1.0, grid: int = 999
+    probs, labels, objective: str = "f1", fn_cost: float = 5.0, fp_cost: float = 1.0, grid: int = 999,
+    target_sensitivity: float = 0.97,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(thresholds, score) over an even grid in (0, 1); higher score is better for every objective."""
+    """(thresholds, score) over an even grid in (0, 1); higher score is better for every objective.
+    ``sensitivity``: the specificity of thresholds that keep sensitivity >= ``target_sensitivity`` (-1 for
+    the others), so the best is the highest threshold that still finds that share of pneumonia."""
     if objective not in OBJECTIVES:
         raise XRError(f"calibration objective {objective!r} is not allowed; choose one of {', '.join(OBJECTIVES)}")
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
@@ -94,21 +133,22 @@ def threshold_scores(
     tn = (~pred & ~y).sum(1).astype(float)
     if objective == "f1":
         score = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
-    elif objective == "youden":
+    elif objective in ("youden", "sensitivity"):
         tpr = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
         tnr = np.divide(tn, tn + fp, out=np.zeros_like(tn), where=(tn + fp) > 0)
-        score = tpr + tnr - 1.0
+        score = tpr + tnr - 1.0 if objective == "youden" else np.where(tpr >= target_sensitivity - 1e-12, tnr, -1.0)
     else:
         score = -(fn_cost * fn + fp_cost * fp)
     return thr, score
 
 
 def choose_threshold(
-    probs, labels, objective: str = "f1", fn_cost: float = 5.0, fp_cost: float = 1.0, grid: int = 999
+    probs, labels, objective: str = "f1", fn_cost: float = 5.0, fp_cost: float = 1.0, grid: int = 999,
+    target_sensitivity: float = 0.97,
 ) -> tuple[float, float]:
     """Best threshold and its score. Where a range of thresholds ties for best, take its middle:
     the validation set cannot tell them apart, and the middle is farthest from both error edges."""
-    thr, score = threshold_scores(probs, labels, objective, fn_cost, fp_cost, grid)
+    thr, score = threshold_scores(probs, labels, objective, fn_cost, fp_cost, grid, target_sensitivity)
     best = np.flatnonzero(score >= score.max() - 1e-12)
     # Middle of the first contiguous run of best thresholds.
     run_end = best[0]

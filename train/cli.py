@@ -1,4 +1,4 @@
-"""``xr-train``: split, train, calibrate, evaluate, or all of them in order.
+"""``xr-train``: split, train, calibrate, evaluate, or all of them in order; site-calibrate for a new site.
 
 Each stage starts from the files the previous one wrote in the run folder, so one stage can be re-run:
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shlex
 import sys
 import time
@@ -22,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from xr.core.calibration import CALIBRATION_FILE, Calibration, reference
 from xr.core.config import RECIPE_PATH, SHIPPED_MODEL, Recipe, load_recipe, save_config
 from xr.core.errors import XRError
-from xr.core.predict import CALIBRATION_FILE, Predictor, resolve_device, tune_malloc
+from xr.core.model import file_sha256
+from xr.core.predict import Predictor, resolve_device, tune_malloc
 from xr.train import calibrate as cal
 from xr.train.analysis import compute_metrics, evaluate_items
 from xr.train.card import write_model_card
@@ -32,6 +33,7 @@ from xr.train.data import Splits, discover, make_splits
 from xr.train.engine import BEST_CHECKPOINT, VAL_LOGITS, fit
 
 RECIPE_FILE = "recipe.yaml"
+SITE_OBJECTIVE = "f1"  # cross-validated on a 200-film site sample it kept both recalls highest (docs/training.md)
 DEVICE_HELP = "auto (cuda, mps, cpu) | cuda | mps | cpu"
 
 
@@ -115,19 +117,25 @@ def stage_calibrate(cfg: Recipe, out: Path) -> dict:
     cc = cfg.calibration
     t = cal.fit_temperature(logits, labels)
     probs = cal.sigmoid(logits / t)
-    threshold, score = cal.choose_threshold(probs, labels, cc.objective, cc.fn_cost, cc.fp_cost, cc.threshold_grid)
+    threshold, score = cal.choose_threshold(
+        probs, labels, cc.objective, cc.fn_cost, cc.fp_cost, cc.threshold_grid, cc.target_sensitivity
+    )
     report = cal.calibration_report(logits, labels, t, cc.ece_bins)
-    result = {
-        "T": t,
-        "threshold": threshold,
-        "objective": cc.objective,
-        "objective_score": score,
-        **({"fn_cost": cc.fn_cost, "fp_cost": cc.fp_cost} if cc.objective == "cost" else {}),
-        "n_val": int(len(labels)),
-        "calibration": report,
-        "val_metrics": compute_metrics(labels, probs, threshold, cc.ece_bins),
-    }
-    (out / CALIBRATION_FILE).write_text(json.dumps(result, indent=2))
+    checkpoint = out / BEST_CHECKPOINT
+    calibration = Calibration(
+        temperature=t, threshold=threshold, kind="validation",
+        model_sha256=file_sha256(checkpoint) if checkpoint.exists() else None,
+        reference=reference(probs, threshold),
+        extra={
+            "objective": cc.objective, "objective_score": score,
+            **({"fn_cost": cc.fn_cost, "fp_cost": cc.fp_cost} if cc.objective == "cost" else {}),
+            **({"target_sensitivity": cc.target_sensitivity} if cc.objective == "sensitivity" else {}),
+            "n_val": int(len(labels)), "calibration": report,
+            "val_metrics": compute_metrics(labels, probs, threshold, cc.ece_bins),
+        },
+    )
+    calibration.write(out / CALIBRATION_FILE)
+    result = calibration.to_dict()
     print(
         f"calibrate: T {t:.3f}, threshold {threshold:.3f} ({cc.objective}); val NLL {report['nll_before']:.4f} -> "
         f"{report['nll_after']:.4f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}"
@@ -135,9 +143,9 @@ def stage_calibrate(cfg: Recipe, out: Path) -> dict:
     return result
 
 
-def stage_evaluate(cfg: Recipe, model: Path, items, out: Path, device: str, title: str) -> dict:
-    predictor = Predictor.from_checkpoint(model, device=device, amp=cfg.train.amp)
-    if not predictor.calibration.extra or predictor.calibration.extra.get("calibrated") is False:
+def stage_evaluate(cfg: Recipe, model: Path, items, out: Path, device: str, title: str, calibration: Path | None = None) -> dict:
+    predictor = Predictor.from_checkpoint(model, calibration, device=device, amp=cfg.train.amp)
+    if not predictor.calibration.calibrated:
         print(f"warning: no {CALIBRATION_FILE} beside {model}; using T=1 and threshold 0.5", file=sys.stderr)
     m = evaluate_items(
         predictor, items, out, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, title=title,
@@ -203,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path,
                    help="labelled folder (NORMAL/ and PNEUMONIA/), or a Kaggle-layout root: its test split")
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="a calibration file, e.g. a site's from site-calibrate (default: the one beside the checkpoint)")
+    p = sub.add_parser("site-calibrate", help="fit the model's calibration and threshold to a site's labelled films")
+    p.add_argument("--data", type=Path, required=True, help="the site's labelled films: NORMAL/ and PNEUMONIA/")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--out", type=Path, required=True, help="folder for calibration_threshold.json and the report")
+    p.add_argument("--objective", choices=cal.OBJECTIVES, default=SITE_OBJECTIVE,
+                   help=f"how the threshold is chosen on the site's films (default {SITE_OBJECTIVE})")
+    p.add_argument("--target-sensitivity", type=float, default=0.97,
+                   help="objective sensitivity: the PNEUMONIA recall to keep (default 0.97)")
+    p.add_argument("--fn-cost", type=float, default=5.0, help="objective cost: cost of a missed pneumonia (default 5)")
+    p.add_argument("--fp-cost", type=float, default=1.0, help="objective cost: cost of a false alarm (default 1)")
+    p.add_argument("--prior-strength", type=float, default=1.0,
+                   help="weight of the model's own calibration against the site's films, in films (default 1)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p = sub.add_parser("all", help="split, train, calibrate and evaluate on the test split")
     common(p, data=True, data_required=True)
     split_flags(p)
@@ -211,11 +234,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _site_calibrate(args: argparse.Namespace) -> int:
+    from xr.train.site import site_calibrate
+
+    if not 0 < args.target_sensitivity < 1:
+        raise XRError(f"--target-sensitivity: {args.target_sensitivity} must be between 0 and 1")
+    if args.prior_strength < 0:
+        raise XRError(f"--prior-strength: {args.prior_strength} must be >= 0")
+    r = site_calibrate(
+        args.model or SHIPPED_MODEL, args.data, args.out, objective=args.objective,
+        target_sensitivity=args.target_sensitivity, strength=args.prior_strength, fn_cost=args.fn_cost,
+        fp_cost=args.fp_cost, device=args.device,
+    )
+    after, cv = r["after"], r["cross_validated"]
+    print(
+        f"site-calibrate ({r['n']} films): p = sigmoid({r['scale']:.3f} z {r['shift']:+.3f}), threshold "
+        f"{r['threshold']:.3f} ({r['objective']}); on these films accuracy {after['accuracy']['value']:.3f}, "
+        f"recall PNEUMONIA {after['sensitivity']['value']:.3f} NORMAL {after['specificity']['value']:.3f}; "
+        f"cross-validated accuracy {cv['accuracy']['mean']:.3f} ({cv['accuracy']['p05']:.3f}-{cv['accuracy']['p95']:.3f}) "
+        f"-> {args.out / CALIBRATION_FILE}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out: Path = args.out
     tune_malloc()
     try:
+        if args.command == "site-calibrate":
+            return _site_calibrate(args)
         cfg = run_recipe(args, out) if args.command != "evaluate" else load_recipe(args.recipe, {})
         if args.command == "split":
             stage_split(cfg, args.data, out)
@@ -227,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model or SHIPPED_MODEL
             if args.data is None:
                 raise XRError("evaluate needs --data: a labelled folder (NORMAL/ and PNEUMONIA/) or a Kaggle-layout root")
-            stage_evaluate(cfg, model, _eval_items(args.data), out, args.device, title=args.data.name)
+            stage_evaluate(cfg, model, _eval_items(args.data), out, args.device, title=args.data.name, calibration=args.calibration)
         elif args.command == "all":
             t0 = time.perf_counter()
             splits = stage_split(cfg, args.data, out)
