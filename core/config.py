@@ -70,10 +70,23 @@ class AugmentConfig(Section):
     rrc_scale: tuple[Fraction, Fraction] = Field((0.9, 1.0), description="RandomResizedCrop area range [low, high], 0 < low <= high <= 1")
     hflip_p: Fraction = Field(0.5, description="probability of a horizontal flip")
     rotation_deg: Number = Field(5.0, ge=0, le=180, description="random rotation range, +/- degrees")
+    affine_scale: tuple[Annotated[float, Strict(), Field(gt=0)], Annotated[float, Strict(), Field(gt=0)]] = Field(
+        (1.0, 1.0), description="zoom factor range of a random affine after the crop (< 1 zooms out); [1, 1] = off"
+    )
+    translate: Fraction = Field(0.0, description="random shift up to this share of the side; 0 = off")
+    brightness: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(0.0, description="brightness factor drawn from [1 - x, 1 + x]: other exposures; 0 = off")
+    contrast: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(0.0, description="contrast factor drawn from [1 - x, 1 + x]: other scanners; 0 = off")
+    gamma: tuple[Annotated[float, Strict(), Field(gt=0)], Annotated[float, Strict(), Field(gt=0)]] = Field(
+        (1.0, 1.0), description="gamma drawn from [low, high]: another exposure curve; [1, 1] = off"
+    )
+    autocontrast_p: Fraction = Field(0.0, description="probability of autocontrast (a scanner's own windowing)")
+    equalize_p: Fraction = Field(0.0, description="probability of histogram equalisation (local-contrast processing)")
 
     @model_validator(mode="after")
     def _check(self):
         _ordered(self.rrc_scale, "rrc_scale")
+        _ordered(self.affine_scale, "affine_scale")
+        _ordered(self.gamma, "gamma")
         if self.rrc_scale[0] <= 0:
             raise ValueError(f"rrc_scale low must be > 0, got {list(self.rrc_scale)}")
         return self

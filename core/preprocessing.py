@@ -82,6 +82,17 @@ class RenderAsDataset(torch.nn.Module):
         return _jpeg_round_trip(img, self.quality)
 
 
+class RandomGamma(torch.nn.Module):
+    """Gamma drawn uniformly from ``gamma``, from torch's generator: the film under another exposure curve."""
+
+    def __init__(self, gamma: tuple[float, float]):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        return T.functional.adjust_gamma(img, float(torch.empty(1).uniform_(*self.gamma)))
+
+
 @dataclass(frozen=True)
 class Preset:
     img_size: int = 224
@@ -146,12 +157,29 @@ class Preset:
 
     def train_transform(self, aug: AugmentConfig) -> T.Compose:
         # Augment inside the eval field of view, so training and inference see objects at the same scale.
+        # Photometric steps stand for other exposures and scanners: a site's films differ in grey levels.
+        photometric = []
+        if aug.brightness or aug.contrast:
+            photometric.append(T.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
+        if tuple(aug.gamma) != (1.0, 1.0):
+            photometric.append(RandomGamma(tuple(aug.gamma)))
+        if aug.autocontrast_p:
+            photometric.append(T.RandomAutocontrast(aug.autocontrast_p))
+        if aug.equalize_p:
+            photometric.append(T.RandomEqualize(aug.equalize_p))
+        interpolation = T.InterpolationMode.BILINEAR
+        if tuple(aug.affine_scale) != (1.0, 1.0) or aug.translate:
+            affine = T.RandomAffine(aug.rotation_deg, translate=(aug.translate, aug.translate),
+                                    scale=tuple(aug.affine_scale), interpolation=interpolation)  # fmt: skip
+        else:
+            affine = T.RandomRotation(aug.rotation_deg, interpolation=interpolation)
         return T.Compose(
             [
                 *self._geometry(),
+                *photometric,
                 T.RandomResizedCrop(self.img_size, scale=tuple(aug.rrc_scale), antialias=True),
                 T.RandomHorizontalFlip(aug.hflip_p),
-                T.RandomRotation(aug.rotation_deg, interpolation=T.InterpolationMode.BILINEAR),
+                affine,
                 *self._tail(),
             ]
         )

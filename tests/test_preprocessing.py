@@ -245,3 +245,35 @@ def test_preprocess_differs_when_preset_differs(xray_paths):
     assert np.isfinite(a.numpy()).all()
 
 
+
+
+def test_photometric_augmentation_changes_grey_levels_not_geometry(preset, xray_paths):
+    """Brightness, contrast, gamma, autocontrast: the same film under another exposure or scanner."""
+    img = preset.load(xray_paths[0])
+    still = dict(rrc_scale=(1.0, 1.0), hflip_p=0.0, rotation_deg=0.0)
+    plain = preset.train_transform(AugmentConfig(**still))
+    photo = preset.train_transform(AugmentConfig(**still, brightness=0.3, contrast=0.3, gamma=(0.7, 1.4), autocontrast_p=0.5))
+    torch.manual_seed(0)
+    a = plain(img)
+    diffs, corrs = [], []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        b = photo(img)
+        diffs.append((a - b).abs().mean().item())
+        corrs.append(np.corrcoef(a[0].flatten().numpy(), b[0].flatten().numpy())[0, 1])
+    assert min(diffs) > 0.02 and len({round(d, 4) for d in diffs}) == 6  # grey levels move, differently per draw
+    assert min(corrs) > 0.9  # the same picture: structure in the same place
+    torch.manual_seed(3)
+    first = photo(img)
+    torch.manual_seed(3)
+    assert torch.equal(first, photo(img))  # seeded by torch, as the data loader seeds it
+
+
+def test_affine_zoom_and_shift_move_the_picture(preset, xray_paths):
+    img = preset.load(xray_paths[0])
+    still = dict(rrc_scale=(1.0, 1.0), hflip_p=0.0, rotation_deg=0.0)
+    torch.manual_seed(0)
+    a = preset.train_transform(AugmentConfig(**still))(img)
+    torch.manual_seed(0)
+    b = preset.train_transform(AugmentConfig(**still, affine_scale=(0.7, 0.8), translate=0.1))(img)
+    assert a.shape == b.shape and (a - b).abs().mean() > 0.1
