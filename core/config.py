@@ -175,6 +175,9 @@ class DaemonConfig(Section):
     cpu_trace: StrictBool = Field(True, description="on the CPU, run the forward as a TorchScript trace (bitwise the same logits)")
     on_success: Literal["move", "leave"] = Field("move", description="scored files: move to <output>/processed/, or leave in place")
     on_error: Literal["move", "leave"] = Field("move", description="unreadable files: move to <output>/failed/, or leave in place")
+    on_skipped: Literal["move", "leave"] = Field(
+        "move", description="DICOM objects out of scope (dicom.*): move to <output>/skipped/, or leave in place"
+    )
     dedupe: StrictBool = Field(True, description="content already scored gets a duplicate row instead of a second inference")
     max_file_mb: Number = Field(512.0, gt=0, description="larger files get an error row without being read")
     max_pixels: StrictInt = Field(80_000_000, ge=1, description="decompression-bomb guard: images with more pixels get an error row")
@@ -182,9 +185,22 @@ class DaemonConfig(Section):
     heartbeat_s: Number = Field(60.0, gt=0, description="interval of the heartbeat log event (backlog, rows since the last one)")
 
 
+class DicomConfig(Section):
+    """Which DICOM objects are scored; anything else gets a ``skipped`` row with the reason."""
+
+    modalities: list[StrictStr] = Field(["CR", "DX"], min_length=1, description="Modality values scored (chest radiographs: CR, DX)")
+    body_parts: list[StrictStr] = Field(
+        ["CHEST"], min_length=1, description="BodyPartExamined values scored, when the tag is present"
+    )
+    window: StrictInt = Field(0, ge=0, description="which window (VOI LUT or center/width) of a file with several to apply")
+
+
 class CsvConfig(Section):
     rotation: Literal["daily", "rows"] = Field("daily", description="daily: results-YYYY-MM-DD.csv; rows: results-NNNNNN.csv of max_rows")
     max_rows: StrictInt = Field(10_000, ge=1, description="rows per file with rotation rows")
+    dicom_identifiers: StrictBool = Field(
+        True, description="write the DICOM identifier columns (patient_id, accession_number, ...) to the CSVs"
+    )
 
 
 # -- the two files ---------------------------------------------------------------------------------------
@@ -226,6 +242,7 @@ class Settings(_File):
     FILE = "config.yaml"
     READERS = "xr-daemon"
     daemon: DaemonConfig = DaemonConfig()
+    dicom: DicomConfig = DicomConfig()
     csv: CsvConfig = CsvConfig()
 
 

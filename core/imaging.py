@@ -1,8 +1,9 @@
-"""Decode what a DICOM export drops into a folder into one 8-bit grayscale image.
+"""Decode what an export drops into a folder into one 8-bit grayscale image: one entry, dispatched on content.
 
-Handles 8-bit grayscale, RGB, RGBA, LA and palette PNG/JPEG, 16-bit grayscale PNG (scaled by its real
-bit depth), and EXIF orientation. Every failure raises :class:`ImageError` with the file and a
-reason a radiographer can read; PIL's own exceptions never escape.
+Handles DICOM (core/dicom.py: the display pipeline of the standard), 8-bit grayscale, RGB, RGBA, LA and
+palette PNG/JPEG, 16-bit grayscale PNG (scaled by its real bit depth), and EXIF orientation. Every failure
+raises :class:`ImageError` with the file and a reason a radiographer can read; a decoder's own exceptions
+never escape.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from xr.core.dicom import DICM_OFFSET, DICOM_SUFFIXES, decode_dicom, is_dicom
 from xr.core.errors import ImageError
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: multi-picture JPEG some cameras/exporters write
 SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # what a PNG or JPEG file starts with
 SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "I", "I;16", "I;16B", "I;16L", "I;16N")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 
 # A truncated file must be an error, not a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -30,12 +32,14 @@ def load_image(
     max_pixels: int = 80_000_000,
     draft_size: tuple[int, int] | None = None,
     name: str | Path | None = None,
+    dicom_window: int = 0,
 ) -> Image.Image:
     """Decode ``source`` (a path or the file's bytes) to a mode "L" image.
 
     ``draft_size`` lets a large JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT, never below that size:
     nearly free, and the resize that follows would throw those pixels away anyway.
-    ``name`` is the file name used in error messages when ``source`` is bytes.
+    ``name`` is the file name used in error messages when ``source`` is bytes. ``dicom_window``: which of a
+    DICOM file's windows (VOI) to apply.
     """
     label = name if name is not None else (None if isinstance(source, bytes) else source)
     if isinstance(source, bytes):
@@ -49,7 +53,7 @@ def load_image(
             raise ImageError(label, "is a directory, not an image file") from None
         except OSError as exc:
             raise ImageError(label, f"cannot read file: {exc.strerror or exc}") from None
-    return decode_image(data, max_pixels=max_pixels, draft_size=draft_size, name=label)
+    return decode_image(data, max_pixels=max_pixels, draft_size=draft_size, name=label, dicom_window=dicom_window)
 
 
 def decode_image(
@@ -58,9 +62,19 @@ def decode_image(
     max_pixels: int = 80_000_000,
     draft_size: tuple[int, int] | None = None,
     name: str | Path | None = None,
+    dicom_window: int = 0,
 ) -> Image.Image:
     if len(data) == 0:
         raise ImageError(name, "empty file (0 bytes)", incomplete=True)
+    if is_dicom(data):
+        try:
+            return decode_dicom(data, window=dicom_window, max_pixels=max_pixels)
+        except ImageError as exc:
+            raise ImageError(name, exc.reason, incomplete=exc.incomplete) from None
+    if name is not None and str(name).lower().endswith(DICOM_SUFFIXES):
+        if len(data) < DICM_OFFSET + 4:
+            raise ImageError(name, f"incomplete file: {len(data)} bytes end inside the DICOM preamble", incomplete=True)
+        raise ImageError(name, f"not a DICOM file (no DICM marker at byte {DICM_OFFSET})")
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below replaces PIL's bomb warning/error with a clear message.

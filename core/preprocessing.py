@@ -103,7 +103,8 @@ class Preset:
     render_quality: int = 75
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    max_pixels: int = 80_000_000
+    max_pixels: int = 80_000_000  # decode guards: the daemon sets these from its config.yaml
+    dicom_window: int = 0  # which of a DICOM file's windows (VOI) to apply
 
     @classmethod
     def from_config(cls, cfg: PreprocessConfig) -> "Preset":
@@ -193,7 +194,7 @@ class Preset:
         """
         side = 2 * self.render_size if self.render_size else self.resize_size
         draft = (side, side)
-        return load_image(source, max_pixels=self.max_pixels, draft_size=draft, name=name)
+        return load_image(source, max_pixels=self.max_pixels, draft_size=draft, name=name, dicom_window=self.dicom_window)
 
     def __call__(self, source: str | Path | bytes, name: str | Path | None = None) -> torch.Tensor:
         """File (path or bytes) -> normalised eval tensor [3, img_size, img_size]."""

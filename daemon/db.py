@@ -34,13 +34,14 @@ from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from xr.core.dicom import IDENTIFIERS
 from xr.core.errors import XRError
 
-SCHEMA_VERSION = 2  # the head revision of daemon/migrations (0002)
+SCHEMA_VERSION = 3  # the head revision of daemon/migrations (0003)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
-CLAIMED, OK, ERROR, DUPLICATE = "claimed", "ok", "error", "duplicate"
-FINAL_STATUSES = (OK, ERROR, DUPLICATE)
+CLAIMED, OK, ERROR, DUPLICATE, SKIPPED = "claimed", "ok", "error", "duplicate", "skipped"
+FINAL_STATUSES = (OK, ERROR, DUPLICATE, SKIPPED)
 SCORED = (OK, DUPLICATE)  # rows with a score: a duplicate carries its first result's
 STATUSES = (CLAIMED, *FINAL_STATUSES)
 
@@ -80,8 +81,18 @@ class Result(Base):
     claimed_at: Mapped[dt.datetime]
     processed_at: Mapped[dt.datetime | None] = mapped_column(index=True)  # batch commit (UTC)
     latency_ms: Mapped[float | None] = mapped_column(Float)  # processed_at - received_at
-    moved_to: Mapped[str | None] = mapped_column(Text)  # processed/ or failed/ destination; None: left
+    moved_to: Mapped[str | None] = mapped_column(Text)  # processed/, failed/ or skipped/ destination; None: left
     moved_at: Mapped[dt.datetime | None]
+    # DICOM inputs only (core/dicom.py IDENTIFIERS); empty for PNG/JPEG
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    modality: Mapped[str | None] = mapped_column(String(64))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (Index("ix_results_identity", "path", "size_bytes", "mtime_ns"),)
 
@@ -89,10 +100,11 @@ class Result(Base):
         return {c: getattr(self, c) for c in EXPORT_COLUMNS}
 
 
+DICOM_COLUMNS = tuple(IDENTIFIERS)
 EXPORT_COLUMNS = (
     "id", "path", "filename", "sha256", "size_bytes", "status", "error", "duplicate_of", "logit",
     "probability", "threshold", "label", "flagged", "model_id", "temperature", "calibration_id", "batch_id",
-    "received_at", "processed_at", "latency_ms", "moved_to",
+    "received_at", "processed_at", "latency_ms", "moved_to", *DICOM_COLUMNS,
 )  # fmt: skip
 
 
@@ -365,6 +377,17 @@ def scores_by_id(s: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
         return {}
     stmt = select(Result.id, Result.logit, Result.probability, Result.label, Result.flagged)
     return {r.id: r._asdict() for r in s.execute(stmt.where(Result.id.in_(set(ids))))}
+
+
+def first_ok_by_sop(s: Session, sops: list[str]) -> dict[str, int]:
+    """SOPInstanceUID -> id of the first ``ok`` row of that DICOM instance (re-exports differ in bytes)."""
+    if not sops:
+        return {}
+    out: dict[str, int] = {}
+    stmt = select(Result.sop_instance_uid, Result.id).where(Result.sop_instance_uid.in_(set(sops)), Result.status == OK)
+    for sop, rid in s.execute(stmt.order_by(Result.id)):
+        out.setdefault(sop, rid)
+    return out
 
 
 def first_ok_by_sha(s: Session, shas: list[str]) -> dict[str, int]:

@@ -26,6 +26,7 @@ from typing import Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
+from xr.core.dicom import DICM_OFFSET, is_dicom
 from xr.core.imaging import IMAGE_SUFFIXES, is_image_name
 from xr.daemon.db import storable
 
@@ -42,10 +43,22 @@ def is_candidate_name(name: str) -> bool:
     return not is_hidden_or_temporary(name) and is_image_name(name)
 
 
+def sniff_dicom(path: str) -> bool | None:
+    """A file without an extension is read when it is DICOM (bytes 128-131 ``DICM``, as exporters often
+    write them); None while it is too short to tell."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(DICM_OFFSET + 4)
+    except OSError:
+        return False
+    return None if len(head) < DICM_OFFSET + 4 else is_dicom(head)
+
+
 def ignored_reason(name: str) -> str:
     suffix = os.path.splitext(name)[1].lower()
     kind = f"extension {suffix}" if suffix else "no extension"
-    return f"{kind} is not read (the daemon reads {', '.join(IMAGE_SUFFIXES)}); the file is left where it is"
+    return (f"{kind} is not read (the daemon reads {', '.join(IMAGE_SUFFIXES)} and DICOM files without an extension); "
+            "the file is left where it is")
 
 
 @dataclass
@@ -259,10 +272,8 @@ class Discovery:
                 dirs[:] = [d for d in dirs if os.path.join(root, d) not in self.exclude]
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in files:
-                if is_candidate_name(name):
+                if is_candidate_name(name) or not is_hidden_or_temporary(name):
                     n += self.note(os.path.join(root, name))
-                elif not is_hidden_or_temporary(name):
-                    self._report_ignored(os.path.join(root, name))
             # a symlink to a file shows in ``files``; one to a directory in ``dirs`` (not followed)
         with self._lock:  # a reported name that is gone is reported again if a file comes back under it
             self._ignored = {p for p in self._ignored if os.path.lexists(p)}
@@ -282,10 +293,10 @@ class Discovery:
         return any(path.startswith(ex + os.sep) for ex in self.exclude)
 
     def would_read(self, path: str) -> bool:
-        """Whether ``path`` is a file this discovery hands on: an image name inside the inbox, in no
-        hidden sub-folder, outside the excluded folders."""
+        """Whether ``path`` is a file this discovery hands on: an image name (or an extensionless DICOM file)
+        inside the inbox, in no hidden sub-folder, outside the excluded folders."""
         p = Path(path)
-        if not is_candidate_name(p.name) or not inside(p, self.inbox):
+        if not (is_candidate_name(p.name) or (_extensionless(p.name) and sniff_dicom(path))) or not inside(p, self.inbox):
             return False
         if any(part.startswith(".") for part in p.relative_to(self.inbox).parts[:-1]):
             return False
@@ -295,7 +306,8 @@ class Discovery:
         """A hint that ``path`` exists (event or scan). Returns True when it is newly pending."""
         if not self.would_read(path):
             name = os.path.basename(path)
-            if not is_hidden_or_temporary(name) and not is_image_name(name) and self._reportable(path):
+            undecided = _extensionless(name) and sniff_dicom(path) is None  # a DICOM file may still be arriving
+            if not is_hidden_or_temporary(name) and not is_image_name(name) and not undecided and self._reportable(path):
                 self._report_ignored(path)
             return False
         try:
@@ -398,6 +410,10 @@ class Discovery:
                     self._ready_paths.add(item.path)
                 return
             self.stats.handed += 1
+
+
+def _extensionless(name: str) -> bool:
+    return not is_hidden_or_temporary(name) and not os.path.splitext(name)[1]
 
 
 def inside(p: Path, root: Path) -> bool:

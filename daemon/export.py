@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from xr.daemon.db import CLAIMED, EXPORT_COLUMNS, FINAL_STATUSES, SCORED, Result, get_meta, set_meta
+from xr.daemon.db import CLAIMED, DICOM_COLUMNS, EXPORT_COLUMNS, FINAL_STATUSES, SCORED, Result, get_meta, set_meta
 
 RESULTS_PREFIX = "results-"
 FLAGGED_NAME = "flagged.csv"
@@ -41,13 +41,18 @@ def format_value(value: Any) -> str:
     return str(value).replace("\r", " ").replace("\n", " ")
 
 
-def rows_to_csv(rows: Iterable[dict[str, Any]], header: bool) -> str:
+def csv_columns(dicom_identifiers: bool = True) -> tuple[str, ...]:
+    """The CSV columns: those of ``results`` the CSVs carry, the DICOM identifiers unless opted out."""
+    return EXPORT_COLUMNS if dicom_identifiers else tuple(c for c in EXPORT_COLUMNS if c not in DICOM_COLUMNS)
+
+
+def rows_to_csv(rows: Iterable[dict[str, Any]], header: bool, columns: tuple[str, ...] = EXPORT_COLUMNS) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if header:
-        w.writerow(EXPORT_COLUMNS)
+        w.writerow(columns)
     for r in rows:
-        w.writerow([format_value(r[c]) for c in EXPORT_COLUMNS])
+        w.writerow([format_value(r[c]) for c in columns])
     return buf.getvalue()
 
 
@@ -113,7 +118,9 @@ def count_rows(path: Path) -> int:
 
 
 class CsvExporter:
-    def __init__(self, csv_dir: str | Path, sessions: sessionmaker[Session], rotation: str = "daily", max_rows: int = 10_000):
+    def __init__(self, csv_dir: str | Path, sessions: sessionmaker[Session], rotation: str = "daily", max_rows: int = 10_000,
+                 columns: tuple[str, ...] = EXPORT_COLUMNS):
+        self.columns = columns
         self.dir = Path(csv_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sessions = sessions
@@ -150,7 +157,7 @@ class CsvExporter:
         guards against writing a row twice."""
         last = last_id_in_csv(path)
         found = header_of(path)
-        if found is not None and found != rows_to_csv([], header=True).rstrip("\n"):
+        if found is not None and found != rows_to_csv([], header=True, columns=self.columns).rstrip("\n"):
             k = 0
             while (aside := path.with_name(f"{path.stem}.old-columns{f'-{k}' if k else ''}.csv")).exists():
                 k += 1
@@ -196,14 +203,14 @@ class CsvExporter:
                 self._current, self._current_rows = target, count_rows(target)
             groups.setdefault(target, []).append(r)
             self._current_rows += 1
-        header = rows_to_csv([], header=True)
+        header = rows_to_csv([], header=True, columns=self.columns)
         # flagged.csv first: the results files are what a restart could mistake for "exported"
         flagged = [r for r in rows if r["status"] in SCORED and r["flagged"] and r["id"] > self.flagged_last_id]
         if flagged:
-            atomic_append(self.flagged_path, rows_to_csv(flagged, header=False), header=header)
+            atomic_append(self.flagged_path, rows_to_csv(flagged, header=False, columns=self.columns), header=header)
             self.flagged_last_id = flagged[-1]["id"]
         for path, group in groups.items():
-            atomic_append(path, rows_to_csv(group, header=False), header=header)
+            atomic_append(path, rows_to_csv(group, header=False, columns=self.columns), header=header)
             self._file_last[path] = group[-1]["id"]
         self.last_id = rows[-1]["id"]
         with self.sessions.begin() as s:

@@ -17,22 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from xr.core.calibration import CALIBRATION_FILE, Calibration
-from xr.core.config import DaemonConfig
+from xr.core.config import DaemonConfig, Settings
 from xr.core.errors import XRError
 from xr.core.predict import Predictor, load_calibration, trim_malloc
 from xr.daemon.pipeline import POLL_S, Stage
 
 
-def open_predictor(d: DaemonConfig, model: Path, calibration: Path | None) -> Predictor:
+def open_predictor(cfg: Settings, model: Path, calibration: Path | None) -> Predictor:
     """Load ``model`` with ``calibration`` (None: the file beside it) for the daemon's device."""
     if not model.exists():
         raise XRError(f"model checkpoint not found: {model} (set --model or daemon.model)")
-    return apply_limits(Predictor.from_checkpoint(model, calibration, device=d.device), d)
+    return apply_limits(Predictor.from_checkpoint(model, calibration, device=cfg.daemon.device), cfg)
 
 
-def apply_limits(pred: Predictor, d: DaemonConfig) -> Predictor:
-    """The operator's pixel limit in place of the one stored with the model (a guard, not a model property)."""
-    pred.preset = dataclasses.replace(pred.preset, max_pixels=d.max_pixels)
+def apply_limits(pred: Predictor, cfg: Settings) -> Predictor:
+    """The operator's decode settings (pixel limit, DICOM window) in place of the ones stored with the model."""
+    pred.preset = dataclasses.replace(pred.preset, max_pixels=cfg.daemon.max_pixels, dicom_window=cfg.dicom.window)
     return pred
 
 
@@ -77,10 +77,10 @@ class Offer:
 class ModelReloader(Stage):
     name = "xr-reload"
 
-    def __init__(self, d: DaemonConfig, model: Path, calibration: Path | None, current: Predictor, batch_size: int, log: Any):
+    def __init__(self, cfg: Settings, model: Path, calibration: Path | None, current: Predictor, batch_size: int, log: Any):
         """``calibration``: an explicit calibration file, or None for the one beside ``model``."""
         super().__init__()
-        self.d, self.model, self.calibration = d, model, calibration
+        self.cfg, self.d, self.model, self.calibration = cfg, cfg.daemon, model, calibration
         self.batch_size, self.log = batch_size, log
         self.model_sha256 = current.model_sha256
         self._lock = threading.Lock()
@@ -129,7 +129,7 @@ class ModelReloader(Stage):
 
     def _load_model(self) -> Predictor:
         t0 = time.perf_counter()
-        pred = open_predictor(self.d, self.model, self.calibration)
+        pred = open_predictor(self.cfg, self.model, self.calibration)
         prepare(pred, self.d, self.batch_size, self.log)
         self.model_sha256 = pred.model_sha256
         self.log.info("model_loaded", model=str(self.model), model_id=pred.model_id,

@@ -24,15 +24,19 @@ from typing import Any, Callable
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from xr.core.dicom import is_dicom, read_header
 from xr.core.errors import ImageError
 from xr.daemon.db import (
     CLAIMED,
+    DICOM_COLUMNS,
     DUPLICATE,
     ERROR,
     OK,
+    SKIPPED,
     Batch,
     delete_rows,
     first_ok_by_sha,
+    first_ok_by_sop,
     record_calibration,
     insert_rows,
     owning_rows,
@@ -168,6 +172,8 @@ class Work:
     duplicate_of: int | None = None
     decode_ms: float = 0.0
     incomplete: bool = False  # the bytes read end too early (the error says how)
+    skip: str | None = None  # a DICOM object out of scope: why
+    sop: str | None = None  # a DICOM instance's SOPInstanceUID: the same instance is a duplicate whatever its bytes
 
 
 @dataclass
@@ -199,6 +205,9 @@ class Context:
     dedupe: bool = True
     max_file_bytes: int = 512 * 1024 * 1024
     incomplete_grace_s: float = 60.0
+    on_skipped: str = "move"
+    dicom_modalities: tuple[str, ...] = ("CR", "DX")
+    dicom_body_parts: tuple[str, ...] = ("CHEST",)
     stop: threading.Event = field(default_factory=threading.Event)  # stop taking new work
     reserved: set[str] = field(default_factory=set)  # destinations chosen but not yet moved to
     reserved_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -213,12 +222,16 @@ class Context:
     def failed_dir(self) -> Path:
         return self.output / "failed"
 
+    @property
+    def skipped_dir(self) -> Path:
+        return self.output / "skipped"
+
     def destination(self, src: str, status: str) -> str | None:
         """Reserve where a finished file goes (None: left in place)."""
-        mode = self.on_error if status == ERROR else self.on_success
+        mode, base = {ERROR: (self.on_error, self.failed_dir), SKIPPED: (self.on_skipped, self.skipped_dir)}.get(
+            status, (self.on_success, self.processed_dir))  # fmt: skip
         if mode == "leave":
             return None
-        base = self.failed_dir if status == ERROR else self.processed_dir
         try:
             rel = Path(src).relative_to(self.inbox)
         except ValueError:
@@ -369,6 +382,8 @@ class Claimer(Stage):
             claimed: list[tuple[Any, FileItem, bytes | None, str | None, str | None]] = []  # (owner or None, ...)
             for (item, data, err), key in zip(reads, keys):
                 sha = hashlib.sha256(data).hexdigest() if data is not None else None
+                ids, skip, cut = self.dicom(data) if data is not None and err is None else ({}, None, False)
+                ids = {c: ids.get(c) for c in DICOM_COLUMNS}  # every row the same keys: one executemany
                 owner = owners.get(key)
                 if owner is not None and owner.status != CLAIMED:
                     # already final (a previous run committed it): only the move may be left
@@ -385,26 +400,41 @@ class Claimer(Stage):
                         "status": CLAIMED,
                         "received_at": item.received_at,
                         "claimed_at": now,
+                        **ids,
                     })  # fmt: skip
                 else:
-                    reclaimed.append({"id": owner.id, "sha256": sha, "claimed_at": now})  # a run that died: redo it
-                claimed.append((owner, item, data, err, sha))
+                    reclaimed.append({"id": owner.id, "sha256": sha, "claimed_at": now, **ids})  # a run that died: redo it
+                claimed.append((owner, item, data, err, sha, ids["sop_instance_uid"], skip, cut))
             new_ids = iter(insert_rows(s, new_rows))
             update_rows(s, reclaimed)
-            for owner, item, data, err, sha in claimed:
+            for owner, item, data, err, sha, sop, skip, cut in claimed:
                 row_id, received = (next(new_ids), item.received_at) if owner is None else (owner.id, owner.received_at)
-                works.append(Work(row_id, item, received, sha256=sha, size=item.size, error=err))
-                works[-1].data = data
-            dups = first_ok_by_sha(s, [w.sha256 for w in works if w.sha256 and w.error is None]) if ctx.dedupe else {}
+                # an image without pixels waits out the grace period like any file cut short, then is skipped
+                works.append(Work(row_id, item, received, sha256=sha, size=item.size, error=err, data=data, sop=sop,
+                                  skip=skip, incomplete=cut, decode_ms=0.0))  # fmt: skip
+            scorable = [w for w in works if w.error is None and w.skip is None]
+            dups = first_ok_by_sha(s, [w.sha256 for w in scorable if w.sha256]) if ctx.dedupe else {}
+            dup_sops = first_ok_by_sop(s, [w.sop for w in scorable if w.sop]) if ctx.dedupe else {}
         for w in works:
-            if w.error is not None:
+            if w.error is not None or w.skip is not None:
                 self.decoded.put(w)
-            elif w.sha256 in dups:
-                w.duplicate_of = dups[w.sha256]
+            elif w.sha256 in dups or w.sop in dup_sops:
+                w.duplicate_of = dups.get(w.sha256) or dup_sops[w.sop]
                 self.decoded.put(w)
             else:
                 fut = self.pool.submit(self._decode, w)
                 fut.add_done_callback(lambda f, w=w: self._done(f, w))
+
+    def dicom(self, data: bytes) -> tuple[dict[str, str | None], str | None, bool]:
+        """A DICOM file's identifiers, why it is out of scope (None: score it), and whether it may be cut
+        short. A header that cannot be read gives none of them: the decode names what is wrong."""
+        if not is_dicom(data):
+            return {}, None, False
+        try:
+            header = read_header(data)
+        except ImageError:
+            return {}, None, False
+        return header.identifiers, header.out_of_scope(self.ctx.dicom_modalities, self.ctx.dicom_body_parts), header.maybe_cut
 
     def _decode(self, w: Work) -> None:
         t0 = time.perf_counter()
@@ -486,7 +516,7 @@ class Inferer(Stage):
         for w in waiting:
             until = w.item.changed_mono + ctx.incomplete_grace_s
             ctx.log.info(
-                "file_incomplete", file=storable(w.item.path), reason=w.error,
+                "file_incomplete", file=storable(w.item.path), reason=w.error or w.skip,
                 watching_s=round(max(0.0, until - time.monotonic()), 1),
             )  # fmt: skip
             ctx.discovery.defer(w.item, until)
@@ -529,16 +559,17 @@ class Inferer(Stage):
         if ctx.dedupe:
             with ctx.sessions() as s:
                 known = first_ok_by_sha(s, [w.sha256 for w in batch if w.tensor is not None and w.sha256])
+                known_sops = first_ok_by_sop(s, [w.sop for w in batch if w.tensor is not None and w.sop])
             seen: dict[str, Work] = {}
             for w in batch:
                 if w.tensor is None or not w.sha256:
                     continue
-                if w.sha256 in known:
-                    w.duplicate_of, w.tensor = known[w.sha256], None
-                elif w.sha256 in seen:
-                    w.duplicate_of, w.tensor = seen[w.sha256].row_id, None
+                keys = [w.sha256] + ([f"sop:{w.sop}"] if w.sop else [])  # the same bytes, or the same DICOM instance
+                first = known.get(w.sha256) or known_sops.get(w.sop) or next((seen[k].row_id for k in keys if k in seen), None)
+                if first is not None:
+                    w.duplicate_of, w.tensor = first, None
                 else:
-                    seen[w.sha256] = w
+                    seen.update({k: w for k in keys})
         to_score = [w for w in batch if w.tensor is not None]
         t0 = time.perf_counter()
         preds = pred.predict_batch(torch.stack([w.tensor for w in to_score])) if to_score else []
@@ -547,7 +578,7 @@ class Inferer(Stage):
         t1 = time.perf_counter()
         now = utcnow()
         done: list[Done] = []
-        counts = {OK: 0, ERROR: 0, DUPLICATE: 0}
+        counts = {OK: 0, ERROR: 0, DUPLICATE: 0, SKIPPED: 0}
         with ctx.sessions.begin() as s:
             b = Batch(created_at=now, size=len(batch), wait_ms=wait_ms, model_ms=model_ms, model_id=pred.model_id)
             s.add(b)
@@ -565,7 +596,9 @@ class Inferer(Stage):
                     "error": None, "duplicate_of": None, "logit": None, "probability": None, "label": None,
                     "flagged": None,
                 }  # fmt: skip
-                if w.error is not None:
+                if w.skip is not None:
+                    row["status"], row["error"] = SKIPPED, storable(w.skip)
+                elif w.error is not None:
                     reason = w.error
                     if w.incomplete and ctx.incomplete_grace_s > 0:
                         reason += f"; the file stayed unchanged for {ctx.incomplete_grace_s:g} s"
@@ -598,6 +631,7 @@ class Inferer(Stage):
             ok=counts[OK],
             errors=counts[ERROR],
             duplicates=counts[DUPLICATE],
+            skipped=counts[SKIPPED],
             wait_ms=round(wait_ms, 1),
             decode_ms_mean=round(sum(w.decode_ms for w in batch) / len(batch), 1),
             model_ms=round(model_ms, 1),
@@ -611,6 +645,8 @@ class Inferer(Stage):
         log = self.ctx.log
         if row["status"] == ERROR:
             log.error("file_error", file=storable(path), reason=row["error"], id=row["id"])
+        elif row["status"] == SKIPPED:
+            log.info("file_skipped", file=storable(path), reason=row["error"], id=row["id"])
         elif row["flagged"]:  # a duplicate of a flagged film is flagged under its own name too
             extra = {"duplicate_of": row["duplicate_of"]} if row["status"] == DUPLICATE else {}
             log.warning(

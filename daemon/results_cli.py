@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
         parser.add_argument("--flagged", action="store_true", default=d(False), help="only flagged cases")
         parser.add_argument("--status", choices=STATUSES, default=d(None), help="only rows with this status")
+        parser.add_argument("--accession", default=d(None), help="only rows of this DICOM accession number")
+        parser.add_argument("--patient", default=d(None), help="only rows of this DICOM patient ID")
         parser.add_argument("--limit", type=positive_int, default=d(None), help="at most N rows (the newest)")
         parser.add_argument("--all-columns", action="store_true", default=d(False), help="table format: every column")
 
@@ -103,6 +105,10 @@ def query_rows(sessions, args: argparse.Namespace) -> list[dict[str, Any]]:
         stmt = stmt.where(Result.flagged.is_(True), Result.status.in_(SCORED))
     if args.status:
         stmt = stmt.where(Result.status == args.status)
+    if args.accession:
+        stmt = stmt.where(Result.accession_number == args.accession)
+    if args.patient:
+        stmt = stmt.where(Result.patient_id == args.patient)
     if args.since:  # a claimed row has no processed_at yet: it counts from when it was received
         stmt = stmt.where(func.coalesce(Result.processed_at, Result.received_at) >= args.since)
     stmt = stmt.order_by(Result.id.desc())
@@ -204,7 +210,8 @@ def _main(argv: list[str] | None, out) -> int:
     args = parser.parse_args(argv)
     if args.command == "stats":
         ignored = [flag for flag, value in (("--flagged", args.flagged), ("--status", args.status),
-                   ("--limit", args.limit), ("--all-columns", args.all_columns)) if value]  # fmt: skip
+                   ("--limit", args.limit), ("--all-columns", args.all_columns), ("--accession", args.accession),
+                   ("--patient", args.patient)) if value]  # fmt: skip
         if ignored:
             parser.error(f"stats counts every row (optionally --since); {', '.join(ignored)} only apply to list")
     try:

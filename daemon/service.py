@@ -34,7 +34,7 @@ from xr.daemon.db import (
     utcnow,
 )
 from xr.daemon.discovery import Discovery, inside
-from xr.daemon.export import CsvExporter
+from xr.daemon.export import CsvExporter, csv_columns
 from xr.daemon.loading import ModelReloader, apply_limits, open_predictor, prepare
 from xr.daemon.logging import get_logger
 from xr.daemon.paths import model_path, output_dir, results_db
@@ -82,7 +82,7 @@ def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
 
     An inbox inside processed/ or failed/ is refused: every file would be moved into its own inbox.
     """
-    own = (output / "processed", output / "failed", output / "csv")
+    own = (output / "processed", output / "failed", output / "skipped", output / "csv")
     for d in own:
         if inside(inbox, d):
             raise XRError(f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output")
@@ -197,7 +197,7 @@ class Service:
 
     def _load_predictor(self) -> Predictor:
         d = self.cfg.daemon
-        pred = apply_limits(self._predictor, d) if self._predictor else open_predictor(d, self.model_path, self.calibration)
+        pred = apply_limits(self._predictor, self.cfg) if self._predictor else open_predictor(self.cfg, self.model_path, self.calibration)
         self.plan = plan_run(d, pred.device.type, bf16=pred.bf16)
         if pred.device.type == "cpu":
             torch.set_num_threads(self.plan.torch_threads)
@@ -308,7 +308,8 @@ class Service:
                 exclude=excluded_dirs(self.inbox, self.output),
                 log=self.log,
             )
-            exporter = CsvExporter(self.output / "csv", sessions, self.cfg.csv.rotation, self.cfg.csv.max_rows)
+            exporter = CsvExporter(self.output / "csv", sessions, self.cfg.csv.rotation, self.cfg.csv.max_rows,
+                                   csv_columns(self.cfg.csv.dicom_identifiers))
             ctx = Context(
                 inbox=self.inbox,
                 output=self.output,
@@ -325,6 +326,9 @@ class Service:
                 dedupe=d.dedupe,
                 max_file_bytes=self.max_file_bytes,
                 incomplete_grace_s=d.incomplete_grace_s,
+                on_skipped=d.on_skipped,
+                dicom_modalities=tuple(self.cfg.dicom.modalities),
+                dicom_body_parts=tuple(self.cfg.dicom.body_parts),
             )
             finisher = Finisher(ctx, finish_q)
             inferer = Inferer(ctx, decoded_q, finish_q, slots)
@@ -339,7 +343,7 @@ class Service:
             claimer = Claimer(ctx, ready_q, decoded_q, finish_q, slots)
             self.stages = [claimer, inferer, finisher]
             if not self.once and self._predictor is None:
-                ctx.reloader = ModelReloader(d, self.model_path, self.calibration, predictor, plan.batch_size, self.log)
+                ctx.reloader = ModelReloader(self.cfg, self.model_path, self.calibration, predictor, plan.batch_size, self.log)
                 self.stages.append(ctx.reloader)
             rec = self.reconcile(ctx, finisher)
             self.log.info(

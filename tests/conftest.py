@@ -62,6 +62,21 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def dicom_dir(tmp_path_factory, xray_paths) -> dict[str, Path]:
+    """DICOM films (tests/dicom_films.py): the CR chest in every transfer syntax, its MONOCHROME2 twin, a
+    12-bit windowed film with its 8-bit export, and out-of-scope objects."""
+    import dicom_films
+
+    folder = tmp_path_factory.mktemp("dicom")
+    films = dicom_films.chest_films(folder)
+    export8 = xray_paths[-1]
+    films["export8"] = export8
+    films["windowed12"] = dicom_films.from_8bit(export8, folder, "windowed12.dcm")
+    films.update(dicom_films.out_of_scope(folder, export8))
+    return films
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A real checkpoint (ImageNet Lite0 backbone, seeded head) with a calibration file beside it.
 

@@ -95,7 +95,7 @@ def test_unknown_section_is_rejected_naming_it(tmp_path):
 def test_a_recipe_key_in_the_operators_config_says_where_it_belongs(tmp_path):
     """The daemon takes preprocessing from the checkpoint: an operator editing it must be told, not ignored."""
     data = yaml.safe_load(SETTINGS_PATH.read_text()) | {"preprocess": {"render_size": 112}}
-    with pytest.raises(ConfigError, match=r"config section preprocess belongs in recipe\.yaml, read by xr-train; config\.yaml holds sections daemon, csv"):
+    with pytest.raises(ConfigError, match=r"config section preprocess belongs in recipe\.yaml, read by xr-train; config\.yaml holds sections daemon, dicom, csv"):
         load_settings(_write(tmp_path, data))
     with pytest.raises(ConfigError, match=r"config key preprocess\.render_size belongs in recipe\.yaml"):
         load_settings(overrides={"preprocess.render_size": 112})

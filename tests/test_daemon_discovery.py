@@ -18,9 +18,9 @@ class Clock:
 
 
 def test_candidate_names():
-    for ok in ("a.png", "b.JPG", "c.jpeg", "D.PnG"):
+    for ok in ("a.png", "b.JPG", "c.jpeg", "D.PnG", "e.dcm", "F.DICOM", "g.Dcm"):
         assert is_candidate_name(ok)
-    for bad in (".a.png", "a.png.part", "a.tmp", "a.png.crdownload", "a.png~", "a.txt", "a.dcm", ""):
+    for bad in (".a.png", "a.png.part", "a.tmp", "a.png.crdownload", "a.png~", "a.txt", "a.dcm.part", ".b.dcm", ""):
         assert not is_candidate_name(bad)
 
 
@@ -267,10 +267,11 @@ def test_a_deferred_file_that_vanishes_is_dropped(tmp_path):
 
 
 def test_names_the_daemon_does_not_read_are_reported_once_and_left(tmp_path):
-    (tmp_path / "study.dcm").write_bytes(b"DICM")
+    (tmp_path / "study.tiff").write_bytes(b"II*\x00")
     (tmp_path / "notes.txt").write_text("x")
-    (tmp_path / "noext").write_text("x")
-    for quiet in (".hidden.dcm", "a.png.part", "b.tmp", "c.dcm~"):
+    (tmp_path / "noext").write_text("x" * 200)  # long enough to know it is not DICOM
+    (tmp_path / "short").write_text("x")  # an extensionless file still arriving may be DICOM: not yet
+    for quiet in (".hidden.tiff", "a.png.part", "b.tmp", "c.tiff~"):
         (tmp_path / quiet).write_text("x")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "report.pdf").write_text("x")  # the daemon's own output: not the inbox's
@@ -278,14 +279,27 @@ def test_names_the_daemon_does_not_read_are_reported_once_and_left(tmp_path):
     d = Discovery(tmp_path, queue.Queue(), watch=False, exclude=(tmp_path / "out",), log=log)
     d.scan()
     d.scan()
-    d.note(str(tmp_path / "study.dcm"))  # a file event for it too
+    d.note(str(tmp_path / "study.tiff"))  # a file event for it too
     reported = {Path(kw["file"]).name: kw["reason"] for event, kw in log.events if event == "file_ignored"}
-    assert len(log.events) == 3 and set(reported) == {"study.dcm", "notes.txt", "noext"}
-    assert reported["study.dcm"].startswith("extension .dcm is not read (the daemon reads .png, .jpg, .jpeg)")
+    assert len(log.events) == 3 and set(reported) == {"study.tiff", "notes.txt", "noext"}
+    assert reported["study.tiff"].startswith("extension .tiff is not read (the daemon reads .png, .jpg, .jpeg, .dcm, .dicom")
     assert reported["noext"].startswith("no extension is not read")
-    assert (tmp_path / "study.dcm").exists() and d.outstanding() == 0
-    (tmp_path / "study.dcm").unlink()
+    assert (tmp_path / "study.tiff").exists() and d.outstanding() == 0
+    (tmp_path / "study.tiff").unlink()
     d.scan()
-    (tmp_path / "study.dcm").write_bytes(b"DICM")  # a new file under the name: reported again
+    (tmp_path / "study.tiff").write_bytes(b"II*\x00")  # a new file under the name: reported again
     d.scan()
-    assert sum(Path(kw["file"]).name == "study.dcm" for _, kw in log.events) == 2
+    assert sum(Path(kw["file"]).name == "study.tiff" for _, kw in log.events) == 2
+
+
+def test_extensionless_dicom_files_are_found_by_their_dicm_marker(tmp_path):
+    (tmp_path / "IM000001").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00" * 20)
+    (tmp_path / "README").write_bytes(b"plain text, no marker " * 20)
+    os.utime(tmp_path / "IM000001", (1, 1))
+    q = queue.Queue(maxsize=10)
+    log = _Log()
+    d = Discovery(tmp_path, q, watch=False, log=log)
+    assert d.scan() == 1
+    d._check_pending(); d._push_ready()  # noqa: E702
+    assert [Path(i.path).name for i in _drain(q)] == ["IM000001"]
+    assert [Path(kw["file"]).name for _, kw in log.events] == ["README"]

@@ -209,7 +209,7 @@ def test_once_good_16bit_bad_inputs_duplicates(tmp_path, tiny_checkpoint, xray_p
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     st = json.loads(res.stdout)
-    assert st["by_status"] == {"claimed": 0, "ok": 5, "error": 5, "duplicate": 2}
+    assert st["by_status"] == {"claimed": 0, "ok": 5, "error": 5, "duplicate": 2, "skipped": 0}
     assert st["total"] == 12 and st["latency_ms_p50"] is not None
 
 
@@ -608,3 +608,110 @@ def test_calibration_flag_scores_with_a_sites_file(tmp_path, tiny_checkpoint, xr
     finally:
         stop(proc)
     assert any(e["event"] == "daemon_error" and "was fitted for model" in e["reason"] for e in log_events(log))
+
+
+# -- DICOM -------------------------------------------------------------------------------------------------
+def test_a_dicom_inbox_end_to_end(tmp_path, tiny_checkpoint, dicom_dir):
+    import dicom_films
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    put = {
+        "chest.dcm": dicom_dir["native"], "chest-j2k.dcm": dicom_dir["j2k"], "FILM.DICOM": dicom_dir["jpeg_lossless"],
+        "IMG00001": dicom_dir["jpegls"], "rg1.dcm": dicom_films.rg1("RG1_UNCI.dcm"),
+        "rg1-reexport.dcm": dicom_films.rg1("RG1_J2KI.dcm"),  # the same SOPInstanceUID in another syntax
+        "knee.dcm": dicom_dir["knee"], "report.dcm": dicom_dir["sr"], "nopixels.dcm": dicom_dir["no_pixels"],
+        "frames.dcm": dicom_dir["two_frames"], "colour.dcm": dicom_dir["colour"],
+    }  # fmt: skip
+    for name, src in put.items():
+        shutil.copy(src, inbox / name)
+    dicom_films.with_modality(dicom_films.PYDICOM_FILES / "JPGExtended.dcm", inbox / "jpeg12.dcm", Modality="CR",
+                              BodyPartExamined="CHEST")  # fmt: skip
+    (inbox / "notadicom.dcm").write_text("no marker here\n" * 20)
+    for p in inbox.iterdir():
+        os.utime(p, (1, 1))  # long settled: an image without pixels is not waited for
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once")
+    try:
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        stop(proc)
+    rows = {r["filename"]: r for r in db_rows(tmp_path)}
+    assert len(rows) == 13, sorted(rows)
+    for name in ("chest.dcm", "chest-j2k.dcm", "FILM.DICOM", "IMG00001", "frames.dcm", "colour.dcm"):
+        assert rows[name]["status"] == "ok", (name, rows[name]["error"])
+    # the same DICOM instance in two syntaxes: whichever came first is scored, the other is its duplicate
+    first, dup = sorted((rows["rg1.dcm"], rows["rg1-reexport.dcm"]), key=lambda r: r["status"] != "ok")
+    assert (first["status"], dup["status"], dup["duplicate_of"]) == ("ok", "duplicate", first["id"])
+    assert first["sha256"] != dup["sha256"] and first["sop_instance_uid"] == dup["sop_instance_uid"]
+    skipped = {n: r["error"] for n, r in rows.items() if r["status"] == "skipped"}
+    assert skipped == {"knee.dcm": "BodyPartExamined KNEE: not one of CHEST", "report.dcm": "Modality SR: not one of CR, DX",
+                       "nopixels.dcm": "no pixel data"}  # fmt: skip
+    assert "decoder not installed" in rows["jpeg12.dcm"]["error"] and rows["jpeg12.dcm"]["status"] == "error"
+    assert "not a DICOM file" in rows["notadicom.dcm"]["error"]
+    chest = rows["chest.dcm"]
+    assert (chest["patient_id"], chest["accession_number"], chest["modality"], chest["body_part"], chest["view_position"]) == (
+        "PID-0001", "ACC-0001", "CR", "CHEST", "PA")
+    assert chest["study_instance_uid"] and chest["series_instance_uid"] and chest["sop_instance_uid"] and chest["study_date"]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "skipped").iterdir()) == ["knee.dcm", "nopixels.dcm", "report.dcm"]
+    assert sorted(p.name for p in (out / "failed").iterdir()) == ["jpeg12.dcm", "notadicom.dcm"]
+    exported = csv_rows(tmp_path)
+    by_name = {r["filename"]: r for r in exported}
+    assert by_name["chest.dcm"]["accession_number"] == "ACC-0001" and by_name["IMG00001"]["patient_id"] == "PID-0001"
+    for text in [log.read_text(), *(p.read_text() for p in (out / "csv").glob("*.csv"))]:
+        assert "Doe" not in text and "CompressedSamples" not in text  # no patient's name leaves the daemon
+    res = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--output", str(out), "--accession", "ACC-0001",
+                          "--format", "json"], capture_output=True, text=True, check=True)  # fmt: skip
+    assert {r["filename"] for r in json.loads(res.stdout)} == {"chest.dcm", "chest-j2k.dcm", "FILM.DICOM", "IMG00001"}
+    res = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--output", str(out), "--patient", "PID-0001",
+                          "--status", "ok", "--format", "json"], capture_output=True, text=True, check=True)  # fmt: skip
+    assert len(json.loads(res.stdout)) == 4
+
+
+def test_dicom_identifiers_can_be_left_out_of_the_csvs(tmp_path, tiny_checkpoint, dicom_dir):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(dicom_dir["native"], inbox / "chest.dcm")
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", "--set", "csv.dicom_identifiers=false")
+    try:
+        assert proc.wait(300) == 0
+    finally:
+        stop(proc)
+    (row,) = csv_rows(tmp_path)
+    assert "accession_number" not in row and "patient_id" not in row and row["filename"] == "chest.dcm"
+    assert db_rows(tmp_path)[0]["accession_number"] == "ACC-0001"  # the database keeps them
+
+
+def test_kill9_during_a_dicom_burst_loses_and_doubles_nothing(tmp_path, tiny_checkpoint, xray_paths):
+    import dicom_films
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    names = []
+    for i in range(30):
+        ds = dicom_films.cr_from_picture(xray_paths[i % len(xray_paths)], AccessionNumber=f"ACC-{i:03d}")
+        tmp = inbox / f".f{i:03d}.part"
+        dicom_films.write(ds, tmp)
+        name = f"f{i:03d}.dcm" if i % 3 else f"F{i:03d}"  # a third of them without an extension
+        os.rename(tmp, inbox / name)
+        names.append(name)
+    rng = random.Random(int(os.environ.get("XR_KILL_SEED", "5")))
+    for round_ in range(2):
+        proc, log = start_daemon(tmp_path, tiny_checkpoint, "--batch-size", "4", log_name=f"kill{round_}.log")
+        try:
+            wait_started(proc, log)
+            time.sleep(rng.uniform(0.3, 1.5))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            stop(proc)
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", log_name="final.log")
+    try:
+        assert proc.wait(300) == 0
+    finally:
+        stop(proc)
+    rows = db_rows(tmp_path)
+    assert sorted(r["filename"] for r in rows) == sorted(names) and all(r["status"] == "ok" for r in rows)
+    assert sorted(r["accession_number"] for r in rows) == [f"ACC-{i:03d}" for i in range(30)]
+    assert sorted(p.name for p in (tmp_path / "out" / "processed").iterdir()) == sorted(names)
+    assert [int(r["id"]) for r in csv_rows(tmp_path)] == [r["id"] for r in rows]

@@ -61,7 +61,7 @@ def test_list_filters_and_formats(out_dir):
 def test_stats(out_dir):
     rc, text = run("stats", "--output", str(out_dir), "--format", "json")
     st = json.loads(text)
-    assert st["by_status"] == {"claimed": 1, "ok": 8, "error": 1, "duplicate": 2}
+    assert st["by_status"] == {"claimed": 1, "ok": 8, "error": 1, "duplicate": 2, "skipped": 0}
     assert st["flagged"] == 5 and st["flagged_rate"] == pytest.approx(5 / 10)  # of the rows with a score
     assert st["throughput_files_per_s"] == pytest.approx(11 / 10)
     assert st["latency_ms_p50"] == pytest.approx(1004.5)

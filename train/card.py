@@ -39,7 +39,7 @@ def write_model_card(
         "intended_use": INTENDED_USE,
         "not_for_diagnostic_use": True,
         "input": {
-            "files": "PNG or JPEG chest radiograph (8-bit, 16-bit grayscale, RGB, RGBA, palette)",
+            "files": "chest radiograph as DICOM (CR, DX), PNG or JPEG (8-bit, 16-bit grayscale, RGB, RGBA, palette)",
             "img_size": cfg.preprocess.img_size,
             "render": (
                 f"squashed to {cfg.preprocess.render_size}x{cfg.preprocess.render_size} (bicubic), "

@@ -1,0 +1,194 @@
+"""DICOM in: the header's identifiers and scope, and the pixels through the standard's display pipeline.
+
+Decoding (pydicom 3, ``pydicom.pixels``) covers the transfer syntaxes of CR/DX exports with permissively
+licensed plugins: native (uncompressed), RLE (pylibjpeg-rle), JPEG baseline (Pillow), JPEG extended and
+JPEG lossless (GDCM), JPEG 2000 (pylibjpeg-openjpeg) and JPEG-LS (pyjpegls). A syntax no installed plugin
+decodes is an :class:`ImageError` that names it.
+
+The picture the model sees, in the standard's order (PS3.4 N.2): the first frame; the modality LUT
+(rescale slope/intercept, or a Modality LUT Sequence); the VOI LUT (a VOI LUT Sequence, else window
+center/width: the first window, or ``window``); MONOCHROME1 (or a Presentation LUT Shape of INVERSE)
+inverted so bone is white; then 8 bits by the output range those steps define (the bits stored when there
+is no VOI). So a MONOCHROME1 film and its MONOCHROME2 twin give the same picture.
+
+Only the identifiers in :data:`IDENTIFIERS` leave this module: never a patient's name or any other tag.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from xr.core.errors import ImageError
+
+DICM_OFFSET = 128  # a DICOM file: a 128-byte preamble, then b"DICM"
+DICOM_SUFFIXES = (".dcm", ".dicom")
+# results column -> DICOM keyword
+IDENTIFIERS = {
+    "patient_id": "PatientID",
+    "accession_number": "AccessionNumber",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+    "sop_instance_uid": "SOPInstanceUID",
+    "modality": "Modality",
+    "body_part": "BodyPartExamined",
+    "view_position": "ViewPosition",
+    "study_date": "StudyDate",
+}
+_HEADER_TAGS = [*IDENTIFIERS.values(), "SOPClassUID", "Rows", "PixelData"]
+
+
+def is_dicom(data: bytes) -> bool:
+    return data[DICM_OFFSET : DICM_OFFSET + 4] == b"DICM"
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    identifiers: dict[str, str | None]
+    has_pixels: bool
+    image: bool  # an image object (it has Rows): without pixels it may be a file still being written
+
+    @property
+    def maybe_cut(self) -> bool:
+        """An image whose pixel data is missing: what a writer that paused before it leaves behind."""
+        return self.image and not self.has_pixels
+
+    def out_of_scope(self, modalities: tuple[str, ...], body_parts: tuple[str, ...]) -> str | None:
+        """Why this object is not a chest radiograph the daemon should score (None: it is)."""
+        modality = (self.identifiers.get("modality") or "").upper()
+        if modality not in {m.upper() for m in modalities}:
+            return f"Modality {modality or '(none)'}: not one of {', '.join(modalities)}"
+        if not self.has_pixels:
+            return "no pixel data"
+        part = (self.identifiers.get("body_part") or "").upper()
+        if part and part not in {b.upper() for b in body_parts}:
+            return f"BodyPartExamined {part}: not one of {', '.join(body_parts)}"
+        return None
+
+
+def read_header(data: bytes) -> DicomHeader:
+    """The identifiers and whether there are pixels, without decoding them. Raises ImageError."""
+    ds = _dataset(data, stop_before_pixels=False, specific_tags=_HEADER_TAGS)
+    ids = {}
+    for column, keyword in IDENTIFIERS.items():
+        value = ds.get(keyword)
+        ids[column] = str(value).strip() or None if value is not None else None
+    return DicomHeader(identifiers=ids, has_pixels="PixelData" in ds, image="Rows" in ds)
+
+
+def _dataset(data: bytes, **kw: Any):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on odd but readable files; what fails is an error
+            return pydicom.dcmread(io.BytesIO(data), **kw)
+    except InvalidDicomError:
+        raise ImageError(None, "not a DICOM file (no DICM marker)") from None
+    except (EOFError, struct.error) as exc:
+        raise ImageError(None, f"truncated DICOM data ({type(exc).__name__})", incomplete=True) from None
+    except Exception as exc:  # noqa: BLE001 - a broken file is a bad file, never a crash
+        raise ImageError(None, f"cannot read DICOM header: {type(exc).__name__}") from None
+
+
+def decode_dicom(data: bytes, window: int = 0, max_pixels: int = 80_000_000) -> Image.Image:
+    """The first frame of a DICOM image as the 8-bit grey picture the model sees. Raises ImageError
+    (without a path: the caller names the file)."""
+    from pydicom.pixels import pixel_array
+
+    ds = _dataset(data)
+    if "PixelData" not in ds:  # an image without pixels may be a file cut short (pydicom stops at the end quietly)
+        raise ImageError(None, "no pixel data", incomplete="Rows" in ds)
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if rows * cols > max_pixels:
+        raise ImageError(None, f"image is {cols}x{rows} = {rows * cols:,} pixels, over the limit of {max_pixels:,}")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = pixel_array(ds, index=0 if frames > 1 else None)
+    except Exception as exc:  # noqa: BLE001
+        raise _decode_error(exc, syntax, data, ds) from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3:  # colour: a secondary capture of a film, read as luminance
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, photometric, "RGB")
+        rgb = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+        return rgb.convert("L")
+    if arr.ndim != 2:
+        raise ImageError(None, f"unexpected pixel array shape {arr.shape}")
+    return to_display(arr, ds, window)
+
+
+# What decodes a syntax the installed (permissively licensed) plugins do not.
+_MISSING_HINT = {"JPEG Extended (Process 2 and 4)": " at 12-bit precision (pylibjpeg-libjpeg, GPLv3, decodes it)"}
+
+
+def _decode_error(exc: Exception, syntax: Any, data: bytes, ds: Any) -> ImageError:
+    name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
+    text = str(exc)
+    if "missing dependencies" in text or "no pixel data decoders" in text.lower() or "plugin" in text.lower():
+        return ImageError(None, f"compressed with {name}{_MISSING_HINT.get(name, '')}: decoder not installed")
+    if "less than expected" in text or "insufficient" in text.lower() or "end of" in text.lower():
+        return ImageError(None, f"truncated DICOM pixel data ({name})", incomplete=True)
+    return ImageError(None, f"cannot decode DICOM pixel data ({name}): {type(exc).__name__}")
+
+
+def _output_range(ds: Any) -> tuple[float, float]:
+    """The range of values after the modality LUT (as pydicom's windowing defines it)."""
+    bits = int(ds.get("BitsStored", 8))
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    lo, hi = (0.0, float(2**bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 0 else (
+        float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1))  # fmt: skip
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
+    return lo, hi
+
+
+def to_display(arr: np.ndarray, ds: Any, window: int = 0) -> Image.Image:
+    """Stored values -> modality LUT -> VOI -> inversion -> 8 bits (see the module docstring).
+
+    Integer pixels of up to 16 bits go through the pipeline once per possible value (a lookup table), not
+    once per pixel: the same result for a fraction of the cost on a film of millions of pixels."""
+    bits = int(ds.get("BitsStored", 8))
+    if np.issubdtype(arr.dtype, np.integer) and bits <= 16:
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        first = -(2 ** (bits - 1)) if signed else 0
+        values = np.arange(first, first + 2**bits, dtype=np.int64)
+        lut = np.asarray(_display(values.reshape(1, -1), ds, window), dtype=np.uint8).reshape(-1)
+        return Image.fromarray(lut[np.clip(arr.astype(np.int64) - first, 0, 2**bits - 1)], "L")
+    return Image.fromarray(_display(arr, ds, window), "L")
+
+
+def _display(arr: np.ndarray, ds: Any, window: int) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+    values = apply_modality_lut(arr, ds)
+    lo, hi = _output_range(ds)
+    if ds.get("VOILUTSequence"):
+        index = min(window, len(ds.VOILUTSequence) - 1)
+        if not np.issubdtype(values.dtype, np.integer):
+            values = np.rint(values).astype(np.int64)
+        values = apply_voi(values, ds, index=index)
+        lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[index].LUTDescriptor[2]) - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        n = ds["WindowCenter"].VM
+        values = apply_windowing(values, ds, index=min(window, max(n, 1) - 1))
+    values = values.astype(np.float64)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    shape = str(ds.get("PresentationLUTShape", "IDENTITY")).strip().upper()
+    if photometric == "MONOCHROME1" or shape == "INVERSE":  # one inversion: INVERSE is how MONOCHROME1 is shown
+        values = hi - (values - lo)
+    scaled = np.rint((values - lo) * (255.0 / max(hi - lo, 1e-12)))
+    return np.clip(scaled, 0, 255).astype(np.uint8)

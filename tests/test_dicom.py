@@ -1,0 +1,146 @@
+"""core/dicom.py: DICOM decoding in every transfer syntax of a CR/DX export, the display pipeline, the
+identifiers and scope, and what a bad or short file says."""
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+import dicom_films
+from xr.core.dicom import IDENTIFIERS, decode_dicom, is_dicom, read_header
+from xr.core.errors import ImageError
+from xr.core.imaging import load_image
+from xr.core.predict import Predictor
+
+
+def _picture(path) -> np.ndarray:
+    return np.asarray(load_image(path), dtype=np.int64)
+
+
+@pytest.mark.parametrize("syntax", ["rle", "jpegls", "j2k", "jpeg_lossless"])
+def test_every_lossless_syntax_gives_the_native_picture(dicom_dir, syntax):
+    assert pydicom.dcmread(dicom_dir[syntax], stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed
+    assert np.array_equal(_picture(dicom_dir[syntax]), _picture(dicom_dir["native"]))
+
+
+def test_jpeg_baseline_export_is_the_same_picture_within_jpeg_noise(dicom_dir):
+    diff = np.abs(_picture(dicom_dir["jpeg_baseline"]) - _picture(dicom_dir["native"]))
+    assert diff.mean() < 1.5 and diff.max() <= 12
+
+
+def test_the_real_cr_chest_in_its_jpeg2000_forms():
+    """pydicom-data's RG1: J2KR is the lossless form of UNCR, J2KI the lossy one whose decompressed pixels
+    are UNCI."""
+    native = _picture(dicom_films.rg1("RG1_UNCR.dcm"))
+    assert native.shape == (1955, 1841) and 60 < native.mean() < 230 and native.std() > 20  # a film, not a flat field
+    assert np.array_equal(_picture(dicom_films.rg1("RG1_J2KR.dcm")), native)
+    lossy = _picture(dicom_films.rg1("RG1_J2KI.dcm"))
+    assert np.abs(lossy - _picture(dicom_films.rg1("RG1_UNCI.dcm"))).max() <= 1
+    assert np.abs(lossy - native).mean() < 2
+
+
+def test_monochrome1_is_inverted_so_bone_is_white(dicom_dir):
+    """RG1 is MONOCHROME1: on display its lungs (low attenuation) are dark, the mediastinum bright."""
+    pic = _picture(dicom_dir["native"])
+    h, w = pic.shape
+    lungs = pic[h // 3 : h // 2, w // 6 : w // 3].mean()
+    mediastinum = pic[h // 3 : h // 2, int(w * 0.45) : int(w * 0.55)].mean()
+    assert mediastinum > lungs + 20, (lungs, mediastinum)
+
+
+def test_monochrome1_and_its_monochrome2_twin_score_alike(dicom_dir, tiny_checkpoint):
+    assert np.abs(_picture(dicom_dir["mono2"]) - _picture(dicom_dir["native"])).max() <= 1
+    pred = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", amp="off")
+    a, b = pred.predict_paths([dicom_dir["native"], dicom_dir["mono2"]])
+    assert abs(a.probability - b.probability) < 0.01
+
+
+def test_a_windowed_12bit_film_scores_like_its_8bit_export(dicom_dir, tiny_checkpoint):
+    ds = pydicom.dcmread(dicom_dir["windowed12"], stop_before_pixels=True)
+    assert ds.BitsStored == 12 and "WindowCenter" in ds
+    pred = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", amp="off")
+    a, b = pred.predict_paths([dicom_dir["windowed12"], dicom_dir["export8"]])
+    assert abs(a.probability - b.probability) < 0.02
+    assert np.abs(_picture(dicom_dir["windowed12"]) - _picture(dicom_dir["export8"])).max() <= 1
+
+
+def test_the_configured_window_is_used_where_there_are_several(dicom_dir, tmp_path):
+    ds = pydicom.dcmread(dicom_dir["windowed12"])
+    ds.WindowCenter = [float(ds.WindowCenter), 1100.0]
+    ds.WindowWidth = [float(ds.WindowWidth), 100.0]
+    path = dicom_films.write(ds, tmp_path / "two_windows.dcm")
+    first, second = _picture(path), np.asarray(load_image(path, dicom_window=1), dtype=np.int64)
+    assert np.abs(first - _picture(dicom_dir["export8"])).max() <= 1
+    assert (second == 255).mean() > 0.5  # a narrow window low in the range: most of the film saturates
+
+
+def test_first_frame_and_colour_objects_decode(dicom_dir):
+    assert np.array_equal(_picture(dicom_dir["two_frames"]), _picture(dicom_dir["export8"]))
+    assert np.abs(_picture(dicom_dir["colour"]) - _picture(dicom_dir["export8"])).max() <= 1
+
+
+def test_identifiers_come_from_the_header_and_never_the_patients_name(dicom_dir):
+    data = dicom_dir["native"].read_bytes()
+    assert is_dicom(data) and not is_dicom(b"\x89PNG" + bytes(200))
+    header = read_header(data)
+    assert set(header.identifiers) == set(IDENTIFIERS)
+    ids = header.identifiers
+    assert ids["patient_id"] == "PID-0001" and ids["accession_number"] == "ACC-0001"
+    assert ids["modality"] == "CR" and ids["body_part"] == "CHEST" and ids["view_position"] == "PA"
+    assert ids["sop_instance_uid"].startswith("1.") and ids["study_date"] == "20040826"
+    assert dicom_films.PATIENT_NAME not in repr(header) and "Doe" not in repr(header)
+    assert header.out_of_scope(("CR", "DX"), ("CHEST",)) is None
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [("knee", "BodyPartExamined KNEE: not one of CHEST"), ("sr", "Modality SR: not one of CR, DX"),
+     ("no_pixels", "no pixel data")],
+)
+def test_objects_out_of_scope_say_why(dicom_dir, key, reason):
+    assert read_header(dicom_dir[key].read_bytes()).out_of_scope(("CR", "DX"), ("CHEST",)) == reason
+    assert read_header(dicom_dir["knee"].read_bytes()).out_of_scope(("CR",), ("CHEST", "KNEE")) is None  # configurable
+
+
+def test_a_syntax_without_a_decoder_is_an_error_that_names_it():
+    path = dicom_films.PYDICOM_FILES / "JPGExtended.dcm"  # 12-bit JPEG extended: only GPL's pylibjpeg-libjpeg reads it
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert info.value.reason == (
+        "compressed with JPEG Extended (Process 2 and 4) at 12-bit precision (pylibjpeg-libjpeg, GPLv3, decodes it): "
+        "decoder not installed"
+    )
+    assert str(path) in str(info.value) and not info.value.incomplete
+
+
+def test_a_missing_plugin_for_jpeg_ls_is_named(dicom_dir, monkeypatch):
+    import pydicom.pixels
+
+    def missing(*a, **kw):
+        raise RuntimeError("Unable to decompress 'JPEG-LS Lossless Image Compression' pixel data because all plugins "
+                           "are missing dependencies:\n    pyjpegls - requires numpy and pyjpegls")
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", missing)
+    with pytest.raises(ImageError, match=r"compressed with JPEG-LS Lossless Image Compression: decoder not installed"):
+        decode_dicom(dicom_dir["jpegls"].read_bytes())
+
+
+def test_a_cut_dicom_file_is_incomplete_and_a_wrong_one_is_not(dicom_dir, tmp_path):
+    data = dicom_dir["native"].read_bytes()
+    for cut in (60, 131, 2000, len(data) // 2):
+        (tmp_path / "cut.dcm").write_bytes(data[:cut])
+        with pytest.raises(ImageError) as info:
+            load_image(tmp_path / "cut.dcm")
+        assert info.value.incomplete, (cut, info.value.reason)
+    (tmp_path / "text.dcm").write_text("not a dicom file at all\n" * 20)
+    with pytest.raises(ImageError, match="not a DICOM file") as info:
+        load_image(tmp_path / "text.dcm")
+    assert not info.value.incomplete
+
+
+def test_the_lookup_table_gives_the_per_pixel_pipelines_picture(dicom_dir):
+    from xr.core.dicom import _display, to_display
+
+    for key in ("native", "mono2", "windowed12"):
+        ds = pydicom.dcmread(dicom_dir[key])
+        arr = ds.pixel_array
+        assert np.array_equal(np.asarray(to_display(arr, ds)), _display(arr, ds, 0)), key
