@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 INBOX ?= inbox
 OUTPUT ?= output
 
-.PHONY: run test bench clean-venv
+.PHONY: run test bench browser clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,13 +17,21 @@ run: $(STAMP)
 	mkdir -p $(INBOX) $(OUTPUT)
 	$(VENV)/bin/xr-daemon --watch $(INBOX) --output $(OUTPUT) --log-format console
 
-test: $(STAMP)
+# Debian's chromium for the review page's browser test; the test skips, saying why, where it cannot be had.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	    apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium could not be installed: tests/test_review_browser.py will skip"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_daemon.py
 	$(PY) scripts/bench_pipeline.py
+	$(PY) scripts/bench_dicom.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -183,6 +183,12 @@ class DaemonConfig(Section):
     max_pixels: StrictInt = Field(80_000_000, ge=1, description="decompression-bomb guard: images with more pixels get an error row")
     log_format: Literal["json", "console"] = Field("json", description="log lines on stderr: JSON objects, or human-readable")
     heartbeat_s: Number = Field(60.0, gt=0, description="interval of the heartbeat log event (backlog, rows since the last one)")
+    metrics_port: StrictInt = Field(0, ge=0, le=65535, description="port of /metrics (Prometheus) and /healthz; 0 = off")
+    metrics_host: StrictStr = Field("127.0.0.1", description="address /metrics and /healthz bind to")
+    heatmaps: Literal["flagged", "all", "off"] = Field(
+        "flagged", description="Grad-CAM heatmaps under <output>/heatmaps/: for flagged films, all scored films, or none"
+    )
+    heatmap_every_s: Number = Field(1.0, gt=0, description="how often the heatmap thread looks for films without one, seconds")
 
 
 class DicomConfig(Section):

@@ -37,7 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from xr.core.dicom import IDENTIFIERS
 from xr.core.errors import XRError
 
-SCHEMA_VERSION = 3  # the head revision of daemon/migrations (0003)
+SCHEMA_VERSION = 4  # the head revision of daemon/migrations (0004)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 CLAIMED, OK, ERROR, DUPLICATE, SKIPPED = "claimed", "ok", "error", "duplicate", "skipped"
@@ -93,6 +93,7 @@ class Result(Base):
     body_part: Mapped[str | None] = mapped_column(String(64))
     view_position: Mapped[str | None] = mapped_column(String(64))
     study_date: Mapped[str | None] = mapped_column(String(16))
+    heatmap_path: Mapped[str | None] = mapped_column(Text)  # <output>/heatmaps/<id>.png: where the model looked
 
     __table_args__ = (Index("ix_results_identity", "path", "size_bytes", "mtime_ns"),)
 
@@ -138,6 +139,25 @@ class CalibrationRecord(Base):
     threshold: Mapped[float] = mapped_column(Float)
     reference: Mapped[str | None] = mapped_column(Text)  # JSON: what a stream scored by it should look like
     first_used_at: Mapped[dt.datetime]
+
+
+DECISIONS = ("confirm", "dismiss")
+
+
+class Review(Base):
+    """A reader's decision on a flagged case (xr-review); a case with one has left the queue."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    decision: Mapped[str] = mapped_column(String(16))  # confirm | dismiss
+    note: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str | None] = mapped_column(String(128))
+    reviewed_at: Mapped[dt.datetime]
+
+
+REVIEW_COLUMNS = ("id", "result_id", "decision", "note", "reviewer", "reviewed_at")
 
 
 class Meta(Base):

@@ -22,7 +22,18 @@ from typing import Any, Iterable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from xr.daemon.db import CLAIMED, DICOM_COLUMNS, EXPORT_COLUMNS, FINAL_STATUSES, SCORED, Result, get_meta, set_meta
+from xr.daemon.db import (
+    CLAIMED,
+    DICOM_COLUMNS,
+    EXPORT_COLUMNS,
+    FINAL_STATUSES,
+    REVIEW_COLUMNS,
+    SCORED,
+    Result,
+    Review,
+    get_meta,
+    set_meta,
+)
 
 RESULTS_PREFIX = "results-"
 FLAGGED_NAME = "flagged.csv"
@@ -216,3 +227,20 @@ class CsvExporter:
         with self.sessions.begin() as s:
             set_meta(s, "last_exported_id", self.last_id)
         return sum(len(g) for g in groups.values())
+
+
+REVIEWS_NAME = "reviews.csv"
+
+
+def export_reviews(csv_dir: str | Path, sessions: sessionmaker[Session]) -> int:
+    """Append the reviews ``reviews.csv`` does not hold yet (ids only grow: the file's last id says which)."""
+    path = Path(csv_dir) / REVIEWS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    last = last_id_in_csv(path)
+    with sessions() as s:
+        rows = [dict(m) for m in s.execute(
+            select(*(getattr(Review, c) for c in REVIEW_COLUMNS)).where(Review.id > last).order_by(Review.id)).mappings()]
+    if rows:
+        header = rows_to_csv([], header=True, columns=REVIEW_COLUMNS)
+        atomic_append(path, rows_to_csv(rows, header=False, columns=REVIEW_COLUMNS), header=header)
+    return len(rows)

@@ -213,6 +213,7 @@ class Context:
     reserved_lock: threading.Lock = field(default_factory=threading.Lock)
     on_batch: Callable[[int], None] | None = None
     reloader: Any = None  # offers a new model or calibration between batches (daemon/loading.py)
+    metrics: Any = None  # daemon/metrics.py Metrics, when --metrics-port is set
 
     @property
     def processed_dir(self) -> Path:
@@ -537,6 +538,8 @@ class Inferer(Stage):
         pred = ctx.predictor
         with ctx.sessions.begin() as s:
             record_calibration(s, pred)
+        if ctx.metrics is not None:
+            ctx.metrics.model_in_use(pred.model_id, pred.calibration_id)
         ctx.log.info(
             "model_reloaded" if offer.predictor is not None else "calibration_reloaded", model_id=pred.model_id,
             calibration_id=pred.calibration_id, threshold=pred.threshold, **previous,
@@ -619,6 +622,9 @@ class Inferer(Stage):
             update_rows(s, list(rows.values()))
             b.n_ok, b.n_error, b.n_duplicate = counts[OK], counts[ERROR], counts[DUPLICATE]
         commit_ms = (time.perf_counter() - t1) * 1000
+        if ctx.metrics is not None:
+            n_flagged = sum(bool(r["flagged"]) for r in rows.values())
+            ctx.metrics.batch(counts, n_flagged, (model_ms + commit_ms) / 1000)
         for _ in batch:
             self.slots.release()
         self.batches += 1

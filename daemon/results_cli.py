@@ -21,6 +21,7 @@ from xr.daemon.db import (
     STATUSES,
     CalibrationRecord,
     Result,
+    Review,
     db_url,
     make_engine,
     session_factory,
@@ -85,7 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     list_opts(lst, False)
     stats = sub.add_parser("stats", help="counts by status, flagged rate, throughput, latency percentiles")
     common(stats, False)
+    reviews = sub.add_parser("reviews", help="the readers' decisions from xr-review, with their films")
+    common(reviews, False)
     return p
+
+
+REVIEW_LIST_COLUMNS = ("id", "reviewed_at", "result_id", "filename", "accession_number", "probability", "decision",
+                       "reviewer", "note")  # fmt: skip
+
+
+def query_reviews(sessions, since: dt.datetime | None) -> list[dict[str, Any]]:
+    stmt = select(Review.id, Review.reviewed_at, Review.result_id, Result.filename, Result.accession_number,
+                  Result.probability, Review.decision, Review.reviewer, Review.note).join(Result, Review.result_id == Result.id)  # fmt: skip
+    if since:
+        stmt = stmt.where(Review.reviewed_at >= since)
+    with sessions() as s:
+        return [dict(m) for m in s.execute(stmt.order_by(Review.id)).mappings()]
 
 
 def open_db(args: argparse.Namespace):
@@ -208,12 +224,12 @@ def main(argv: list[str] | None = None, out=None) -> int:
 def _main(argv: list[str] | None, out) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "stats":
+    if args.command in ("stats", "reviews"):
         ignored = [flag for flag, value in (("--flagged", args.flagged), ("--status", args.status),
                    ("--limit", args.limit), ("--all-columns", args.all_columns), ("--accession", args.accession),
                    ("--patient", args.patient)) if value]  # fmt: skip
         if ignored:
-            parser.error(f"stats counts every row (optionally --since); {', '.join(ignored)} only apply to list")
+            parser.error(f"{args.command} takes only --since and --format; {', '.join(ignored)} only apply to list")
     try:
         engine = open_db(args)
     except XRError as exc:
@@ -241,17 +257,21 @@ def _main(argv: list[str] | None, out) -> int:
                         v = f"{v:.4f}" if "rate" in k or k.endswith("psi") else f"{v:.1f}"
                     print(f"{k:<28} {'-' if v is None else v}", file=out)
             return 0
-        rows = query_rows(sessions, args)
+        columns = EXPORT_COLUMNS
+        if args.command == "reviews":
+            rows, columns = query_reviews(sessions, args.since), REVIEW_LIST_COLUMNS
+        else:
+            rows = query_rows(sessions, args)
         if args.format == "json":
             json.dump([{k: _jsonable(v) for k, v in r.items()} for r in rows], out, indent=2)
             print(file=out)
         elif args.format == "csv":
             w = csv.writer(out, lineterminator="\n")
-            w.writerow(EXPORT_COLUMNS)
+            w.writerow(columns)
             for r in rows:
-                w.writerow([format_value(r[c]) for c in EXPORT_COLUMNS])
+                w.writerow([format_value(r[c]) for c in columns])
         else:
-            print_table(rows, EXPORT_COLUMNS if args.all_columns else TABLE_COLUMNS, out)
+            print_table(rows, columns if args.command == "reviews" or args.all_columns else TABLE_COLUMNS, out)
         return 0
     finally:
         engine.dispose()

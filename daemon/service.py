@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from xr.core.config import DaemonConfig, Settings
 from xr.core.errors import XRError
@@ -23,6 +23,7 @@ from xr.core.predict import Predictor
 from xr.daemon.db import (
     CLAIMED,
     ERROR,
+    Meta,
     Result,
     db_url,
     delete_rows,
@@ -35,6 +36,8 @@ from xr.daemon.db import (
 )
 from xr.daemon.discovery import Discovery, inside
 from xr.daemon.export import CsvExporter, csv_columns
+from xr.daemon.heatmaps import HeatmapWorker
+from xr.daemon.metrics import Metrics, MetricsServer, sd_notify, watchdog_interval
 from xr.daemon.loading import ModelReloader, apply_limits, open_predictor, prepare
 from xr.daemon.logging import get_logger
 from xr.daemon.paths import model_path, output_dir, results_db
@@ -82,7 +85,7 @@ def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
 
     An inbox inside processed/ or failed/ is refused: every file would be moved into its own inbox.
     """
-    own = (output / "processed", output / "failed", output / "skipped", output / "csv")
+    own = (output / "processed", output / "failed", output / "skipped", output / "csv", output / "heatmaps")
     for d in own:
         if inside(inbox, d):
             raise XRError(f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output")
@@ -141,6 +144,10 @@ class Service:
         self.signals = 0
         self.exit_code = 0
         self.stages: list = []
+        self.heatmaps = None
+        self.discovery: Discovery | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.sessions = None
         self._lock_fds: list[int] = []
         self._signal_reason: str | None = None
 
@@ -291,7 +298,7 @@ class Service:
                 raise XRError(f"watch folder not found: {self.inbox}")
             self._lock()
             engine = make_engine(self.db)
-            sessions = session_factory(engine)
+            sessions = self.sessions = session_factory(engine)
             predictor = self._load_predictor()
             plan = self.plan
             ready_q: queue.Queue = queue.Queue(maxsize=max(4, 2 * plan.batch_size))
@@ -345,6 +352,9 @@ class Service:
             if not self.once and self._predictor is None:
                 ctx.reloader = ModelReloader(self.cfg, self.model_path, self.calibration, predictor, plan.batch_size, self.log)
                 self.stages.append(ctx.reloader)
+            self.heatmaps = HeatmapWorker(ctx, d.heatmaps, d.heatmap_every_s) if d.heatmaps != "off" else None
+            if self.heatmaps is not None:
+                self.stages.append(self.heatmaps)
             rec = self.reconcile(ctx, finisher)
             self.log.info(
                 "daemon_started",
@@ -360,6 +370,14 @@ class Service:
             )
             with sessions.begin() as s:
                 record_calibration(s, predictor)
+            if d.metrics_port:
+                ctx.metrics = Metrics(backlog=discovery.outstanding)
+                ctx.metrics.model_in_use(predictor.model_id, predictor.calibration_id)
+                try:
+                    self.metrics_server = MetricsServer(ctx.metrics, self.health, d.metrics_host, d.metrics_port)
+                except OSError as exc:
+                    raise XRError(f"cannot serve metrics on {d.metrics_host}:{d.metrics_port}: {exc.strerror or exc}") from None
+                self.metrics_server.start()
             for st in (finisher, inferer, claimer, *self.stages[3:]):
                 st.start()
             fallback = discovery.start()
@@ -367,6 +385,7 @@ class Service:
                 self.log.warning("watch_polling", reason=fallback)
             self.inferer, self.discovery = inferer, discovery
             self.log.debug("threads", native_ids={t.name: t.native_id for t in threading.enumerate()})
+            sd_notify("READY=1\nSTATUS=watching " + str(self.inbox))
             self._wait(discovery, idle_timeout)
         except XRError as exc:
             self.log.error("daemon_error", reason=str(exc))
@@ -386,8 +405,13 @@ class Service:
     def _wait(self, discovery: Discovery, idle_timeout: float | None) -> None:
         idle_since = time.monotonic()
         beat = Heartbeat(self.log, self.cfg.daemon.heartbeat_s, discovery, self.inferer)
+        watchdog, last_pet = watchdog_interval(), 0.0
+        mark = None  # heatmap passes when the inbox was last found done
         while not self._stop.wait(0.05):
             beat.tick()
+            if watchdog is not None and time.monotonic() - last_pet >= watchdog and self.threads_alive() is None:
+                sd_notify("WATCHDOG=1")  # only while the pipeline runs: a stuck daemon is restarted
+                last_pet = time.monotonic()
             failed = [(st.name, st.error) for st in self.stages if st.error is not None]
             if discovery.error is not None or not discovery.is_alive():
                 failed.append(("xr-discovery", discovery.error or RuntimeError("thread ended")))
@@ -396,6 +420,9 @@ class Service:
                 self.exit_code = 1
                 self.request_stop(f"{name} failed")
             busy = discovery.outstanding() > 0 or not discovery.first_scan_done.is_set()
+            if self.once and self.heatmaps is not None:  # --once draws the heatmaps too
+                mark = None if busy else (self.heatmaps.passes if mark is None else mark)
+                busy = busy or not self.heatmaps.done_since(mark)
             if busy:
                 idle_since = time.monotonic()
             if self.once and not busy:
@@ -405,8 +432,34 @@ class Service:
         if self._signal_reason:
             self.log.info("stopping", reason=self._signal_reason)
 
+    def threads_alive(self) -> str | None:
+        """None while every pipeline thread runs; else which one stopped."""
+        for st in self.stages:
+            if not st.is_alive():
+                return f"thread {st.name} is not running"
+        if self.discovery is None or not self.discovery.is_alive():
+            return "thread xr-discovery is not running"
+        return None
+
+    def health(self) -> tuple[bool, str]:
+        """For /healthz: the pipeline's threads are alive and the database takes a write."""
+        if self._stop.is_set():
+            return False, "stopping"
+        dead = self.threads_alive()
+        if dead:
+            return False, dead
+        try:
+            with self.sessions.begin() as s:  # a write that changes nothing: the lock and the disk answer
+                s.execute(update(Meta).where(Meta.key == "schema_version").values(value=Meta.value))
+        except Exception as exc:  # noqa: BLE001 - any database failure is unhealthy, said plainly
+            return False, f"database not writable: {type(exc).__name__}: {exc}"
+        return True, "pipeline running, database writable"
+
     def _shutdown(self, discovery: Discovery | None) -> None:
         t0 = time.perf_counter()
+        sd_notify("STOPPING=1")
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if discovery is not None:
             discovery.stop()
             discovery.join()

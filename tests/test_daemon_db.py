@@ -146,18 +146,18 @@ def test_a_database_made_by_the_previous_release_is_upgraded_in_place(tmp_path, 
     db = tmp_path / "results.sqlite"
     shutil.copy(fixtures_dir / "db" / "results-v1.sqlite", db)
     before = sqlite3.connect(db).execute("select id, filename, status, probability from results order by id").fetchall()
-    with pytest.raises(XRError, match="has schema version 1, this version reads 3: start xr-daemon on it once"):
+    with pytest.raises(XRError, match="has schema version 1, this version reads 4: start xr-daemon on it once"):
         make_engine(db, create=False)  # a reader never migrates
     make_engine(db).dispose()
     make_engine(db).dispose()  # upgrading twice changes nothing
     con = sqlite3.connect(db)
     assert con.execute("select id, filename, status, probability from results order by id").fetchall() == before
     assert len(before) == 4 and {r[2] for r in before} == {"ok", "error", "duplicate"}
-    assert con.execute("select version_num from alembic_version").fetchall() == [("0003",)]
+    assert con.execute("select version_num from alembic_version").fetchall() == [("0004",)]
     columns = {r[1] for r in con.execute("pragma table_info(results)")}
     assert {"calibration_id", "accession_number", "sop_instance_uid", "patient_id"} <= columns
     assert con.execute("select count(*) from calibrations").fetchone() == (0,)
-    assert dict(con.execute("select key, value from meta").fetchall()) == {"schema_version": "3", "last_exported_id": "4"}
+    assert dict(con.execute("select key, value from meta").fetchall()) == {"schema_version": "4", "last_exported_id": "4"}
     con.close()
     make_engine(db, create=False).dispose()  # now readable
 
@@ -176,4 +176,4 @@ def test_fresh_and_upgraded_schemas_are_the_same(tmp_path, fixtures_dir):
                        for t in insp.get_table_names()})
         eng.dispose()
     assert shapes[0] == shapes[1]
-    assert {"results", "batches", "meta", "calibrations", "alembic_version"} <= set(shapes[1])
+    assert {"results", "batches", "meta", "calibrations", "reviews", "alembic_version"} <= set(shapes[1])

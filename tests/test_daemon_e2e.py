@@ -484,6 +484,7 @@ def test_a_duplicate_of_a_flagged_film_is_flagged_everywhere(tmp_path, tiny_mode
         drop(xray_paths[5].read_bytes(), inbox, "re-export.jpeg")  # the same film under another name
         wait_for(lambda: len([r for r in db_rows(tmp_path) if r["status"] == "duplicate"]) == 1, 60, proc, "the duplicate")
         wait_for(lambda: len(csv_rows(tmp_path, "flagged.csv")) == 2, 30, proc, "flagged.csv")
+        wait_for(lambda: all(r["heatmap_path"] for r in db_rows(tmp_path)), 120, proc, "the heatmaps")
     finally:
         stop(proc)
     first, dup = db_rows(tmp_path)
@@ -495,6 +496,11 @@ def test_a_duplicate_of_a_flagged_film_is_flagged_everywhere(tmp_path, tiny_mode
     res = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--output", str(tmp_path / "out"), "--flagged",
                           "--format", "json"], capture_output=True, text=True, check=True)  # fmt: skip
     assert [r["filename"] for r in json.loads(res.stdout)] == ["first.jpeg", "re-export.jpeg"]
+    # heatmaps: drawn off the scoring path for the flagged film; its re-export shares it
+    first, dup = db_rows(tmp_path)
+    assert first["heatmap_path"] == str(tmp_path / "out" / "heatmaps" / f"{first['id']}.png") == dup["heatmap_path"]
+    assert Path(first["heatmap_path"]).is_file() and (tmp_path / "out" / "heatmaps" / f"{first['id']}.map.png").is_file()
+    assert any(e["event"] == "heatmap" and e["id"] == first["id"] for e in log_events(log))
 
 
 def test_soak_kill9_at_random_moments_of_a_burst(tmp_path, tiny_checkpoint):
@@ -715,3 +721,96 @@ def test_kill9_during_a_dicom_burst_loses_and_doubles_nothing(tmp_path, tiny_che
     assert sorted(r["accession_number"] for r in rows) == [f"ACC-{i:03d}" for i in range(30)]
     assert sorted(p.name for p in (tmp_path / "out" / "processed").iterdir()) == sorted(names)
     assert [int(r["id"]) for r in csv_rows(tmp_path)] == [r["id"] for r in rows]
+
+
+# -- the operator's side: metrics, health, systemd notify -------------------------------------------------
+def test_metrics_health_and_systemd_notify(tmp_path, tiny_checkpoint, xray_paths):
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.2)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    log = tmp_path / "daemon.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen([*DAEMON, "--watch", str(inbox), "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint),
+                                 "--device", "cpu", "--metrics-port", str(port), "--stable-ms", "300"],
+                                stdout=fh, stderr=fh, env=os.environ | env)  # fmt: skip
+    messages: list[str] = []
+
+    def heard(word: str) -> bool:
+        try:
+            while True:
+                messages.append(notify.recv(1024).decode())
+        except OSError:
+            pass
+        return any(word in m for m in messages)
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    try:
+        wait_started(proc, log)
+        wait_for(lambda: heard("READY=1"), 60, proc, "READY=1")
+        wait_for(lambda: heard("WATCHDOG=1"), 60, proc, "WATCHDOG=1")
+        for i, p in enumerate(xray_paths[:3]):
+            drop(p.read_bytes(), inbox, f"m{i}.jpeg")
+        (inbox / "bad.png").write_text("not an image")
+        os.utime(inbox / "bad.png", (1, 1))
+        wait_for(lambda: len([r for r in db_rows(tmp_path) if r["status"] != "claimed"]) == 4, 120, proc, "4 rows")
+        status, body = get("/healthz")
+        assert status == 200 and json.loads(body)["status"] == "ok", body
+        status, text = get("/metrics")
+        assert status == 200
+        metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
+        assert metrics['xr_files_total{status="ok"}'] == 3 and metrics['xr_files_total{status="error"}'] == 1
+        assert metrics["xr_batch_seconds_count"] >= 1 and metrics["xr_inbox_backlog"] == 0
+        flagged_rows = sum(bool(r["flagged"]) for r in db_rows(tmp_path))
+        assert metrics["xr_flagged_total"] == flagged_rows
+        model_line = next(line for line in text.splitlines() if line.startswith("xr_model_info{"))
+        assert 'model_id="efficientnet_lite0-' in model_line and 'calibration_id="validation-' in model_line
+        assert get("/nothing")[0] == 404
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert heard("STOPPING=1")
+    finally:
+        stop(proc)
+        notify.close()
+
+
+def test_healthz_says_why_when_the_database_cannot_be_written(tmp_path, tiny_checkpoint):
+    """In process: the health check answers 503 with the reason, not a stack trace."""
+    from xr.core.config import load_settings
+    from xr.core.predict import Predictor
+    from xr.daemon.logging import configure_logging
+    from xr.daemon.service import Service
+
+    (tmp_path / "inbox").mkdir()
+    svc = Service(load_settings(overrides={"daemon.device": "cpu"}), watch=tmp_path / "inbox", output=tmp_path / "out",
+                  predictor=Predictor.from_checkpoint(tiny_checkpoint, device="cpu"),
+                  log=configure_logging("json", stream=open(os.devnull, "w")))  # fmt: skip
+    t = threading.Thread(target=svc.run, kwargs={"idle_timeout": 60}, name="svc")
+    t.start()
+    try:
+        wait_for(lambda: svc.discovery is not None, 120, None, "the service to start")
+        assert svc.health() == (True, "pipeline running, database writable")
+        con = sqlite3.connect(tmp_path / "out" / "results.sqlite")  # someone breaks the database under it
+        con.execute("alter table meta rename to meta_gone")
+        con.commit()
+        con.close()
+        ok, reason = svc.health()
+        assert not ok and reason.startswith("database not writable: OperationalError"), reason
+    finally:
+        svc.handle_signal(15)
+        t.join(60)

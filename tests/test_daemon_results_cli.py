@@ -151,3 +151,16 @@ def test_stats_watch_drift_per_calibration(tmp_path, capsys):
     assert "validation-aaaaaaaaaaaa" not in err and "xr-train site-calibrate" in err
     rc, text = run("stats", "--output", str(out))  # the table shows it too
     assert "drift.site-bbbbbbbbbbbb.warning" in text and "drift.validation-aaaaaaaaaaaa.psi" in text
+
+
+def test_reviews_are_listed_with_their_films(out_dir):
+    eng = make_engine(out_dir / "results.sqlite")
+    with session_factory(eng).begin() as s:
+        s.add(dbm.Review(result_id=2, decision="confirm", note="RLL", reviewer="Dr. A", reviewed_at=dt.datetime(2026, 1, 2)))
+        s.add(dbm.Review(result_id=6, decision="dismiss", reviewer=None, reviewed_at=dt.datetime(2026, 1, 3)))
+    eng.dispose()
+    rc, text = run("reviews", "--output", str(out_dir), "--format", "json")
+    rows = json.loads(text)
+    assert rc == 0 and [(r["filename"], r["decision"], r["reviewer"]) for r in rows] == [("1.png", "confirm", "Dr. A"), ("5.png", "dismiss", None)]
+    rc, text = run("reviews", "--output", str(out_dir), "--since", "2026-01-03T00:00:00Z")
+    assert rc == 0 and "5.png" in text and "1.png" not in text and text.splitlines()[0].split()[:3] == ["id", "reviewed_at", "result_id"]
