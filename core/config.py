@@ -17,7 +17,18 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from xr.core.errors import ConfigError
 
@@ -27,6 +38,11 @@ RECIPE_PATH = PACKAGE_ROOT / "train" / "recipe.yaml"
 SHIPPED_MODEL = PACKAGE_ROOT / "models" / "xr_mvp_best.pt"  # package data (models/ in the checkout)
 
 Number = Annotated[float, Strict()]  # an int or a float; never a string or a bool
+
+
+def _yaml_false_as(word: str) -> BeforeValidator:
+    """YAML reads a bare ``off`` or ``no`` as false: take it as ``word`` where a choice means "off"."""
+    return BeforeValidator(lambda v: word if v is False else v)
 Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 
@@ -129,7 +145,7 @@ class TrainConfig(Section):
     early_stopping_patience: StrictInt = Field(5, ge=1, description="stop after this many epochs without a val AUROC gain")
     max_steps_per_epoch: StrictInt | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
     channels_last: StrictBool = Field(True, description="channels_last memory format")
-    amp: Literal["auto", "bf16", "off"] = Field(
+    amp: Annotated[Literal["auto", "bf16", "off"], _yaml_false_as("off")] = Field(
         "auto", description="bf16 autocast: auto = on CUDA, and on CPUs with native bf16 for forward passes only"
     )
     seed: StrictInt = Field(42, description="training seed")
@@ -185,8 +201,8 @@ class DaemonConfig(Section):
     heartbeat_s: Number = Field(60.0, gt=0, description="interval of the heartbeat log event (backlog, rows since the last one)")
     metrics_port: StrictInt = Field(0, ge=0, le=65535, description="port of /metrics (Prometheus) and /healthz; 0 = off")
     metrics_host: StrictStr = Field("127.0.0.1", description="address /metrics and /healthz bind to")
-    heatmaps: Literal["flagged", "all", "off"] = Field(
-        "flagged", description="Grad-CAM heatmaps under <output>/heatmaps/: for flagged films, all scored films, or none"
+    heatmaps: Annotated[Literal["flagged", "all", "none"], _yaml_false_as("none")] = Field(
+        "flagged", description="Grad-CAM heatmaps under <output>/heatmaps/: for flagged films, all scored films, or none (off)"
     )
     heatmap_every_s: Number = Field(1.0, gt=0, description="how often the heatmap thread looks for films without one, seconds")
 

@@ -61,11 +61,12 @@ class HeatmapWorker(Stage):
             if self.mode == "flagged":
                 want.append(Result.flagged.is_(True))
             moved_or_left = (Result.moved_at.is_not(None)) | (Result.moved_to.is_(None))
+            want.append(Result.id.not_in(self._failed or {-1}))
             rows = s.execute(
                 select(Result.id, Result.path, Result.moved_to, Result.model_id)
-                .where(*want, moved_or_left, Result.id.not_in(self._failed or {-1}))
-                .order_by(Result.id).limit(PER_PASS)
+                .where(*want, moved_or_left).order_by(Result.id).limit(PER_PASS)
             ).all()
+            waiting = rows or s.execute(select(Result.id).where(*want).limit(1)).first()  # not moved yet
         written: dict[int, str] = {}
         for row in rows:
             if self.halt.is_set():
@@ -83,7 +84,7 @@ class HeatmapWorker(Stage):
             ).all():
                 s.execute(update(Result).where(Result.id == dup_id).values(heatmap_path=path))
         self.written += len(written)
-        self.caught_up = not rows
+        self.caught_up = not waiting
         self.passes += 1
         return len(rows)
 

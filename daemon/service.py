@@ -352,7 +352,7 @@ class Service:
             if not self.once and self._predictor is None:
                 ctx.reloader = ModelReloader(self.cfg, self.model_path, self.calibration, predictor, plan.batch_size, self.log)
                 self.stages.append(ctx.reloader)
-            self.heatmaps = HeatmapWorker(ctx, d.heatmaps, d.heatmap_every_s) if d.heatmaps != "off" else None
+            self.heatmaps = HeatmapWorker(ctx, d.heatmaps, d.heatmap_every_s) if d.heatmaps != "none" else None
             if self.heatmaps is not None:
                 self.stages.append(self.heatmaps)
             rec = self.reconcile(ctx, finisher)

@@ -258,3 +258,13 @@ def test_save_config_round_trip(tmp_path):
     settings = load_settings(overrides={"daemon.db": "x.sqlite", "csv.rotation": "rows"})
     save_config(settings, tmp_path / "config.yaml")
     assert load_settings(tmp_path / "config.yaml") == settings
+
+
+def test_a_bare_off_in_yaml_means_off(tmp_path):
+    """YAML reads `off` as false: where a choice means off, that is what it means."""
+    (tmp_path / "config.yaml").write_text("daemon:\n  heatmaps: off\n")
+    assert load_settings(tmp_path / "config.yaml").daemon.heatmaps == "none"
+    (tmp_path / "recipe.yaml").write_text("train:\n  amp: off\n")
+    assert load_recipe(tmp_path / "recipe.yaml").train.amp == "off"
+    with pytest.raises(ConfigError, match=r"daemon\.heatmaps: Input should be 'flagged', 'all' or 'none', got True"):
+        load_settings(overrides={"daemon.heatmaps": True})
