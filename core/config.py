@@ -83,19 +83,19 @@ class PreprocessConfig(Section):
 class AugmentConfig(Section):
     """Training-time augmentation, applied after the rendering and before the eval tail."""
 
-    rrc_scale: tuple[Fraction, Fraction] = Field((0.9, 1.0), description="RandomResizedCrop area range [low, high], 0 < low <= high <= 1")
+    rrc_scale: tuple[Fraction, Fraction] = Field((0.5, 1.0), description="RandomResizedCrop area range [low, high], 0 < low <= high <= 1")
     hflip_p: Fraction = Field(0.5, description="probability of a horizontal flip")
-    rotation_deg: Number = Field(5.0, ge=0, le=180, description="random rotation range, +/- degrees")
+    rotation_deg: Number = Field(10.0, ge=0, le=180, description="random rotation range, +/- degrees")
     affine_scale: tuple[Annotated[float, Strict(), Field(gt=0)], Annotated[float, Strict(), Field(gt=0)]] = Field(
-        (1.0, 1.0), description="zoom factor range of a random affine after the crop (< 1 zooms out); [1, 1] = off"
+        (0.8, 1.0), description="zoom factor range of a random affine after the crop (< 1 zooms out); [1, 1] = off"
     )
-    translate: Fraction = Field(0.0, description="random shift up to this share of the side; 0 = off")
-    brightness: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(0.0, description="brightness factor drawn from [1 - x, 1 + x]: other exposures; 0 = off")
-    contrast: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(0.0, description="contrast factor drawn from [1 - x, 1 + x]: other scanners; 0 = off")
+    translate: Fraction = Field(0.05, description="random shift up to this share of the side; 0 = off")
+    brightness: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(0.3, description="brightness factor drawn from [1 - x, 1 + x]: other exposures; 0 = off")
+    contrast: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(0.4, description="contrast factor drawn from [1 - x, 1 + x]: other scanners; 0 = off")
     gamma: tuple[Annotated[float, Strict(), Field(gt=0)], Annotated[float, Strict(), Field(gt=0)]] = Field(
-        (1.0, 1.0), description="gamma drawn from [low, high]: another exposure curve; [1, 1] = off"
+        (0.7, 1.4), description="gamma drawn from [low, high]: another exposure curve; [1, 1] = off"
     )
-    autocontrast_p: Fraction = Field(0.0, description="probability of autocontrast (a scanner's own windowing)")
+    autocontrast_p: Fraction = Field(0.2, description="probability of autocontrast (a scanner's own windowing)")
     equalize_p: Fraction = Field(0.0, description="probability of histogram equalisation (local-contrast processing)")
 
     @model_validator(mode="after")
@@ -129,7 +129,7 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: StrictInt = Field(6, ge=1, description="total epochs, head epochs included; early stopping may end sooner")
+    epochs: StrictInt = Field(10, ge=1, description="total epochs, head epochs included; early stopping may end sooner")
     head_epochs: StrictInt = Field(2, ge=0, description="first epochs with the backbone frozen, on cached features")
     batch_size: StrictInt = Field(32, ge=2, description="training batch size")
     lr: Number = Field(3e-4, gt=0, description="AdamW learning rate")
@@ -199,6 +199,12 @@ class DaemonConfig(Section):
     max_pixels: StrictInt = Field(80_000_000, ge=1, description="decompression-bomb guard: images with more pixels get an error row")
     log_format: Literal["json", "console"] = Field("json", description="log lines on stderr: JSON objects, or human-readable")
     heartbeat_s: Number = Field(60.0, gt=0, description="interval of the heartbeat log event (backlog, rows since the last one)")
+    worker_id: StrictStr | None = Field(
+        None, description="this daemon's name in results.worker_id and the leases; null: host name and process id"
+    )
+    lease_s: Number = Field(
+        60.0, gt=0, description="a claimed file's lease: a worker that stops renewing it for this long loses the file to the others"
+    )
     metrics_port: StrictInt = Field(0, ge=0, le=65535, description="port of /metrics (Prometheus) and /healthz; 0 = off")
     metrics_host: StrictStr = Field("127.0.0.1", description="address /metrics and /healthz bind to")
     heatmaps: Annotated[Literal["flagged", "all", "none"], _yaml_false_as("none")] = Field(

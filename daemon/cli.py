@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stable-ms", type=int, help="daemon.stable_ms")
     p.add_argument("--rescan-s", type=float, help="daemon.rescan_s")
     p.add_argument("--poll", action="store_true", default=None, help="polling observer (network shares)")
+    p.add_argument("--worker-id", help="this daemon's name among several on one database (daemon.worker_id; default host-pid)")
     p.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (daemon.metrics_port; 0 = off)")
     p.add_argument(
         "--set",
@@ -52,6 +53,7 @@ def parse_overrides(args: argparse.Namespace) -> dict:
         "daemon.log_format": args.log_format,
         "daemon.calibration": args.calibration,
         "daemon.metrics_port": args.metrics_port,
+        "daemon.worker_id": args.worker_id,
     }
     ov = {k: v for k, v in flags.items() if v is not None}
     for item in args.set:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -27,7 +28,9 @@ from sqlalchemy import (
     event,
     insert,
     inspect,
+    func,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine, Row
@@ -37,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from xr.core.dicom import IDENTIFIERS
 from xr.core.errors import XRError
 
-SCHEMA_VERSION = 4  # the head revision of daemon/migrations (0004)
+SCHEMA_VERSION = 5  # the head revision of daemon/migrations (0005)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 CLAIMED, OK, ERROR, DUPLICATE, SKIPPED = "claimed", "ok", "error", "duplicate", "skipped"
@@ -62,8 +65,8 @@ class Result(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     path: Mapped[str] = mapped_column(Text)  # absolute path where the file was found in the inbox
     filename: Mapped[str] = mapped_column(Text)
-    size_bytes: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)  # with path + size: the file's identity in the inbox
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)  # with path + size: the file's identity in the inbox
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str | None] = mapped_column(Text)
@@ -94,8 +97,19 @@ class Result(Base):
     view_position: Mapped[str | None] = mapped_column(String(64))
     study_date: Mapped[str | None] = mapped_column(String(16))
     heatmap_path: Mapped[str | None] = mapped_column(Text)  # <output>/heatmaps/<id>.png: where the model looked
+    # several workers on one database (docs/operations.md, "Several hosts"): the worker that scored the row;
+    # the one that holds it until its file is moved, the lease's fencing token and when it runs out (the
+    # database's clock, epoch seconds)
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    lease_holder: Mapped[str | None] = mapped_column(String(128))
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
 
-    __table_args__ = (Index("ix_results_identity", "path", "size_bytes", "mtime_ns"),)
+    __table_args__ = (
+        Index("ix_results_identity", "path", "size_bytes", "mtime_ns"),
+        Index("ux_results_inbox_identity", "path", "size_bytes", "mtime_ns", unique=True,
+              sqlite_where=text("moved_at IS NULL"), postgresql_where=text("moved_at IS NULL")),
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return {c: getattr(self, c) for c in EXPORT_COLUMNS}
@@ -105,7 +119,7 @@ DICOM_COLUMNS = tuple(IDENTIFIERS)
 EXPORT_COLUMNS = (
     "id", "path", "filename", "sha256", "size_bytes", "status", "error", "duplicate_of", "logit",
     "probability", "threshold", "label", "flagged", "model_id", "temperature", "calibration_id", "batch_id",
-    "received_at", "processed_at", "latency_ms", "moved_to", *DICOM_COLUMNS,
+    "received_at", "processed_at", "latency_ms", "moved_to", "worker_id", *DICOM_COLUMNS,
 )  # fmt: skip
 
 
@@ -193,10 +207,17 @@ def fs_path(stored: str) -> str:
 
 
 # -- engine ------------------------------------------------------------------------------------------
+IDLE_IN_TRANSACTION_MS = 30_000  # the daemon's transactions last milliseconds
+
+
 def db_url(db: str | Path) -> str:
-    """A SQLAlchemy URL as is, a path -> ``sqlite:///<absolute path>``."""
+    """A SQLAlchemy URL as is, a path -> ``sqlite:///<absolute path>``; only SQLite and PostgreSQL."""
     s = str(db)
     if "://" in s:
+        if not s.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+            raise XRError(f"results database {s!r}: use a SQLite file path or a postgresql+psycopg://USER@HOST:PORT/DB URL")
+        if s.startswith("postgresql://"):  # SQLAlchemy's default driver for it is psycopg2; we ship psycopg 3
+            s = "postgresql+psycopg://" + s[len("postgresql://"):]
         return s
     return f"sqlite:///{Path(s).expanduser().resolve()}"
 
@@ -211,8 +232,18 @@ def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) 
     try:
         if url.startswith("sqlite:///") and create:
             sqlite_file(url).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
-    except (ImportError, ArgumentError, OSError) as exc:  # a URL of an unknown or uninstalled driver, a bad folder
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 30})
+        else:
+            # A server across the network: pooled connections are tested before use, connecting gives up
+            # in 10 s, and a session left inside a transaction (its worker frozen or cut off) is ended by
+            # the server so that its row locks do not hold the other workers up.
+            engine = create_engine(url, pool_pre_ping=True, connect_args={
+                "connect_timeout": 10, "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"})
+    except ImportError as exc:
+        hint = " (pip install 'xr-triage[postgresql]')" if url.startswith("postgresql") else ""
+        raise XRError(f"cannot open results database {url}: its driver is not installed{hint}: {exc}") from None
+    except (ArgumentError, OSError) as exc:  # a URL of an unknown or uninstalled driver, a bad folder
         raise XRError(f"cannot open results database {url}: {exc}") from None
     if engine.dialect.name == "sqlite":
 
@@ -248,6 +279,9 @@ def sqlite_file(url: str) -> Path:
     return Path(path[len("file:"):] if path.startswith("file:") else path)
 
 
+MIGRATION_LOCK = 7_265_081_132  # PostgreSQL advisory lock key held while the schema is created or upgraded
+
+
 def _alembic(connection):
     from alembic.config import Config
 
@@ -267,6 +301,8 @@ def init_schema(engine: Engine) -> None:
     from alembic.runtime.migration import MigrationContext
 
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # workers starting together: one migrates, the others wait for it
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         current = MigrationContext.configure(conn).get_current_revision()
         version = _schema_version(conn)
         if version is not None and version > SCHEMA_VERSION:
@@ -329,26 +365,6 @@ def set_meta(s: Session, key: str, value: Any) -> None:
 
 
 Identity = tuple[str, int, int]  # (path, size_bytes, mtime_ns) of a file in the inbox
-
-
-def owning_rows(s: Session, identities: list[Identity]) -> dict[Identity, Row]:
-    """For each inbox file identity, the row that still owns it: claimed, or final and not moved away.
-
-    One query for the whole claim batch, and plain rows (``id``, ``status``, ``moved_to``,
-    ``received_at``) rather than ORM objects: the per-file cost of loading objects held the GIL that a
-    GPU host's decode threads need.
-    """
-    if not identities:
-        return {}
-    wanted = set(identities)
-    stmt = select(Result.id, Result.path, Result.size_bytes, Result.mtime_ns, Result.status, Result.moved_to,
-                  Result.received_at).where(Result.path.in_({i[0] for i in wanted}), Result.moved_at.is_(None))
-    out: dict[Identity, Row] = {}
-    for row in s.execute(stmt.order_by(Result.id)):  # ascending: the newest row wins
-        ident = (row.path, row.size_bytes, row.mtime_ns)
-        if ident in wanted:
-            out[ident] = row
-    return out
 
 
 def insert_rows(s: Session, rows: list[dict[str, Any]]) -> list[int]:
@@ -419,3 +435,90 @@ def first_ok_by_sha(s: Session, shas: list[str]) -> dict[str, int]:
     for sha, rid in s.execute(stmt.order_by(Result.id)):
         out.setdefault(sha, rid)
     return out
+
+
+# -- claims and leases: several workers on one database ---------------------------------------------------
+def db_time(s: Session) -> float:
+    """Now on the database's clock (epoch seconds), which all workers share; the local clock on SQLite."""
+    if s.get_bind().dialect.name == "postgresql":
+        return float(s.execute(text("SELECT extract(epoch from clock_timestamp())")).scalar())
+    import time
+
+    return time.time()
+
+
+# PostgreSQL advisory lock between claims and the CSV exporter. A sequence hands out ids outside any
+# transaction, so a claim not yet committed can hold a lower id than rows already final; every claim
+# transaction holds this lock shared, and the exporter takes it alone for a moment to learn the highest id
+# that no claim in flight can undercut (export.py ``pending_rows``). SQLite has one writer: ids come in order.
+CLAIM_FENCE = 7_265_081_134
+
+
+def claim_fence(s: Session) -> None:
+    """Call first in a transaction that inserts claims."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": CLAIM_FENCE})
+
+
+def settled_horizon(s: Session) -> int | None:
+    """PostgreSQL: the highest row id once every claim transaction in flight has ended; rows up to it can
+    no longer be joined by a lower id. Ends the session's transaction. None on SQLite (no need)."""
+    if s.get_bind().dialect.name != "postgresql":
+        return None
+    s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CLAIM_FENCE})
+    horizon = s.scalar(select(func.max(Result.id)))
+    s.commit()
+    return horizon or 0
+
+
+def try_claim(s: Session, row: dict[str, Any]) -> int | None:
+    """Insert a ``claimed`` row unless another row already owns the file (``ux_results_inbox_identity``):
+    its id, or None. The database decides, atomically, which worker gets a file."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = dialect_insert(Result).values(**row).on_conflict_do_nothing(
+        index_elements=["path", "size_bytes", "mtime_ns"], index_where=Result.moved_at.is_(None)
+    ).returning(Result.id)
+    return s.execute(stmt).scalar()
+
+
+def owner_of(s: Session, identity: Identity) -> Row | None:
+    """The row that owns an inbox file, locked until the transaction ends (PostgreSQL; SQLite's write lock
+    covers it already). None as well when another transaction has it locked: its worker is busy with it."""
+    path, size, mtime = identity
+    stmt = select(Result.id, Result.status, Result.lease_holder, Result.lease_token, Result.lease_expires_at,
+                  Result.moved_to, Result.received_at).where(  # fmt: skip
+        Result.path == path, Result.size_bytes == size, Result.mtime_ns == mtime, Result.moved_at.is_(None))
+    return s.execute(stmt.with_for_update(skip_locked=True)).first()
+
+
+def take_over(s: Session, row_id: int, token: int, worker: str, expires: float) -> bool:
+    """Make ``worker`` the row's holder with a new fencing token, if nobody changed it since ``token`` was read."""
+    res = s.execute(update(Result).where(Result.id == row_id, Result.lease_token == token).values(
+        lease_holder=worker, lease_token=token + 1, lease_expires_at=expires))  # fmt: skip
+    return res.rowcount == 1
+
+
+def still_held(s: Session, tokens: dict[int, int], worker: str) -> set[int]:
+    """Of these rows (id -> the token the worker claimed them with), those it still holds, locked for the
+    rest of the transaction: a worker presumed dead and back writes nothing to a row taken from it."""
+    if not tokens:
+        return set()
+    rows = s.execute(select(Result.id, Result.lease_token).where(Result.id.in_(list(tokens)), Result.lease_holder == worker)
+                     .order_by(Result.id).with_for_update()).all()  # one lock order for every transaction: no deadlock
+    return {r.id for r in rows if r.lease_token == tokens[r.id]}
+
+
+def renew_leases(s: Session, worker: str, expires: float) -> int:
+    """Extend every lease ``worker`` holds: claims, and committed rows whose file it has not moved yet.
+    Rows locked right now (this worker committing them, another taking them over) wait for the next
+    renewal rather than the lock: a renewal never takes part in a deadlock."""
+    pending = (Result.status == CLAIMED) | (Result.moved_to.is_not(None))
+    ids = select(Result.id).where(Result.lease_holder == worker, Result.moved_at.is_(None), pending)
+    if s.get_bind().dialect.name == "postgresql":
+        ids = ids.with_for_update(skip_locked=True)
+    res = s.execute(update(Result).where(Result.id.in_(ids.scalar_subquery())).values(lease_expires_at=expires))
+    return res.rowcount

@@ -79,6 +79,7 @@ class FileItem:
 class _Deferred:
     item: FileItem
     until: float  # monotonic: hand it on again then, unless it changes before
+    final: bool = True  # a cut-short file's grace period: when it comes back, a failure is an error
 
 
 @dataclass
@@ -153,6 +154,7 @@ class Discovery:
         self._deferred: dict[str, _Deferred] = {}  # read as cut short: waiting out their grace period
         self._ignored: set[str] = set()  # reported once as a name the daemon does not read
         self.log = log
+        self.available = True  # the inbox was there at the last scan
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer = None
@@ -220,6 +222,13 @@ class Discovery:
             self._handed.pop(item.path, None)
             self._deferred[item.path] = _Deferred(item, until)
 
+    def retry_later(self, item: FileItem, until: float) -> None:
+        """Another worker holds ``item``: hand it on again at ``until`` (monotonic), when that worker's lease
+        would have run out, unless it is gone by then (that worker moved it)."""
+        with self._lock:
+            self._handed.pop(item.path, None)
+            self._deferred[item.path] = _Deferred(item, until, final=False)
+
     def deferred(self) -> int:
         with self._lock:
             return len(self._deferred)
@@ -243,13 +252,44 @@ class Discovery:
             now = self.clock()
             self._drain_events()
             if now >= self._next_scan:
-                self.scan()
+                if self._inbox_there():
+                    self.scan()
                 self._next_scan = self.clock() + self.rescan_s
                 self.first_scan_done.set()
             self._check_deferred()
             self._check_pending()
             self._push_ready()
             self._stop.wait(tick)
+
+    def _inbox_there(self) -> bool:
+        """Whether the inbox can be read now. A network share can go away and come back: that is logged,
+        the files waiting are kept, and file events start again (a fresh observer) when it is back."""
+        there = self.inbox.is_dir()
+        if there != self.available:
+            self.available = there
+            if self.log is not None:
+                if there:
+                    self.log.warning("inbox_available", watch=str(self.inbox))
+                else:
+                    self.log.error("inbox_unavailable", watch=str(self.inbox), reason="the watch folder is not there (a share away?)")
+        if there and self.watch and (self._observer is None or not self._observer.is_alive()):
+            self._restart_observer()
+        return there
+
+    def _restart_observer(self) -> None:
+        from watchdog.observers.polling import PollingObserver
+
+        if self._observer is not None:
+            try:
+                self._observer.stop()
+            except Exception:  # noqa: BLE001 - it is dead already
+                pass
+        try:
+            self._observer = self._start_observer(PollingObserver)
+            if self.log is not None:
+                self.log.info("watch_restarted", watch=str(self.inbox))
+        except OSError:
+            self._observer = None  # the scans go on; file events will be tried again at the next one
 
     def _drain_events(self) -> None:
         while True:
@@ -363,7 +403,7 @@ class Discovery:
                     )
                 elif now >= d.until:
                     del self._deferred[path]
-                    item.final = True
+                    item.final = d.final
                     self._ready.append(item)
                     self._ready_paths.add(path)
 

@@ -28,6 +28,7 @@ from xr.daemon.db import (
     EXPORT_COLUMNS,
     FINAL_STATUSES,
     REVIEW_COLUMNS,
+    settled_horizon,
     SCORED,
     Result,
     Review,
@@ -128,9 +129,17 @@ def count_rows(path: Path) -> int:
         return max(0, sum(1 for _ in f) - 1)
 
 
+EXPORTER_LOCK = 7_265_081_133  # PostgreSQL advisory lock key: the one worker that writes the shared CSVs
+
+
 class CsvExporter:
+    """``elect``: several workers share the database and the output folder; the one holding a PostgreSQL
+    advisory lock writes the CSVs, the others skip (one file set, each row once, in id order). If that
+    worker dies its connection closes, the lock goes, and the next worker to try takes over from the files
+    and the database as they are."""
+
     def __init__(self, csv_dir: str | Path, sessions: sessionmaker[Session], rotation: str = "daily", max_rows: int = 10_000,
-                 columns: tuple[str, ...] = EXPORT_COLUMNS):
+                 columns: tuple[str, ...] = EXPORT_COLUMNS, elect: bool = False):
         self.columns = columns
         self.dir = Path(csv_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +147,50 @@ class CsvExporter:
         self.rotation = rotation
         self.max_rows = max(1, max_rows)
         self.flagged_path = self.dir / FLAGGED_NAME
+        self.elect = elect
+        self._lock_conn = None  # holds the advisory lock while this worker is the exporter
+        self._load_state()
+
+    def elected(self) -> bool:
+        """Whether this process writes the CSVs (always, unless ``elect``: then while it holds the lock)."""
+        if not self.elect:
+            return True
+        if self._lock_conn is not None:
+            try:  # the lock lives as long as its session: a server restart or a cut connection ends both
+                self._lock_conn.exec_driver_sql("SELECT 1")
+                self._lock_conn.commit()
+                return True
+            except Exception:  # noqa: BLE001 - lost: try to be elected again below
+                self.release()
+        conn = None
+        try:
+            conn = self.sessions.kw["bind"].connect()
+            got = conn.exec_driver_sql(f"SELECT pg_try_advisory_lock({EXPORTER_LOCK})").scalar()
+            conn.commit()
+        except Exception:  # noqa: BLE001 - the database is away: try again at the next export
+            if conn is not None:
+                conn.invalidate()
+            return False
+        if not got:
+            conn.close()
+            return False
+        self._lock_conn = conn
+        self._load_state()  # another worker may have written since this one last looked
+        return True
+
+    def release(self) -> None:
+        """Stop being the exporter. The lock belongs to the database session, which a pooled connection
+        outlives: the connection is closed for good, not returned to the pool."""
+        if self._lock_conn is not None:
+            conn, self._lock_conn = self._lock_conn, None
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def _load_state(self) -> None:
+        rotation, sessions = self.rotation, self.sessions
         with sessions() as s:
             self.last_id = int(get_meta(s, "last_exported_id", "0") or 0)
         self._file_last: dict[Path, int] = {}  # last id written to each file this exporter touched
@@ -190,17 +243,22 @@ class CsvExporter:
         return self._current
 
     def pending_rows(self, s: Session) -> list[dict[str, Any]]:
+        horizon = settled_horizon(s)
         min_claimed = s.scalar(select(func.min(Result.id)).where(Result.status == CLAIMED, Result.id > self.last_id))
         # the columns, not ORM objects: half the cost per row, paid while the pipeline's other threads wait for the GIL
         stmt = select(*(getattr(Result, c) for c in EXPORT_COLUMNS))
         stmt = stmt.where(Result.id > self.last_id, Result.status.in_(FINAL_STATUSES))
         if min_claimed is not None:
             stmt = stmt.where(Result.id < min_claimed)
+        if horizon is not None:
+            stmt = stmt.where(Result.id <= horizon)
         return [dict(m) for m in s.execute(stmt.order_by(Result.id)).mappings()]
 
     def export(self) -> int:
         """Append every exportable row; returns how many were written (not counting rows a crash had
         already written)."""
+        if not self.elected():
+            return 0
         with self.sessions() as s:
             rows = self.pending_rows(s)
         if not rows:

@@ -10,6 +10,7 @@ scored a film may say where it looked.
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from sqlalchemy import select, update
 from xr.core.errors import ImageError
 from xr.core.heatmap import OVERLAY_SIDE, gradcam, heatmap_model, write_heatmap
 from xr.core.imaging import load_image
-from xr.daemon.db import DUPLICATE, OK, Result, fs_path
+from xr.daemon.db import DUPLICATE, OK, Result, fs_path, utcnow
 from xr.daemon.pipeline import POLL_S, Context, Stage
 
 PER_PASS = 4  # films per pass, so a stop is seen within a few seconds
@@ -62,6 +63,9 @@ class HeatmapWorker(Stage):
                 want.append(Result.flagged.is_(True))
             moved_or_left = (Result.moved_at.is_not(None)) | (Result.moved_to.is_(None))
             want.append(Result.id.not_in(self._failed or {-1}))
+            if not self.ctx.exclusive:  # several workers: each draws its own films, and those a stopped one left
+                orphaned = utcnow() - dt.timedelta(seconds=2 * self.ctx.lease_s)
+                want.append((Result.worker_id == self.ctx.worker_id) | (Result.processed_at < orphaned))
             rows = s.execute(
                 select(Result.id, Result.path, Result.moved_to, Result.model_id)
                 .where(*want, moved_or_left).order_by(Result.id).limit(PER_PASS)

@@ -34,12 +34,16 @@ from xr.daemon.db import (
     OK,
     SKIPPED,
     Batch,
+    claim_fence,
+    db_time,
     delete_rows,
     first_ok_by_sha,
     first_ok_by_sop,
+    owner_of,
     record_calibration,
-    insert_rows,
-    owning_rows,
+    still_held,
+    take_over,
+    try_claim,
     scores_by_id,
     storable,
     update_rows,
@@ -50,7 +54,11 @@ from xr.daemon.export import CsvExporter
 
 POLL_S = 0.1  # every blocking wait in the stages uses this timeout and re-checks its stop event
 EXPORT_EVERY_S = 1.0  # under a steady stream of batches, CSVs are rewritten at most this often
+MOVE_RETRY_S = 5.0  # a move that failed (a share gone, a lock) is tried again this much later
 VANISHED = "file vanished before it could be read"  # no row: the file is simply not there any more
+# Errors a network share gives while it is away: the file is tried again later, with no row.
+TRANSIENT = {errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.ENODEV}
+UNAVAILABLE = "share unavailable"
 
 
 def _file_kind(mode: int) -> str:
@@ -174,6 +182,7 @@ class Work:
     incomplete: bool = False  # the bytes read end too early (the error says how)
     skip: str | None = None  # a DICOM object out of scope: why
     sop: str | None = None  # a DICOM instance's SOPInstanceUID: the same instance is a duplicate whatever its bytes
+    token: int = 0  # the lease's fencing token this claim holds (daemon/db.py still_held)
 
 
 @dataclass
@@ -184,6 +193,7 @@ class Done:
     src: str
     identity: tuple[int, int]
     moved_to: str | None
+    token: int = 0  # the lease's fencing token the move is made under
 
 
 @dataclass
@@ -213,6 +223,9 @@ class Context:
     reserved_lock: threading.Lock = field(default_factory=threading.Lock)
     on_batch: Callable[[int], None] | None = None
     reloader: Any = None  # offers a new model or calibration between batches (daemon/loading.py)
+    worker_id: str = "local"  # this daemon, in results.worker_id and the leases
+    lease_s: float = 60.0
+    exclusive: bool = True  # the only daemon on its database (SQLite): every earlier claim is a dead run's
     metrics: Any = None  # daemon/metrics.py Metrics, when --metrics-port is set
 
     @property
@@ -339,7 +352,7 @@ class Claimer(Stage):
         except IsADirectoryError:
             return None, "is a directory, not an image file", None
         except OSError as exc:
-            return None, f"cannot read file: {exc.strerror or exc}", None
+            return None, UNAVAILABLE if exc.errno in TRANSIENT else f"cannot read file: {exc.strerror or exc}", None
         try:
             with os.fdopen(fd, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -350,7 +363,7 @@ class Claimer(Stage):
                     return None, f"file is {st.st_size:,} bytes, over the limit of {limit:,} (daemon.max_file_mb)", None
                 data = f.read()
         except OSError as exc:
-            return None, f"cannot read file: {exc.strerror or exc}", None
+            return None, UNAVAILABLE if exc.errno in TRANSIENT else f"cannot read file: {exc.strerror or exc}", None
         if item.is_symlink:
             return data, None, (item.size, item.mtime_ns)
         return data, None, (st.st_size, st.st_mtime_ns)
@@ -370,49 +383,58 @@ class Claimer(Stage):
                 self.slots.release()
                 ctx.discovery.release(item.path)
                 continue
+            if err == UNAVAILABLE:  # a share that went away: no row, try again once it may be back
+                self.slots.release()
+                ctx.discovery.retry_later(item, time.monotonic() + MOVE_RETRY_S)
+                continue
             reads.append((item, data, err))
         if not reads:
             return
+        reads.sort(key=lambda r: r[0].path)  # every worker claims in one order: two claim batches never deadlock
         now = utcnow()
         works: list[Work] = []
         with ctx.sessions.begin() as s:
-            keys = [(storable(item.path), item.size, item.mtime_ns) for item, _, _ in reads]  # as the rows hold them
-            owners = owning_rows(s, keys)
-            new_rows: list[dict] = []
-            reclaimed: list[dict] = []
-            claimed: list[tuple[Any, FileItem, bytes | None, str | None, str | None]] = []  # (owner or None, ...)
-            for (item, data, err), key in zip(reads, keys):
+            claim_fence(s)
+            clock = db_time(s)
+            expires = clock + ctx.lease_s
+            for item, data, err in reads:
+                key = (storable(item.path), item.size, item.mtime_ns)  # as the rows hold it
                 sha = hashlib.sha256(data).hexdigest() if data is not None else None
                 ids, skip, cut = self.dicom(data) if data is not None and err is None else ({}, None, False)
-                ids = {c: ids.get(c) for c in DICOM_COLUMNS}  # every row the same keys: one executemany
-                owner = owners.get(key)
-                if owner is not None and owner.status != CLAIMED:
-                    # already final (a previous run committed it): only the move may be left
+                ids = {c: ids.get(c) for c in DICOM_COLUMNS}
+                fields = {"sha256": sha, "claimed_at": now, "lease_holder": ctx.worker_id, "lease_expires_at": expires, **ids}
+                row_id = try_claim(s, {"path": key[0], "filename": os.path.basename(key[0]), "size_bytes": item.size,
+                                       "mtime_ns": item.mtime_ns, "status": CLAIMED, "received_at": item.received_at,
+                                       "lease_token": 0, **fields})  # fmt: skip
+                token, received = 0, item.received_at
+                if row_id is not None and not ctx.exclusive and not self.still_there(item):
+                    # Read before another worker scored and moved it (this one was frozen in between): the
+                    # claim is of a file that is gone, and its result is that worker's.
+                    delete_rows(s, [row_id])
+                    ctx.log.info("claim_dropped", file=storable(item.path), reason="another worker moved the file since it was read")
                     self.slots.release()
-                    self.finish.put(Done(owner.id, item.path, (item.size, item.mtime_ns), owner.moved_to))
+                    ctx.discovery.release(item.path)
                     continue
-                if owner is None:
-                    new_rows.append({
-                        "path": key[0],
-                        "filename": os.path.basename(key[0]),
-                        "size_bytes": item.size,
-                        "mtime_ns": item.mtime_ns,
-                        "sha256": sha,
-                        "status": CLAIMED,
-                        "received_at": item.received_at,
-                        "claimed_at": now,
-                        **ids,
-                    })  # fmt: skip
-                else:
-                    reclaimed.append({"id": owner.id, "sha256": sha, "claimed_at": now, **ids})  # a run that died: redo it
-                claimed.append((owner, item, data, err, sha, ids["sop_instance_uid"], skip, cut))
-            new_ids = iter(insert_rows(s, new_rows))
-            update_rows(s, reclaimed)
-            for owner, item, data, err, sha, sop, skip, cut in claimed:
-                row_id, received = (next(new_ids), item.received_at) if owner is None else (owner.id, owner.received_at)
+                if row_id is None:  # another row owns the file: a run that died, or another worker
+                    owner = owner_of(s, key)
+                    if owner is None or not self.takeable(owner, clock) or not take_over(
+                            s, owner.id, owner.lease_token, ctx.worker_id, expires):  # fmt: skip
+                        self.slots.release()  # held by a live worker: look again when its lease runs out
+                        wait = (owner.lease_expires_at or clock) - clock if owner is not None else 0.0
+                        ctx.discovery.retry_later(item, time.monotonic() + max(wait, 0.0) + ctx.lease_s / 10)
+                        continue
+                    row_id, token, received = owner.id, owner.lease_token + 1, owner.received_at
+                    if owner.lease_holder != ctx.worker_id and not ctx.exclusive:
+                        ctx.log.warning("lease_taken_over", file=storable(item.path), id=row_id, from_worker=owner.lease_holder,
+                                        reason=f"its lease ran out {clock - (owner.lease_expires_at or clock):.1f} s ago")  # fmt: skip
+                    if owner.status != CLAIMED:  # committed before: only the move is left
+                        self.slots.release()
+                        self.finish.put(Done(row_id, item.path, (item.size, item.mtime_ns), owner.moved_to, token))
+                        continue
+                    update_rows(s, [{"id": row_id, **fields}])  # redo it
                 # an image without pixels waits out the grace period like any file cut short, then is skipped
-                works.append(Work(row_id, item, received, sha256=sha, size=item.size, error=err, data=data, sop=sop,
-                                  skip=skip, incomplete=cut, decode_ms=0.0))  # fmt: skip
+                works.append(Work(row_id, item, received, sha256=sha, size=item.size, error=err, data=data,
+                                  sop=ids["sop_instance_uid"], skip=skip, incomplete=cut, token=token))  # fmt: skip
             scorable = [w for w in works if w.error is None and w.skip is None]
             dups = first_ok_by_sha(s, [w.sha256 for w in scorable if w.sha256]) if ctx.dedupe else {}
             dup_sops = first_ok_by_sop(s, [w.sop for w in scorable if w.sop]) if ctx.dedupe else {}
@@ -425,6 +447,20 @@ class Claimer(Stage):
             else:
                 fut = self.pool.submit(self._decode, w)
                 fut.add_done_callback(lambda f, w=w: self._done(f, w))
+
+    @staticmethod
+    def still_there(item: FileItem) -> bool:
+        """Whether the inbox still holds ``item`` as it was read."""
+        try:
+            st = os.lstat(item.path)
+        except OSError:
+            return False
+        return item.is_symlink or (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
+
+    def takeable(self, owner: Any, clock: float) -> bool:
+        """Whether this worker may take a row another claim left: always with a database of its own (one
+        daemon per SQLite file), else when it was this worker's or its holder's lease has run out."""
+        return self.ctx.exclusive or owner.lease_holder == self.ctx.worker_id or (owner.lease_expires_at or 0.0) < clock
 
     def dicom(self, data: bytes) -> tuple[dict[str, str | None], str | None, bool]:
         """A DICOM file's identifiers, why it is out of scope (None: score it), and whether it may be cut
@@ -513,7 +549,7 @@ class Inferer(Stage):
         restart finds it as new work and its grace period runs on from its mtime."""
         ctx = self.ctx
         with ctx.sessions.begin() as s:
-            delete_rows(s, [w.row_id for w in waiting])
+            delete_rows(s, list(still_held(s, {w.row_id: w.token for w in waiting}, ctx.worker_id)))
         for w in waiting:
             until = w.item.changed_mono + ctx.incomplete_grace_s
             ctx.log.info(
@@ -582,8 +618,11 @@ class Inferer(Stage):
         now = utcnow()
         done: list[Done] = []
         counts = {OK: 0, ERROR: 0, DUPLICATE: 0, SKIPPED: 0}
+        lost: list[Work] = []
         with ctx.sessions.begin() as s:
-            b = Batch(created_at=now, size=len(batch), wait_ms=wait_ms, model_ms=model_ms, model_id=pred.model_id)
+            # Fencing: rows whose lease another worker took (this one was presumed dead) are not written.
+            held = still_held(s, {w.row_id: w.token for w in batch}, ctx.worker_id)
+            b = Batch(created_at=now, size=len(held), wait_ms=wait_ms, model_ms=model_ms, model_id=pred.model_id)
             s.add(b)
             s.flush()
             # Plain dicts in one executemany, not loaded ORM objects: less GIL held per file, which a GPU
@@ -591,8 +630,12 @@ class Inferer(Stage):
             firsts = scores_by_id(s, [w.duplicate_of for w in batch if w.duplicate_of is not None])
             rows: dict[int, dict] = {}
             for w in batch:
+                first = None if w.duplicate_of is None else rows.get(w.duplicate_of) or firsts.get(w.duplicate_of)
+                if w.row_id not in held or (w.duplicate_of is not None and first is None):
+                    lost.append(w)
+                    continue
                 row = {
-                    "id": w.row_id, "batch_id": b.id, "processed_at": now,
+                    "id": w.row_id, "batch_id": b.id, "processed_at": now, "worker_id": ctx.worker_id,
                     "latency_ms": max(0.0, (now - w.received_at).total_seconds() * 1000),
                     "model_id": pred.model_id, "threshold": pred.threshold, "temperature": pred.temperature,
                     "calibration_id": pred.calibration_id,
@@ -606,8 +649,7 @@ class Inferer(Stage):
                     if w.incomplete and ctx.incomplete_grace_s > 0:
                         reason += f"; the file stayed unchanged for {ctx.incomplete_grace_s:g} s"
                     row["status"], row["error"] = ERROR, storable(reason)
-                elif w.duplicate_of is not None:
-                    first = rows.get(w.duplicate_of) or firsts[w.duplicate_of]  # earlier in this batch, or committed
+                elif w.duplicate_of is not None:  # the first is earlier in this batch, or committed
                     row["status"], row["duplicate_of"] = DUPLICATE, w.duplicate_of
                     row.update({k: first[k] for k in ("logit", "probability", "label", "flagged")})
                 else:
@@ -617,11 +659,15 @@ class Inferer(Stage):
                 counts[row["status"]] += 1
                 row["moved_to"] = ctx.destination(w.item.path, row["status"])
                 rows[w.row_id] = row
-                done.append(Done(w.row_id, w.item.path, (w.item.size, w.item.mtime_ns), row["moved_to"]))
+                done.append(Done(w.row_id, w.item.path, (w.item.size, w.item.mtime_ns), row["moved_to"], w.token))
                 self._log_row(row, w.item.path)
             update_rows(s, list(rows.values()))
             b.n_ok, b.n_error, b.n_duplicate = counts[OK], counts[ERROR], counts[DUPLICATE]
         commit_ms = (time.perf_counter() - t1) * 1000
+        for w in lost:
+            ctx.log.warning("lease_lost", file=storable(w.item.path), id=w.row_id,
+                            reason="another worker took this file over: its result is that worker's")  # fmt: skip
+            ctx.discovery.release(w.item.path)
         if ctx.metrics is not None:
             n_flagged = sum(bool(r["flagged"]) for r in rows.values())
             ctx.metrics.batch(counts, n_flagged, (model_ms + commit_ms) / 1000)
@@ -670,15 +716,25 @@ class Finisher(Stage):
     def __init__(self, ctx: Context, finish: "queue.Queue"):
         super().__init__()
         self.ctx, self.finish = ctx, finish
+        self._retry: list[tuple[float, Done]] = []  # (when, move) that failed and is tried again
 
     def run(self) -> None:
         exported_at = time.monotonic()
         while True:
+            due = [d for when, d in self._retry if when <= time.monotonic()]
+            if due:
+                self._retry = [(w, d) for w, d in self._retry if d not in due]
+                self.handle(due)
             try:
                 job = self.finish.get(timeout=POLL_S)
             except queue.Empty:
                 if self.halt.is_set():
                     break
+                # Several workers: rows the others commit reach the CSVs through this one while it is the
+                # elected exporter, so it exports while idle too (and, if not elected, tries to become it).
+                if self.ctx.exporter.elect and time.monotonic() - exported_at >= EXPORT_EVERY_S:
+                    self.ctx.exporter.export()
+                    exported_at = time.monotonic()
                 continue
             self.handle(job if isinstance(job, list) else [job])
             # Each CSV update rewrites the current file, so in a stream of batches it runs at most once
@@ -691,9 +747,20 @@ class Finisher(Stage):
     def handle(self, jobs: list[Done]) -> None:
         ctx = self.ctx
         moved: dict[int, tuple[str | None, dt.datetime]] = {}
+        tokens = {d.row_id: d.token for d in jobs if d.moved_to is not None}
+        held: set[int] = set()
+        if tokens:
+            with ctx.sessions.begin() as s:  # a file is moved only by the worker that still holds its row
+                held = still_held(s, tokens, ctx.worker_id)
         for d in jobs:
             if d.moved_to is None:
                 ctx.discovery.release(d.src, settled=d.identity)
+                continue
+            if d.row_id not in held:
+                ctx.log.warning("lease_lost", file=d.src, id=d.row_id, reason="another worker took over moving this file")
+                with ctx.reserved_lock:
+                    ctx.reserved.discard(d.moved_to)
+                ctx.discovery.release(d.src)
                 continue
             try:
                 try:
@@ -714,13 +781,16 @@ class Finisher(Stage):
                 settled = None
             except OSError as exc:
                 ctx.log.error("move_failed", file=d.src, destination=d.moved_to, reason=str(exc))
-                # Scored and committed: a rescan must not pick it up again. The next start retries the
-                # move (its row keeps moved_at empty).
+                # Scored and committed: a rescan must not pick it up again; the move is tried again later
+                # (a share that went away comes back) and at the next start (its row keeps moved_at empty).
                 settled = d.identity
+                self._retry.append((time.monotonic() + MOVE_RETRY_S, d))
             finally:
                 with ctx.reserved_lock:
                     ctx.reserved.discard(d.moved_to)
             ctx.discovery.release(d.src, settled=settled)
         if moved:
             with ctx.sessions.begin() as s:
-                update_rows(s, [{"id": rid, "moved_to": actual, "moved_at": when} for rid, (actual, when) in moved.items()])
+                mine = still_held(s, {d.row_id: d.token for d in jobs if d.row_id in moved}, ctx.worker_id)
+                update_rows(s, [{"id": rid, "moved_to": actual, "moved_at": when}
+                                for rid, (actual, when) in moved.items() if rid in mine])  # fmt: skip

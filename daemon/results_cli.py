@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(stats, False)
     reviews = sub.add_parser("reviews", help="the readers' decisions from xr-review, with their films")
     common(reviews, False)
+    imp = sub.add_parser("import", help="load an xr-score output folder into the database (the one command that writes)")
+    common(imp, False)
+    imp.add_argument("run", type=Path, help="the xr-score --out folder")
     return p
 
 
@@ -230,6 +234,8 @@ def _main(argv: list[str] | None, out) -> int:
                    ("--patient", args.patient)) if value]  # fmt: skip
         if ignored:
             parser.error(f"{args.command} takes only --since and --format; {', '.join(ignored)} only apply to list")
+    if args.command == "import":
+        return _import(args, out)
     try:
         engine = open_db(args)
     except XRError as exc:
@@ -275,6 +281,26 @@ def _main(argv: list[str] | None, out) -> int:
         return 0
     finally:
         engine.dispose()
+
+
+def _import(args: argparse.Namespace, out) -> int:
+    """``xr-results import RUN``: an xr-score run into the results database (created or upgraded if need be)."""
+    from xr.daemon.paths import output_dir, results_db, settings_for
+
+    try:
+        from xr.score.bulk import import_run
+
+        cfg = settings_for(args.config)
+        engine = make_engine(results_db(cfg, output_dir(cfg, args.output), args.db))
+        try:
+            n, skipped = import_run(args.run, session_factory(engine))
+        finally:
+            engine.dispose()
+    except XRError as exc:
+        print(f"xr-results: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {n} rows from {args.run} ({skipped} already there)", file=out)
+    return 0
 
 
 def _flat(d: dict[str, Any], prefix: str = ""):

@@ -26,17 +26,20 @@ from xr.daemon.db import (
     Meta,
     Result,
     db_url,
+    db_time,
     delete_rows,
     fs_path,
     make_engine,
     record_calibration,
     session_factory,
     sqlite_file,
+    take_over,
     utcnow,
 )
 from xr.daemon.discovery import Discovery, inside
 from xr.daemon.export import CsvExporter, csv_columns
 from xr.daemon.heatmaps import HeatmapWorker
+from xr.daemon.leases import LeaseKeeper, default_worker_id, settle_claim
 from xr.daemon.metrics import Metrics, MetricsServer, sd_notify, watchdog_interval
 from xr.daemon.loading import ModelReloader, apply_limits, open_predictor, prepare
 from xr.daemon.logging import get_logger
@@ -136,6 +139,9 @@ class Service:
         self.db = results_db(cfg, self.output, db)
         self.model_path = model_path(cfg, model)
         self.calibration = Path(d.calibration).expanduser().resolve() if d.calibration else None  # None: beside the model
+        # SQLite: one daemon per database (file locks). A server database: any number, through leases.
+        self.exclusive = "://" not in str(self.db) or str(self.db).startswith("sqlite")  # the URL is checked at start
+        self.worker_id = d.worker_id or default_worker_id()
         self.once = once
         self.max_file_bytes = int(d.max_file_mb * 1024 * 1024)
         self.log = log or get_logger()
@@ -145,6 +151,7 @@ class Service:
         self.exit_code = 0
         self.stages: list = []
         self.heatmaps = None
+        self.exporter: CsvExporter | None = None
         self.discovery: Discovery | None = None
         self.metrics_server: MetricsServer | None = None
         self.sessions = None
@@ -175,6 +182,8 @@ class Service:
             self.output.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise XRError(f"cannot create output folder {self.output}: {exc.strerror or exc}") from None
+        if not self.exclusive:
+            return  # workers sharing a server database, an inbox and an output folder cooperate through the database
         locks = [(self.output / ".xr-daemon.lock", f"output folder {self.output}", True)]
         url = db_url(self.db)
         if url.startswith("sqlite:///"):
@@ -240,43 +249,32 @@ class Service:
         return pred
 
     def reconcile(self, ctx: Context, finisher: Finisher) -> dict[str, int]:
-        """Before watching: settle what a previous run left (docs/operations.md, "Crash safety")."""
+        """Before watching: settle what a previous run left (docs/operations.md, "Crash safety"). With
+        several workers on one database, only rows this worker held or whose lease has run out."""
         stats = {"claimed_redo": 0, "claimed_gone": 0, "claimed_released": 0, "moves_finished": 0}
         released = []
         now = utcnow()
         with ctx.sessions.begin() as s:
-            for row in s.scalars(select(Result).where(Result.status == CLAIMED)):
-                path = fs_path(row.path)
-                if not ctx.discovery.would_read(path):
-                    # Claimed by a run that watched another folder (or read other names) and stopped before
-                    # scoring it: this run will never redo it, and a claimed row would hold back every later
-                    # row from the CSVs. The claim is rolled back; the file, untouched, is new work wherever
-                    # it is watched.
-                    s.delete(row)
-                    stats["claimed_released"] += 1
-                    continue
-                try:
-                    st = os.lstat(path)
-                except OSError:
-                    st = None
-                if st is not None and (st.st_size, st.st_mtime_ns) == (row.size_bytes, row.mtime_ns):
+            clock = db_time(s)
+            mine = Result.id.is_not(None) if ctx.exclusive else (
+                (Result.lease_holder == ctx.worker_id) | (Result.lease_expires_at.is_(None)) | (Result.lease_expires_at < clock))  # fmt: skip
+            for row in s.scalars(select(Result).where(Result.status == CLAIMED, mine).with_for_update(skip_locked=True)):
+                outcome = settle_claim(row, ctx.discovery, now)
+                if outcome == "redo":
                     stats["claimed_redo"] += 1  # the scan finds it again and the claim reuses this row
-                    continue
-                if st is not None:
-                    # Written on since it was claimed (a writer that paused): the file as it is now is the
-                    # work, found by the scan; the claim of its earlier bytes is rolled back.
+                elif outcome == "release":
                     released.append(row.id)
                     stats["claimed_released"] += 1
-                    continue
-                row.status, row.error = ERROR, "file left the inbox before it was processed"
-                row.processed_at, row.moved_at = now, now
-                row.latency_ms = max(0.0, (now - row.received_at).total_seconds() * 1000)
-                stats["claimed_gone"] += 1
+                else:
+                    stats["claimed_gone"] += 1
             delete_rows(s, released)
             pending = s.scalars(
-                select(Result).where(Result.status != CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None))
+                select(Result).where(Result.status != CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None), mine)
+                .with_for_update(skip_locked=True)
             ).all()
-            jobs = [Done(r.id, fs_path(r.path), (r.size_bytes, r.mtime_ns), r.moved_to) for r in pending]
+            tokens = {r.id: r.lease_token for r in pending}  # read before the takeover updates the loaded rows
+            jobs = [Done(r.id, fs_path(r.path), (r.size_bytes, r.mtime_ns), r.moved_to, tokens[r.id] + 1) for r in pending
+                    if take_over(s, r.id, tokens[r.id], ctx.worker_id, clock + ctx.lease_s)]  # fmt: skip
         for d in jobs:
             with ctx.reserved_lock:
                 ctx.reserved.add(d.moved_to)
@@ -316,7 +314,8 @@ class Service:
                 log=self.log,
             )
             exporter = CsvExporter(self.output / "csv", sessions, self.cfg.csv.rotation, self.cfg.csv.max_rows,
-                                   csv_columns(self.cfg.csv.dicom_identifiers))
+                                   csv_columns(self.cfg.csv.dicom_identifiers), elect=not self.exclusive)
+            self.exporter = exporter
             ctx = Context(
                 inbox=self.inbox,
                 output=self.output,
@@ -334,6 +333,9 @@ class Service:
                 max_file_bytes=self.max_file_bytes,
                 incomplete_grace_s=d.incomplete_grace_s,
                 on_skipped=d.on_skipped,
+                worker_id=self.worker_id,
+                lease_s=d.lease_s,
+                exclusive=self.exclusive,
                 dicom_modalities=tuple(self.cfg.dicom.modalities),
                 dicom_body_parts=tuple(self.cfg.dicom.body_parts),
             )
@@ -352,6 +354,8 @@ class Service:
             if not self.once and self._predictor is None:
                 ctx.reloader = ModelReloader(self.cfg, self.model_path, self.calibration, predictor, plan.batch_size, self.log)
                 self.stages.append(ctx.reloader)
+            if not self.exclusive:
+                self.stages.append(LeaseKeeper(ctx))
             self.heatmaps = HeatmapWorker(ctx, d.heatmaps, d.heatmap_every_s) if d.heatmaps != "none" else None
             if self.heatmaps is not None:
                 self.stages.append(self.heatmaps)
@@ -361,6 +365,7 @@ class Service:
                 watch=str(self.inbox),
                 output=str(self.output),
                 db=str(self.db),
+                worker_id=self.worker_id,
                 once=self.once,
                 batch_size=plan.batch_size,
                 max_wait_ms=d.max_wait_ms,
@@ -395,6 +400,8 @@ class Service:
             self.exit_code = 1
         finally:
             self._shutdown(discovery)
+            if self.exporter is not None:
+                self.exporter.release()
             if engine is not None:
                 engine.dispose()
             for fd in self._lock_fds:

@@ -61,6 +61,41 @@ def shared_dir() -> Path:
     return SHARED
 
 
+PG_ADMIN = os.environ.get("XR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture()
+def pg_url():
+    """A fresh PostgreSQL database for one test (dropped after), on the server at $XR_TEST_PG (default the
+    local one, trust auth); skipped, saying why, where no server answers."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    try:
+        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+        with admin.connect() as c:
+            c.execute(text("select 1"))
+    except Exception as exc:  # noqa: BLE001 - no server, no driver: the PostgreSQL tests cannot run here
+        pytest.skip(f"no PostgreSQL server at {PG_ADMIN} ({type(exc).__name__}): the PostgreSQL tests skip")
+    name = f"xr_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as c:
+        c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request, tmp_path):
+    """The results database on each backend: a SQLite file, and a PostgreSQL database where a server answers."""
+    if request.param == "sqlite":
+        return str(tmp_path / "results.sqlite")
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture(scope="session")
 def dicom_dir(tmp_path_factory, xray_paths) -> dict[str, Path]:
     """DICOM films (tests/dicom_films.py): the CR chest in every transfer syntax, its MONOCHROME2 twin, a

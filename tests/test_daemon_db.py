@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from xr.core.errors import XRError
 from xr.daemon import db as dbm
@@ -52,30 +52,11 @@ def test_not_a_results_db(tmp_path):
 
 
 def test_db_url():
-    assert dbm.db_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert dbm.db_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert dbm.db_url("postgresql+psycopg://u@h:5432/db") == "postgresql+psycopg://u@h:5432/db"
+    with pytest.raises(XRError, match="mysql://u@h/db.*SQLite file path or a postgresql"):
+        dbm.db_url("mysql://u@h/db")
     assert dbm.db_url("rel.sqlite").startswith("sqlite:////")
-
-
-def test_owning_rows_scores_by_id_and_first_ok(tmp_path):
-    eng = make_engine(tmp_path / "r.sqlite")
-    sessions = session_factory(eng)
-    with sessions.begin() as s:
-        s.add(_row(status=dbm.OK, sha="x", moved_at=dt.datetime(2026, 1, 1)))  # moved away: owns nothing
-        s.add(_row(status=dbm.OK, sha="x", path="/in/b.png"))
-        s.add(_row(status=dbm.ERROR, sha="y", path="/in/c.png"))
-        s.add(_row(status=dbm.CLAIMED, sha="y", path="/in/c.png"))  # a later claim of the same file
-    with sessions() as s:
-        a, b, b11, c = ("/in/a.png", 10, 1), ("/in/b.png", 10, 1), ("/in/b.png", 11, 1), ("/in/c.png", 10, 1)
-        owners = dbm.owning_rows(s, [a, b, b11, c])
-        assert set(owners) == {b, c}  # a: moved away; b11: other size, another file
-        assert owners[b].status == dbm.OK
-        assert (owners[c].id, owners[c].status) == (4, dbm.CLAIMED)  # the newest row of an identity owns it
-        assert dbm.owning_rows(s, []) == {}
-        assert owners[b].moved_to is None and owners[b].received_at == dt.datetime(2026, 1, 1)
-        scores = dbm.scores_by_id(s, [2, 4, 99])
-        assert set(scores) == {2, 4} and set(scores[2]) == {"id", "logit", "probability", "label", "flagged"}
-        assert dbm.first_ok_by_sha(s, ["x", "y", "z"]) == {"x": 1}  # errors are never a first result
-    eng.dispose()
 
 
 def test_concurrent_writers_wait_instead_of_failing(tmp_path):
@@ -146,18 +127,18 @@ def test_a_database_made_by_the_previous_release_is_upgraded_in_place(tmp_path, 
     db = tmp_path / "results.sqlite"
     shutil.copy(fixtures_dir / "db" / "results-v1.sqlite", db)
     before = sqlite3.connect(db).execute("select id, filename, status, probability from results order by id").fetchall()
-    with pytest.raises(XRError, match="has schema version 1, this version reads 4: start xr-daemon on it once"):
+    with pytest.raises(XRError, match="has schema version 1, this version reads 5: start xr-daemon on it once"):
         make_engine(db, create=False)  # a reader never migrates
     make_engine(db).dispose()
     make_engine(db).dispose()  # upgrading twice changes nothing
     con = sqlite3.connect(db)
     assert con.execute("select id, filename, status, probability from results order by id").fetchall() == before
     assert len(before) == 4 and {r[2] for r in before} == {"ok", "error", "duplicate"}
-    assert con.execute("select version_num from alembic_version").fetchall() == [("0004",)]
+    assert con.execute("select version_num from alembic_version").fetchall() == [("0005",)]
     columns = {r[1] for r in con.execute("pragma table_info(results)")}
     assert {"calibration_id", "accession_number", "sop_instance_uid", "patient_id"} <= columns
     assert con.execute("select count(*) from calibrations").fetchone() == (0,)
-    assert dict(con.execute("select key, value from meta").fetchall()) == {"schema_version": "4", "last_exported_id": "4"}
+    assert dict(con.execute("select key, value from meta").fetchall()) == {"schema_version": "5", "last_exported_id": "4"}
     con.close()
     make_engine(db, create=False).dispose()  # now readable
 
@@ -177,3 +158,61 @@ def test_fresh_and_upgraded_schemas_are_the_same(tmp_path, fixtures_dir):
         eng.dispose()
     assert shapes[0] == shapes[1]
     assert {"results", "batches", "meta", "calibrations", "reviews", "alembic_version"} <= set(shapes[1])
+
+
+# -- claims and leases, on SQLite and PostgreSQL ----------------------------------------------------------
+def _claim_row(path="/in/a.png", size=10, mtime=1, worker="w1", expires=100.0, **kw) -> dict:
+    now = dt.datetime(2026, 1, 1)
+    return {"path": path, "filename": path.rsplit("/", 1)[-1], "size_bytes": size, "mtime_ns": mtime, "status": dbm.CLAIMED,
+            "received_at": now, "claimed_at": now, "lease_holder": worker, "lease_token": 0, "lease_expires_at": expires, **kw}
+
+
+def test_one_claim_per_inbox_file(any_db):
+    eng = make_engine(any_db)
+    sessions = session_factory(eng)
+    with sessions.begin() as s:
+        first = dbm.try_claim(s, _claim_row(worker="w1"))
+        assert first is not None
+        assert dbm.try_claim(s, _claim_row(worker="w2")) is None  # the same file: the database says no
+        assert dbm.try_claim(s, _claim_row(size=11, worker="w2")) is not None  # another file under the name
+        owner = dbm.owner_of(s, ("/in/a.png", 10, 1))
+        assert (owner.id, owner.lease_holder, owner.lease_token) == (first, "w1", 0)
+    with sessions.begin() as s:  # once moved, the name is free for a new file of the same identity
+        s.execute(update(Result).where(Result.id == first).values(status=dbm.OK, moved_at=dt.datetime(2026, 1, 2)))
+    with sessions.begin() as s:
+        assert dbm.try_claim(s, _claim_row(worker="w2")) not in (None, first)
+    eng.dispose()
+
+
+def test_a_takeover_raises_the_token_and_fences_the_old_holder(any_db):
+    eng = make_engine(any_db)
+    sessions = session_factory(eng)
+    with sessions.begin() as s:
+        rid = dbm.try_claim(s, _claim_row(worker="w1", expires=50.0))
+        assert dbm.still_held(s, {rid: 0}, "w1") == {rid}
+    with sessions.begin() as s:  # w1's lease ran out; w2 takes the file
+        assert dbm.take_over(s, rid, 0, "w2", 200.0)
+        assert not dbm.take_over(s, rid, 0, "w3", 200.0)  # a third that read the old token loses the race
+    with sessions.begin() as s:
+        assert dbm.still_held(s, {rid: 0}, "w1") == set()  # w1, back, holds nothing: it writes nothing
+        assert dbm.still_held(s, {rid: 1}, "w2") == {rid}
+        assert dbm.renew_leases(s, "w2", 300.0) == 1 and dbm.renew_leases(s, "w1", 300.0) == 0
+        assert s.get(Result, rid).lease_expires_at == 300.0
+        assert dbm.db_time(s) > 1.7e9  # epoch seconds on the database's clock
+    eng.dispose()
+
+
+def test_committed_but_unmoved_rows_keep_their_lease_moved_ones_do_not(any_db):
+    eng = make_engine(any_db)
+    sessions = session_factory(eng)
+    with sessions.begin() as s:
+        waiting = dbm.try_claim(s, _claim_row(path="/in/w.png"))
+        done = dbm.try_claim(s, _claim_row(path="/in/d.png"))
+        left = dbm.try_claim(s, _claim_row(path="/in/l.png"))
+        s.execute(update(Result).where(Result.id == waiting).values(status=dbm.OK, moved_to="/out/w.png"))
+        s.execute(update(Result).where(Result.id == done).values(status=dbm.OK, moved_to="/out/d.png",
+                                                                    moved_at=dt.datetime(2026, 1, 2)))  # fmt: skip
+        s.execute(update(Result).where(Result.id == left).values(status=dbm.OK))  # left in place: done
+        assert dbm.renew_leases(s, "w1", 500.0) == 1
+        assert s.get(Result, waiting).lease_expires_at == 500.0
+    eng.dispose()

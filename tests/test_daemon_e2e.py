@@ -814,3 +814,32 @@ def test_healthz_says_why_when_the_database_cannot_be_written(tmp_path, tiny_che
     finally:
         svc.handle_signal(15)
         t.join(60)
+
+
+def test_a_share_that_goes_away_and_comes_back_is_survived(tmp_path, tiny_checkpoint, xray_paths):
+    """The watch folder disappears (an unmounted share) and comes back: logged both ways, no crash, and
+    what arrived while it was away is scored."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--poll", "--set", "daemon.heatmaps=none")
+    try:
+        wait_started(proc, log)
+        drop(xray_paths[0].read_bytes(), inbox, "before.jpeg")
+        wait_for(lambda: len(db_rows(tmp_path)) == 1 and db_rows(tmp_path)[0]["moved_at"], 120, proc, "the first film")
+        away = tmp_path / "share-away"
+        os.rename(inbox, away)  # the share is unmounted
+        wait_for(lambda: any(e["event"] == "inbox_unavailable" for e in log_events(log)), 60, proc, "inbox_unavailable")
+        drop(xray_paths[1].read_bytes(), away, "meanwhile.jpeg")  # written to the share while this host lost it
+        time.sleep(1.0)  # a few rescans with the folder gone
+        os.rename(away, inbox)  # mounted again
+        wait_for(lambda: any(e["event"] == "inbox_available" for e in log_events(log)), 60, proc, "inbox_available")
+        drop(xray_paths[2].read_bytes(), inbox, "after.jpeg")
+        wait_for(lambda: sum(bool(r["moved_at"]) for r in db_rows(tmp_path)) == 3, 120, proc, "the films after")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        stop(proc)
+    assert sorted(r["filename"] for r in db_rows(tmp_path)) == ["after.jpeg", "before.jpeg", "meanwhile.jpeg"]
+    assert {r["status"] for r in db_rows(tmp_path)} == {"ok"}
+    assert not any(e["event"] == "stage_failed" for e in log_events(log))

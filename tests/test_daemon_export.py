@@ -3,16 +3,23 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
+
+from sqlalchemy import update
 
 from xr.daemon import db as dbm
 from xr.daemon.db import Result, make_engine, session_factory
 from xr.daemon.export import CsvExporter, atomic_append, last_id_in_csv
 
 
+_FILES = itertools.count()  # each row its own inbox file, as the daemon's are
+
+
 def _add(sessions, n, status=dbm.OK, flagged=False, day=1):
     t = dt.datetime(2026, 1, day, 12)
     with sessions.begin() as s:
-        for i in range(n):
+        for _ in range(n):
+            i = next(_FILES)
             s.add(Result(path=f"/in/{i}.png", filename=f"{i}.png", size_bytes=1, mtime_ns=i, sha256=f"{i}",
                          status=status, received_at=t, claimed_at=t, processed_at=t if status != dbm.CLAIMED else None,
                          flagged=flagged, probability=0.9 if flagged else 0.1, error="bad\nline" if status == dbm.ERROR else None))  # fmt: skip
@@ -176,4 +183,55 @@ def test_a_file_written_with_other_columns_is_set_aside_not_mixed(tmp_path):
     _add(sessions, 1, day=1, flagged=True)
     CsvExporter(csv_dir, sessions, "daily").export()
     assert _ids(csv_dir / "flagged.csv") == [5] and _ids(csv_dir / "results-2026-01-01.csv") == [4, 5]
+    eng.dispose()
+
+
+# -- several workers on one PostgreSQL database ------------------------------------------------------------
+def test_one_exporter_is_elected_and_another_takes_over_when_it_goes(tmp_path, pg_url):
+    eng = make_engine(pg_url)
+    sessions = session_factory(eng)
+    _add(sessions, 2)
+    first = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
+    second = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
+    assert first.export() == 2
+    _add(sessions, 1)
+    assert second.export() == 0  # not elected while the first holds the lock
+    first.release()  # the first worker stops (or dies: its session ends the same way)
+    assert second.export() == 1  # it takes over from the files and the database as the first left them
+    assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [1, 2, 3]
+    second.release()
+    eng.dispose()
+
+
+def test_a_claim_in_flight_with_a_lower_id_holds_back_later_rows(tmp_path, pg_url):
+    """A sequence hands out ids outside transactions: a claim not yet committed may hold a lower id than a
+    row already final. The exporter waits for claims in flight, so that row is not skipped for ever."""
+    import threading
+
+    eng = make_engine(pg_url)
+    sessions = session_factory(eng)
+    now = dt.datetime(2026, 1, 1, 12)
+    row = {"filename": "x.png", "size_bytes": 1, "mtime_ns": 1, "status": dbm.CLAIMED, "received_at": now, "claimed_at": now}
+    slow = sessions()
+    dbm.claim_fence(slow)
+    low = dbm.try_claim(slow, {"path": "/in/slow.png", **row})  # worker A: claimed, not committed yet
+    with sessions.begin() as s:  # worker B: a later id, committed and final
+        dbm.claim_fence(s)
+        high = dbm.try_claim(s, {"path": "/in/fast.png", **row})
+        s.execute(update(Result).where(Result.id == high).values(status=dbm.OK, processed_at=now))
+    assert low < high
+    ex = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
+    exported = []
+    t = threading.Thread(target=lambda: exported.append(ex.export()))
+    t.start()
+    t.join(0.5)
+    slow.commit()  # A's claim lands; the exporter, waiting on it, now sees id `low` claimed
+    slow.close()
+    t.join(60)
+    assert exported == [0]  # `high` waits for `low`, as on SQLite
+    with sessions.begin() as s:
+        s.execute(update(Result).where(Result.id == low).values(status=dbm.OK, processed_at=now))
+    assert ex.export() == 2
+    assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [low, high]
+    ex.release()
     eng.dispose()

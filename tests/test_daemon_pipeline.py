@@ -50,6 +50,8 @@ def test_finisher_batches_csv_rewrites_under_a_stream(tmp_path):
     from xr.daemon.pipeline import Context, Done, Finisher
 
     class Exporter:
+        elect = False  # the only daemon on its database
+
         def __init__(self):
             self.calls = []
 

@@ -397,7 +397,7 @@ def test_setup_problems_exit_2_with_the_reason(tmp_path, predictor, capsys):
     cases = [
         ({"output": tmp_path / "afile" / "out"}, "cannot create output folder"),
         ({"output": tmp_path / "out", "watch": None}, "no watch folder: pass --watch DIR or set daemon.watch"),
-        ({"output": tmp_path / "out", "db": "nosuchdriver://host/db"}, "cannot open results database"),
+        ({"output": tmp_path / "out", "db": "nosuchdriver://host/db"}, "use a SQLite file path or a postgresql"),
     ]
     for kw, reason in cases:
         svc = Service(_cfg(), **({"watch": tmp_path / "inbox"} | kw), predictor=predictor, log=log)

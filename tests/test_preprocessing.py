@@ -154,8 +154,13 @@ def test_large_jpeg_decodes_at_reduced_scale_never_below_resize(preset, fullres_
     assert abs(img.size[0] / img.size[1] - full_size[0] / full_size[1]) < 0.02
 
 
+# every augmentation off: each test turns on what it looks at
+OFF = dict(rrc_scale=(1.0, 1.0), hflip_p=0.0, rotation_deg=0.0, affine_scale=(1.0, 1.0), translate=0.0, brightness=0.0,
+           contrast=0.0, gamma=(1.0, 1.0), autocontrast_p=0.0, equalize_p=0.0)  # fmt: skip
+
+
 def test_train_transform_is_seeded_same_shape_and_differs_from_eval(preset, xray_paths):
-    aug = AugmentConfig()
+    aug = AugmentConfig(**OFF | dict(rrc_scale=(0.9, 1.0), hflip_p=0.5, rotation_deg=5.0))
     tf = preset.train_transform(aug)
     img = preset.load(xray_paths[3])
     torch.manual_seed(123)
@@ -181,7 +186,7 @@ def test_train_transform_is_seeded_same_shape_and_differs_from_eval(preset, xray
 
 
 def test_train_transform_without_augmentation_equals_eval(preset, xray_paths):
-    aug = AugmentConfig(rrc_scale=(1.0, 1.0), hflip_p=0.0, rotation_deg=0.0)
+    aug = AugmentConfig(**OFF)
     img = preset.load(xray_paths[0])
     torch.manual_seed(0)
     t = preset.train_transform(aug)(img)
@@ -250,9 +255,9 @@ def test_preprocess_differs_when_preset_differs(xray_paths):
 def test_photometric_augmentation_changes_grey_levels_not_geometry(preset, xray_paths):
     """Brightness, contrast, gamma, autocontrast: the same film under another exposure or scanner."""
     img = preset.load(xray_paths[0])
-    still = dict(rrc_scale=(1.0, 1.0), hflip_p=0.0, rotation_deg=0.0)
+    still = OFF
     plain = preset.train_transform(AugmentConfig(**still))
-    photo = preset.train_transform(AugmentConfig(**still, brightness=0.3, contrast=0.3, gamma=(0.7, 1.4), autocontrast_p=0.5))
+    photo = preset.train_transform(AugmentConfig(**still | dict(brightness=0.3, contrast=0.3, gamma=(0.7, 1.4), autocontrast_p=0.5)))
     torch.manual_seed(0)
     a = plain(img)
     diffs, corrs = [], []
@@ -271,9 +276,9 @@ def test_photometric_augmentation_changes_grey_levels_not_geometry(preset, xray_
 
 def test_affine_zoom_and_shift_move_the_picture(preset, xray_paths):
     img = preset.load(xray_paths[0])
-    still = dict(rrc_scale=(1.0, 1.0), hflip_p=0.0, rotation_deg=0.0)
+    still = OFF
     torch.manual_seed(0)
     a = preset.train_transform(AugmentConfig(**still))(img)
     torch.manual_seed(0)
-    b = preset.train_transform(AugmentConfig(**still, affine_scale=(0.7, 0.8), translate=0.1))(img)
+    b = preset.train_transform(AugmentConfig(**still | dict(affine_scale=(0.7, 0.8), translate=0.1)))(img)
     assert a.shape == b.shape and (a - b).abs().mean() > 0.1

@@ -58,7 +58,7 @@ def test_fullres_and_training_copy_agree(shipped, shared_dir):
     calibrated probabilities agree closely.
 
     The bound pins what the shipped model measures (docs/benchmarks.md, "Full-resolution consistency"):
-    the same decision for all 40, a mean difference under 0.02 and at most 2 pairs over 0.05.
+    at most one decision of 40 differs, a mean difference under 0.025 and at most 4 pairs over 0.05.
     """
     fullres, copies = fullres_pairs(shared_dir)
     assert len(fullres) == 40
@@ -66,9 +66,9 @@ def test_fullres_and_training_copy_agree(shipped, shared_dir):
     agree = pair_agreement(shipped, fullres, copies)
     diff = agree["prob_diff"]
     disagree = [fullres[i].name for i in agree["flips"]]
-    assert not disagree, f"triage decision differs for {disagree}"
-    assert diff.mean() < 0.02
-    assert (diff > 0.05).sum() <= 2, sorted(zip(diff.round(3), (f.name for f in fullres)))[-5:]
+    assert len(disagree) <= 1, f"triage decision differs for {disagree}"
+    assert diff.mean() < 0.025
+    assert (diff > 0.05).sum() <= 4, sorted(zip(diff.round(3), (f.name for f in fullres)))[-5:]
 
 
 @pytest.mark.shared
@@ -89,3 +89,21 @@ def test_shipped_model_meets_targets_on_its_test_split(shipped, shared_dir):
     assert m["per_class"]["PNEUMONIA"]["recall"] >= 0.97
     assert m["per_class"]["NORMAL"]["recall"] >= 0.88
     assert m["ece"] <= 0.03
+
+
+@pytest.mark.shared
+def test_shipped_model_at_a_second_site(shipped, shared_dir):
+    """The 200 films of the official test split (docs/benchmarks.md, "At a second site"), with the model's
+    own calibration: the figures the model card states, and the issue's bars for a new site."""
+    from xr.train.data import list_class_folder
+
+    items = list_class_folder(shared_dir / "data" / "site_sample")
+    assert len(items) == 200
+    probs = shipped.calibrate(torch.as_tensor(score_items(shipped, items, batch_size=32))).numpy()
+    m = compute_metrics([it.label for it in items], probs, shipped.threshold)
+    card = json.loads((MODELS / "model_card.json").read_text())["site_sample"]["own_calibration"]
+    assert m["auroc"] == pytest.approx(card["auroc"], abs=2e-3)
+    assert m["auroc"] >= 0.98
+    assert m["accuracy"] >= 0.90
+    assert m["per_class"]["PNEUMONIA"]["recall"] >= 0.97
+    assert m["per_class"]["NORMAL"]["recall"] >= 0.75

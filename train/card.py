@@ -29,6 +29,18 @@ def _metric(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
+def augmentation(a) -> str:
+    """The recipe's training augmentation in one line (``augment`` section)."""
+    parts = [f"RandomResizedCrop scale {a.rrc_scale[0]:g}-{a.rrc_scale[1]:g}", f"flip p {a.hflip_p:g}", f"rotation +/-{a.rotation_deg:g} deg"]
+    if tuple(a.affine_scale) != (1.0, 1.0) or a.translate:
+        parts.append(f"affine zoom {a.affine_scale[0]:g}-{a.affine_scale[1]:g} and shift {a.translate:g}")
+    parts += [f"{name} +/-{v:g}" for name, v in (("brightness", a.brightness), ("contrast", a.contrast)) if v]
+    if tuple(a.gamma) != (1.0, 1.0):
+        parts.append(f"gamma {a.gamma[0]:g}-{a.gamma[1]:g}")
+    parts += [f"{name} p {v:g}" for name, v in (("autocontrast", a.autocontrast_p), ("equalize", a.equalize_p)) if v]
+    return ", ".join(parts)
+
+
 def write_model_card(
     out: Path, cfg: Recipe, splits: Splits, train: dict, calib: dict, test: dict, command: str, seconds: float
 ) -> dict[str, Any]:
@@ -53,7 +65,7 @@ def write_model_card(
         "output": {"classes": list(CLASS_NAMES), "score": "calibrated P(PNEUMONIA) = sigmoid(logit / T)"},
         "calibration": {k: calib[k] for k in ("T", "threshold", "objective")} | {"val": calib["calibration"]},
         "data": splits.summary(),
-        "training": {k: train[k] for k in ("best_epoch", "best_val_auroc", "epochs_run")},
+        "training": {k: train[k] for k in ("best_epoch", "best_val_auroc", "epochs_run")} | {"augmentation": augmentation(cfg.augment)},
         "test_metrics": {k: test[k] for k in ("n", "auroc", "accuracy", "f1", "sensitivity", "specificity", "ece")}
         | {"recall_" + c: test["per_class"][c]["recall"] for c in CLASS_NAMES},
         "command": command,
@@ -82,6 +94,7 @@ def write_model_card(
         f"class-balanced sampler {'on' if cfg.train.weighted_sampler else 'off'}; {min(cfg.train.head_epochs, cfg.train.epochs)} "
         f"head-only epochs on cached features"
         + (f", then fine-tuning with stem + {cfg.train.freeze_stages} block stages frozen" if cfg.train.epochs > cfg.train.head_epochs else "")
+        + f"; augmentation: {card['training']['augmentation']}"
         + f"; AdamW lr {cfg.train.lr}, "
         f"weight decay {cfg.train.weight_decay}; ReduceLROnPlateau on val AUROC; early stopping {cfg.train.early_stopping_patience}; "
         f"best epoch {card['training']['best_epoch']} of {card['training']['epochs_run']} (val AUROC {card['training']['best_val_auroc']:.4f}). "

@@ -1,0 +1,1 @@
+"""``xr-score``: an archive scored in bulk on Ray Data (docs/operations.md, "Re-scoring an archive")."""
