@@ -209,9 +209,6 @@ def score(data: Path, out: Path, checkpoint: Path, calibration: Path | None = No
           part_rows: int = PART_ROWS, scope: tuple[tuple[str, ...], tuple[str, ...]] = (("CR", "DX"), ("CHEST",))) -> Summary:  # fmt: skip
     """Score every file under ``data`` not yet in ``out``; rows land in ``out`` as they come."""
     ray = _import_ray()
-    import torch
-
-    from xr.core.model import load_checkpoint
     from xr.core.predict import Predictor, resolve_device
 
     out.mkdir(parents=True, exist_ok=True)
@@ -232,8 +229,8 @@ def score(data: Path, out: Path, checkpoint: Path, calibration: Path | None = No
                           f"this run has {run['model_id']} with {run['calibration_id']}: use another --out")
     else:
         run_file.write_text(json.dumps(run, indent=2))
+    preset = pred.meta["preprocess"]
     del pred
-    _, meta = load_checkpoint(checkpoint)
     t0 = time.perf_counter()
     if not todo:
         return Summary(0, len(done), 0, 0.0)
@@ -244,6 +241,8 @@ def score(data: Path, out: Path, checkpoint: Path, calibration: Path | None = No
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if device in ("auto", "cuda") else 0
+    if device == "cuda" and not gpus:
+        raise XRError("--device cuda: the Ray cluster has no GPU")
     dev = "cuda" if gpus else ("cpu" if device in ("auto", "cuda") else resolve_device(device).type)
     cpus = max(1, int(resources.get("CPU", os.cpu_count() or 1)))
     max_bytes = int(max_file_mb * 1024 * 1024)
@@ -253,7 +252,7 @@ def score(data: Path, out: Path, checkpoint: Path, calibration: Path | None = No
     if gpus:
         # decode and preprocess in CPU tasks, the model in one actor per GPU
         ds = ds.map_batches(decode_batch, batch_size=batch_size, num_cpus=decode_cpus,
-                            fn_kwargs={"preset": meta["preprocess"], "max_bytes": max_bytes, "scope": scope})  # fmt: skip
+                            fn_kwargs={"preset": preset, "max_bytes": max_bytes, "scope": scope})  # fmt: skip
         ds = ds.map_batches(Scorer, batch_size=batch_size, concurrency=gpus, num_gpus=1, num_cpus=1, fn_constructor_kwargs=kwargs)
     else:
         # no GPU: a process per core that decodes and scores its batches (a forward is a fifth of a film's
@@ -273,7 +272,6 @@ def score(data: Path, out: Path, checkpoint: Path, calibration: Path | None = No
             rows = []
     if rows:
         write_part(out, rows)
-    del torch
     return Summary(files, len(done), errors, time.perf_counter() - t0)
 
 
