@@ -54,6 +54,13 @@ def sniff_dicom(path: str) -> bool | None:
     return None if len(head) < DICM_OFFSET + 4 else is_dicom(head)
 
 
+def is_read(path: str) -> bool:
+    """Whether the daemon reads the file at ``path``, by its name: an image name, or an extensionless file
+    that is DICOM."""
+    name = os.path.basename(path)
+    return is_candidate_name(name) or bool(_extensionless(name) and sniff_dicom(path))
+
+
 def ignored_reason(name: str) -> str:
     suffix = os.path.splitext(name)[1].lower()
     kind = f"extension {suffix}" if suffix else "no extension"
@@ -336,7 +343,7 @@ class Discovery:
         """Whether ``path`` is a file this discovery hands on: an image name (or an extensionless DICOM file)
         inside the inbox, in no hidden sub-folder, outside the excluded folders."""
         p = Path(path)
-        if not (is_candidate_name(p.name) or (_extensionless(p.name) and sniff_dicom(path))) or not inside(p, self.inbox):
+        if not is_read(path) or not inside(p, self.inbox):
             return False
         if any(part.startswith(".") for part in p.relative_to(self.inbox).parts[:-1]):
             return False

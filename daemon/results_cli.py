@@ -108,11 +108,16 @@ def query_reviews(sessions, since: dt.datetime | None) -> list[dict[str, Any]]:
         return [dict(m) for m in s.execute(stmt.order_by(Review.id)).mappings()]
 
 
-def open_db(args: argparse.Namespace):
+def db_location(args: argparse.Namespace):
+    """The database the daemon with these options would use: ``--db``, else ``daemon.db``, else the output's."""
     from xr.daemon.paths import output_dir, results_db, settings_for
 
     cfg = settings_for(args.config)
-    db = results_db(cfg, output_dir(cfg, args.output), args.db)
+    return results_db(cfg, output_dir(cfg, args.output), args.db)
+
+
+def open_db(args: argparse.Namespace):
+    db = db_location(args)
     url = db_url(db)
     if url.startswith("sqlite:///") and not sqlite_file(url).exists():
         raise XRError(f"results database not found: {sqlite_file(url)}")
@@ -285,13 +290,10 @@ def _main(argv: list[str] | None, out) -> int:
 
 def _import(args: argparse.Namespace, out) -> int:
     """``xr-results import RUN``: an xr-score run into the results database (created or upgraded if need be)."""
-    from xr.daemon.paths import output_dir, results_db, settings_for
-
     try:
         from xr.score.bulk import import_run
 
-        cfg = settings_for(args.config)
-        engine = make_engine(results_db(cfg, output_dir(cfg, args.output), args.db))
+        engine = make_engine(db_location(args))
         try:
             n, skipped = import_run(args.run, session_factory(engine))
         finally:

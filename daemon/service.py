@@ -22,7 +22,6 @@ from xr.core.calibration import CALIBRATION_FILE
 from xr.core.predict import Predictor
 from xr.daemon.db import (
     CLAIMED,
-    ERROR,
     Meta,
     Result,
     db_url,

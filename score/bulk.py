@@ -21,7 +21,12 @@ from xr.core.errors import ImageError, XRError
 
 RUN_FILE = "run.json"  # the model and calibration a scoring run uses: a restart must use the same
 PART_ROWS = 512  # rows per Parquet part: a kill loses at most this much work, a restart skips the rest
-COLUMNS = ("path", "sha256", "logit", "probability", "threshold", "flagged", "model_id", "calibration_id", "error")
+# the Parquet columns and their Arrow types
+FIELDS = (("path", "string"), ("sha256", "string"), ("logit", "float64"), ("probability", "float64"),
+          ("threshold", "float64"), ("flagged", "bool_"), ("model_id", "string"), ("calibration_id", "string"),
+          ("error", "string"))  # fmt: skip
+COLUMNS = tuple(name for name, _ in FIELDS)
+TEXT = tuple(name for name, kind in FIELDS if kind == "string")
 
 
 def _import_ray():
@@ -36,7 +41,7 @@ def _import_ray():
 def list_inputs(data: Path) -> list[str]:
     """Absolute paths of the files to score: every file the daemon would read under a folder (PNG, JPEG,
     DICOM by extension or by its DICM marker), or the lines of a text file listing paths."""
-    from xr.daemon.discovery import is_candidate_name, is_hidden_or_temporary, sniff_dicom
+    from xr.daemon.discovery import is_read
 
     if data.is_file():
         lines = [ln.strip() for ln in data.read_text().splitlines()]
@@ -46,20 +51,14 @@ def list_inputs(data: Path) -> list[str]:
     out = []
     for root, dirs, files in os.walk(data):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if is_candidate_name(name) or (not os.path.splitext(name)[1] and not is_hidden_or_temporary(name)
-                                           and sniff_dicom(path)):  # fmt: skip
-                out.append(str(Path(path).resolve()))
+        out += [str(Path(root, name).resolve()) for name in sorted(files) if is_read(os.path.join(root, name))]
     return out
 
 
 def schema():
     import pyarrow as pa
 
-    return pa.schema([("path", pa.string()), ("sha256", pa.string()), ("logit", pa.float64()), ("probability", pa.float64()),
-                      ("threshold", pa.float64()), ("flagged", pa.bool_()), ("model_id", pa.string()),
-                      ("calibration_id", pa.string()), ("error", pa.string())])  # fmt: skip
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in FIELDS])
 
 
 def scored_paths(out: Path) -> set[str]:
@@ -161,9 +160,6 @@ class Scorer:
             "model_id": np.full(n, pred.model_id, dtype=object), "calibration_id": np.full(n, pred.calibration_id, dtype=object),
             "error": errors,
         }  # fmt: skip
-
-
-TEXT = ("path", "sha256", "model_id", "calibration_id", "error")
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:

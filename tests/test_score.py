@@ -1,7 +1,6 @@
 """score/ (``xr-score``): bulk scoring on a local Ray, resumable Parquet, ``xr-results import``."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
