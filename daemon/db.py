@@ -382,17 +382,25 @@ def insert_rows(s: Session, rows: list[dict[str, Any]]) -> list[int]:
     return [s.execute(insert(Result).values(**row)).inserted_primary_key[0] for row in rows]
 
 
+def insert_or_ignore(s: Session, table: Any):
+    """The dialect's INSERT, which has ``on_conflict_do_nothing`` (SQLite and PostgreSQL spell it alike)."""
+    if s.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(table)
+
+
 def record_calibration(s: Session, predictor: Any) -> None:
     """The predictor's calibration in ``calibrations`` (once per id): rows name it, the drift watch reads
-    its reference."""
+    its reference. Workers starting together may both record it: the first insert wins."""
     cal = predictor.calibration
-    if s.get(CalibrationRecord, cal.id) is not None:
-        return
-    s.add(CalibrationRecord(
+    stmt = insert_or_ignore(s, CalibrationRecord).values(
         id=cal.id, model_id=predictor.model_id, kind=cal.kind, path=cal.source, temperature=cal.temperature,
         shift=cal.shift, threshold=cal.threshold, first_used_at=utcnow(),
         reference=json.dumps(cal.reference) if cal.reference is not None else None,
-    ))  # fmt: skip
+    )  # fmt: skip
+    s.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
 
 
 def delete_rows(s: Session, ids: list[int]) -> None:
@@ -474,12 +482,7 @@ def settled_horizon(s: Session) -> int | None:
 def try_claim(s: Session, row: dict[str, Any]) -> int | None:
     """Insert a ``claimed`` row unless another row already owns the file (``ux_results_inbox_identity``):
     its id, or None. The database decides, atomically, which worker gets a file."""
-    dialect = s.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    stmt = dialect_insert(Result).values(**row).on_conflict_do_nothing(
+    stmt = insert_or_ignore(s, Result).values(**row).on_conflict_do_nothing(
         index_elements=["path", "size_bytes", "mtime_ns"], index_where=Result.moved_at.is_(None)
     ).returning(Result.id)
     return s.execute(stmt).scalar()

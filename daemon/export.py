@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from xr.daemon.db import (
@@ -28,12 +28,14 @@ from xr.daemon.db import (
     EXPORT_COLUMNS,
     FINAL_STATUSES,
     REVIEW_COLUMNS,
-    settled_horizon,
     SCORED,
+    Meta,
     Result,
     Review,
     get_meta,
+    insert_or_ignore,
     set_meta,
+    settled_horizon,
 )
 
 RESULTS_PREFIX = "results-"
@@ -136,7 +138,9 @@ class CsvExporter:
     """``elect``: several workers share the database and the output folder; the one holding a PostgreSQL
     advisory lock writes the CSVs, the others skip (one file set, each row once, in id order). If that
     worker dies its connection closes, the lock goes, and the next worker to try takes over from the files
-    and the database as they are."""
+    and the database as they are. Each update also holds the ``last_exported_id`` row locked from reading
+    the files to recording them, so a worker that lost the lock after checking it (a server restart, a cut
+    connection) waits its turn and then sees what the other one wrote."""
 
     def __init__(self, csv_dir: str | Path, sessions: sessionmaker[Session], rotation: str = "daily", max_rows: int = 10_000,
                  columns: tuple[str, ...] = EXPORT_COLUMNS, elect: bool = False):
@@ -189,10 +193,13 @@ class CsvExporter:
             except Exception:  # noqa: BLE001 - already gone
                 pass
 
-    def _load_state(self) -> None:
-        rotation, sessions = self.rotation, self.sessions
-        with sessions() as s:
-            self.last_id = int(get_meta(s, "last_exported_id", "0") or 0)
+    def _load_state(self, last_exported: int | None = None) -> None:
+        """Where the CSVs stand: the database's export mark, then the files themselves."""
+        rotation = self.rotation
+        if last_exported is None:
+            with self.sessions() as s:
+                last_exported = int(get_meta(s, "last_exported_id", "0") or 0)
+        self.last_id = last_exported
         self._file_last: dict[Path, int] = {}  # last id written to each file this exporter touched
         self.flagged_last_id = self._start_if_columns_changed(self.flagged_path)
         # Files of the other rotation (the setting was changed) hold rows of an older update: none of them
@@ -204,7 +211,7 @@ class CsvExporter:
         if rotation == "rows" and latest is not None:
             self.last_id = max(self.last_id, last_id_in_csv(latest))  # files fill in id order
         self._current: Path | None = latest
-        self._current_rows = count_rows(latest) if latest else 0
+        self._current_rows = count_rows(latest) if latest and rotation == "rows" else 0  # daily files do not fill up
 
     def _latest_file(self, rotation: str) -> Path | None:
         files = sorted(p for p in self.dir.glob(f"{RESULTS_PREFIX}*.csv") if FILE_PATTERNS[rotation].fullmatch(p.name))
@@ -242,8 +249,9 @@ class CsvExporter:
             self._current_rows = count_rows(self._current)
         return self._current
 
-    def pending_rows(self, s: Session) -> list[dict[str, Any]]:
-        horizon = settled_horizon(s)
+    def pending_rows(self, s: Session, horizon: int | None) -> list[dict[str, Any]]:
+        """Final rows after ``last_id`` that no claim with a lower id holds back, up to ``horizon``
+        (``db.settled_horizon``)."""
         min_claimed = s.scalar(select(func.min(Result.id)).where(Result.status == CLAIMED, Result.id > self.last_id))
         # the columns, not ORM objects: half the cost per row, paid while the pipeline's other threads wait for the GIL
         stmt = select(*(getattr(Result, c) for c in EXPORT_COLUMNS))
@@ -259,8 +267,43 @@ class CsvExporter:
         already written)."""
         if not self.elected():
             return 0
+        if self.elect:
+            return self._export_fenced()
         with self.sessions() as s:
-            rows = self.pending_rows(s)
+            rows = self.pending_rows(s, settled_horizon(s))
+        written = self._append(rows)
+        if rows:
+            with self.sessions.begin() as s:
+                set_meta(s, "last_exported_id", self.last_id)
+        return written
+
+    def _export_fenced(self) -> int:
+        with self.sessions() as s:
+            horizon = settled_horizon(s)  # ends its own transaction: claims wait on it only for a moment
+        with self.sessions.begin() as s:
+            mark = self._fence(s)
+            if mark is None:
+                return 0  # another worker is writing the CSVs right now
+            self._load_state(mark)  # the files as whoever wrote last left them
+            rows = self.pending_rows(s, horizon)
+            written = self._append(rows)
+            if rows:
+                set_meta(s, "last_exported_id", self.last_id)
+        return written
+
+    @staticmethod
+    def _fence(s: Session) -> int | None:
+        """Lock the export mark for this transaction (None: another exporter holds it). A session frozen
+        while it holds the mark keeps it: the CSVs wait rather than take a row twice."""
+        s.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+        mark = insert_or_ignore(s, Meta).values(key="last_exported_id", value="0")
+        s.execute(mark.on_conflict_do_nothing(index_elements=["key"]))
+        stmt = select(Meta.value).where(Meta.key == "last_exported_id").with_for_update(skip_locked=True)
+        value = s.execute(stmt).scalar()
+        return None if value is None else int(value or 0)
+
+    def _append(self, rows: list[dict[str, Any]]) -> int:
+        """Append ``rows`` (in id order) to their files, flagged.csv first; ``last_id`` moves past them."""
         if not rows:
             return 0
         groups: dict[Path, list[dict[str, Any]]] = {}
@@ -282,8 +325,6 @@ class CsvExporter:
             atomic_append(path, rows_to_csv(group, header=False, columns=self.columns), header=header)
             self._file_last[path] = group[-1]["id"]
         self.last_id = rows[-1]["id"]
-        with self.sessions.begin() as s:
-            set_meta(s, "last_exported_id", self.last_id)
         return sum(len(g) for g in groups.values())
 
 

@@ -22,25 +22,27 @@ from xr.daemon.pipeline import Context, Stage
 GONE = "file left the inbox before it was processed"
 
 
-def settle_claim(row: Result, discovery, now: dt.datetime) -> str:
-    """What to do with a claim its worker left: ``redo`` (the file is there as claimed: a scan finds it
-    and the claim takes this row over), ``release`` (delete the row: the file is not this daemon's to read,
-    or was written on since, and the file as it is now is new work) or ``gone`` (the file left the inbox:
-    the row becomes an error, here). A claimed row left as it is would hold back every later row from the
-    CSVs, so none is left."""
+def settle_claim(row: Result, discovery, now: dt.datetime) -> tuple[str, str]:
+    """What to do with a claim its worker left, and why: ``redo`` (the file is there as claimed: a scan
+    finds it and the claim takes this row over), ``release`` (delete the row: the file is not this daemon's
+    to read, or was written on since, and the file as it is now is new work) or ``gone`` (the file left the
+    inbox: the row becomes an error, here). A claimed row left as it is would hold back every later row
+    from the CSVs, so none is left."""
     path = fs_path(row.path)
     if not discovery.would_read(path):
-        return "release"  # claimed by a run that watched another folder or read other names
+        return "release", "not a file this daemon reads (claimed by a run with another watch folder or suffixes)"
     try:
         st = os.lstat(path)
     except OSError:
         st = None
     if st is not None:
-        return "redo" if (st.st_size, st.st_mtime_ns) == (row.size_bytes, row.mtime_ns) else "release"
+        if (st.st_size, st.st_mtime_ns) == (row.size_bytes, row.mtime_ns):
+            return "redo", "the file is there as claimed"
+        return "release", "the file changed since it was claimed"
     row.status, row.error = ERROR, GONE
     row.processed_at, row.moved_at = now, now
     row.latency_ms = max(0.0, (now - row.received_at).total_seconds() * 1000)
-    return "gone"
+    return "gone", GONE
 
 
 class LeaseKeeper(Stage):
@@ -78,13 +80,13 @@ class LeaseKeeper(Stage):
                                  .order_by(Result.id).with_for_update(skip_locked=True)).all()  # fmt: skip
                 now, released = utcnow(), []
                 for row in rows:
-                    outcome = settle_claim(row, ctx.discovery, now)
+                    outcome, reason = settle_claim(row, ctx.discovery, now)
                     if outcome == "redo":
                         continue
                     if outcome == "release":
                         released.append(row.id)
                     ctx.log.warning("claim_settled", file=row.path, id=row.id, from_worker=row.lease_holder,
-                                    outcome=outcome, reason=GONE if outcome == "gone" else "the file changed since it was claimed")  # fmt: skip
+                                    outcome=outcome, reason=reason)  # fmt: skip
                 delete_rows(s, released)
                 # Scored, and moved by a worker that stopped before it could record the move: record it.
                 unrecorded = s.scalars(select(Result).where(Result.status != CLAIMED, Result.moved_at.is_(None),

@@ -391,17 +391,20 @@ class Claimer(Stage):
         if not reads:
             return
         reads.sort(key=lambda r: r[0].path)  # every worker claims in one order: two claim batches never deadlock
+        # Hashing and header parsing before the transaction: its locks hold the other writers up.
+        facts = []
+        for item, data, err in reads:
+            sha = hashlib.sha256(data).hexdigest() if data is not None else None
+            ids, skip, cut = self.dicom(data) if data is not None and err is None else ({}, None, False)
+            facts.append((item, data, err, sha, {c: ids.get(c) for c in DICOM_COLUMNS}, skip, cut))
         now = utcnow()
         works: list[Work] = []
         with ctx.sessions.begin() as s:
             claim_fence(s)
             clock = db_time(s)
             expires = clock + ctx.lease_s
-            for item, data, err in reads:
+            for item, data, err, sha, ids, skip, cut in facts:
                 key = (storable(item.path), item.size, item.mtime_ns)  # as the rows hold it
-                sha = hashlib.sha256(data).hexdigest() if data is not None else None
-                ids, skip, cut = self.dicom(data) if data is not None and err is None else ({}, None, False)
-                ids = {c: ids.get(c) for c in DICOM_COLUMNS}
                 fields = {"sha256": sha, "claimed_at": now, "lease_holder": ctx.worker_id, "lease_expires_at": expires, **ids}
                 row_id = try_claim(s, {"path": key[0], "filename": os.path.basename(key[0]), "size_bytes": item.size,
                                        "mtime_ns": item.mtime_ns, "status": CLAIMED, "received_at": item.received_at,

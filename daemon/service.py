@@ -258,7 +258,7 @@ class Service:
             mine = Result.id.is_not(None) if ctx.exclusive else (
                 (Result.lease_holder == ctx.worker_id) | (Result.lease_expires_at.is_(None)) | (Result.lease_expires_at < clock))  # fmt: skip
             for row in s.scalars(select(Result).where(Result.status == CLAIMED, mine).with_for_update(skip_locked=True)):
-                outcome = settle_claim(row, ctx.discovery, now)
+                outcome, _ = settle_claim(row, ctx.discovery, now)
                 if outcome == "redo":
                     stats["claimed_redo"] += 1  # the scan finds it again and the claim reuses this row
                 elif outcome == "release":

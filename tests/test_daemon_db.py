@@ -216,3 +216,35 @@ def test_committed_but_unmoved_rows_keep_their_lease_moved_ones_do_not(any_db):
         assert dbm.renew_leases(s, "w1", 500.0) == 1
         assert s.get(Result, waiting).lease_expires_at == 500.0
     eng.dispose()
+
+
+def test_workers_starting_together_record_their_calibration_once(any_db):
+    """Two workers record the same calibration at once: neither fails, one row stays."""
+    import threading
+    from types import SimpleNamespace
+
+    cal = SimpleNamespace(id="validation-abc", kind="validation", source="/m/calibration_threshold.json",
+                          temperature=1.5, shift=0.0, threshold=0.3, reference=None)  # fmt: skip
+    predictor = SimpleNamespace(calibration=cal, model_id="efficientnet_lite0-abc")
+    eng = make_engine(any_db)
+    sessions = session_factory(eng)
+    errors = []
+
+    def second_worker():
+        try:
+            with sessions.begin() as s:  # waits for the first worker's transaction, then finds its row
+                dbm.record_calibration(s, predictor)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    with sessions.begin() as s:
+        dbm.record_calibration(s, predictor)
+        other = threading.Thread(target=second_worker)
+        other.start()
+        other.join(0.5)  # still waiting on this transaction
+    other.join(30)
+    assert not other.is_alive() and errors == []
+    with sessions.begin() as s:
+        dbm.record_calibration(s, predictor)  # a restart records nothing new
+        assert s.scalars(select(dbm.CalibrationRecord.id)).all() == ["validation-abc"]
+    eng.dispose()

@@ -203,6 +203,34 @@ def test_one_exporter_is_elected_and_another_takes_over_when_it_goes(tmp_path, p
     eng.dispose()
 
 
+def test_an_exporter_that_lost_its_lock_after_checking_it_writes_nothing_twice(tmp_path, pg_url, monkeypatch):
+    """A worker checks it is the exporter, then loses the lock (a server restart, a cut connection) while
+    another is elected and writes: its update, arriving late, must not append those rows again."""
+    from sqlalchemy import select
+
+    eng = make_engine(pg_url)
+    sessions = session_factory(eng)
+    _add(sessions, 2)
+    first = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
+    second = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
+    assert first.export() == 2
+    first.release()
+    monkeypatch.setattr(first, "elected", lambda: True)  # it checked before the lock went
+    _add(sessions, 3)
+    assert second.export() == 3
+    assert first.export() == 0
+    _add(sessions, 1, flagged=True)
+    with sessions.begin() as s:  # one exporter in the middle of an update holds the mark ...
+        s.execute(select(dbm.Meta).where(dbm.Meta.key == "last_exported_id").with_for_update())
+        assert second.export() == 0  # ... the other does not write meanwhile
+    assert second.export() == 1 and first.export() == 0
+    csv_dir = tmp_path / "csv"
+    assert _ids(next(csv_dir.glob("results-*.csv"))) == [1, 2, 3, 4, 5, 6]
+    assert _ids(csv_dir / "flagged.csv") == [6]
+    second.release()
+    eng.dispose()
+
+
 def test_a_claim_in_flight_with_a_lower_id_holds_back_later_rows(tmp_path, pg_url):
     """A sequence hands out ids outside transactions: a claim not yet committed may hold a lower id than a
     row already final. The exporter waits for claims in flight, so that row is not skipped for ever."""

@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from xr.daemon import db as dbm
 from xr.daemon.db import Result, make_engine, session_factory
-from xr.daemon.leases import LeaseKeeper, settle_claim
+from xr.daemon.leases import GONE, LeaseKeeper, settle_claim
 from xr.daemon.pipeline import Context
 
 
@@ -55,14 +55,15 @@ def test_claims_of_a_dead_worker_on_files_gone_or_changed_are_settled(tmp_path, 
     assert rows[ids["gone"]].status == dbm.ERROR and "left the inbox" in rows[ids["gone"]].error
     assert rows[ids["gone"]].moved_at is not None  # final: no later row waits for it in the CSVs
     assert rows[ids["live"]].status == dbm.CLAIMED
-    settled = sorted(kw["outcome"] for level, event, kw in log.events if event == "claim_settled")
-    assert settled == ["gone", "release"]
+    settled = sorted((kw["outcome"], kw["reason"]) for level, event, kw in log.events if event == "claim_settled")
+    assert settled == [("gone", GONE), ("release", "the file changed since it was claimed")]
     eng.dispose()
 
 
 def test_a_file_another_folder_watches_is_released(tmp_path):
     row = Result(path=str(tmp_path / "a.png"), size_bytes=1, mtime_ns=1, received_at=dt.datetime(2026, 1, 1))
-    assert settle_claim(row, types.SimpleNamespace(would_read=lambda p: False), dt.datetime(2026, 1, 2)) == "release"
+    outcome, reason = settle_claim(row, types.SimpleNamespace(would_read=lambda p: False), dt.datetime(2026, 1, 2))
+    assert outcome == "release" and reason.startswith("not a file this daemon reads")
 
 
 def test_renewal_extends_only_this_workers_leases(tmp_path, any_db):
