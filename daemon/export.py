@@ -153,6 +153,7 @@ class CsvExporter:
         self.flagged_path = self.dir / FLAGGED_NAME
         self.elect = elect
         self._lock_conn = None  # holds the advisory lock while this worker is the exporter
+        self._mark_exists = False  # the last_exported_id row that each update locks (``_fence``)
         self._load_state()
 
     def elected(self) -> bool:
@@ -284,20 +285,24 @@ class CsvExporter:
             mark = self._fence(s)
             if mark is None:
                 return 0  # another worker is writing the CSVs right now
-            self._load_state(mark)  # the files as whoever wrote last left them
+            if mark != self.last_id:
+                self._load_state(mark)  # another worker exported since
             rows = self.pending_rows(s, horizon)
+            if not rows:
+                return 0
+            self._load_state(mark)  # the files as whoever wrote last left them, even without recording it
             written = self._append(rows)
-            if rows:
-                set_meta(s, "last_exported_id", self.last_id)
+            set_meta(s, "last_exported_id", self.last_id)
         return written
 
-    @staticmethod
-    def _fence(s: Session) -> int | None:
+    def _fence(self, s: Session) -> int | None:
         """Lock the export mark for this transaction (None: another exporter holds it). A session frozen
         while it holds the mark keeps it: the CSVs wait rather than take a row twice."""
+        if not self._mark_exists:
+            mark = insert_or_ignore(s, Meta).values(key="last_exported_id", value="0")
+            s.execute(mark.on_conflict_do_nothing(index_elements=["key"]))
+            self._mark_exists = True
         s.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
-        mark = insert_or_ignore(s, Meta).values(key="last_exported_id", value="0")
-        s.execute(mark.on_conflict_do_nothing(index_elements=["key"]))
         stmt = select(Meta.value).where(Meta.key == "last_exported_id").with_for_update(skip_locked=True)
         value = s.execute(stmt).scalar()
         return None if value is None else int(value or 0)
