@@ -187,13 +187,19 @@ def test_a_file_written_with_other_columns_is_set_aside_not_mixed(tmp_path):
 
 
 # -- several workers on one PostgreSQL database ------------------------------------------------------------
-def test_one_exporter_is_elected_and_another_takes_over_when_it_goes(tmp_path, pg_url):
+def _two_workers_exported_two_rows(tmp_path, pg_url):
+    """Two workers' exporters on one database and folder; the first is elected and has written rows 1-2."""
     eng = make_engine(pg_url)
     sessions = session_factory(eng)
     _add(sessions, 2)
     first = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
     second = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
     assert first.export() == 2
+    return eng, sessions, first, second
+
+
+def test_one_exporter_is_elected_and_another_takes_over_when_it_goes(tmp_path, pg_url):
+    eng, sessions, first, second = _two_workers_exported_two_rows(tmp_path, pg_url)
     _add(sessions, 1)
     assert second.export() == 0  # not elected while the first holds the lock
     first.release()  # the first worker stops (or dies: its session ends the same way)
@@ -208,12 +214,7 @@ def test_an_exporter_that_lost_its_lock_after_checking_it_writes_nothing_twice(t
     another is elected and writes: its update, arriving late, must not append those rows again."""
     from sqlalchemy import select
 
-    eng = make_engine(pg_url)
-    sessions = session_factory(eng)
-    _add(sessions, 2)
-    first = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
-    second = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
-    assert first.export() == 2
+    eng, sessions, first, second = _two_workers_exported_two_rows(tmp_path, pg_url)
     first.release()
     monkeypatch.setattr(first, "elected", lambda: True)  # it checked before the lock went
     _add(sessions, 3)
