@@ -521,7 +521,6 @@ def renew_leases(s: Session, worker: str, expires: float) -> int:
     renewal rather than the lock: a renewal never takes part in a deadlock."""
     pending = (Result.status == CLAIMED) | (Result.moved_to.is_not(None))
     ids = select(Result.id).where(Result.lease_holder == worker, Result.moved_at.is_(None), pending)
-    if s.get_bind().dialect.name == "postgresql":
-        ids = ids.with_for_update(skip_locked=True)
+    ids = ids.with_for_update(skip_locked=True)  # SQLite renders no FOR UPDATE: its write lock covers it
     res = s.execute(update(Result).where(Result.id.in_(ids.scalar_subquery())).values(lease_expires_at=expires))
     return res.rowcount

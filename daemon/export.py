@@ -179,8 +179,7 @@ class CsvExporter:
         if not got:
             conn.close()
             return False
-        self._lock_conn = conn
-        self._load_state()  # another worker may have written since this one last looked
+        self._lock_conn = conn  # where the CSVs stand is read under the export mark (``_export_fenced``)
         return True
 
     def release(self) -> None:
@@ -285,12 +284,14 @@ class CsvExporter:
             mark = self._fence(s)
             if mark is None:
                 return 0  # another worker is writing the CSVs right now
-            if mark != self.last_id:
+            reloaded = mark != self.last_id
+            if reloaded:
                 self._load_state(mark)  # another worker exported since
             rows = self.pending_rows(s, horizon)
             if not rows:
                 return 0
-            self._load_state(mark)  # the files as whoever wrote last left them, even without recording it
+            if not reloaded:  # the files as whoever wrote last left them, even without recording it
+                self._load_state(mark)
             written = self._append(rows)
             set_meta(s, "last_exported_id", self.last_id)
         return written
