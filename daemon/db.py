@@ -273,6 +273,15 @@ def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) 
     return engine
 
 
+def open_existing(db: str | Path, *, immediate: bool = True) -> Engine:
+    """An engine on a results database a daemon made (xr-results, xr-review): a missing SQLite file is an
+    error, not a new empty database."""
+    url = db_url(db)
+    if url.startswith("sqlite:///") and not sqlite_file(url).exists():
+        raise XRError(f"results database not found: {sqlite_file(url)}")
+    return make_engine(db, create=False, immediate=immediate)
+
+
 def sqlite_file(url: str) -> Path:
     """The file of a ``sqlite:///`` URL, also in SQLite's URI form (``sqlite:///file:PATH?mode=ro&uri=true``)."""
     path = url[len("sqlite:///"):].split("?", 1)[0]

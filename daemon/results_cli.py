@@ -23,10 +23,9 @@ from xr.daemon.db import (
     CalibrationRecord,
     Result,
     Review,
-    db_url,
     make_engine,
+    open_existing,
     session_factory,
-    sqlite_file,
 )
 from xr.daemon.drift import drift
 from xr.daemon.export import format_value
@@ -117,11 +116,7 @@ def db_location(args: argparse.Namespace):
 
 
 def open_db(args: argparse.Namespace):
-    db = db_location(args)
-    url = db_url(db)
-    if url.startswith("sqlite:///") and not sqlite_file(url).exists():
-        raise XRError(f"results database not found: {sqlite_file(url)}")
-    return make_engine(db, create=False, immediate=False)
+    return open_existing(db_location(args), immediate=False)
 
 
 def query_rows(sessions, args: argparse.Namespace) -> list[dict[str, Any]]:

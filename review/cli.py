@@ -20,16 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from xr.daemon.db import db_url, make_engine, sqlite_file
+    from xr.daemon.db import open_existing
     from xr.daemon.paths import output_dir, results_db, settings_for
 
     try:
         cfg = settings_for(args.config)
         output = output_dir(cfg, args.output)
         db = results_db(cfg, output, args.db)
-        if db_url(db).startswith("sqlite:///") and not sqlite_file(db_url(db)).exists():
-            raise XRError(f"results database not found: {sqlite_file(db_url(db))}")
-        engine = make_engine(db, create=False)
+        engine = open_existing(db)
     except XRError as exc:
         print(f"xr-review: {exc}", file=sys.stderr)
         return 2

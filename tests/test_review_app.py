@@ -97,3 +97,12 @@ def test_a_review_takes_the_case_off_the_queue_and_is_recorded(site):
     assert client.post("/cases/2/review", data={"decision": "maybe"}).status_code == 422
     assert client.post("/cases/99/review", data={"decision": "confirm"}).status_code == 404
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_xr_review_refuses_a_database_that_is_not_there(tmp_path, capsys):
+    from xr.review.cli import main
+
+    missing = tmp_path / "results.sqlite"
+    assert main(["--db", str(missing), "--output", str(tmp_path)]) == 2
+    assert f"results database not found: {missing}" in capsys.readouterr().err
+    assert not missing.exists()  # not created empty
