@@ -86,7 +86,7 @@ def write_part(out: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def decode_batch(batch: dict[str, np.ndarray], preset: dict[str, Any], max_bytes: int,
-                 scope: tuple[tuple[str, ...], tuple[str, ...]] = (("CR", "DX"), ("CHEST",))) -> dict[str, np.ndarray]:
+                 scope: tuple[tuple[str, ...], tuple[str, ...]]) -> dict[str, np.ndarray]:
     """Ray Data task: paths -> sha256 and uint8 pixels [1, S, S] (the eval preset), or the reason a file
     is not scored (its pixels are zeros): unreadable, or a DICOM object the daemon would skip (``scope``:
     the ``dicom.modalities`` and ``dicom.body_parts`` scored)."""
@@ -202,10 +202,15 @@ class Summary:
 
 def score(data: Path, out: Path, checkpoint: Path, calibration: Path | None = None, address: str = "local",
           batch_size: int = 32, device: str = "auto", decode_cpus: float = 1.0, max_file_mb: float = 512,
-          part_rows: int = PART_ROWS, scope: tuple[tuple[str, ...], tuple[str, ...]] = (("CR", "DX"), ("CHEST",))) -> Summary:  # fmt: skip
-    """Score every file under ``data`` not yet in ``out``; rows land in ``out`` as they come."""
+          part_rows: int = PART_ROWS, scope: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> Summary:  # fmt: skip
+    """Score every file under ``data`` not yet in ``out``; rows land in ``out`` as they come. ``scope``:
+    the DICOM (modalities, body parts) scored, by default the ``dicom`` section's defaults."""
     ray = _import_ray()
+    from xr.core.config import DicomConfig
     from xr.core.predict import Predictor, resolve_device
+
+    if scope is None:
+        scope = (tuple(DicomConfig().modalities), tuple(DicomConfig().body_parts))
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".part-*.tmp"):  # a part being written when a run was killed: its rows are redone
