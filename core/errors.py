@@ -1,4 +1,5 @@
 """The project's exception types: each carries a human-readable reason, never a bare traceback."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ The target is the network's last convolutional stage (timm's ``bn2``: ``conv_hea
 and activation, the 7x7 feature map the classifier pools), so the map says which regions raised the score.
 One function over a loaded model: the daemon calls it with a copy of the model that scored the film.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,9 @@ def overlay(film: Image.Image, cam: np.ndarray, preset: Preset, alpha: float = 0
     box = (round(size[0] * (1 - crop) / 2), round(size[1] * (1 - crop) / 2))
     region = (size[0] - 2 * box[0], size[1] - 2 * box[1])
     full = np.zeros((size[1], size[0]), dtype=np.float64)
-    full[box[1] : box[1] + region[1], box[0] : box[0] + region[0]] = np.asarray(
-        Image.fromarray((cam * 255).astype(np.uint8)).resize(region, Image.BILINEAR), dtype=np.float64) / 255  # fmt: skip
+    full[box[1] : box[1] + region[1], box[0] : box[0] + region[0]] = (
+        np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize(region, Image.BILINEAR), dtype=np.float64) / 255
+    )
     colour = (colormaps["jet"](full)[..., :3] * 255).astype(np.float64)
     weight = alpha * full[..., None]  # only where the model looked: the rest stays the film
     blended = np.asarray(base, dtype=np.float64) * (1 - weight) + colour * weight
@@ -72,8 +74,10 @@ def write_heatmap(folder: Path, stem: str, film: Image.Image, cam: np.ndarray, p
     """``<stem>.png`` (the overlay) and ``<stem>.map.png`` (the raw map, 8-bit) in ``folder``, each written
     to a temp name and renamed: a reader never sees half a file. Returns the overlay's path."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, image in ((f"{stem}.map.png", Image.fromarray((cam * 255).round().astype(np.uint8), "L")),
-                        (f"{stem}.png", overlay(film, cam, preset))):
+    for name, image in (
+        (f"{stem}.map.png", Image.fromarray((cam * 255).round().astype(np.uint8), "L")),
+        (f"{stem}.png", overlay(film, cam, preset)),
+    ):
         buf = io.BytesIO()
         image.save(buf, "PNG")
         tmp = folder / f".{name}.tmp"

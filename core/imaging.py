@@ -5,6 +5,7 @@ palette PNG/JPEG, 16-bit grayscale PNG (scaled by its real bit depth), and EXIF 
 raises :class:`ImageError` with the file and a reason a radiographer can read; a decoder's own exceptions
 never escape.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,7 +20,23 @@ from xr.core.errors import ImageError
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: multi-picture JPEG some cameras/exporters write
 SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # what a PNG or JPEG file starts with
-SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "I", "I;16", "I;16B", "I;16L", "I;16N")
+SUPPORTED_MODES = (
+    "1",
+    "L",
+    "LA",
+    "La",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBX",
+    "CMYK",
+    "I",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "I;16N",
+)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 
 # A truncated file must be an error, not a silently grey-padded image.
@@ -82,7 +99,9 @@ def decode_image(
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         if any(data.startswith(sig[: len(data)]) for sig in SIGNATURES):
-            raise ImageError(name, f"incomplete file: {len(data)} bytes end inside the image header", incomplete=True) from None
+            raise ImageError(
+                name, f"incomplete file: {len(data)} bytes end inside the image header", incomplete=True
+            ) from None
         raise ImageError(name, "not a PNG or JPEG image (unrecognised content)") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"image too large: {exc}") from None

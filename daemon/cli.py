@@ -1,4 +1,5 @@
 """``xr-daemon``: watch a folder and score every X-ray dropped into it (docs/operations.md)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--watch", help="inbox folder to watch (default: daemon.watch)")
     p.add_argument("--config", help="config.yaml (default: $XR_CONFIG, else the packaged defaults)")
-    p.add_argument("--db", help="results database: a path or SQLAlchemy URL (default: daemon.db, else <output>/results.sqlite)")
-    p.add_argument("--output", help="output folder for results.sqlite, processed/, failed/, csv/ (default: daemon.output)")
+    p.add_argument(
+        "--db", help="results database: a path or SQLAlchemy URL (default: daemon.db, else <output>/results.sqlite)"
+    )
+    p.add_argument(
+        "--output", help="output folder for results.sqlite, processed/, failed/, csv/ (default: daemon.output)"
+    )
     p.add_argument("--model", help="checkpoint (default: daemon.model, else the shipped model)")
-    p.add_argument("--calibration", help="calibration file, e.g. a site's (default: daemon.calibration, else the one beside the checkpoint)")
+    p.add_argument(
+        "--calibration",
+        help="calibration file, e.g. a site's (default: daemon.calibration, else the one beside the checkpoint)",
+    )
     p.add_argument("--once", action="store_true", help="process what is in the inbox now, then exit 0")
     p.add_argument("--log-format", choices=("json", "console"), help="default: daemon.log_format")
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: daemon.device)")
@@ -29,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stable-ms", type=int, help="daemon.stable_ms")
     p.add_argument("--rescan-s", type=float, help="daemon.rescan_s")
     p.add_argument("--poll", action="store_true", default=None, help="polling observer (network shares)")
-    p.add_argument("--worker-id", help="this daemon's name among several on one database (daemon.worker_id; default host-pid)")
-    p.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (daemon.metrics_port; 0 = off)")
+    p.add_argument(
+        "--worker-id", help="this daemon's name among several on one database (daemon.worker_id; default host-pid)"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, help="serve /metrics and /healthz on this port (daemon.metrics_port; 0 = off)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -83,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from xr.daemon.logging import configure_logging
-    from xr.daemon.paths import settings_for
+    from xr.core.logs import configure_logging
+    from xr.core.paths import settings_for
 
     try:
         cfg = settings_for(args.config, parse_overrides(args))

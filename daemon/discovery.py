@@ -12,6 +12,7 @@ A file the pipeline read as cut short comes back with :meth:`Discovery.defer`: i
 grace period after its last change ends, and handed on again (``final``) unless it changed before.
 Files under names the daemon does not read are reported once each (``file_ignored``) and left alone.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -20,15 +21,15 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from xr.core.dicom import DICM_OFFSET, is_dicom
 from xr.core.imaging import IMAGE_SUFFIXES, is_image_name
-from xr.daemon.db import storable
+from xr.results.schema import storable
 
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
 
@@ -64,8 +65,10 @@ def is_read(path: str) -> bool:
 def ignored_reason(name: str) -> str:
     suffix = os.path.splitext(name)[1].lower()
     kind = f"extension {suffix}" if suffix else "no extension"
-    return (f"{kind} is not read (the daemon reads {', '.join(IMAGE_SUFFIXES)} and DICOM files without an extension); "
-            "the file is left where it is")
+    return (
+        f"{kind} is not read (the daemon reads {', '.join(IMAGE_SUFFIXES)} and DICOM files without an extension); "
+        "the file is left where it is"
+    )
 
 
 @dataclass
@@ -101,7 +104,7 @@ class _Pending:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, sink: "queue.SimpleQueue[tuple[str, str]]"):
+    def __init__(self, sink: queue.SimpleQueue[tuple[str, str]]):
         self.sink = sink
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -132,7 +135,7 @@ class Discovery:
     def __init__(
         self,
         inbox: str | Path,
-        out: "queue.Queue[FileItem]",
+        out: queue.Queue[FileItem],
         *,
         stable_ms: int = 500,
         rescan_s: float = 5.0,
@@ -249,7 +252,7 @@ class Discovery:
     def _guarded_run(self) -> None:
         try:
             self._run()
-        except BaseException as exc:  # noqa: BLE001 - reported by the service, which then stops
+        except BaseException as exc:
             self.error = exc
             raise
 
@@ -278,7 +281,11 @@ class Discovery:
                 if there:
                     self.log.warning("inbox_available", watch=str(self.inbox))
                 else:
-                    self.log.error("inbox_unavailable", watch=str(self.inbox), reason="the watch folder is not there (a share away?)")
+                    self.log.error(
+                        "inbox_unavailable",
+                        watch=str(self.inbox),
+                        reason="the watch folder is not there (a share away?)",
+                    )
         if there and self.watch and (self._observer is None or not self._observer.is_alive()):
             self._restart_observer()
         return there
@@ -354,7 +361,12 @@ class Discovery:
         if not self.would_read(path):
             name = os.path.basename(path)
             undecided = _extensionless(name) and sniff_dicom(path) is None  # a DICOM file may still be arriving
-            if not is_hidden_or_temporary(name) and not is_image_name(name) and not undecided and self._reportable(path):
+            if (
+                not is_hidden_or_temporary(name)
+                and not is_image_name(name)
+                and not undecided
+                and self._reportable(path)
+            ):
                 self._report_ignored(path)
             return False
         try:
@@ -406,7 +418,12 @@ class Discovery:
                     # still being written: settle like any file written in place; a new grace period
                     del self._deferred[path]
                     self._pending[path] = _Pending(
-                        st.st_size, st.st_mtime_ns, now, item.received_at, item.received_mono, is_symlink=item.is_symlink
+                        st.st_size,
+                        st.st_mtime_ns,
+                        now,
+                        item.received_at,
+                        item.received_mono,
+                        is_symlink=item.is_symlink,
                     )
                 elif now >= d.until:
                     del self._deferred[path]
@@ -430,10 +447,17 @@ class Discovery:
                     continue
                 if pend.moved or pend.is_symlink or now - pend.last_change >= self.stable_s:
                     del self._pending[path]
-                    ready.append(FileItem(
-                        path, pend.size, pend.mtime_ns, pend.received_at, pend.received_mono, pend.is_symlink,
-                        changed_mono=pend.last_change,
-                    ))  # fmt: skip
+                    ready.append(
+                        FileItem(
+                            path,
+                            pend.size,
+                            pend.mtime_ns,
+                            pend.received_at,
+                            pend.received_mono,
+                            pend.is_symlink,
+                            changed_mono=pend.last_change,
+                        )
+                    )
             ready.sort(key=lambda i: i.received_mono)
             self._ready.extend(ready)
             self._ready_paths.update(i.path for i in ready)

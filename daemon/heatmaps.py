@@ -8,6 +8,7 @@ finds the rows still without one. A duplicate gets its first result's heatmap. A
 longer loaded (scored before a reload or a restart with another model) gets none: only the model that
 scored a film may say where it looked.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -21,8 +22,8 @@ from sqlalchemy import select, update
 from xr.core.errors import ImageError
 from xr.core.heatmap import OVERLAY_SIDE, gradcam, heatmap_model, write_heatmap
 from xr.core.imaging import load_image
-from xr.daemon.db import DUPLICATE, OK, Result, fs_path, utcnow
 from xr.daemon.pipeline import POLL_S, Context, Stage
+from xr.results.schema import Result, Status, fs_path, utcnow
 
 PER_PASS = 4  # films per pass, so a stop is seen within a few seconds
 
@@ -58,7 +59,7 @@ class HeatmapWorker(Stage):
         """Draw up to :data:`PER_PASS` heatmaps; returns how many rows were handled."""
         models = self._known()
         with self.ctx.sessions() as s:
-            want = [Result.status == OK, Result.heatmap_path.is_(None), Result.model_id.in_(list(models))]
+            want = [Result.status == Status.OK, Result.heatmap_path.is_(None), Result.model_id.in_(list(models))]
             if self.mode == "flagged":
                 want.append(Result.flagged.is_(True))
             moved_or_left = (Result.moved_at.is_not(None)) | (Result.moved_to.is_(None))
@@ -68,7 +69,9 @@ class HeatmapWorker(Stage):
                 want.append((Result.worker_id == self.ctx.worker_id) | (Result.processed_at < orphaned))
             rows = s.execute(
                 select(Result.id, Result.path, Result.moved_to, Result.model_id)
-                .where(*want, moved_or_left).order_by(Result.id).limit(PER_PASS)
+                .where(*want, moved_or_left)
+                .order_by(Result.id)
+                .limit(PER_PASS)
             ).all()
             waiting = rows or s.execute(select(Result.id).where(*want).limit(1)).first()  # not moved yet
         written: dict[int, str] = {}
@@ -83,8 +86,9 @@ class HeatmapWorker(Stage):
                 s.execute(update(Result).where(Result.id == rid).values(heatmap_path=path))
             firsts = select(Result.id, Result.heatmap_path).where(Result.heatmap_path.is_not(None)).subquery()
             for dup_id, path in s.execute(
-                select(Result.id, firsts.c.heatmap_path).join(firsts, Result.duplicate_of == firsts.c.id)
-                .where(Result.status == DUPLICATE, Result.heatmap_path.is_(None))
+                select(Result.id, firsts.c.heatmap_path)
+                .join(firsts, Result.duplicate_of == firsts.c.id)
+                .where(Result.status == Status.DUPLICATE, Result.heatmap_path.is_(None))
             ).all():
                 s.execute(update(Result).where(Result.id == dup_id).values(heatmap_path=path))
         self.written += len(written)
@@ -102,8 +106,13 @@ class HeatmapWorker(Stage):
         try:
             data = Path(source).read_bytes()
             pixels = predictor.pixels(data, name=source)
-            film = load_image(data, max_pixels=predictor.preset.max_pixels, draft_size=(OVERLAY_SIDE, OVERLAY_SIDE),
-                              name=source, dicom_window=predictor.preset.dicom_window)  # fmt: skip
+            film = load_image(
+                data,
+                max_pixels=predictor.preset.max_pixels,
+                draft_size=(OVERLAY_SIDE, OVERLAY_SIDE),
+                name=source,
+                dicom_window=predictor.preset.dicom_window,
+            )
             cam = gradcam(model, predictor.preset, pixels)
             out = write_heatmap(self.folder, str(row.id), film, cam, predictor.preset)
         except (OSError, ImageError) as exc:

@@ -7,6 +7,7 @@ its fast forward prepared. The inferer adopts what is offered between two batche
 by exactly one model and calibration and no file is lost or scored twice. A file that fails to load (half
 written, corrupt, a calibration fitted for another model) is logged and the current model stays.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,7 +78,9 @@ class Offer:
 class ModelReloader(Stage):
     name = "xr-reload"
 
-    def __init__(self, cfg: Settings, model: Path, calibration: Path | None, current: Predictor, batch_size: int, log: Any):
+    def __init__(
+        self, cfg: Settings, model: Path, calibration: Path | None, current: Predictor, batch_size: int, log: Any
+    ):
         """``calibration``: an explicit calibration file, or None for the one beside ``model``."""
         super().__init__()
         self.cfg, self.d, self.model, self.calibration = cfg, cfg.daemon, model, calibration
@@ -118,9 +121,11 @@ class ModelReloader(Stage):
         except Exception as exc:  # noqa: BLE001 - a bad file must never stop the daemon: the current one stays
             self._failed = now
             self.log.error(
-                "reload_failed", model=str(self.model), calibration=str(self.calibration or "beside the model"),
+                "reload_failed",
+                model=str(self.model),
+                calibration=str(self.calibration or "beside the model"),
                 reason=f"{type(exc).__name__}: {exc}",
-            )  # fmt: skip
+            )
             return
         self._model_sig, self._cal_sig = now
         self._failed = None
@@ -132,6 +137,10 @@ class ModelReloader(Stage):
         pred = open_predictor(self.cfg, self.model, self.calibration)
         prepare(pred, self.d, self.batch_size, self.log)
         self.model_sha256 = pred.model_sha256
-        self.log.info("model_loaded", model=str(self.model), model_id=pred.model_id,
-                      load_ms=round((time.perf_counter() - t0) * 1000, 1))  # fmt: skip
+        self.log.info(
+            "model_loaded",
+            model=str(self.model),
+            model_id=pred.model_id,
+            load_ms=round((time.perf_counter() - t0) * 1000, 1),
+        )
         return pred

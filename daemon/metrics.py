@@ -11,19 +11,21 @@
 Under systemd (``Type=notify``) the daemon says READY=1 once it watches the inbox, and WATCHDOG=1 from its
 main loop while healthy, so a stuck daemon is restarted.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from xr.daemon.db import FINAL_STATUSES
+from xr.results.schema import FINAL_STATUSES
 
 
 class Metrics:
@@ -32,15 +34,23 @@ class Metrics:
         self.files = Counter("xr_files", "Files with a final result, by status", ["status"], registry=self.registry)
         for status in FINAL_STATUSES:
             self.files.labels(status)  # every status from the start, at 0
-        self.flagged = Counter("xr_flagged", "Flagged films (duplicates of flagged films included)", registry=self.registry)
+        self.flagged = Counter(
+            "xr_flagged", "Flagged films (duplicates of flagged films included)", registry=self.registry
+        )
         self.batch_seconds = Histogram(
-            "xr_batch_seconds", "Time to score and commit one batch", registry=self.registry,
+            "xr_batch_seconds",
+            "Time to score and commit one batch",
+            registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )  # fmt: skip
+        )
         self.backlog = Gauge("xr_inbox_backlog", "Files seen in the inbox and not yet final", registry=self.registry)
         self.backlog.set_function(backlog)
-        self.model = Gauge("xr_model_info", "The model and calibration scoring now (value 1)",
-                           ["model_id", "calibration_id"], registry=self.registry)  # fmt: skip
+        self.model = Gauge(
+            "xr_model_info",
+            "The model and calibration scoring now (value 1)",
+            ["model_id", "calibration_id"],
+            registry=self.registry,
+        )
 
     def batch(self, counts: dict[str, int], flagged: int, seconds: float) -> None:
         for status, n in counts.items():
@@ -65,7 +75,7 @@ class MetricsServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 if self.path == "/metrics":
                     self._send(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
@@ -89,8 +99,9 @@ class MetricsServer:
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="xr-metrics", daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name="xr-metrics", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()

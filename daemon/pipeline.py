@@ -4,6 +4,7 @@ Each stage is a thread named ``xr-...`` with a stop event; every blocking call h
 is seen within ~0.1 s. Queues are bounded (a semaphore of ``capacity`` work slots covers everything
 between the claim and the batch commit), so a burst stalls discovery instead of filling memory.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -17,23 +18,19 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from xr.core.dicom import is_dicom, read_header
 from xr.core.errors import ImageError
-from xr.daemon.db import (
-    CLAIMED,
-    DICOM_COLUMNS,
-    DUPLICATE,
-    ERROR,
-    OK,
-    SKIPPED,
-    Batch,
+from xr.daemon.discovery import Discovery, FileItem
+from xr.results.export import CsvExporter
+from xr.results.journal import (
     claim_fence,
     db_time,
     delete_rows,
@@ -41,29 +38,39 @@ from xr.daemon.db import (
     first_ok_by_sop,
     owner_of,
     record_calibration,
+    scores_by_id,
     still_held,
     take_over,
     try_claim,
-    scores_by_id,
-    storable,
     update_rows,
-    utcnow,
 )
-from xr.daemon.discovery import Discovery, FileItem
-from xr.daemon.export import CsvExporter
+from xr.results.schema import DICOM_COLUMNS, Batch, Status, storable, utcnow
 
 POLL_S = 0.1  # every blocking wait in the stages uses this timeout and re-checks its stop event
 EXPORT_EVERY_S = 1.0  # under a steady stream of batches, CSVs are rewritten at most this often
 MOVE_RETRY_S = 5.0  # a move that failed (a share gone, a lock) is tried again this much later
 VANISHED = "file vanished before it could be read"  # no row: the file is simply not there any more
 # Errors a network share gives while it is away: the file is tried again later, with no row.
-TRANSIENT = {errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.ENODEV}
+TRANSIENT = {
+    errno.EIO,
+    errno.ESTALE,
+    errno.ENOTCONN,
+    errno.EHOSTDOWN,
+    errno.EHOSTUNREACH,
+    errno.ETIMEDOUT,
+    errno.ENODEV,
+}
 UNAVAILABLE = "share unavailable"
 
 
 def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))  # fmt: skip
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    )
     return next((kind for test, kind in kinds if test(mode)), "not a plain file")
 
 
@@ -174,7 +181,9 @@ class Work:
     sha256: str | None = None
     size: int = 0
     tensor: torch.Tensor | None = None
-    data: bytes | None = None  # the bytes read, kept until the commit: a new model with another preset decodes them again
+    data: bytes | None = (
+        None  # the bytes read, kept until the commit: a new model with another preset decodes them again
+    )
     preset: Any = None  # the preset ``tensor`` was made with
     error: str | None = None
     duplicate_of: int | None = None
@@ -182,7 +191,7 @@ class Work:
     incomplete: bool = False  # the bytes read end too early (the error says how)
     skip: str | None = None  # a DICOM object out of scope: why
     sop: str | None = None  # a DICOM instance's SOPInstanceUID: the same instance is a duplicate whatever its bytes
-    token: int = 0  # the lease's fencing token this claim holds (daemon/db.py still_held)
+    token: int = 0  # the lease's fencing token this claim holds (results/journal.py still_held)
 
 
 @dataclass
@@ -242,8 +251,10 @@ class Context:
 
     def destination(self, src: str, status: str) -> str | None:
         """Reserve where a finished file goes (None: left in place)."""
-        mode, base = {ERROR: (self.on_error, self.failed_dir), SKIPPED: (self.on_skipped, self.skipped_dir)}.get(
-            status, (self.on_success, self.processed_dir))  # fmt: skip
+        mode, base = {
+            Status.ERROR: (self.on_error, self.failed_dir),
+            Status.SKIPPED: (self.on_skipped, self.skipped_dir),
+        }.get(status, (self.on_success, self.processed_dir))
         if mode == "leave":
             return None
         try:
@@ -272,7 +283,7 @@ class Stage:
     def _guarded(self) -> None:
         try:
             self.run()
-        except BaseException as exc:  # noqa: BLE001 - reported by the service, which then stops
+        except BaseException as exc:
             self.error = exc
             raise
 
@@ -293,7 +304,14 @@ class Claimer(Stage):
 
     name = "xr-claim"
 
-    def __init__(self, ctx: Context, ready: "queue.Queue[FileItem]", decoded: "queue.Queue[Work]", finish: "queue.Queue", slots: threading.Semaphore):
+    def __init__(
+        self,
+        ctx: Context,
+        ready: queue.Queue[FileItem],
+        decoded: queue.Queue[Work],
+        finish: queue.Queue,
+        slots: threading.Semaphore,
+    ):
         super().__init__()
         self.ctx, self.ready, self.decoded, self.finish, self.slots = ctx, ready, decoded, finish, slots
         self._carry: FileItem | None = None
@@ -405,39 +423,80 @@ class Claimer(Stage):
             expires = clock + ctx.lease_s
             for item, data, err, sha, ids, skip, cut in facts:
                 key = (storable(item.path), item.size, item.mtime_ns)  # as the rows hold it
-                fields = {"sha256": sha, "claimed_at": now, "lease_holder": ctx.worker_id, "lease_expires_at": expires, **ids}
-                row_id = try_claim(s, {"path": key[0], "filename": os.path.basename(key[0]), "size_bytes": item.size,
-                                       "mtime_ns": item.mtime_ns, "status": CLAIMED, "received_at": item.received_at,
-                                       "lease_token": 0, **fields})  # fmt: skip
+                fields = {
+                    "sha256": sha,
+                    "claimed_at": now,
+                    "lease_holder": ctx.worker_id,
+                    "lease_expires_at": expires,
+                    **ids,
+                }
+                row_id = try_claim(
+                    s,
+                    {
+                        "path": key[0],
+                        "filename": os.path.basename(key[0]),
+                        "size_bytes": item.size,
+                        "mtime_ns": item.mtime_ns,
+                        "status": Status.CLAIMED,
+                        "received_at": item.received_at,
+                        "lease_token": 0,
+                        **fields,
+                    },
+                )
                 token, received = 0, item.received_at
                 if row_id is not None and not ctx.exclusive and not self.still_there(item):
                     # Read before another worker scored and moved it (this one was frozen in between): the
                     # claim is of a file that is gone, and its result is that worker's.
                     delete_rows(s, [row_id])
-                    ctx.log.info("claim_dropped", file=storable(item.path), reason="another worker moved the file since it was read")
+                    ctx.log.info(
+                        "claim_dropped",
+                        file=storable(item.path),
+                        reason="another worker moved the file since it was read",
+                    )
                     self.slots.release()
                     ctx.discovery.release(item.path)
                     continue
                 if row_id is None:  # another row owns the file: a run that died, or another worker
                     owner = owner_of(s, key)
-                    if owner is None or not self.takeable(owner, clock) or not take_over(
-                            s, owner.id, owner.lease_token, ctx.worker_id, expires):  # fmt: skip
+                    if (
+                        owner is None
+                        or not self.takeable(owner, clock)
+                        or not take_over(s, owner.id, owner.lease_token, ctx.worker_id, expires)
+                    ):
                         self.slots.release()  # held by a live worker: look again when its lease runs out
                         wait = (owner.lease_expires_at or clock) - clock if owner is not None else 0.0
                         ctx.discovery.retry_later(item, time.monotonic() + max(wait, 0.0) + ctx.lease_s / 10)
                         continue
                     row_id, token, received = owner.id, owner.lease_token + 1, owner.received_at
                     if owner.lease_holder != ctx.worker_id and not ctx.exclusive:
-                        ctx.log.warning("lease_taken_over", file=storable(item.path), id=row_id, from_worker=owner.lease_holder,
-                                        reason=f"its lease ran out {clock - (owner.lease_expires_at or clock):.1f} s ago")  # fmt: skip
-                    if owner.status != CLAIMED:  # committed before: only the move is left
+                        ctx.log.warning(
+                            "lease_taken_over",
+                            file=storable(item.path),
+                            id=row_id,
+                            from_worker=owner.lease_holder,
+                            reason=f"its lease ran out {clock - (owner.lease_expires_at or clock):.1f} s ago",
+                        )
+                    if owner.status != Status.CLAIMED:  # committed before: only the move is left
                         self.slots.release()
                         self.finish.put(Done(row_id, item.path, (item.size, item.mtime_ns), owner.moved_to, token))
                         continue
                     update_rows(s, [{"id": row_id, **fields}])  # redo it
                 # an image without pixels waits out the grace period like any file cut short, then is skipped
-                works.append(Work(row_id, item, received, sha256=sha, size=item.size, error=err, data=data,
-                                  sop=ids["sop_instance_uid"], skip=skip, incomplete=cut, token=token))  # fmt: skip
+                works.append(
+                    Work(
+                        row_id,
+                        item,
+                        received,
+                        sha256=sha,
+                        size=item.size,
+                        error=err,
+                        data=data,
+                        sop=ids["sop_instance_uid"],
+                        skip=skip,
+                        incomplete=cut,
+                        token=token,
+                    )
+                )
             scorable = [w for w in works if w.error is None and w.skip is None]
             dups = first_ok_by_sha(s, [w.sha256 for w in scorable if w.sha256]) if ctx.dedupe else {}
             dup_sops = first_ok_by_sop(s, [w.sop for w in scorable if w.sop]) if ctx.dedupe else {}
@@ -474,7 +533,11 @@ class Claimer(Stage):
             header = read_header(data)
         except ImageError:
             return {}, None, False
-        return header.identifiers, header.out_of_scope(self.ctx.dicom_modalities, self.ctx.dicom_body_parts), header.maybe_cut
+        return (
+            header.identifiers,
+            header.out_of_scope(self.ctx.dicom_modalities, self.ctx.dicom_body_parts),
+            header.maybe_cut,
+        )
 
     def _decode(self, w: Work) -> None:
         t0 = time.perf_counter()
@@ -505,7 +568,7 @@ class Inferer(Stage):
 
     name = "xr-infer"
 
-    def __init__(self, ctx: Context, decoded: "queue.Queue[Work]", finish: "queue.Queue", slots: threading.Semaphore):
+    def __init__(self, ctx: Context, decoded: queue.Queue[Work], finish: queue.Queue, slots: threading.Semaphore):
         super().__init__()
         self.ctx, self.decoded, self.finish, self.slots = ctx, decoded, finish, slots
         self.batches = 0
@@ -556,9 +619,11 @@ class Inferer(Stage):
         for w in waiting:
             until = w.item.changed_mono + ctx.incomplete_grace_s
             ctx.log.info(
-                "file_incomplete", file=storable(w.item.path), reason=w.error or w.skip,
+                "file_incomplete",
+                file=storable(w.item.path),
+                reason=w.error or w.skip,
                 watching_s=round(max(0.0, until - time.monotonic()), 1),
-            )  # fmt: skip
+            )
             ctx.discovery.defer(w.item, until)
             self.slots.release()
 
@@ -580,9 +645,12 @@ class Inferer(Stage):
         if ctx.metrics is not None:
             ctx.metrics.model_in_use(pred.model_id, pred.calibration_id)
         ctx.log.info(
-            "model_reloaded" if offer.predictor is not None else "calibration_reloaded", model_id=pred.model_id,
-            calibration_id=pred.calibration_id, threshold=pred.threshold, **previous,
-        )  # fmt: skip
+            "model_reloaded" if offer.predictor is not None else "calibration_reloaded",
+            model_id=pred.model_id,
+            calibration_id=pred.calibration_id,
+            threshold=pred.threshold,
+            **previous,
+        )
 
     def process(self, batch: list[Work], wait_ms: float) -> None:
         self.adopt()
@@ -607,7 +675,11 @@ class Inferer(Stage):
                 if w.tensor is None or not w.sha256:
                     continue
                 keys = [w.sha256] + ([f"sop:{w.sop}"] if w.sop else [])  # the same bytes, or the same DICOM instance
-                first = known.get(w.sha256) or known_sops.get(w.sop) or next((seen[k].row_id for k in keys if k in seen), None)
+                first = (
+                    known.get(w.sha256)
+                    or known_sops.get(w.sop)
+                    or next((seen[k].row_id for k in keys if k in seen), None)
+                )
                 if first is not None:
                     w.duplicate_of, w.tensor = first, None
                 else:
@@ -620,7 +692,7 @@ class Inferer(Stage):
         t1 = time.perf_counter()
         now = utcnow()
         done: list[Done] = []
-        counts = {OK: 0, ERROR: 0, DUPLICATE: 0, SKIPPED: 0}
+        counts = {Status.OK: 0, Status.ERROR: 0, Status.DUPLICATE: 0, Status.SKIPPED: 0}
         lost: list[Work] = []
         with ctx.sessions.begin() as s:
             # Fencing: rows whose lease another worker took (this one was presumed dead) are not written.
@@ -638,38 +710,56 @@ class Inferer(Stage):
                     lost.append(w)
                     continue
                 row = {
-                    "id": w.row_id, "batch_id": b.id, "processed_at": now, "worker_id": ctx.worker_id,
+                    "id": w.row_id,
+                    "batch_id": b.id,
+                    "processed_at": now,
+                    "worker_id": ctx.worker_id,
                     "latency_ms": max(0.0, (now - w.received_at).total_seconds() * 1000),
-                    "model_id": pred.model_id, "threshold": pred.threshold, "temperature": pred.temperature,
+                    "model_id": pred.model_id,
+                    "threshold": pred.threshold,
+                    "temperature": pred.temperature,
                     "calibration_id": pred.calibration_id,
-                    "error": None, "duplicate_of": None, "logit": None, "probability": None, "label": None,
+                    "error": None,
+                    "duplicate_of": None,
+                    "logit": None,
+                    "probability": None,
+                    "label": None,
                     "flagged": None,
-                }  # fmt: skip
+                }
                 if w.skip is not None:
-                    row["status"], row["error"] = SKIPPED, storable(w.skip)
+                    row["status"], row["error"] = Status.SKIPPED, storable(w.skip)
                 elif w.error is not None:
                     reason = w.error
                     if w.incomplete and ctx.incomplete_grace_s > 0:
                         reason += f"; the file stayed unchanged for {ctx.incomplete_grace_s:g} s"
-                    row["status"], row["error"] = ERROR, storable(reason)
+                    row["status"], row["error"] = Status.ERROR, storable(reason)
                 elif w.duplicate_of is not None:  # the first is earlier in this batch, or committed
-                    row["status"], row["duplicate_of"] = DUPLICATE, w.duplicate_of
+                    row["status"], row["duplicate_of"] = Status.DUPLICATE, w.duplicate_of
                     row.update({k: first[k] for k in ("logit", "probability", "label", "flagged")})
                 else:
                     p = scored[w.row_id]
-                    row["status"] = OK
-                    row["logit"], row["probability"], row["label"], row["flagged"] = p.logit, p.probability, p.label, p.flagged
+                    row["status"] = Status.OK
+                    row["logit"], row["probability"], row["label"], row["flagged"] = (
+                        p.logit,
+                        p.probability,
+                        p.label,
+                        p.flagged,
+                    )
                 counts[row["status"]] += 1
                 row["moved_to"] = ctx.destination(w.item.path, row["status"])
                 rows[w.row_id] = row
                 done.append(Done(w.row_id, w.item.path, (w.item.size, w.item.mtime_ns), row["moved_to"], w.token))
                 self._log_row(row, w.item.path)
             update_rows(s, list(rows.values()))
-            b.n_ok, b.n_error, b.n_duplicate = counts[OK], counts[ERROR], counts[DUPLICATE]
+            b.n_ok, b.n_error, b.n_duplicate = counts[Status.OK], counts[Status.ERROR], counts[Status.DUPLICATE]
         commit_ms = (time.perf_counter() - t1) * 1000
         for w in lost:
-            ctx.log.warning("lease_lost", file=storable(w.item.path), id=w.row_id,
-                            reason="another worker took this file over: its result is that worker's")  # fmt: skip
+            ctx.log.warning(
+                "lease_lost",
+                file=storable(w.item.path),
+                id=w.row_id,
+                reason="another worker took this file over: its result is that worker's",
+            )
             ctx.discovery.release(w.item.path)
         if ctx.metrics is not None:
             n_flagged = sum(bool(r["flagged"]) for r in rows.values())
@@ -683,10 +773,10 @@ class Inferer(Stage):
             batch_id=b.id,
             size=len(batch),
             scored=len(to_score),
-            ok=counts[OK],
-            errors=counts[ERROR],
-            duplicates=counts[DUPLICATE],
-            skipped=counts[SKIPPED],
+            ok=counts[Status.OK],
+            errors=counts[Status.ERROR],
+            duplicates=counts[Status.DUPLICATE],
+            skipped=counts[Status.SKIPPED],
             wait_ms=round(wait_ms, 1),
             decode_ms_mean=round(sum(w.decode_ms for w in batch) / len(batch), 1),
             model_ms=round(model_ms, 1),
@@ -698,16 +788,20 @@ class Inferer(Stage):
 
     def _log_row(self, row: dict, path: str) -> None:
         log = self.ctx.log
-        if row["status"] == ERROR:
+        if row["status"] == Status.ERROR:
             log.error("file_error", file=storable(path), reason=row["error"], id=row["id"])
-        elif row["status"] == SKIPPED:
+        elif row["status"] == Status.SKIPPED:
             log.info("file_skipped", file=storable(path), reason=row["error"], id=row["id"])
         elif row["flagged"]:  # a duplicate of a flagged film is flagged under its own name too
-            extra = {"duplicate_of": row["duplicate_of"]} if row["status"] == DUPLICATE else {}
+            extra = {"duplicate_of": row["duplicate_of"]} if row["status"] == Status.DUPLICATE else {}
             log.warning(
-                "flagged", file=storable(path), id=row["id"], probability=round(row["probability"], 4),
-                threshold=row["threshold"], **extra,
-            )  # fmt: skip
+                "flagged",
+                file=storable(path),
+                id=row["id"],
+                probability=round(row["probability"], 4),
+                threshold=row["threshold"],
+                **extra,
+            )
 
 
 # -- move + export ------------------------------------------------------------------------------------------
@@ -716,7 +810,7 @@ class Finisher(Stage):
 
     name = "xr-finish"
 
-    def __init__(self, ctx: Context, finish: "queue.Queue"):
+    def __init__(self, ctx: Context, finish: queue.Queue):
         super().__init__()
         self.ctx, self.finish = ctx, finish
         self._retry: list[tuple[float, Done]] = []  # (when, move) that failed and is tried again
@@ -760,7 +854,9 @@ class Finisher(Stage):
                 ctx.discovery.release(d.src, settled=d.identity)
                 continue
             if d.row_id not in held:
-                ctx.log.warning("lease_lost", file=d.src, id=d.row_id, reason="another worker took over moving this file")
+                ctx.log.warning(
+                    "lease_lost", file=d.src, id=d.row_id, reason="another worker took over moving this file"
+                )
                 with ctx.reserved_lock:
                     ctx.reserved.discard(d.moved_to)
                 ctx.discovery.release(d.src)
@@ -777,7 +873,9 @@ class Finisher(Stage):
                     # dropped, or it was rewritten in place after it was read. That file is new work for
                     # discovery, never moved under this row.
                     actual = d.moved_to if os.path.lexists(d.moved_to) else None
-                    ctx.log.info("move_skipped", file=d.src, id=d.row_id, reason="the inbox file changed since it was read")
+                    ctx.log.info(
+                        "move_skipped", file=d.src, id=d.row_id, reason="the inbox file changed since it was read"
+                    )
                 else:
                     actual = str(move_no_overwrite(d.src, d.moved_to))
                 moved[d.row_id] = (actual, utcnow())
@@ -795,5 +893,11 @@ class Finisher(Stage):
         if moved:
             with ctx.sessions.begin() as s:
                 mine = still_held(s, {d.row_id: d.token for d in jobs if d.row_id in moved}, ctx.worker_id)
-                update_rows(s, [{"id": rid, "moved_to": actual, "moved_at": when}
-                                for rid, (actual, when) in moved.items() if rid in mine])  # fmt: skip
+                update_rows(
+                    s,
+                    [
+                        {"id": rid, "moved_to": actual, "moved_at": when}
+                        for rid, (actual, when) in moved.items()
+                        if rid in mine
+                    ],
+                )

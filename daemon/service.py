@@ -1,4 +1,5 @@
 """Wiring: open the DB, load and warm the model, reconcile, start the stages, run until told to stop."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,34 +17,22 @@ from typing import Any
 import torch
 from sqlalchemy import select, update
 
+from xr.core.calibration import CALIBRATION_FILE
 from xr.core.config import DaemonConfig, Settings
 from xr.core.errors import XRError
-from xr.core.calibration import CALIBRATION_FILE
+from xr.core.logs import get_logger
+from xr.core.paths import model_path, output_dir, results_db
 from xr.core.predict import Predictor
-from xr.daemon.db import (
-    CLAIMED,
-    Meta,
-    Result,
-    db_url,
-    db_time,
-    delete_rows,
-    fs_path,
-    make_engine,
-    record_calibration,
-    session_factory,
-    sqlite_file,
-    take_over,
-    utcnow,
-)
 from xr.daemon.discovery import Discovery, inside
-from xr.daemon.export import CsvExporter, csv_columns
 from xr.daemon.heatmaps import HeatmapWorker
-from xr.daemon.leases import LeaseKeeper, default_worker_id, settle_claim
-from xr.daemon.metrics import Metrics, MetricsServer, sd_notify, watchdog_interval
+from xr.daemon.leases import LeaseKeeper, default_worker_id
 from xr.daemon.loading import ModelReloader, apply_limits, open_predictor, prepare
-from xr.daemon.logging import get_logger
-from xr.daemon.paths import model_path, output_dir, results_db
+from xr.daemon.metrics import Metrics, MetricsServer, sd_notify, watchdog_interval
 from xr.daemon.pipeline import Claimer, Context, Done, Finisher, Inferer
+from xr.results.engine import db_url, make_engine, session_factory, sqlite_file
+from xr.results.export import CsvExporter, csv_columns
+from xr.results.journal import db_time, delete_rows, record_calibration, settle_claim, take_over
+from xr.results.schema import Meta, Result, Status, fs_path, utcnow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +79,9 @@ def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
     own = (output / "processed", output / "failed", output / "skipped", output / "csv", output / "heatmaps")
     for d in own:
         if inside(inbox, d):
-            raise XRError(f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output")
+            raise XRError(
+                f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output"
+            )
     return (output,) if output != inbox and inside(output, inbox) else own
 
 
@@ -108,9 +99,13 @@ class Heartbeat:
             return
         files = self.inferer.files
         self.log.info(
-            "heartbeat", backlog=self.discovery.outstanding(), waiting_incomplete=self.discovery.deferred(),
-            rows=files - self.files_at_last, interval_s=round(now - self.last, 1), uptime_s=round(now - self.started),
-        )  # fmt: skip
+            "heartbeat",
+            backlog=self.discovery.outstanding(),
+            waiting_incomplete=self.discovery.deferred(),
+            rows=files - self.files_at_last,
+            interval_s=round(now - self.last, 1),
+            uptime_s=round(now - self.started),
+        )
         self.last, self.files_at_last = now, files
 
 
@@ -137,7 +132,9 @@ class Service:
         self.output = output_dir(cfg, output)
         self.db = results_db(cfg, self.output, db)
         self.model_path = model_path(cfg, model)
-        self.calibration = Path(d.calibration).expanduser().resolve() if d.calibration else None  # None: beside the model
+        self.calibration = (
+            Path(d.calibration).expanduser().resolve() if d.calibration else None
+        )  # None: beside the model
         # SQLite: one daemon per database (file locks). A server database: any number, through leases.
         self.exclusive = "://" not in str(self.db) or str(self.db).startswith("sqlite")  # the URL is checked at start
         self.worker_id = d.worker_id or default_worker_id()
@@ -212,7 +209,11 @@ class Service:
 
     def _load_predictor(self) -> Predictor:
         d = self.cfg.daemon
-        pred = apply_limits(self._predictor, self.cfg) if self._predictor else open_predictor(self.cfg, self.model_path, self.calibration)
+        pred = (
+            apply_limits(self._predictor, self.cfg)
+            if self._predictor
+            else open_predictor(self.cfg, self.model_path, self.calibration)
+        )
         self.plan = plan_run(d, pred.device.type, bf16=pred.bf16)
         if pred.device.type == "cpu":
             torch.set_num_threads(self.plan.torch_threads)
@@ -255,9 +256,18 @@ class Service:
         now = utcnow()
         with ctx.sessions.begin() as s:
             clock = db_time(s)
-            mine = Result.id.is_not(None) if ctx.exclusive else (
-                (Result.lease_holder == ctx.worker_id) | (Result.lease_expires_at.is_(None)) | (Result.lease_expires_at < clock))  # fmt: skip
-            for row in s.scalars(select(Result).where(Result.status == CLAIMED, mine).with_for_update(skip_locked=True)):
+            mine = (
+                Result.id.is_not(None)
+                if ctx.exclusive
+                else (
+                    (Result.lease_holder == ctx.worker_id)
+                    | (Result.lease_expires_at.is_(None))
+                    | (Result.lease_expires_at < clock)
+                )
+            )
+            for row in s.scalars(
+                select(Result).where(Result.status == Status.CLAIMED, mine).with_for_update(skip_locked=True)
+            ):
                 outcome, _ = settle_claim(row, ctx.discovery, now)
                 if outcome == "redo":
                     stats["claimed_redo"] += 1  # the scan finds it again and the claim reuses this row
@@ -268,12 +278,16 @@ class Service:
                     stats["claimed_gone"] += 1
             delete_rows(s, released)
             pending = s.scalars(
-                select(Result).where(Result.status != CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None), mine)
+                select(Result)
+                .where(Result.status != Status.CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None), mine)
                 .with_for_update(skip_locked=True)
             ).all()
             tokens = {r.id: r.lease_token for r in pending}  # read before the takeover updates the loaded rows
-            jobs = [Done(r.id, fs_path(r.path), (r.size_bytes, r.mtime_ns), r.moved_to, tokens[r.id] + 1) for r in pending
-                    if take_over(s, r.id, tokens[r.id], ctx.worker_id, clock + ctx.lease_s)]  # fmt: skip
+            jobs = [
+                Done(r.id, fs_path(r.path), (r.size_bytes, r.mtime_ns), r.moved_to, tokens[r.id] + 1)
+                for r in pending
+                if take_over(s, r.id, tokens[r.id], ctx.worker_id, clock + ctx.lease_s)
+            ]
         for d in jobs:
             with ctx.reserved_lock:
                 ctx.reserved.add(d.moved_to)
@@ -312,8 +326,14 @@ class Service:
                 exclude=excluded_dirs(self.inbox, self.output),
                 log=self.log,
             )
-            exporter = CsvExporter(self.output / "csv", sessions, self.cfg.csv.rotation, self.cfg.csv.max_rows,
-                                   csv_columns(self.cfg.csv.dicom_identifiers), elect=not self.exclusive)
+            exporter = CsvExporter(
+                self.output / "csv",
+                sessions,
+                self.cfg.csv.rotation,
+                self.cfg.csv.max_rows,
+                csv_columns(self.cfg.csv.dicom_identifiers),
+                elect=not self.exclusive,
+            )
             self.exporter = exporter
             ctx = Context(
                 inbox=self.inbox,
@@ -351,7 +371,9 @@ class Service:
             claimer = Claimer(ctx, ready_q, decoded_q, finish_q, slots)
             self.stages = [claimer, inferer, finisher]
             if not self.once and self._predictor is None:
-                ctx.reloader = ModelReloader(self.cfg, self.model_path, self.calibration, predictor, plan.batch_size, self.log)
+                ctx.reloader = ModelReloader(
+                    self.cfg, self.model_path, self.calibration, predictor, plan.batch_size, self.log
+                )
                 self.stages.append(ctx.reloader)
             if not self.exclusive:
                 self.stages.append(LeaseKeeper(ctx))
@@ -380,7 +402,9 @@ class Service:
                 try:
                     self.metrics_server = MetricsServer(ctx.metrics, self.health, d.metrics_host, d.metrics_port)
                 except OSError as exc:
-                    raise XRError(f"cannot serve metrics on {d.metrics_host}:{d.metrics_port}: {exc.strerror or exc}") from None
+                    raise XRError(
+                        f"cannot serve metrics on {d.metrics_host}:{d.metrics_port}: {exc.strerror or exc}"
+                    ) from None
                 self.metrics_server.start()
             for st in (finisher, inferer, claimer, *self.stages[3:]):
                 st.start()
@@ -394,7 +418,7 @@ class Service:
         except XRError as exc:
             self.log.error("daemon_error", reason=str(exc))
             self.exit_code = 2
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.log.exception("daemon_crashed", reason=f"{exc.__class__.__name__}: {exc}")
             self.exit_code = 1
         finally:

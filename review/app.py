@@ -8,6 +8,7 @@ Only files under the output folder are ever read: a case's film is served from w
 (``processed/``), re-encoded as PNG (DICOM too); its heatmap from ``heatmaps/``. Every value from the
 database is HTML-escaped by Jinja2's autoescaping.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -23,8 +24,9 @@ from sqlalchemy import func, select, text
 
 from xr.core.errors import ImageError
 from xr.core.imaging import load_image
-from xr.daemon.db import DECISIONS, SCORED, Result, Review, fs_path, session_factory, utcnow
-from xr.daemon.export import export_reviews
+from xr.results.engine import session_factory
+from xr.results.export import export_reviews
+from xr.results.schema import DECISIONS, SCORED, Result, Review, fs_path, utcnow
 
 HERE = Path(__file__).resolve().parent
 IMAGE_SIDES = {"thumb": 160, "full": 1024}
@@ -69,16 +71,25 @@ def create_app(engine: Any, output: Path) -> FastAPI:
         with sessions() as s:
             rows = s.scalars(stmt.order_by(Result.probability.desc(), Result.id).limit(500)).all()
             n_reviewed = s.scalar(select(func.count()).select_from(Review)) or 0
-        return templates.TemplateResponse(request, "queue.html", {
-            "rows": rows, "day": day or "", "accession": accession or "", "n_reviewed": n_reviewed,
-        })  # fmt: skip
+        return templates.TemplateResponse(
+            request,
+            "queue.html",
+            {
+                "rows": rows,
+                "day": day or "",
+                "accession": accession or "",
+                "n_reviewed": n_reviewed,
+            },
+        )
 
     @app.get("/cases/{case_id}")
     def show(request: Request, case_id: int) -> Response:
         with sessions() as s:
             row = case(s, case_id)
             reviews = s.scalars(select(Review).where(Review.result_id == case_id).order_by(Review.id)).all()
-        return templates.TemplateResponse(request, "case.html", {"row": row, "reviews": reviews, "decisions": DECISIONS})
+        return templates.TemplateResponse(
+            request, "case.html", {"row": row, "reviews": reviews, "decisions": DECISIONS}
+        )
 
     @app.get("/cases/{case_id}/image")
     def image(case_id: int, size: Annotated[str, Query(pattern="^(thumb|full)$")] = "full") -> Response:
@@ -102,14 +113,25 @@ def create_app(engine: Any, output: Path) -> FastAPI:
         return FileResponse(under_output(stored, "heatmaps"), media_type="image/png")
 
     @app.post("/cases/{case_id}/review")
-    def review(case_id: int, decision: Annotated[str, Form()], note: Annotated[str, Form()] = "",
-               reviewer: Annotated[str, Form()] = "") -> Response:  # fmt: skip
+    def review(
+        case_id: int,
+        decision: Annotated[str, Form()],
+        note: Annotated[str, Form()] = "",
+        reviewer: Annotated[str, Form()] = "",
+    ) -> Response:
         if decision not in DECISIONS:
             raise HTTPException(422, f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
         with sessions.begin() as s:
             case(s, case_id)
-            s.add(Review(result_id=case_id, decision=decision, note=note.strip()[:2000] or None,
-                         reviewer=reviewer.strip()[:128] or None, reviewed_at=utcnow()))  # fmt: skip
+            s.add(
+                Review(
+                    result_id=case_id,
+                    decision=decision,
+                    note=note.strip()[:2000] or None,
+                    reviewer=reviewer.strip()[:128] or None,
+                    reviewed_at=utcnow(),
+                )
+            )
         export_reviews(output / "csv", sessions)
         response = RedirectResponse("/", status_code=303)
         if reviewer.strip():

@@ -1,4 +1,5 @@
 """``xr-review``: serve the reading list (review/app.py) on 127.0.0.1 by default."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from xr.daemon.db import open_existing
-    from xr.daemon.paths import output_dir, results_db, settings_for
+    from xr.core.paths import output_dir, results_db, settings_for
+    from xr.results.engine import open_existing
 
     try:
         cfg = settings_for(args.config)

@@ -4,6 +4,7 @@ the CPU), results streamed back to this process and written as Parquet parts tha
 The decode is the checkpoint's own ``Preset`` (``Predictor.pixels``), the forward and calibration are the
 ``Predictor``'s: the same code path as ``xr-daemon`` and ``xr-train evaluate``, so the scores agree.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,9 +23,17 @@ from xr.core.errors import ImageError, XRError
 RUN_FILE = "run.json"  # the model and calibration a scoring run uses: a restart must use the same
 PART_ROWS = 512  # rows per Parquet part: a kill loses at most this much work, a restart skips the rest
 # the Parquet columns and their Arrow types
-FIELDS = (("path", "string"), ("sha256", "string"), ("logit", "float64"), ("probability", "float64"),
-          ("threshold", "float64"), ("flagged", "bool_"), ("model_id", "string"), ("calibration_id", "string"),
-          ("error", "string"))  # fmt: skip
+FIELDS = (
+    ("path", "string"),
+    ("sha256", "string"),
+    ("logit", "float64"),
+    ("probability", "float64"),
+    ("threshold", "float64"),
+    ("flagged", "bool_"),
+    ("model_id", "string"),
+    ("calibration_id", "string"),
+    ("error", "string"),
+)
 COLUMNS = tuple(name for name, _ in FIELDS)
 TEXT = tuple(name for name, kind in FIELDS if kind == "string")
 
@@ -32,7 +41,7 @@ TEXT = tuple(name for name, kind in FIELDS if kind == "string")
 def _import_ray():
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise XRError("xr-score needs Ray Data: pip install 'xr-triage[cluster]'") from None
     return ray
@@ -85,8 +94,9 @@ def write_part(out: Path, rows: list[dict[str, Any]]) -> Path:
     return final
 
 
-def decode_batch(batch: dict[str, np.ndarray], preset: dict[str, Any], max_bytes: int,
-                 scope: tuple[tuple[str, ...], tuple[str, ...]]) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], preset: dict[str, Any], max_bytes: int, scope: tuple[tuple[str, ...], tuple[str, ...]]
+) -> dict[str, np.ndarray]:
     """Ray Data task: paths -> sha256 and uint8 pixels [1, S, S] (the eval preset), or the reason a file
     is not scored (its pixels are zeros): unreadable, or a DICOM object the daemon would skip (``scope``:
     the ``dicom.modalities`` and ``dicom.body_parts`` scored)."""
@@ -118,8 +128,12 @@ def decode_batch(batch: dict[str, np.ndarray], preset: dict[str, Any], max_bytes
         shas.append(sha)
         pixels.append(px)
         errors.append(err)
-    return {"path": batch["path"], "sha256": np.array(shas, dtype=object), "pixels": np.stack(pixels),
-            "error": np.array(errors, dtype=object)}  # fmt: skip
+    return {
+        "path": batch["path"],
+        "sha256": np.array(shas, dtype=object),
+        "pixels": np.stack(pixels),
+        "error": np.array(errors, dtype=object),
+    }
 
 
 class Scorer:
@@ -145,7 +159,9 @@ class Scorer:
         import torch
 
         n = len(batch["path"])
-        errors = np.array([e if isinstance(e, str) else None for e in batch["error"]], dtype=object)  # Arrow may give NaN for None
+        errors = np.array(
+            [e if isinstance(e, str) else None for e in batch["error"]], dtype=object
+        )  # Arrow may give NaN for None
         ok = np.array([e is None for e in errors], dtype=bool)
         logit = np.full(n, np.nan)
         prob = np.full(n, np.nan)
@@ -155,11 +171,16 @@ class Scorer:
             prob[ok] = self.pred.calibrate(z).numpy()
         pred = self.pred
         return {
-            "path": batch["path"], "sha256": batch["sha256"], "logit": logit, "probability": prob,
-            "threshold": np.full(n, pred.threshold), "flagged": np.where(ok, prob >= pred.threshold, False),
-            "model_id": np.full(n, pred.model_id, dtype=object), "calibration_id": np.full(n, pred.calibration_id, dtype=object),
+            "path": batch["path"],
+            "sha256": batch["sha256"],
+            "logit": logit,
+            "probability": prob,
+            "threshold": np.full(n, pred.threshold),
+            "flagged": np.where(ok, prob >= pred.threshold, False),
+            "model_id": np.full(n, pred.model_id, dtype=object),
+            "calibration_id": np.full(n, pred.calibration_id, dtype=object),
             "error": errors,
-        }  # fmt: skip
+        }
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
@@ -179,8 +200,16 @@ class FileScorer(Scorer):
     """Ray Data actor for a cluster without GPUs: decodes its own batch, then scores it. One per core, each
     a process of its own, so decode and forward never wait for each other's GIL or for a transfer."""
 
-    def __init__(self, checkpoint: str, calibration: str | None, device: str, threads: int, batch_size: int, max_bytes: int,
-                 scope: tuple[tuple[str, ...], tuple[str, ...]]):  # fmt: skip
+    def __init__(
+        self,
+        checkpoint: str,
+        calibration: str | None,
+        device: str,
+        threads: int,
+        batch_size: int,
+        max_bytes: int,
+        scope: tuple[tuple[str, ...], tuple[str, ...]],
+    ):
         super().__init__(checkpoint, calibration, device, threads, batch_size)
         self.preset, self.max_bytes, self.scope = self.pred.preset.to_dict(), max_bytes, scope
 
@@ -200,9 +229,19 @@ class Summary:
         return self.files / self.seconds if self.seconds > 0 else 0.0
 
 
-def score(data: Path, out: Path, checkpoint: Path, calibration: Path | None = None, address: str = "local",
-          batch_size: int = 32, device: str = "auto", decode_cpus: float = 1.0, max_file_mb: float = 512,
-          part_rows: int = PART_ROWS, scope: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> Summary:  # fmt: skip
+def score(
+    data: Path,
+    out: Path,
+    checkpoint: Path,
+    calibration: Path | None = None,
+    address: str = "local",
+    batch_size: int = 32,
+    device: str = "auto",
+    decode_cpus: float = 1.0,
+    max_file_mb: float = 512,
+    part_rows: int = PART_ROWS,
+    scope: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+) -> Summary:
     """Score every file under ``data`` not yet in ``out``; rows land in ``out`` as they come. ``scope``:
     the DICOM (modalities, body parts) scored, by default the ``dicom`` section's defaults."""
     ray = _import_ray()
@@ -220,14 +259,20 @@ def score(data: Path, out: Path, checkpoint: Path, calibration: Path | None = No
     todo = [p for p in paths if p not in done]
     # a bad model or calibration fails here, not in an actor; a run goes on with the model it started with
     pred = Predictor.from_checkpoint(checkpoint, calibration, device="cpu")
-    run = {"model": str(checkpoint), "calibration": str(calibration) if calibration else None,
-           "model_id": pred.model_id, "calibration_id": pred.calibration_id}  # fmt: skip
+    run = {
+        "model": str(checkpoint),
+        "calibration": str(calibration) if calibration else None,
+        "model_id": pred.model_id,
+        "calibration_id": pred.calibration_id,
+    }
     run_file = out / RUN_FILE
     if run_file.exists():
         before = json.loads(run_file.read_text())
         if (before["model_id"], before["calibration_id"]) != (run["model_id"], run["calibration_id"]):
-            raise XRError(f"{out} holds scores of model {before['model_id']} with calibration {before['calibration_id']}; "
-                          f"this run has {run['model_id']} with {run['calibration_id']}: use another --out")
+            raise XRError(
+                f"{out} holds scores of model {before['model_id']} with calibration {before['calibration_id']}; "
+                f"this run has {run['model_id']} with {run['calibration_id']}: use another --out"
+            )
     else:
         run_file.write_text(json.dumps(run, indent=2))
     preset = pred.meta["preprocess"]
@@ -247,19 +292,37 @@ def score(data: Path, out: Path, checkpoint: Path, calibration: Path | None = No
     dev = "cuda" if gpus else ("cpu" if device in ("auto", "cuda") else resolve_device(device).type)
     cpus = max(1, int(resources.get("CPU", os.cpu_count() or 1)))
     max_bytes = int(max_file_mb * 1024 * 1024)
-    ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=max(1, min(len(todo) // batch_size, 16 * cpus)))
-    kwargs = {"checkpoint": str(checkpoint), "calibration": str(calibration) if calibration else None, "device": dev,
-              "threads": 1, "batch_size": batch_size}  # fmt: skip
+    ds = ray.data.from_items(
+        [{"path": p} for p in todo], override_num_blocks=max(1, min(len(todo) // batch_size, 16 * cpus))
+    )
+    kwargs = {
+        "checkpoint": str(checkpoint),
+        "calibration": str(calibration) if calibration else None,
+        "device": dev,
+        "threads": 1,
+        "batch_size": batch_size,
+    }
     if gpus:
         # decode and preprocess in CPU tasks, the model in one actor per GPU
-        ds = ds.map_batches(decode_batch, batch_size=batch_size, num_cpus=decode_cpus,
-                            fn_kwargs={"preset": preset, "max_bytes": max_bytes, "scope": scope})  # fmt: skip
-        ds = ds.map_batches(Scorer, batch_size=batch_size, concurrency=gpus, num_gpus=1, num_cpus=1, fn_constructor_kwargs=kwargs)
+        ds = ds.map_batches(
+            decode_batch,
+            batch_size=batch_size,
+            num_cpus=decode_cpus,
+            fn_kwargs={"preset": preset, "max_bytes": max_bytes, "scope": scope},
+        )
+        ds = ds.map_batches(
+            Scorer, batch_size=batch_size, concurrency=gpus, num_gpus=1, num_cpus=1, fn_constructor_kwargs=kwargs
+        )
     else:
         # no GPU: a process per core that decodes and scores its batches (a forward is a fifth of a film's
         # CPU, so a separate model actor would idle on a core of its own or starve the decoders)
-        ds = ds.map_batches(FileScorer, batch_size=batch_size, concurrency=cpus, num_cpus=1,
-                            fn_constructor_kwargs=kwargs | {"max_bytes": max_bytes, "scope": scope})  # fmt: skip
+        ds = ds.map_batches(
+            FileScorer,
+            batch_size=batch_size,
+            concurrency=cpus,
+            num_cpus=1,
+            fn_constructor_kwargs=kwargs | {"max_bytes": max_bytes, "scope": scope},
+        )
     rows: list[dict[str, Any]] = []
     files = errors = 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -300,7 +363,8 @@ def import_run(out: Path, sessions) -> tuple[int, int]:
     from sqlalchemy import select
 
     from xr.core.predict import Predictor
-    from xr.daemon.db import ERROR, OK, Result, insert_rows, record_calibration, utcnow
+    from xr.results.journal import insert_rows, record_calibration
+    from xr.results.schema import Result, Status, utcnow
 
     table, run = read_run(out)
     try:
@@ -311,8 +375,15 @@ def import_run(out: Path, sessions) -> tuple[int, int]:
     rows = table.to_pylist()
     with sessions.begin() as s:
         record_calibration(s, pred)
-        have = set(s.scalars(select(Result.path).where(Result.worker_id == IMPORTER, Result.model_id == run["model_id"],
-                                                       Result.calibration_id == run["calibration_id"])))  # fmt: skip
+        have = set(
+            s.scalars(
+                select(Result.path).where(
+                    Result.worker_id == IMPORTER,
+                    Result.model_id == run["model_id"],
+                    Result.calibration_id == run["calibration_id"],
+                )
+            )
+        )
         new = []
         for r in rows:
             if r["path"] in have:
@@ -324,13 +395,30 @@ def import_run(out: Path, sessions) -> tuple[int, int]:
             except OSError:
                 size, mtime = 0, 0
             ok = r["error"] is None
-            new.append({
-                "path": r["path"], "filename": os.path.basename(r["path"]), "size_bytes": size, "mtime_ns": mtime,
-                "sha256": r["sha256"], "status": OK if ok else ERROR, "error": r["error"], "logit": r["logit"],
-                "probability": r["probability"], "threshold": r["threshold"], "flagged": bool(r["flagged"]) if ok else None,
-                "label": pred.class_names[int(bool(r["flagged"]))] if ok else None, "model_id": r["model_id"],
-                "temperature": pred.temperature, "calibration_id": r["calibration_id"], "received_at": now,
-                "claimed_at": now, "processed_at": now, "latency_ms": 0.0, "moved_at": now, "worker_id": IMPORTER,
-            })  # fmt: skip
+            new.append(
+                {
+                    "path": r["path"],
+                    "filename": os.path.basename(r["path"]),
+                    "size_bytes": size,
+                    "mtime_ns": mtime,
+                    "sha256": r["sha256"],
+                    "status": Status.OK if ok else Status.ERROR,
+                    "error": r["error"],
+                    "logit": r["logit"],
+                    "probability": r["probability"],
+                    "threshold": r["threshold"],
+                    "flagged": bool(r["flagged"]) if ok else None,
+                    "label": pred.class_names[int(bool(r["flagged"]))] if ok else None,
+                    "model_id": r["model_id"],
+                    "temperature": pred.temperature,
+                    "calibration_id": r["calibration_id"],
+                    "received_at": now,
+                    "claimed_at": now,
+                    "processed_at": now,
+                    "latency_ms": 0.0,
+                    "moved_at": now,
+                    "worker_id": IMPORTER,
+                }
+            )
         insert_rows(s, new)
     return len(new), len(rows) - len(new)

@@ -7,6 +7,7 @@ OUT/part-*.parquet: one row per file (path, sha256, logit, probability, threshol
 calibration_id, error). Run the same command again after a stop: files OUT already holds are skipped.
 ``xr-results import OUT`` loads a run into the results database.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,35 +18,61 @@ from xr.core.errors import XRError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xr-score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="xr-score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, required=True, help="a folder (searched recursively) or a text file of paths")
-    p.add_argument("--out", type=Path, required=True, help="folder for the Parquet parts; an earlier run's are kept and skipped")
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for the Parquet parts; an earlier run's are kept and skipped"
+    )
     p.add_argument("--model", type=Path, help="checkpoint (default: daemon.model, else the shipped model)")
-    p.add_argument("--config", help="config.yaml for daemon.model and the DICOM scope (default: $XR_CONFIG, else the packaged defaults)")
-    p.add_argument("--calibration", type=Path, help="a site's calibration file (default: the one beside the checkpoint)")
-    p.add_argument("--address", default="local", help="local (start Ray here, the default), auto (the running cluster), or ray://HOST:PORT")
+    p.add_argument(
+        "--config",
+        help="config.yaml for daemon.model and the DICOM scope (default: $XR_CONFIG, else the packaged defaults)",
+    )
+    p.add_argument(
+        "--calibration", type=Path, help="a site's calibration file (default: the one beside the checkpoint)"
+    )
+    p.add_argument(
+        "--address",
+        default="local",
+        help="local (start Ray here, the default), auto (the running cluster), or ray://HOST:PORT",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
-    p.add_argument("--part-rows", type=int, default=512, help="rows per Parquet part (default 512): a stop loses at most this many")
+    p.add_argument(
+        "--part-rows", type=int, default=512, help="rows per Parquet part (default 512): a stop loses at most this many"
+    )
     p.add_argument("--device", default="auto", help="auto (GPU actors where the cluster has GPUs) | cpu | cuda | mps")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from xr.daemon.paths import model_path, settings_for
+    from xr.core.paths import model_path, settings_for
 
     try:
         cfg = settings_for(args.config)
         checkpoint = model_path(cfg, args.model)
         from xr.score.bulk import score
 
-        s = score(args.data, args.out, checkpoint, args.calibration, args.address, args.batch_size, args.device,
-                  part_rows=args.part_rows, scope=(tuple(cfg.dicom.modalities), tuple(cfg.dicom.body_parts)))
+        s = score(
+            args.data,
+            args.out,
+            checkpoint,
+            args.calibration,
+            args.address,
+            args.batch_size,
+            args.device,
+            part_rows=args.part_rows,
+            scope=(tuple(cfg.dicom.modalities), tuple(cfg.dicom.body_parts)),
+        )
     except XRError as exc:
         print(f"xr-score: {exc}", file=sys.stderr)
         return 2
-    print(f"xr-score: {s.files} files scored in {s.seconds:.1f} s ({s.rate:.1f} files/s), {s.errors} errors, "
-          f"{s.skipped} already in {args.out}")  # fmt: skip
+    print(
+        f"xr-score: {s.files} files scored in {s.seconds:.1f} s ({s.rate:.1f} files/s), {s.errors} errors, "
+        f"{s.skipped} already in {args.out}"
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ AUROC and per-class recall at the raw 0.5 threshold and at the F1 threshold chos
 
     python scripts/ablate_imbalance.py --data ../shared/data/chest_xray
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,18 @@ import torch
 from xr.core.config import load_recipe
 from xr.core.model import create_model
 from xr.core.preprocessing import Preset
-from xr.train.calibrate import choose_threshold, fit_temperature, sigmoid
 from xr.train.analysis import compute_metrics
+from xr.train.calibrate import choose_threshold, fit_temperature, sigmoid
 from xr.train.data import XRDataset, make_splits
-from xr.train.engine import _HeadOnFeatures, evaluate, extract_features, make_loader, make_loss, seed_everything, train_one_epoch
+from xr.train.engine import (
+    _HeadOnFeatures,
+    evaluate,
+    extract_features,
+    make_loader,
+    make_loss,
+    seed_everything,
+    train_one_epoch,
+)
 
 
 def main() -> None:
@@ -36,9 +45,13 @@ def main() -> None:
     feats = {}
     for name in ("train", "val", "test"):
         ds = XRDataset(getattr(splits, name), preset, preset.eval_transform())
-        feats[name] = extract_features(backbone, make_loader(ds, 32, cfg.data.num_workers, gen), dev, channels_last=True)
-    print(f"{'pos_weight':>10} {'sampler':>8} | {'val AUROC':>9} {'test AUROC':>10} | raw 0.5: {'rec N':>6} {'rec P':>6} | "
-          f"val-F1 thr: {'rec N':>6} {'rec P':>6} {'acc':>6}")
+        feats[name] = extract_features(
+            backbone, make_loader(ds, 32, cfg.data.num_workers, gen), dev, channels_last=True
+        )
+    print(
+        f"{'pos_weight':>10} {'sampler':>8} | {'val AUROC':>9} {'test AUROC':>10} | raw 0.5: {'rec N':>6} {'rec P':>6} | "
+        f"val-F1 thr: {'rec N':>6} {'rec P':>6} {'acc':>6}"
+    )
     for pos_weight in (False, True):
         for sampler in (False, True):
             c = cfg.replace({"train.pos_weight": pos_weight, "train.weighted_sampler": sampler})
@@ -47,7 +60,9 @@ def main() -> None:
             head = _HeadOnFeatures(model)
             opt = torch.optim.AdamW(model.get_classifier().parameters(), lr=1e-3, weight_decay=c.train.weight_decay)
             loss_fn = make_loss(c, feats["train"].tensors[1].tolist(), dev)
-            loader = make_loader(feats["train"], 32, 0, torch.Generator().manual_seed(0), balanced=sampler, shuffle=True)
+            loader = make_loader(
+                feats["train"], 32, 0, torch.Generator().manual_seed(0), balanced=sampler, shuffle=True
+            )
             for _ in range(args.epochs):
                 train_one_epoch(head, loader, opt, loss_fn, dev, channels_last=False, desc="head")
             val = evaluate(head, make_loader(feats["val"], 256, 0, gen), dev, channels_last=False)
@@ -56,9 +71,11 @@ def main() -> None:
             t = fit_temperature(val["logits"], val["labels"])
             thr, _ = choose_threshold(sigmoid(val["logits"] / t), val["labels"], "f1")
             cal = compute_metrics(test["labels"], sigmoid(test["logits"] / t), thr)
-            print(f"{str(pos_weight):>10} {str(sampler):>8} | {val['auroc']:9.4f} {test['auroc']:10.4f} | "
-                  f"        {raw['per_class']['NORMAL']['recall']:6.3f} {raw['per_class']['PNEUMONIA']['recall']:6.3f} | "
-                  f"           {cal['per_class']['NORMAL']['recall']:6.3f} {cal['per_class']['PNEUMONIA']['recall']:6.3f} {cal['accuracy']:6.3f}")
+            print(
+                f"{str(pos_weight):>10} {str(sampler):>8} | {val['auroc']:9.4f} {test['auroc']:10.4f} | "
+                f"        {raw['per_class']['NORMAL']['recall']:6.3f} {raw['per_class']['PNEUMONIA']['recall']:6.3f} | "
+                f"           {cal['per_class']['NORMAL']['recall']:6.3f} {cal['per_class']['PNEUMONIA']['recall']:6.3f} {cal['accuracy']:6.3f}"
+            )
 
 
 if __name__ == "__main__":

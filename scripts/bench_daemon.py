@@ -17,6 +17,7 @@ Files are delivered the recommended way: written under a hidden temporary name, 
 
     python scripts/bench_daemon.py --count 2000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -168,10 +169,17 @@ def main() -> int:
     ap.add_argument("--forward-seconds", type=float, default=15.0)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto: the daemon and the raw forward alike")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
-    ap.add_argument("--raw-variant", help="measure the raw forward only as this variant (e.g. 1t+graph), "
-                    "not as the fastest of all eight: a shorter run where the reference is known")
-    ap.add_argument("--sources", type=Path, help="folder of full-resolution JPEGs in NORMAL/ and PNEUMONIA/ "
-                    "(default: ../shared/samples/fullres, else tests/fixtures/fullres)")
+    ap.add_argument(
+        "--raw-variant",
+        help="measure the raw forward only as this variant (e.g. 1t+graph), "
+        "not as the fastest of all eight: a shorter run where the reference is known",
+    )
+    ap.add_argument(
+        "--sources",
+        type=Path,
+        help="folder of full-resolution JPEGs in NORMAL/ and PNEUMONIA/ "
+        "(default: ../shared/samples/fullres, else tests/fixtures/fullres)",
+    )
     args = ap.parse_args()
 
     from xr.core.config import load_settings
@@ -180,7 +188,9 @@ def main() -> int:
     from xr.daemon.service import plan_run, usable_cpus
 
     # the daemon's own reading of --set, so the raw forward runs at the batch size the daemon will use
-    cfg = load_settings(overrides=parse_overrides(build_parser().parse_args([a for kv in args.set for a in ("--set", kv)])))
+    cfg = load_settings(
+        overrides=parse_overrides(build_parser().parse_args([a for kv in args.set for a in ("--set", kv)]))
+    )
     device = resolve_device(args.device)
     bf16 = device.type == "cpu" and use_bf16(device)  # plan_run ignores it elsewhere; no CUDA context here
     bs = args.batch_size or plan_run(cfg.daemon, device.type, bf16=bf16).batch_size
@@ -214,15 +224,32 @@ def main() -> int:
         singles = make_images(sources, staging, args.singles, "single-", offset=args.count)
         print(f"prepared {len(burst) + len(singles)} distinct images in {time.perf_counter() - t0:.1f} s")
 
-        fwd_threads = {k: raw_forward_rate(ckpt, bs, args.forward_seconds, args.device, *v) for k, v in variants.items()}
+        fwd_threads = {
+            k: raw_forward_rate(ckpt, bs, args.forward_seconds, args.device, *v) for k, v in variants.items()
+        }
         best = max(fwd_threads, key=fwd_threads.get)
         fwd_before = fwd_threads[best]
-        print(f"raw model forward (batch {bs}, before): " + ", ".join(f"{k}: {v:.1f} img/s" for k, v in fwd_threads.items()), flush=True)
+        print(
+            f"raw model forward (batch {bs}, before): "
+            + ", ".join(f"{k}: {v:.1f} img/s" for k, v in fwd_threads.items()),
+            flush=True,
+        )
 
         cmd = [
-            sys.executable, "-m", "xr.daemon.cli", "--watch", str(inbox), "--output", str(out),
-            "--model", str(ckpt), "--device", args.device, "--batch-size", str(bs),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "xr.daemon.cli",
+            "--watch",
+            str(inbox),
+            "--output",
+            str(out),
+            "--model",
+            str(ckpt),
+            "--device",
+            args.device,
+            "--batch-size",
+            str(bs),
+        ]
         if args.decode_workers:
             cmd += ["--set", f"daemon.decode_workers={args.decode_workers}"]
         if args.torch_threads:

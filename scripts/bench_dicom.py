@@ -9,6 +9,7 @@ forms are pydicom-data's own files). For each it times, on one thread, the media
 thread of the daemon does: that plus the rendering, resize and crop), against the full-resolution JPEG
 samples of ../shared (or tests/fixtures/fullres).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import dicom_films  # noqa: E402
+
 from xr.core.imaging import load_image  # noqa: E402
 from xr.core.predict import Predictor  # noqa: E402
 
@@ -36,7 +38,9 @@ def films(folder: Path) -> dict[str, Path]:
         ds = pydicom.dcmread(out["native (Explicit VR Little Endian)"])
         ds.compress(uid)
         out[key] = dicom_films.write(ds, folder / f"{key.split()[0]}.dcm")
-    out["JPEG Lossless (Process 14 SV1)"] = dicom_films._gdcm_jpeg_lossless(out["native (Explicit VR Little Endian)"], folder / "jll.dcm")
+    out["JPEG Lossless (Process 14 SV1)"] = dicom_films._gdcm_jpeg_lossless(
+        out["native (Explicit VR Little Endian)"], folder / "jll.dcm"
+    )
     out["JPEG Baseline (8-bit, quality 95)"] = dicom_films.write(dicom_films._jpeg_baseline(full), folder / "jpeg.dcm")
     out["JPEG 2000 Lossless"] = dicom_films.rg1("RG1_J2KR.dcm")
     out["JPEG 2000 (lossy)"] = dicom_films.rg1("RG1_J2KI.dcm")
@@ -63,8 +67,12 @@ def main() -> None:
     shared = REPO.parent / "shared" / "samples" / "fullres"
     jpegs = sorted((shared if shared.is_dir() else REPO / "tests" / "fixtures" / "fullres").glob("*/*.jpeg"))[:8]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [(f"full-resolution JPEG ({len(jpegs)} samples, mean {statistics.mean(p.stat().st_size for p in jpegs) / 1e3:.0f} KB)",
-                 [p.read_bytes() for p in jpegs])]
+        rows = [
+            (
+                f"full-resolution JPEG ({len(jpegs)} samples, mean {statistics.mean(p.stat().st_size for p in jpegs) / 1e3:.0f} KB)",
+                [p.read_bytes() for p in jpegs],
+            )
+        ]
         rows += [(name, [p.read_bytes()]) for name, p in films(Path(tmp)).items()]
         print(f"{'input':<58} {'KB':>6} {'decode ms':>10} {'pixels ms':>10}")
         for name, blobs in rows:

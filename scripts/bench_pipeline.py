@@ -10,6 +10,7 @@ Python stages set there (docs/benchmarks.md).
 ``--sources`` takes another folder of JPEGs (searched recursively), such as the full-resolution samples,
 whose decoding is what a GPU host spends its CPU on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +24,13 @@ from pathlib import Path
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import make_images  # noqa: E402  (one way to make distinct images)
+from bench_daemon import make_images
 
-from xr.core.config import load_settings  # noqa: E402
-from xr.core.model import load_checkpoint  # noqa: E402
-from xr.core.predict import Calibration, Predictor  # noqa: E402
-from xr.daemon.logging import configure_logging  # noqa: E402
-from xr.daemon.service import Service  # noqa: E402
+from xr.core.config import load_settings
+from xr.core.logs import configure_logging
+from xr.core.model import load_checkpoint
+from xr.core.predict import Calibration, Predictor
+from xr.daemon.service import Service
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = (REPO.parent / "shared" / "data" / "chest_xray" / "train", REPO / "tests" / "fixtures" / "chest_xray")
@@ -39,7 +40,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--decode-workers", type=int, default=0, help="daemon.decode_workers (0: the daemon's plan)")
-    ap.add_argument("--model", type=Path, default=REPO / "models" / "xr_mvp_best.pt", help="checkpoint whose preset is used")
+    ap.add_argument(
+        "--model", type=Path, default=REPO / "models" / "xr_mvp_best.pt", help="checkpoint whose preset is used"
+    )
     ap.add_argument("--sources", type=Path, help="folder of JPEGs to vary (default: the 224-px training images)")
     args = ap.parse_args()
 

@@ -14,6 +14,7 @@ Files are distinct full-resolution JPEG variants (bench_daemon.py's), so none is
 
     python scripts/bench_scaleout.py --count 600 --pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ import psutil
 from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import FIXTURE_FULLRES, SHARED_FULLRES, ensure_model, make_images  # noqa: E402
+from bench_daemon import FIXTURE_FULLRES, SHARED_FULLRES, ensure_model, make_images
 
 
 class PgDatabases:
@@ -64,8 +65,26 @@ def run_burst(files: list[Path], ckpt: Path, db: str, workers: int, work: Path, 
     procs, logs = [], []
     for i in range(workers):
         log = work / f"w{i + 1}.log"
-        cmd = [sys.executable, "-m", "xr.daemon.cli", "--watch", str(inbox), "--output", str(out), "--db", db,
-               "--model", str(ckpt), "--device", "cpu", "--worker-id", f"w{i + 1}", "--set", "daemon.heatmaps=none", *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "xr.daemon.cli",
+            "--watch",
+            str(inbox),
+            "--output",
+            str(out),
+            "--db",
+            db,
+            "--model",
+            str(ckpt),
+            "--device",
+            "cpu",
+            "--worker-id",
+            f"w{i + 1}",
+            "--set",
+            "daemon.heatmaps=none",
+            *extra,
+        ]
         procs.append(subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT))
         logs.append(log)
     try:
@@ -106,8 +125,9 @@ def run_burst(files: list[Path], ckpt: Path, db: str, workers: int, work: Path, 
 
 def journal_cost(db: str, n: int, batch: int) -> dict[str, float]:
     """ms per file of the daemon's three journal transactions, without a model: claim, commit, move."""
-    from xr.daemon import db as dbm
-    from xr.daemon.db import CLAIMED, OK, make_engine, session_factory, utcnow
+    from xr.results import journal
+    from xr.results.engine import make_engine, session_factory
+    from xr.results.schema import Status, utcnow
 
     engine = make_engine(db)
     sessions = session_factory(engine)
@@ -116,22 +136,51 @@ def journal_cost(db: str, n: int, batch: int) -> dict[str, float]:
         now = utcnow()
         t0 = time.perf_counter()
         with sessions.begin() as s:
-            dbm.claim_fence(s)
-            expires = dbm.db_time(s) + 60
-            ids = [dbm.try_claim(s, {"path": f"/inbox/f{i}.jpeg", "filename": f"f{i}.jpeg", "size_bytes": 1000 + i,
-                                     "mtime_ns": 1_700_000_000_000_000_000 + i, "sha256": f"{i:064x}", "status": CLAIMED,
-                                     "received_at": now, "claimed_at": now, "lease_holder": "bench", "lease_token": 0,
-                                     "lease_expires_at": expires}) for i in range(start, start + batch)]  # fmt: skip
+            journal.claim_fence(s)
+            expires = journal.db_time(s) + 60
+            ids = [
+                journal.try_claim(
+                    s,
+                    {
+                        "path": f"/inbox/f{i}.jpeg",
+                        "filename": f"f{i}.jpeg",
+                        "size_bytes": 1000 + i,
+                        "mtime_ns": 1_700_000_000_000_000_000 + i,
+                        "sha256": f"{i:064x}",
+                        "status": Status.CLAIMED,
+                        "received_at": now,
+                        "claimed_at": now,
+                        "lease_holder": "bench",
+                        "lease_token": 0,
+                        "lease_expires_at": expires,
+                    },
+                )
+                for i in range(start, start + batch)
+            ]
         t1 = time.perf_counter()
         with sessions.begin() as s:
-            held = dbm.still_held(s, dict.fromkeys(ids, 0), "bench")
-            dbm.first_ok_by_sha(s, [f"{i:064x}" for i in range(start, start + batch)])
-            dbm.update_rows(s, [{"id": r, "status": OK, "probability": 0.5, "logit": 0.0, "flagged": False, "processed_at": now,
-                                 "worker_id": "bench", "moved_to": f"/out/processed/{r}.jpeg"} for r in held])  # fmt: skip
+            held = journal.still_held(s, dict.fromkeys(ids, 0), "bench")
+            journal.first_ok_by_sha(s, [f"{i:064x}" for i in range(start, start + batch)])
+            journal.update_rows(
+                s,
+                [
+                    {
+                        "id": r,
+                        "status": Status.OK,
+                        "probability": 0.5,
+                        "logit": 0.0,
+                        "flagged": False,
+                        "processed_at": now,
+                        "worker_id": "bench",
+                        "moved_to": f"/out/processed/{r}.jpeg",
+                    }
+                    for r in held
+                ],
+            )
         t2 = time.perf_counter()
         with sessions.begin() as s:
-            held = dbm.still_held(s, dict.fromkeys(ids, 0), "bench")
-            dbm.update_rows(s, [{"id": r, "moved_at": dt.datetime.now()} for r in held])
+            held = journal.still_held(s, dict.fromkeys(ids, 0), "bench")
+            journal.update_rows(s, [{"id": r, "moved_at": dt.datetime.now()} for r in held])
         t3 = time.perf_counter()
         t["claim"] += t1 - t0
         t["commit"] += t2 - t1
@@ -146,8 +195,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=600, help="files in the burst")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3], help="PostgreSQL worker counts")
-    ap.add_argument("--pg", default=os.environ.get("XR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
-                    help="a PostgreSQL server's URL (its maintenance database): fresh databases are made there and dropped")
+    ap.add_argument(
+        "--pg",
+        default=os.environ.get("XR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL server's URL (its maintenance database): fresh databases are made there and dropped",
+    )
     ap.add_argument("--model", type=Path, help="checkpoint (default: models/xr_mvp_best.pt)")
     ap.add_argument("--journal-files", type=int, default=2000, help="files of the in-process journal measurement")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any daemon config override")
@@ -164,14 +216,19 @@ def main() -> int:
         print("\njournal cost per file, in-process, batches of 8 (claim + commit + move record):")
         for name, db in (("sqlite", str(work / "journal.sqlite")), ("postgresql", pg.new())):
             c = journal_cost(db, args.journal_files, 8)
-            print(f"  {name:<11} claim {c['claim']:.2f} ms, commit {c['commit']:.2f} ms, move {c['move']:.2f} ms: "
-                  f"{c['total']:.2f} ms/file")  # fmt: skip
+            print(
+                f"  {name:<11} claim {c['claim']:.2f} ms, commit {c['commit']:.2f} ms, move {c['move']:.2f} ms: "
+                f"{c['total']:.2f} ms/file"
+            )
         print("\nend to end (files/s until every file has its row and is moved; CPU ms/file of all workers):")
         setups = [("sqlite", 1, str(work / "results.sqlite"))] + [("postgresql", k, None) for k in args.workers]
         for name, k, db in setups:
             r = run_burst(files, ckpt, db or pg.new(), k, work / f"{name}-{k}", extra)
-            print(f"  {name:<11} {k} worker(s): {r['files_s']:6.1f} files/s, {r['cpu_ms']:6.1f} CPU ms/file, "
-                  f"files per worker {dict(sorted(r['per_worker'].items()))}", flush=True)  # fmt: skip
+            print(
+                f"  {name:<11} {k} worker(s): {r['files_s']:6.1f} files/s, {r['cpu_ms']:6.1f} CPU ms/file, "
+                f"files per worker {dict(sorted(r['per_worker'].items()))}",
+                flush=True,
+            )
     finally:
         pg.drop_all()
         shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,7 @@ largest probability difference between the two commands' scores of the same film
 
     python scripts/bench_score.py --count 2000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import FIXTURE_FULLRES, SHARED_FULLRES, ensure_model, make_images, raw_forward_rate  # noqa: E402
+from bench_daemon import FIXTURE_FULLRES, SHARED_FULLRES, ensure_model, make_images, raw_forward_rate
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
@@ -57,27 +58,62 @@ def main() -> int:
         device = resolve_device(args.device)
         plan = plan_run(load_settings().daemon, device.type, bf16=device.type == "cpu" and use_bf16(device))
         print(f"model: {note}\nfilms: {len(films)} distinct full-resolution JPEGs from {src}; {usable_cpus()} CPUs")
-        raw = max(raw_forward_rate(ckpt, plan.batch_size, 15, args.device, n, tuned, True)
-                  for n in sorted({1, usable_cpus()}) for tuned in (False, True))  # fmt: skip
+        raw = max(
+            raw_forward_rate(ckpt, plan.batch_size, 15, args.device, n, tuned, True)
+            for n in sorted({1, usable_cpus()})
+            for tuned in (False, True)
+        )
         print(f"raw model forward (batch {plan.batch_size}, best of the thread and malloc variants): {raw:.1f} films/s")
 
         inbox, out = work / "inbox", work / "daemon-out"
         inbox.mkdir()
         for f in films:
             (inbox / f.name).hardlink_to(f)
-        daemon = [sys.executable, "-m", "xr.daemon.cli", "--watch", str(inbox), "--output", str(out), "--model", str(ckpt),
-                  "--device", args.device, "--once", "--set", "daemon.heatmaps=none", "--set", "daemon.on_success=leave"]  # fmt: skip
+        daemon = [
+            sys.executable,
+            "-m",
+            "xr.daemon.cli",
+            "--watch",
+            str(inbox),
+            "--output",
+            str(out),
+            "--model",
+            str(ckpt),
+            "--device",
+            args.device,
+            "--once",
+            "--set",
+            "daemon.heatmaps=none",
+            "--set",
+            "daemon.on_success=leave",
+        ]
         d_wall, d_cpu = timed(daemon)
-        score = [sys.executable, "-m", "xr.score.cli", "--data", str(work / "films"), "--out", str(work / "scores"),
-                 "--model", str(ckpt), "--device", args.device, "--batch-size", str(args.batch_size)]  # fmt: skip
+        score = [
+            sys.executable,
+            "-m",
+            "xr.score.cli",
+            "--data",
+            str(work / "films"),
+            "--out",
+            str(work / "scores"),
+            "--model",
+            str(ckpt),
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
+        ]
         s_wall, s_cpu = timed(score)
 
         n = len(films)
         con = sqlite3.connect(out / "results.sqlite")
         daemon_p = dict(con.execute("select filename, probability from results where status = 'ok'"))
         con.close()
-        score_p = {Path(r["path"]).name: r["probability"] for p in sorted((work / "scores").glob("part-*.parquet"))
-                   for r in pq.read_table(p).to_pylist()}  # fmt: skip
+        score_p = {
+            Path(r["path"]).name: r["probability"]
+            for p in sorted((work / "scores").glob("part-*.parquet"))
+            for r in pq.read_table(p).to_pylist()
+        }
         assert len(daemon_p) == len(score_p) == n, (len(daemon_p), len(score_p))
         diff = max(abs(daemon_p[k] - score_p[k]) for k in daemon_p)
         print(f"\n{'':<18} {'films/s':>8} {'CPU s/film':>11} {'of raw':>7}")

@@ -6,6 +6,7 @@ feature-extraction images/s, and, with --full-cycle DIR, the wall time of a whol
     python scripts/bench_train.py                     # step rates
     python scripts/bench_train.py --full-cycle ../shared/data/chest_xray
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,12 @@ def main() -> None:
     rows = [
         ("full fine-tune, fp32 NCHW", 0, False, False),
         ("full fine-tune, fp32 channels_last", 0, True, False),
-        (f"stem + {cfg.train.freeze_stages} stages frozen, channels_last (default)", cfg.train.freeze_stages, True, False),
+        (
+            f"stem + {cfg.train.freeze_stages} stages frozen, channels_last (default)",
+            cfg.train.freeze_stages,
+            True,
+            False,
+        ),
     ]
     if cpu_has_fast_bf16():
         rows.append(("frozen stages, channels_last, bf16 autocast", cfg.train.freeze_stages, True, True))
@@ -86,7 +92,9 @@ def main() -> None:
     if args.full_cycle:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "xr.train.cli", "all", "--data", str(args.full_cycle), "--out", tmp], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "xr.train.cli", "all", "--data", str(args.full_cycle), "--out", tmp], check=True
+            )
             print(f"full `xr-train all` on {args.full_cycle}: {(time.perf_counter() - t0) / 60:.1f} min")
 
 

@@ -7,6 +7,7 @@ difference, how many pairs differ by more than 0.05, decision flips, and the wor
 field of the checkpoint's preprocessing preset for this run only (to see what a pipeline change does to the
 same weights); ``--draft`` overrides the JPEG draft size. Not a test: tests/test_shipped_model.py is.
 """
+
 from __future__ import annotations
 
 import argparse

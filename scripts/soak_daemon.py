@@ -10,6 +10,7 @@ status, in processed/ exactly once, in the CSVs exactly once and in id order, an
 `pragma integrity_check` must say ok. Prints one summary line (kills, files, rows, lost, doubled) and
 exits 1 if anything is off. tests/test_daemon_e2e.py runs a small version of it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,14 +77,37 @@ class Feeder(threading.Thread):
 
 def start(work: Path, model: Path, log_name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
     log = work / log_name
-    cmd = [*DAEMON, "--watch", str(work / "inbox"), "--output", str(work / "out"), "--model", str(model),
-           "--device", "cpu", "--stable-ms", "300", "--rescan-s", "1", "--set", "daemon.incomplete_grace_s=2", *extra]
+    cmd = [
+        *DAEMON,
+        "--watch",
+        str(work / "inbox"),
+        "--output",
+        str(work / "out"),
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--stable-ms",
+        "300",
+        "--rescan-s",
+        "1",
+        "--set",
+        "daemon.incomplete_grace_s=2",
+        *extra,
+    ]
     with open(log, "ab") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=fh), log
 
 
-def soak(work: Path, model: Path, files: int, kills: int, seed: int = 0, feed_seconds: float | None = None,
-         sources: list[Path] | None = None) -> dict:
+def soak(
+    work: Path,
+    model: Path,
+    files: int,
+    kills: int,
+    seed: int = 0,
+    feed_seconds: float | None = None,
+    sources: list[Path] | None = None,
+) -> dict:
     """Run the soak in ``work`` and return its accounting (``problems`` lists what is off, empty when none)."""
     rng = random.Random(seed)
     inbox = work / "inbox"
@@ -120,20 +144,29 @@ def account(work: Path, names: list[str], kills: int, final_rc: int, seconds: fl
     db = work / "out" / "results.sqlite"
     con = sqlite3.connect(db)
     con.row_factory = sqlite3.Row
-    rows = [dict(r) for r in con.execute("select id, filename, status, error, moved_to, latency_ms from results order by id")]
+    rows = [
+        dict(r)
+        for r in con.execute("select id, filename, status, error, moved_to, latency_ms from results order by id")
+    ]
     integrity = con.execute("pragma integrity_check").fetchone()[0]
     con.close()
     by_name: dict[str, int] = {}
     for r in rows:
         by_name[r["filename"]] = by_name.get(r["filename"], 0) + 1
     processed = sorted(p.name for p in (work / "out" / "processed").rglob("*") if p.is_file())
-    failed = sorted(p.name for p in (work / "out" / "failed").rglob("*") if p.is_file()) if (work / "out" / "failed").exists() else []
+    failed = (
+        sorted(p.name for p in (work / "out" / "failed").rglob("*") if p.is_file())
+        if (work / "out" / "failed").exists()
+        else []
+    )
     exported = []
     for f in sorted((work / "out" / "csv").glob("results-*.csv")):
         with open(f, newline="") as fh:
             exported += [int(r["id"]) for r in csv.DictReader(fh)]
     left = [p.name for p in (work / "inbox").iterdir() if not p.name.startswith(".")]
-    waited = {Path(e["file"]).name for log in work.glob("*.log") for e in _events(log) if e.get("event") == "file_incomplete"}
+    waited = {
+        Path(e["file"]).name for log in work.glob("*.log") for e in _events(log) if e.get("event") == "file_incomplete"
+    }
     waited_latency = [r["latency_ms"] for r in rows if r["filename"] in waited and r["latency_ms"] is not None]
     lost = sorted(set(names) - set(by_name))
     doubled = sorted(n for n, c in by_name.items() if c > 1)
@@ -148,21 +181,36 @@ def account(work: Path, names: list[str], kills: int, final_rc: int, seconds: fl
         problems.append(f"rows for files never dropped: {sorted(set(by_name) - set(names))[:5]}")
     not_final = [r["filename"] for r in rows if r["status"] not in ("ok", "duplicate")]
     if not_final:
-        problems.append(f"{len(not_final)} rows not ok/duplicate: {[(r['filename'], r['status'], r['error']) for r in rows if r['status'] not in ('ok', 'duplicate')][:5]}")
+        problems.append(
+            f"{len(not_final)} rows not ok/duplicate: {[(r['filename'], r['status'], r['error']) for r in rows if r['status'] not in ('ok', 'duplicate')][:5]}"
+        )
     if processed != sorted(names) or failed:
-        problems.append(f"processed/ holds {len(processed)} files for {len(names)} dropped (failed/: {len(failed)}); "
-                        f"extra {sorted(set(processed) - set(names))[:5]}")
+        problems.append(
+            f"processed/ holds {len(processed)} files for {len(names)} dropped (failed/: {len(failed)}); "
+            f"extra {sorted(set(processed) - set(names))[:5]}"
+        )
     if exported != [r["id"] for r in rows]:
-        problems.append(f"CSVs hold {len(exported)} rows, {len(set(exported))} distinct, for {len(rows)} in the database")
+        problems.append(
+            f"CSVs hold {len(exported)} rows, {len(set(exported))} distinct, for {len(rows)} in the database"
+        )
     if left:
         problems.append(f"{len(left)} files left in the inbox: {left[:5]}")
     if integrity != "ok":
         problems.append(f"integrity_check: {integrity}")
-    return {"kills": kills, "files": len(names), "rows": len(rows), "lost": len(lost), "doubled": len(doubled),
-            "duplicates": sum(r["status"] == "duplicate" for r in rows), "csv_rows": len(exported),
-            "integrity": integrity, "seconds": round(seconds, 1),
-            "read_cut_short": len(waited), "slowest_cut_short_s": round(max(waited_latency) / 1000, 1) if waited_latency else None,
-            "problems": problems}
+    return {
+        "kills": kills,
+        "files": len(names),
+        "rows": len(rows),
+        "lost": len(lost),
+        "doubled": len(doubled),
+        "duplicates": sum(r["status"] == "duplicate" for r in rows),
+        "csv_rows": len(exported),
+        "integrity": integrity,
+        "seconds": round(seconds, 1),
+        "read_cut_short": len(waited),
+        "slowest_cut_short_s": round(max(waited_latency) / 1000, 1) if waited_latency else None,
+        "problems": problems,
+    }
 
 
 def main() -> int:

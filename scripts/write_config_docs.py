@@ -3,6 +3,7 @@ the definitions in core/config.py. Run after changing a key; tests/test_config.p
 
     python scripts/write_config_docs.py
 """
+
 from __future__ import annotations
 
 import typing
@@ -95,7 +96,9 @@ def render_markdown() -> str:
             for key, info in model.model_fields.items():
                 meaning = info.description.replace("|", "\\|")
                 readers = ", ".join([cls.READERS, *filter(None, [model.ALSO_READ_BY.get(key)])])
-                out.append(f"| `{section}.{key}` | {meaning} | `{_yaml_value(info.default)}` | {_allowed(info)} | {readers} |")
+                out.append(
+                    f"| `{section}.{key}` | {meaning} | `{_yaml_value(info.default)}` | {_allowed(info)} | {readers} |"
+                )
     return "\n".join(out) + "\n"
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: the committed image fixtures, ../shared when present, a small real checkpoint,
 and an autouse guard that fails a test which leaves threads running."""
+
 from __future__ import annotations
 
 import json

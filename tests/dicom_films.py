@@ -2,6 +2,7 @@
 MONOCHROME1, 15 bits stored, with window values), shrunk 3x so tests stay quick, and re-encoded in each
 transfer syntax a CR/DX export uses; plus out-of-scope objects. Every file names a patient, so tests can
 check that the name never leaves the daemon."""
+
 from __future__ import annotations
 
 import io
@@ -14,11 +15,11 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
-    ExplicitVRLittleEndian,
     generate_uid,
 )
 
@@ -174,8 +175,13 @@ def out_of_scope(folder: Path, picture: Path) -> dict[str, Path]:
     two.NumberOfFrames = 2
     two.PixelData = np.stack([grey, 255 - grey]).astype(np.uint8).tobytes()
     colour = _minimal(np.stack([grey] * 3, axis=-1), 8)
-    return {"knee": knee, "sr": write(sr, folder / "sr.dcm"), "no_pixels": write(nopix, folder / "nopix.dcm"),
-            "two_frames": write(two, folder / "two_frames.dcm"), "colour": write(colour, folder / "colour.dcm")}
+    return {
+        "knee": knee,
+        "sr": write(sr, folder / "sr.dcm"),
+        "no_pixels": write(nopix, folder / "nopix.dcm"),
+        "two_frames": write(two, folder / "two_frames.dcm"),
+        "colour": write(colour, folder / "colour.dcm"),
+    }
 
 
 def cr_from_picture(picture: Path, **tags) -> Dataset:

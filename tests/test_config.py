@@ -1,5 +1,6 @@
 """core/config.py: the two files load, typos, misplaced keys and wrong types are rejected with the key
 named, overrides are type-checked, a saved recipe loads back identical, and the generated files are current."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,7 +72,10 @@ def test_docs_table_lists_every_key_with_default_range_and_reader():
         for section, info in cls.model_fields.items():
             for key in info.annotation.model_fields:
                 assert f"| `{section}.{key}` |" in text, f"{section}.{key} missing from docs/configuration.md"
-    assert "| `daemon.stable_ms` | a file written in place is ready once size and mtime are unchanged this long | `500` | integer >= 0 | xr-daemon |" in text
+    assert (
+        "| `daemon.stable_ms` | a file written in place is ready once size and mtime are unchanged this long | `500` | integer >= 0 | xr-daemon |"
+        in text
+    )
     assert "| `daemon.db` |" in text and "xr-daemon, xr-results |" in text
     assert "| `train.lr` | AdamW learning rate | `0.0003` | number > 0 | xr-train |" in text
 
@@ -95,7 +99,10 @@ def test_unknown_section_is_rejected_naming_it(tmp_path):
 def test_a_recipe_key_in_the_operators_config_says_where_it_belongs(tmp_path):
     """The daemon takes preprocessing from the checkpoint: an operator editing it must be told, not ignored."""
     data = yaml.safe_load(SETTINGS_PATH.read_text()) | {"preprocess": {"render_size": 112}}
-    with pytest.raises(ConfigError, match=r"config section preprocess belongs in recipe\.yaml, read by xr-train; config\.yaml holds sections daemon, dicom, csv"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config section preprocess belongs in recipe\.yaml, read by xr-train; config\.yaml holds sections daemon, dicom, csv",
+    ):
         load_settings(_write(tmp_path, data))
     with pytest.raises(ConfigError, match=r"config key preprocess\.render_size belongs in recipe\.yaml"):
         load_settings(overrides={"preprocess.render_size": 112})
@@ -132,7 +139,9 @@ def test_type_error_says_what_was_expected_and_what_came(tmp_path):
     with pytest.raises(ConfigError) as info:
         _load("train", "epochs", "12", tmp_path)
     assert str(info.value).startswith("train.epochs: Input should be a valid integer, got '12' (")
-    with pytest.raises(ConfigError, match=r"model\.arch: Input should be 'efficientnet_lite0' or 'efficientnet_b0', got 'resnet50'"):
+    with pytest.raises(
+        ConfigError, match=r"model\.arch: Input should be 'efficientnet_lite0' or 'efficientnet_b0', got 'resnet50'"
+    ):
         _load("model", "arch", "resnet50", tmp_path)
 
 
@@ -189,7 +198,9 @@ def test_numbers_outside_their_range_are_rejected(tmp_path, section, key, value,
 
 
 def test_cross_field_checks_name_the_key():
-    with pytest.raises(ConfigError, match=r"^augment\.rrc_scale must be \[low, high\] with low <= high, got \[1\.0, 0\.5\]$"):
+    with pytest.raises(
+        ConfigError, match=r"^augment\.rrc_scale must be \[low, high\] with low <= high, got \[1\.0, 0\.5\]$"
+    ):
         load_recipe(overrides={"augment.rrc_scale": [1.0, 0.5]})
     with pytest.raises(ConfigError, match=r"^augment\.rrc_scale low must be > 0"):
         load_recipe(overrides={"augment.rrc_scale": [0.0, 0.5]})

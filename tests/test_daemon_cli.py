@@ -1,15 +1,18 @@
 """daemon/cli.py and daemon/logging.py: options, overrides, config errors, log formats."""
+
 from __future__ import annotations
 
 import io
 import json
 
+from xr.core.logs import configure_logging
 from xr.daemon.cli import build_parser, main, parse_overrides
-from xr.daemon.logging import configure_logging
 
 
 def test_overrides_from_flags():
-    args = build_parser().parse_args(["--batch-size", "8", "--stable-ms", "100", "--set", "csv.rotation=rows", "--set", "daemon.max_pixels=1000"])
+    args = build_parser().parse_args(
+        ["--batch-size", "8", "--stable-ms", "100", "--set", "csv.rotation=rows", "--set", "daemon.max_pixels=1000"]
+    )
     ov = parse_overrides(args)
     assert ov["daemon.batch_size"] == 8 and ov["daemon.stable_ms"] == 100
     assert ov["csv.rotation"] == "rows" and ov["daemon.max_pixels"] == 1000

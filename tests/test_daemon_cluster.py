@@ -2,6 +2,7 @@
 
 Real processes against the real server ($XR_TEST_PG, default 127.0.0.1:5432; skipped where none answers):
 every file is scored once and moved once, whatever worker dies or freezes."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,19 @@ SESSION_ENDED = re.compile(r"IdleInTransactionSessionTimeout|server closed the c
 def _workers(tmp: Path, model: Path, pg_url: str, names: list[str]) -> dict:
     workers = {}
     for name in names:
-        workers[name] = start_daemon(tmp, model, "--db", pg_url, "--worker-id", name, "--batch-size", "8",
-                                     "--set", f"daemon.lease_s={LEASE_S}", log_name=f"{name}.log")  # fmt: skip
+        workers[name] = start_daemon(
+            tmp,
+            model,
+            "--db",
+            pg_url,
+            "--worker-id",
+            name,
+            "--batch-size",
+            "8",
+            "--set",
+            f"daemon.lease_s={LEASE_S}",
+            log_name=f"{name}.log",
+        )
     for proc, log in workers.values():
         wait_started(proc, log)
     return workers
@@ -100,8 +112,12 @@ def test_a_killed_workers_files_are_finished_by_the_others(tmp_path, pg_url, tin
         assert row["lease_holder"] in {"w2", "w3"} and row["lease_token"] > h["lease_token"]
         if h["status"] == "claimed":
             assert row["worker_id"] in {"w2", "w3"}  # scored by a survivor
-    taken = {e["id"] for w in ("w2", "w3") for e in log_events(workers[w][1])
-             if e["event"] == "lease_taken_over" and e["from_worker"] == "w1"}  # fmt: skip
+    taken = {
+        e["id"]
+        for w in ("w2", "w3")
+        for e in log_events(workers[w][1])
+        if e["event"] == "lease_taken_over" and e["from_worker"] == "w1"
+    }
     assert {h["id"] for h in held} <= taken
 
 
@@ -119,9 +135,15 @@ def test_a_worker_presumed_dead_that_comes_back_writes_nothing_twice(tmp_path, p
         # It finds its rows taken or its files gone, or (frozen inside a transaction) its session ended by
         # the server: exit 1.
         noticed = {"lease_lost", "claim_dropped"}
-        wait_for(lambda: w1.poll() is not None or noticed & {e["event"] for e in log_events(log1)}
-                 or any(e["event"] == "move_recorded" for e in log_events(workers["w2"][1])), 120,
-                 what="w1 to notice it lost its leases")  # fmt: skip
+        wait_for(
+            lambda: (
+                w1.poll() is not None
+                or noticed & {e["event"] for e in log_events(log1)}
+                or any(e["event"] == "move_recorded" for e in log_events(workers["w2"][1]))
+            ),
+            120,
+            what="w1 to notice it lost its leases",
+        )
         names += _drop_burst(inbox, xray_paths, 80, 20)  # the cluster goes on
         wait_for(lambda: _all_done(eng, inbox, len(names)), 300, w2, "the second burst")
         rows = _check_exactly_once(tmp_path, eng, names)
@@ -149,7 +171,7 @@ def test_xr_results_and_the_review_app_read_postgresql(tmp_path, pg_url, tiny_ch
 
     from fastapi.testclient import TestClient
 
-    from xr.daemon.db import make_engine
+    from xr.results.engine import make_engine
     from xr.review.app import create_app
 
     inbox = tmp_path / "inbox"
@@ -157,8 +179,12 @@ def test_xr_results_and_the_review_app_read_postgresql(tmp_path, pg_url, tiny_ch
     _drop_burst(inbox, xray_paths, 0, 6)
     proc, log = start_daemon(tmp_path, tiny_checkpoint, "--db", pg_url, "--once", "--set", "daemon.heatmaps=none")
     assert proc.wait(300) == 0, log.read_text()[-3000:]
-    out = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--db", pg_url, "list", "--format", "json"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "xr.results.cli", "--db", pg_url, "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     listed = json.loads(out)
     assert len(listed) == 6 and all(r["worker_id"] for r in listed)
     eng = make_engine(pg_url, create=False)
@@ -171,6 +197,12 @@ def test_xr_results_and_the_review_app_read_postgresql(tmp_path, pg_url, tiny_ch
             assert posted.status_code in (200, 303)
     finally:
         eng.dispose()
-    out = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--db", pg_url, "reviews", "--format", "json"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert [(r["result_id"], r["decision"], r["note"]) for r in json.loads(out)] == [(listed[0]["id"], "dismiss", "on pg")]
+    out = subprocess.run(
+        [sys.executable, "-m", "xr.results.cli", "--db", pg_url, "reviews", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert [(r["result_id"], r["decision"], r["note"]) for r in json.loads(out)] == [
+        (listed[0]["id"], "dismiss", "on pg")
+    ]

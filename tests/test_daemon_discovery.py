@@ -1,4 +1,5 @@
 """daemon/discovery.py: names, readiness by stable size/mtime, moved-in files, rescans, back-pressure."""
+
 from __future__ import annotations
 
 import os
@@ -50,10 +51,12 @@ def test_old_file_ready_at_once_fresh_file_waits(tmp_path):
     q = queue.Queue(maxsize=10)
     d, clock = _disc(tmp_path, q, stable_ms=500)
     assert d.scan() == 2
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     assert [os.path.basename(i.path) for i in _drain(q)] == ["old.png"]
     clock.t += 0.6
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     items = _drain(q)
     assert [os.path.basename(i.path) for i in items] == ["fresh.png"] and items[0].size == 1
     assert d.scan() == 0  # handed files are not noted again
@@ -72,10 +75,12 @@ def test_growing_file_is_not_ready_until_stable(tmp_path):
         with open(f, "ab") as fh:
             fh.write(b"b")
         os.utime(f, ns=(time.time_ns(), time.time_ns() + i + 1))  # a new mtime, whatever the fs resolution
-        d._check_pending(); d._push_ready()  # noqa: E702
+        d._check_pending()
+        d._push_ready()
         assert q.empty()
     clock.t += 0.31
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     assert _drain(q)[0].size == 6
 
 
@@ -85,7 +90,8 @@ def test_moved_in_file_is_ready_at_once(tmp_path):
     (tmp_path / ".x.png.part").write_bytes(b"data")
     os.rename(tmp_path / ".x.png.part", tmp_path / "x.png")
     d.note(str(tmp_path / "x.png"), moved=True)
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     assert len(_drain(q)) == 1
 
 
@@ -112,7 +118,8 @@ def test_back_pressure_keeps_names_only(tmp_path):
     q = queue.Queue(maxsize=4)
     d, _ = _disc(tmp_path, q)
     d.scan()
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     assert q.qsize() == 4 and d.outstanding() == 20
     _drain(q)
     d._push_ready()
@@ -141,7 +148,8 @@ def test_a_file_released_before_put_returns_is_not_left_outstanding(tmp_path):
     d, _ = _disc(tmp_path, _ReleasingQueue(ref))
     ref[0] = d
     d.scan()
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     assert d.outstanding() == 0 and d.stats.handed == 2
 
 
@@ -216,17 +224,20 @@ def test_a_deferred_file_comes_back_final_after_its_grace_period_unless_it_chang
     q = queue.Queue(maxsize=10)
     d, clock = _disc(tmp_path, q, stable_ms=300)
     d.scan()
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     item = _drain(q)[0]
     assert not item.final and item.changed_mono < clock.t  # an old file: its last change lies in the past
     d.defer(item, until=clock.t + 5)
     assert d.outstanding() == 1 and d.deferred() == 1
     assert d.scan() == 0  # not picked up again by a scan while it waits
     clock.t += 4.9
-    d._check_deferred(); d._push_ready()  # noqa: E702
+    d._check_deferred()
+    d._push_ready()
     assert q.empty()
     clock.t += 0.2
-    d._check_deferred(); d._push_ready()  # noqa: E702
+    d._check_deferred()
+    d._push_ready()
     again = _drain(q)
     assert [i.path for i in again] == [str(f)] and again[0].final and d.deferred() == 0
 
@@ -238,16 +249,20 @@ def test_a_deferred_file_that_grows_waits_to_be_stable_as_a_new_file(tmp_path):
     d, clock = _disc(tmp_path, q, stable_ms=300)
     d.scan()
     clock.t += 0.4
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     item = _drain(q)[0]
     d.defer(item, until=clock.t + 60)
     with open(f, "ab") as fh:  # the writer goes on
         fh.write(b"\r\n\x1a\nmore")
     os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
-    d._check_deferred(); d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_deferred()
+    d._check_pending()
+    d._push_ready()
     assert q.empty() and d.deferred() == 0 and d.outstanding() == 1  # pending again, waiting to settle
     clock.t += 0.31
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     grown = _drain(q)[0]
     assert grown.size == 12 and not grown.final and grown.changed_mono > item.changed_mono
 
@@ -259,7 +274,8 @@ def test_a_deferred_file_that_vanishes_is_dropped(tmp_path):
     d, clock = _disc(tmp_path, q)
     os.utime(f, (1, 1))
     d.scan()
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     d.defer(_drain(q)[0], until=clock.t + 60)
     f.unlink()
     d._check_deferred()
@@ -282,7 +298,9 @@ def test_names_the_daemon_does_not_read_are_reported_once_and_left(tmp_path):
     d.note(str(tmp_path / "study.tiff"))  # a file event for it too
     reported = {Path(kw["file"]).name: kw["reason"] for event, kw in log.events if event == "file_ignored"}
     assert len(log.events) == 3 and set(reported) == {"study.tiff", "notes.txt", "noext"}
-    assert reported["study.tiff"].startswith("extension .tiff is not read (the daemon reads .png, .jpg, .jpeg, .dcm, .dicom")
+    assert reported["study.tiff"].startswith(
+        "extension .tiff is not read (the daemon reads .png, .jpg, .jpeg, .dcm, .dicom"
+    )
     assert reported["noext"].startswith("no extension is not read")
     assert (tmp_path / "study.tiff").exists() and d.outstanding() == 0
     (tmp_path / "study.tiff").unlink()
@@ -300,6 +318,7 @@ def test_extensionless_dicom_files_are_found_by_their_dicm_marker(tmp_path):
     log = _Log()
     d = Discovery(tmp_path, q, watch=False, log=log)
     assert d.scan() == 1
-    d._check_pending(); d._push_ready()  # noqa: E702
+    d._check_pending()
+    d._push_ready()
     assert [Path(i.path).name for i in _drain(q)] == ["IM000001"]
     assert [Path(kw["file"]).name for _, kw in log.events] == ["README"]

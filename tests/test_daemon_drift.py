@@ -1,11 +1,12 @@
 """daemon/drift.py: the drift watch warns on a shifted stream and stays quiet on one like the reference."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from xr.core.calibration import reference
-from xr.daemon.drift import MIN_ROWS, drift, psi
+from xr.results.drift import MIN_ROWS, drift, psi
 
 
 def _site_scores(rng, n, positives=0.6):

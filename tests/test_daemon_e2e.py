@@ -1,4 +1,5 @@
 """End-to-end: the real ``xr-daemon`` process on a temporary inbox; checks the DB, the CSVs and the folders."""
+
 from __future__ import annotations
 
 import csv
@@ -30,9 +31,23 @@ DAEMON = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "xr.daem
 def start_daemon(tmp: Path, model: Path, *extra: str, log_name: str = "daemon.log") -> tuple[subprocess.Popen, Path]:
     log = tmp / log_name
     cmd = [
-        *DAEMON, "--watch", str(tmp / "inbox"), "--output", str(tmp / "out"), "--model", str(model),
-        "--stable-ms", "300", "--rescan-s", "0.5", "--max-wait-ms", "50", "--device", "cpu", *extra,
-    ]  # fmt: skip
+        *DAEMON,
+        "--watch",
+        str(tmp / "inbox"),
+        "--output",
+        str(tmp / "out"),
+        "--model",
+        str(model),
+        "--stable-ms",
+        "300",
+        "--rescan-s",
+        "0.5",
+        "--max-wait-ms",
+        "50",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     fh = open(log, "ab")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, cwd=tmp)
     fh.close()
@@ -205,9 +220,11 @@ def test_once_good_16bit_bad_inputs_duplicates(tmp_path, tiny_checkpoint, xray_p
 
     # xr-results reads the same database
     res = subprocess.run(
-        [sys.executable, "-m", "xr.daemon.results_cli", "--output", str(out), "stats", "--format", "json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "xr.results.cli", "--output", str(out), "stats", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     st = json.loads(res.stdout)
     assert st["by_status"] == {"claimed": 0, "ok": 5, "error": 5, "duplicate": 2, "skipped": 0}
     assert st["total"] == 12 and st["latency_ms_p50"] is not None
@@ -244,7 +261,12 @@ def test_watch_slow_writer_moves_and_sigterm(tmp_path, tiny_checkpoint, xray_pat
 
         # a name collision in processed/ never overwrites: same name, new content
         drop(xray_paths[7].read_bytes(), inbox, "moved-0.jpeg")
-        wait_for(lambda: len(db_rows(tmp_path)) == 8 and (tmp_path / "out/processed/moved-0-1.jpeg").exists(), 60, proc, "collision")
+        wait_for(
+            lambda: len(db_rows(tmp_path)) == 8 and (tmp_path / "out/processed/moved-0-1.jpeg").exists(),
+            60,
+            proc,
+            "collision",
+        )
         assert (tmp_path / "out/processed/moved-0.jpeg").read_bytes() == xray_paths[0].read_bytes()
         assert (tmp_path / "out/processed/moved-0-1.jpeg").read_bytes() == xray_paths[7].read_bytes()
 
@@ -386,12 +408,16 @@ def test_writers_that_pause_mid_file_end_as_one_ok_row_each(tmp_path, tiny_check
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     proc, log = start_daemon(tmp_path, tiny_checkpoint, "--set", "daemon.heartbeat_s=0.5")  # stable_ms 300
-    payloads = {f"paused-{k}x.jpeg": fullres_paths[i % len(fullres_paths)].read_bytes() + f"xr-tag-{k}".encode()
-                for i, k in enumerate((2, 5, 12))}  # fmt: skip
+    payloads = {
+        f"paused-{k}x.jpeg": fullres_paths[i % len(fullres_paths)].read_bytes() + f"xr-tag-{k}".encode()
+        for i, k in enumerate((2, 5, 12))
+    }
     try:
         wait_started(proc, log)
-        writers = [threading.Thread(target=_paused_write, args=(inbox / name, data, 0.3 * k), name=f"writer-{k}x")
-                   for (name, data), k in zip(payloads.items(), (2, 5, 12))]  # fmt: skip
+        writers = [
+            threading.Thread(target=_paused_write, args=(inbox / name, data, 0.3 * k), name=f"writer-{k}x")
+            for (name, data), k in zip(payloads.items(), (2, 5, 12))
+        ]
         for w in writers:
             w.start()
         for w in writers:
@@ -441,13 +467,21 @@ def test_kill9_during_the_grace_period_loses_nothing(tmp_path, tiny_checkpoint, 
     finished by its writer while the daemon is down (scored). One final row each, no claim left."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    full = {name: xray_paths[i].read_bytes() + f"xr-tag-{i}".encode() for i, name in enumerate(("stays-cut.jpeg", "finished.jpeg"))}
+    full = {
+        name: xray_paths[i].read_bytes() + f"xr-tag-{i}".encode()
+        for i, name in enumerate(("stays-cut.jpeg", "finished.jpeg"))
+    }
     proc, log = start_daemon(tmp_path, tiny_checkpoint, "--set", "daemon.incomplete_grace_s=5")
     try:
         wait_started(proc, log)
         for name, data in full.items():
             (inbox / name).write_bytes(data[:3000])
-        wait_for(lambda: len({e["file"] for e in log_events(log) if e["event"] == "file_incomplete"}) == 2, 60, proc, "two waits")
+        wait_for(
+            lambda: len({e["file"] for e in log_events(log) if e["event"] == "file_incomplete"}) == 2,
+            60,
+            proc,
+            "two waits",
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -455,7 +489,9 @@ def test_kill9_during_the_grace_period_loses_nothing(tmp_path, tiny_checkpoint, 
     assert not [r for r in db_rows(tmp_path) if r["status"] != "claimed"]
     with open(inbox / "finished.jpeg", "ab") as f:  # the writer goes on while the daemon is down
         f.write(full["finished.jpeg"][3000:])
-    proc, log = start_daemon(tmp_path, tiny_checkpoint, "--once", "--set", "daemon.incomplete_grace_s=5", log_name="restart.log")
+    proc, log = start_daemon(
+        tmp_path, tiny_checkpoint, "--once", "--set", "daemon.incomplete_grace_s=5", log_name="restart.log"
+    )
     try:
         assert proc.wait(300) == 0, log.read_text()[-3000:]
     finally:
@@ -465,7 +501,9 @@ def test_kill9_during_the_grace_period_loses_nothing(tmp_path, tiny_checkpoint, 
     assert rows["finished.jpeg"]["status"] == "ok"
     assert rows["finished.jpeg"]["sha256"] == hashlib.sha256(full["finished.jpeg"]).hexdigest()
     assert rows["stays-cut.jpeg"]["status"] == "error" and "truncated" in rows["stays-cut.jpeg"]["error"]
-    assert (tmp_path / "out" / "failed" / "stays-cut.jpeg").exists() and (tmp_path / "out" / "processed" / "finished.jpeg").exists()
+    assert (tmp_path / "out" / "failed" / "stays-cut.jpeg").exists() and (
+        tmp_path / "out" / "processed" / "finished.jpeg"
+    ).exists()
     assert [int(r["id"]) for r in csv_rows(tmp_path)] == [r["id"] for r in db_rows(tmp_path)]
 
 
@@ -482,7 +520,9 @@ def test_a_duplicate_of_a_flagged_film_is_flagged_everywhere(tmp_path, tiny_mode
         drop(xray_paths[5].read_bytes(), inbox, "first.jpeg")
         wait_for(lambda: [r for r in db_rows(tmp_path) if r["status"] == "ok"], 60, proc, "the first row")
         drop(xray_paths[5].read_bytes(), inbox, "re-export.jpeg")  # the same film under another name
-        wait_for(lambda: len([r for r in db_rows(tmp_path) if r["status"] == "duplicate"]) == 1, 60, proc, "the duplicate")
+        wait_for(
+            lambda: len([r for r in db_rows(tmp_path) if r["status"] == "duplicate"]) == 1, 60, proc, "the duplicate"
+        )
         wait_for(lambda: len(csv_rows(tmp_path, "flagged.csv")) == 2, 30, proc, "flagged.csv")
         wait_for(lambda: all(r["heatmap_path"] for r in db_rows(tmp_path)), 120, proc, "the heatmaps")
     finally:
@@ -492,14 +532,22 @@ def test_a_duplicate_of_a_flagged_film_is_flagged_everywhere(tmp_path, tiny_mode
     assert [r["filename"] for r in csv_rows(tmp_path, "flagged.csv")] == ["first.jpeg", "re-export.jpeg"]
     flagged = [e for e in log_events(log) if e["event"] == "flagged"]
     assert [(Path(e["file"]).name, e["level"], e.get("duplicate_of")) for e in flagged] == [
-        ("first.jpeg", "warning", None), ("re-export.jpeg", "warning", first["id"])]
-    res = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--output", str(tmp_path / "out"), "--flagged",
-                          "--format", "json"], capture_output=True, text=True, check=True)  # fmt: skip
+        ("first.jpeg", "warning", None),
+        ("re-export.jpeg", "warning", first["id"]),
+    ]
+    res = subprocess.run(
+        [sys.executable, "-m", "xr.results.cli", "--output", str(tmp_path / "out"), "--flagged", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert [r["filename"] for r in json.loads(res.stdout)] == ["first.jpeg", "re-export.jpeg"]
     # heatmaps: drawn off the scoring path for the flagged film; its re-export shares it
     first, dup = db_rows(tmp_path)
     assert first["heatmap_path"] == str(tmp_path / "out" / "heatmaps" / f"{first['id']}.png") == dup["heatmap_path"]
-    assert Path(first["heatmap_path"]).is_file() and (tmp_path / "out" / "heatmaps" / f"{first['id']}.map.png").is_file()
+    assert (
+        Path(first["heatmap_path"]).is_file() and (tmp_path / "out" / "heatmaps" / f"{first['id']}.map.png").is_file()
+    )
     assert any(e["event"] == "heatmap" and e["id"] == first["id"] for e in log_events(log))
 
 
@@ -507,10 +555,14 @@ def test_soak_kill9_at_random_moments_of_a_burst(tmp_path, tiny_checkpoint):
     """scripts/soak_daemon.py, small: 3 kills over 100 files (the benchmark runs 10 over 1,000)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("soak_daemon", Path(__file__).parent.parent / "scripts" / "soak_daemon.py")
+    spec = importlib.util.spec_from_file_location(
+        "soak_daemon", Path(__file__).parent.parent / "scripts" / "soak_daemon.py"
+    )
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
-    result = soak.soak(tmp_path / "soak", tiny_checkpoint, files=100, kills=3, seed=int(os.environ.get("XR_KILL_SEED", "4")))
+    result = soak.soak(
+        tmp_path / "soak", tiny_checkpoint, files=100, kills=3, seed=int(os.environ.get("XR_KILL_SEED", "4"))
+    )
     assert result["problems"] == [], result
     assert result["kills"] == 3 and result["rows"] == result["files"] == 100 and result["integrity"] == "ok"
 
@@ -566,12 +618,22 @@ def test_a_new_calibration_or_model_is_picked_up_between_batches(tmp_path, tiny_
         drop_films(3)
     finally:
         stop(proc)
-    rows = sorted(_ids(tmp_path))  # by file name: f00-f03, then f04-f09 after the new calibration, f10-f12 after the model
+    rows = sorted(
+        _ids(tmp_path)
+    )  # by file name: f00-f03, then f04-f09 after the new calibration, f10-f12 after the model
     assert [r[0] for r in rows] == [f"f{i:02d}.jpeg" for i in range(13)]  # each file once
     cal_ids = [r[1] for r in rows]
     assert len(set(cal_ids[:4])) == 1 and len(set(cal_ids[4:10])) == 1 and len(set(cal_ids[10:])) == 1
-    assert cal_ids[0].startswith("validation-") and cal_ids[4].startswith("site-") and cal_ids[0] != cal_ids[4] != cal_ids[10]
-    assert {r[2] for r in rows[:4]} == {0.5} and {r[2] for r in rows[4:10]} == {0.001} and {r[2] for r in rows[10:]} == {0.6}
+    assert (
+        cal_ids[0].startswith("validation-")
+        and cal_ids[4].startswith("site-")
+        and cal_ids[0] != cal_ids[4] != cal_ids[10]
+    )
+    assert (
+        {r[2] for r in rows[:4]} == {0.5}
+        and {r[2] for r in rows[4:10]} == {0.001}
+        and {r[2] for r in rows[10:]} == {0.6}
+    )
     assert len({r[3] for r in rows[:10]}) == 1 and rows[10][3] != rows[0][3]  # the new weights have a new id
     assert all(r["flagged"] for r in db_rows(tmp_path) if r["filename"] in {f"f{i:02d}.jpeg" for i in range(4, 10)})
     con = sqlite3.connect(tmp_path / "out" / "results.sqlite")
@@ -586,7 +648,9 @@ def test_calibration_flag_scores_with_a_sites_file(tmp_path, tiny_checkpoint, xr
     from xr.core.calibration import Calibration
     from xr.core.model import file_sha256
 
-    site = Calibration(temperature=0.8, shift=-0.5, threshold=0.3, kind="site", model_sha256=file_sha256(tiny_checkpoint))
+    site = Calibration(
+        temperature=0.8, shift=-0.5, threshold=0.3, kind="site", model_sha256=file_sha256(tiny_checkpoint)
+    )
     site.write(tmp_path / "site.json")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -608,7 +672,9 @@ def test_calibration_flag_scores_with_a_sites_file(tmp_path, tiny_checkpoint, xr
     raw = torch.load(tiny_checkpoint, weights_only=True)
     raw["model"]["classifier.bias"] += 1.0
     torch.save(raw, other)
-    proc, log = start_daemon(tmp_path, other, "--once", "--calibration", str(tmp_path / "site.json"), log_name="other.log")
+    proc, log = start_daemon(
+        tmp_path, other, "--once", "--calibration", str(tmp_path / "site.json"), log_name="other.log"
+    )
     try:
         assert proc.wait(300) == 2
     finally:
@@ -623,16 +689,23 @@ def test_a_dicom_inbox_end_to_end(tmp_path, tiny_checkpoint, dicom_dir):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     put = {
-        "chest.dcm": dicom_dir["native"], "chest-j2k.dcm": dicom_dir["j2k"], "FILM.DICOM": dicom_dir["jpeg_lossless"],
-        "IMG00001": dicom_dir["jpegls"], "rg1.dcm": dicom_films.rg1("RG1_UNCI.dcm"),
+        "chest.dcm": dicom_dir["native"],
+        "chest-j2k.dcm": dicom_dir["j2k"],
+        "FILM.DICOM": dicom_dir["jpeg_lossless"],
+        "IMG00001": dicom_dir["jpegls"],
+        "rg1.dcm": dicom_films.rg1("RG1_UNCI.dcm"),
         "rg1-reexport.dcm": dicom_films.rg1("RG1_J2KI.dcm"),  # the same SOPInstanceUID in another syntax
-        "knee.dcm": dicom_dir["knee"], "report.dcm": dicom_dir["sr"], "nopixels.dcm": dicom_dir["no_pixels"],
-        "frames.dcm": dicom_dir["two_frames"], "colour.dcm": dicom_dir["colour"],
-    }  # fmt: skip
+        "knee.dcm": dicom_dir["knee"],
+        "report.dcm": dicom_dir["sr"],
+        "nopixels.dcm": dicom_dir["no_pixels"],
+        "frames.dcm": dicom_dir["two_frames"],
+        "colour.dcm": dicom_dir["colour"],
+    }
     for name, src in put.items():
         shutil.copy(src, inbox / name)
-    dicom_films.with_modality(dicom_films.PYDICOM_FILES / "JPGExtended.dcm", inbox / "jpeg12.dcm", Modality="CR",
-                              BodyPartExamined="CHEST")  # fmt: skip
+    dicom_films.with_modality(
+        dicom_films.PYDICOM_FILES / "JPGExtended.dcm", inbox / "jpeg12.dcm", Modality="CR", BodyPartExamined="CHEST"
+    )
     (inbox / "notadicom.dcm").write_text("no marker here\n" * 20)
     for p in inbox.iterdir():
         os.utime(p, (1, 1))  # long settled: an image without pixels is not waited for
@@ -650,14 +723,27 @@ def test_a_dicom_inbox_end_to_end(tmp_path, tiny_checkpoint, dicom_dir):
     assert (first["status"], dup["status"], dup["duplicate_of"]) == ("ok", "duplicate", first["id"])
     assert first["sha256"] != dup["sha256"] and first["sop_instance_uid"] == dup["sop_instance_uid"]
     skipped = {n: r["error"] for n, r in rows.items() if r["status"] == "skipped"}
-    assert skipped == {"knee.dcm": "BodyPartExamined KNEE: not one of CHEST", "report.dcm": "Modality SR: not one of CR, DX",
-                       "nopixels.dcm": "no pixel data"}  # fmt: skip
+    assert skipped == {
+        "knee.dcm": "BodyPartExamined KNEE: not one of CHEST",
+        "report.dcm": "Modality SR: not one of CR, DX",
+        "nopixels.dcm": "no pixel data",
+    }
     assert "decoder not installed" in rows["jpeg12.dcm"]["error"] and rows["jpeg12.dcm"]["status"] == "error"
     assert "not a DICOM file" in rows["notadicom.dcm"]["error"]
     chest = rows["chest.dcm"]
-    assert (chest["patient_id"], chest["accession_number"], chest["modality"], chest["body_part"], chest["view_position"]) == (
-        "PID-0001", "ACC-0001", "CR", "CHEST", "PA")
-    assert chest["study_instance_uid"] and chest["series_instance_uid"] and chest["sop_instance_uid"] and chest["study_date"]
+    assert (
+        chest["patient_id"],
+        chest["accession_number"],
+        chest["modality"],
+        chest["body_part"],
+        chest["view_position"],
+    ) == ("PID-0001", "ACC-0001", "CR", "CHEST", "PA")
+    assert (
+        chest["study_instance_uid"]
+        and chest["series_instance_uid"]
+        and chest["sop_instance_uid"]
+        and chest["study_date"]
+    )
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "skipped").iterdir()) == ["knee.dcm", "nopixels.dcm", "report.dcm"]
     assert sorted(p.name for p in (out / "failed").iterdir()) == ["jpeg12.dcm", "notadicom.dcm"]
@@ -666,11 +752,31 @@ def test_a_dicom_inbox_end_to_end(tmp_path, tiny_checkpoint, dicom_dir):
     assert by_name["chest.dcm"]["accession_number"] == "ACC-0001" and by_name["IMG00001"]["patient_id"] == "PID-0001"
     for text in [log.read_text(), *(p.read_text() for p in (out / "csv").glob("*.csv"))]:
         assert "Doe" not in text and "CompressedSamples" not in text  # no patient's name leaves the daemon
-    res = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--output", str(out), "--accession", "ACC-0001",
-                          "--format", "json"], capture_output=True, text=True, check=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "xr.results.cli", "--output", str(out), "--accession", "ACC-0001", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert {r["filename"] for r in json.loads(res.stdout)} == {"chest.dcm", "chest-j2k.dcm", "FILM.DICOM", "IMG00001"}
-    res = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--output", str(out), "--patient", "PID-0001",
-                          "--status", "ok", "--format", "json"], capture_output=True, text=True, check=True)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xr.results.cli",
+            "--output",
+            str(out),
+            "--patient",
+            "PID-0001",
+            "--status",
+            "ok",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert len(json.loads(res.stdout)) == 4
 
 
@@ -740,9 +846,26 @@ def test_metrics_health_and_systemd_notify(tmp_path, tiny_checkpoint, xray_paths
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
     log = tmp_path / "daemon.log"
     with open(log, "ab") as fh:
-        proc = subprocess.Popen([*DAEMON, "--watch", str(inbox), "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint),
-                                 "--device", "cpu", "--metrics-port", str(port), "--stable-ms", "300"],
-                                stdout=fh, stderr=fh, env=os.environ | env)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                *DAEMON,
+                "--watch",
+                str(inbox),
+                "--output",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+                "--metrics-port",
+                str(port),
+                "--stable-ms",
+                "300",
+            ],
+            stdout=fh,
+            stderr=fh,
+            env=os.environ | env,
+        )
     messages: list[str] = []
 
     def heard(word: str) -> bool:
@@ -773,7 +896,11 @@ def test_metrics_health_and_systemd_notify(tmp_path, tiny_checkpoint, xray_paths
         assert status == 200 and json.loads(body)["status"] == "ok", body
         status, text = get("/metrics")
         assert status == 200
-        metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
+        metrics = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
         assert metrics['xr_files_total{status="ok"}'] == 3 and metrics['xr_files_total{status="error"}'] == 1
         assert metrics["xr_batch_seconds_count"] >= 1 and metrics["xr_inbox_backlog"] == 0
         flagged_rows = sum(bool(r["flagged"]) for r in db_rows(tmp_path))
@@ -792,14 +919,18 @@ def test_metrics_health_and_systemd_notify(tmp_path, tiny_checkpoint, xray_paths
 def test_healthz_says_why_when_the_database_cannot_be_written(tmp_path, tiny_checkpoint):
     """In process: the health check answers 503 with the reason, not a stack trace."""
     from xr.core.config import load_settings
+    from xr.core.logs import configure_logging
     from xr.core.predict import Predictor
-    from xr.daemon.logging import configure_logging
     from xr.daemon.service import Service
 
     (tmp_path / "inbox").mkdir()
-    svc = Service(load_settings(overrides={"daemon.device": "cpu"}), watch=tmp_path / "inbox", output=tmp_path / "out",
-                  predictor=Predictor.from_checkpoint(tiny_checkpoint, device="cpu"),
-                  log=configure_logging("json", stream=open(os.devnull, "w")))  # fmt: skip
+    svc = Service(
+        load_settings(overrides={"daemon.device": "cpu"}),
+        watch=tmp_path / "inbox",
+        output=tmp_path / "out",
+        predictor=Predictor.from_checkpoint(tiny_checkpoint, device="cpu"),
+        log=configure_logging("json", stream=open(os.devnull, "w")),
+    )
     t = threading.Thread(target=svc.run, kwargs={"idle_timeout": 60}, name="svc")
     t.start()
     try:

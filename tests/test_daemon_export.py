@@ -1,4 +1,5 @@
 """daemon/export.py: CSVs follow the DB in id order, rotate, never hold a row twice, never a half row."""
+
 from __future__ import annotations
 
 import csv
@@ -7,22 +8,35 @@ import itertools
 
 from sqlalchemy import update
 
-from xr.daemon import db as dbm
-from xr.daemon.db import Result, make_engine, session_factory
-from xr.daemon.export import CsvExporter, atomic_append, last_id_in_csv
-
+from xr.results import engine, journal, schema
+from xr.results.engine import make_engine, session_factory
+from xr.results.export import CsvExporter, atomic_append, last_id_in_csv
+from xr.results.schema import Result, Status
 
 _FILES = itertools.count()  # each row its own inbox file, as the daemon's are
 
 
-def _add(sessions, n, status=dbm.OK, flagged=False, day=1):
+def _add(sessions, n, status=Status.OK, flagged=False, day=1):
     t = dt.datetime(2026, 1, day, 12)
     with sessions.begin() as s:
         for _ in range(n):
             i = next(_FILES)
-            s.add(Result(path=f"/in/{i}.png", filename=f"{i}.png", size_bytes=1, mtime_ns=i, sha256=f"{i}",
-                         status=status, received_at=t, claimed_at=t, processed_at=t if status != dbm.CLAIMED else None,
-                         flagged=flagged, probability=0.9 if flagged else 0.1, error="bad\nline" if status == dbm.ERROR else None))  # fmt: skip
+            s.add(
+                Result(
+                    path=f"/in/{i}.png",
+                    filename=f"{i}.png",
+                    size_bytes=1,
+                    mtime_ns=i,
+                    sha256=f"{i}",
+                    status=status,
+                    received_at=t,
+                    claimed_at=t,
+                    processed_at=t if status != Status.CLAIMED else None,
+                    flagged=flagged,
+                    probability=0.9 if flagged else 0.1,
+                    error="bad\nline" if status == Status.ERROR else None,
+                )
+            )
 
 
 def _ids(path):
@@ -33,7 +47,7 @@ def _ids(path):
 def _died_before_db_update(sessions, last_id):
     """The DB's export mark as a process left it that died after writing CSVs, before recording them."""
     with sessions.begin() as s:
-        dbm.set_meta(s, "last_exported_id", last_id)
+        engine.set_meta(s, "last_exported_id", last_id)
 
 
 def _setup(tmp_path):
@@ -45,9 +59,9 @@ def test_daily_rotation_flagged_and_newlines(tmp_path):
     eng, sessions = _setup(tmp_path)
     _add(sessions, 2, day=1)
     _add(sessions, 1, day=2, flagged=True)
-    _add(sessions, 1, status=dbm.ERROR, day=2)
-    _add(sessions, 1, status=dbm.DUPLICATE, day=2, flagged=True)  # the flagged film again, under another name
-    _add(sessions, 1, status=dbm.DUPLICATE, day=2)
+    _add(sessions, 1, status=Status.ERROR, day=2)
+    _add(sessions, 1, status=Status.DUPLICATE, day=2, flagged=True)  # the flagged film again, under another name
+    _add(sessions, 1, status=Status.DUPLICATE, day=2)
     ex = CsvExporter(tmp_path / "csv", sessions, "daily")
     assert ex.export() == 6
     assert _ids(tmp_path / "csv" / "results-2026-01-01.csv") == [1, 2]
@@ -76,13 +90,13 @@ def test_row_rotation_and_restart(tmp_path):
 def test_claimed_row_holds_back_later_rows(tmp_path):
     eng, sessions = _setup(tmp_path)
     _add(sessions, 1)
-    _add(sessions, 1, status=dbm.CLAIMED)
+    _add(sessions, 1, status=Status.CLAIMED)
     _add(sessions, 1)
     ex = CsvExporter(tmp_path / "csv", sessions, "daily")
     assert ex.export() == 1  # id 3 waits for id 2
     with sessions.begin() as s:
         r = s.get(Result, 2)
-        r.status, r.processed_at = dbm.OK, dt.datetime(2026, 1, 1, 12)
+        r.status, r.processed_at = Status.OK, dt.datetime(2026, 1, 1, 12)
     assert ex.export() == 2
     assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [1, 2, 3]
     eng.dispose()
@@ -101,7 +115,7 @@ def test_crash_after_csv_before_db_update_writes_nothing_twice(tmp_path):
 
 def _crash_on(monkeypatch, name):
     """atomic_append that dies (like kill -9) when it reaches the file called ``name``."""
-    import xr.daemon.export as export
+    import xr.results.export as export
 
     real = export.atomic_append
 
@@ -222,7 +236,7 @@ def test_an_exporter_that_lost_its_lock_after_checking_it_writes_nothing_twice(t
     assert first.export() == 0
     _add(sessions, 1, flagged=True)
     with sessions.begin() as s:  # one exporter in the middle of an update holds the mark ...
-        s.execute(select(dbm.Meta).where(dbm.Meta.key == "last_exported_id").with_for_update())
+        s.execute(select(schema.Meta).where(schema.Meta.key == "last_exported_id").with_for_update())
         assert second.export() == 0  # ... the other does not write meanwhile
     assert second.export() == 1 and first.export() == 0
     csv_dir = tmp_path / "csv"
@@ -240,14 +254,21 @@ def test_a_claim_in_flight_with_a_lower_id_holds_back_later_rows(tmp_path, pg_ur
     eng = make_engine(pg_url)
     sessions = session_factory(eng)
     now = dt.datetime(2026, 1, 1, 12)
-    row = {"filename": "x.png", "size_bytes": 1, "mtime_ns": 1, "status": dbm.CLAIMED, "received_at": now, "claimed_at": now}
+    row = {
+        "filename": "x.png",
+        "size_bytes": 1,
+        "mtime_ns": 1,
+        "status": Status.CLAIMED,
+        "received_at": now,
+        "claimed_at": now,
+    }
     slow = sessions()
-    dbm.claim_fence(slow)
-    low = dbm.try_claim(slow, {"path": "/in/slow.png", **row})  # worker A: claimed, not committed yet
+    journal.claim_fence(slow)
+    low = journal.try_claim(slow, {"path": "/in/slow.png", **row})  # worker A: claimed, not committed yet
     with sessions.begin() as s:  # worker B: a later id, committed and final
-        dbm.claim_fence(s)
-        high = dbm.try_claim(s, {"path": "/in/fast.png", **row})
-        s.execute(update(Result).where(Result.id == high).values(status=dbm.OK, processed_at=now))
+        journal.claim_fence(s)
+        high = journal.try_claim(s, {"path": "/in/fast.png", **row})
+        s.execute(update(Result).where(Result.id == high).values(status=Status.OK, processed_at=now))
     assert low < high
     ex = CsvExporter(tmp_path / "csv", sessions, "daily", elect=True)
     exported = []
@@ -259,7 +280,7 @@ def test_a_claim_in_flight_with_a_lower_id_holds_back_later_rows(tmp_path, pg_ur
     t.join(60)
     assert exported == [0]  # `high` waits for `low`, as on SQLite
     with sessions.begin() as s:
-        s.execute(update(Result).where(Result.id == low).values(status=dbm.OK, processed_at=now))
+        s.execute(update(Result).where(Result.id == low).values(status=Status.OK, processed_at=now))
     assert ex.export() == 2
     assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [low, high]
     ex.release()

@@ -1,4 +1,5 @@
 """daemon/leases.py: renewing this worker's leases, settling claims a stopped worker left."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -6,10 +7,12 @@ import types
 
 from sqlalchemy import select
 
-from xr.daemon import db as dbm
-from xr.daemon.db import Result, make_engine, session_factory
-from xr.daemon.leases import GONE, LeaseKeeper, settle_claim
+from xr.daemon.leases import LeaseKeeper
 from xr.daemon.pipeline import Context
+from xr.results import journal
+from xr.results.engine import make_engine, session_factory
+from xr.results.journal import GONE, settle_claim
+from xr.results.schema import Result, Status
 
 
 class _Log:
@@ -22,9 +25,21 @@ class _Log:
 
 def _claim(s, path, size, mtime, holder, expires):
     now = dt.datetime(2026, 1, 1)
-    return dbm.try_claim(s, {"path": str(path), "filename": path.name, "size_bytes": size, "mtime_ns": mtime,
-                             "status": dbm.CLAIMED, "received_at": now, "claimed_at": now, "lease_holder": holder,
-                             "lease_token": 0, "lease_expires_at": expires})  # fmt: skip
+    return journal.try_claim(
+        s,
+        {
+            "path": str(path),
+            "filename": path.name,
+            "size_bytes": size,
+            "mtime_ns": mtime,
+            "status": Status.CLAIMED,
+            "received_at": now,
+            "claimed_at": now,
+            "lease_holder": holder,
+            "lease_token": 0,
+            "lease_expires_at": expires,
+        },
+    )
 
 
 def test_claims_of_a_dead_worker_on_files_gone_or_changed_are_settled(tmp_path, any_db):
@@ -37,24 +52,34 @@ def test_claims_of_a_dead_worker_on_files_gone_or_changed_are_settled(tmp_path, 
     changed.write_bytes(b"y" * 20)
     st = there.stat()
     with sessions.begin() as s:
-        past = dbm.db_time(s) - 1000
+        past = journal.db_time(s) - 1000
         ids = {
             "there": _claim(s, there, st.st_size, st.st_mtime_ns, "dead", past),  # left to a takeover
             "changed": _claim(s, changed, 5, 1, "dead", past),  # written on since: the new bytes are new work
             "gone": _claim(s, inbox / "gone.png", 5, 1, "dead", past),  # left the inbox: an error row
-            "live": _claim(s, inbox / "live.png", 5, 1, "alive", dbm.db_time(s) + 1000),  # a live worker's
+            "live": _claim(s, inbox / "live.png", 5, 1, "alive", journal.db_time(s) + 1000),  # a live worker's
         }
     log = _Log()
-    ctx = Context(inbox=inbox, output=tmp_path / "out", sessions=sessions, predictor=None, exporter=None, log=log,
-                  discovery=types.SimpleNamespace(would_read=lambda p: True), worker_id="me", lease_s=5, exclusive=False)  # fmt: skip
+    ctx = Context(
+        inbox=inbox,
+        output=tmp_path / "out",
+        sessions=sessions,
+        predictor=None,
+        exporter=None,
+        log=log,
+        discovery=types.SimpleNamespace(would_read=lambda p: True),
+        worker_id="me",
+        lease_s=5,
+        exclusive=False,
+    )
     LeaseKeeper(ctx).sweep()
     with sessions() as s:
         rows = {r.id: r for r in s.scalars(select(Result))}
-    assert rows[ids["there"]].status == dbm.CLAIMED
+    assert rows[ids["there"]].status == Status.CLAIMED
     assert ids["changed"] not in rows
-    assert rows[ids["gone"]].status == dbm.ERROR and "left the inbox" in rows[ids["gone"]].error
+    assert rows[ids["gone"]].status == Status.ERROR and "left the inbox" in rows[ids["gone"]].error
     assert rows[ids["gone"]].moved_at is not None  # final: no later row waits for it in the CSVs
-    assert rows[ids["live"]].status == dbm.CLAIMED
+    assert rows[ids["live"]].status == Status.CLAIMED
     settled = sorted((kw["outcome"], kw["reason"]) for level, event, kw in log.events if event == "claim_settled")
     assert settled == [("gone", GONE), ("release", "the file changed since it was claimed")]
     eng.dispose()
@@ -72,12 +97,22 @@ def test_renewal_extends_only_this_workers_leases(tmp_path, any_db):
     with sessions.begin() as s:
         mine = _claim(s, tmp_path / "a.png", 1, 1, "me", 10.0)
         theirs = _claim(s, tmp_path / "b.png", 1, 1, "other", 10.0)
-    ctx = Context(inbox=tmp_path, output=tmp_path, sessions=sessions, predictor=None, exporter=None, log=_Log(),
-                  discovery=None, worker_id="me", lease_s=30, exclusive=False)  # fmt: skip
+    ctx = Context(
+        inbox=tmp_path,
+        output=tmp_path,
+        sessions=sessions,
+        predictor=None,
+        exporter=None,
+        log=_Log(),
+        discovery=None,
+        worker_id="me",
+        lease_s=30,
+        exclusive=False,
+    )
     keeper = LeaseKeeper(ctx)
     keeper.renew()
     with sessions() as s:
-        assert s.get(Result, mine).lease_expires_at > dbm.db_time(s) + 20
+        assert s.get(Result, mine).lease_expires_at > journal.db_time(s) + 20
         assert s.get(Result, theirs).lease_expires_at == 10.0
     assert keeper.renewals == 1
     eng.dispose()
@@ -90,12 +125,21 @@ def test_a_move_a_dead_worker_made_but_did_not_record_is_recorded(tmp_path, any_
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"x")  # moved out of the inbox, then the worker died
     with sessions.begin() as s:
-        rid = _claim(s, tmp_path / "inbox" / "a.png", 1, 1, "dead", dbm.db_time(s) - 1000)
-        s.get(Result, rid).status, s.get(Result, rid).moved_to = dbm.OK, str(dest)
+        rid = _claim(s, tmp_path / "inbox" / "a.png", 1, 1, "dead", journal.db_time(s) - 1000)
+        s.get(Result, rid).status, s.get(Result, rid).moved_to = Status.OK, str(dest)
     log = _Log()
-    ctx = Context(inbox=tmp_path / "inbox", output=tmp_path / "out", sessions=sessions, predictor=None, exporter=None,
-                  log=log, discovery=types.SimpleNamespace(would_read=lambda p: True), worker_id="me", lease_s=5,
-                  exclusive=False)  # fmt: skip
+    ctx = Context(
+        inbox=tmp_path / "inbox",
+        output=tmp_path / "out",
+        sessions=sessions,
+        predictor=None,
+        exporter=None,
+        log=log,
+        discovery=types.SimpleNamespace(would_read=lambda p: True),
+        worker_id="me",
+        lease_s=5,
+        exclusive=False,
+    )
     LeaseKeeper(ctx).sweep()
     with sessions() as s:
         row = s.get(Result, rid)

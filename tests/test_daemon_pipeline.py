@@ -1,4 +1,5 @@
 """daemon/pipeline.py: moving without overwriting, resuming a half-done move, destinations, CSV pacing."""
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,15 @@ def test_finisher_batches_csv_rewrites_under_a_stream(tmp_path):
 
     handled: list[str] = []
     exporter = Exporter()
-    ctx = Context(inbox=tmp_path, output=tmp_path, sessions=None, predictor=None, discovery=Discovery(),
-                  exporter=exporter, log=None)  # fmt: skip
+    ctx = Context(
+        inbox=tmp_path,
+        output=tmp_path,
+        sessions=None,
+        predictor=None,
+        discovery=Discovery(),
+        exporter=exporter,
+        log=None,
+    )
     q: queue.Queue = queue.Queue()
     for i in range(200):  # 200 finished batches waiting (files left in place: no move, no DB)
         q.put([Done(i, f"/in/{i}.png", (1, 1), None)])

@@ -1,4 +1,5 @@
 """daemon/results_cli.py: list filters, formats and stats on a synthetic database."""
+
 from __future__ import annotations
 
 import csv
@@ -8,9 +9,10 @@ import json
 
 import pytest
 
-from xr.daemon import db as dbm
-from xr.daemon.db import Result, make_engine, session_factory
-from xr.daemon.results_cli import main, parse_since, percentile
+from xr.results import schema
+from xr.results.cli import main, parse_since, percentile
+from xr.results.engine import make_engine, session_factory
+from xr.results.schema import Result, Status
 
 
 @pytest.fixture()
@@ -20,18 +22,53 @@ def out_dir(tmp_path):
     t0 = dt.datetime(2026, 1, 1, 12)
     with session_factory(eng).begin() as s:
         for i in range(10):
-            status = dbm.ERROR if i == 3 else dbm.DUPLICATE if i == 4 else dbm.OK
-            s.add(Result(path=f"/in/{i}.png", filename=f"{i}.png", size_bytes=1, mtime_ns=i, sha256=str(i),
-                         status=status, error="empty file (0 bytes)" if status == dbm.ERROR else None,
-                         received_at=t0 + dt.timedelta(seconds=i), claimed_at=t0,
-                         processed_at=t0 + dt.timedelta(seconds=i + 1), latency_ms=1000.0 + i,
-                         probability=0.9 if i % 2 else 0.1, flagged=bool(i % 2) if status != dbm.ERROR else None))  # fmt: skip
+            status = Status.ERROR if i == 3 else Status.DUPLICATE if i == 4 else Status.OK
+            s.add(
+                Result(
+                    path=f"/in/{i}.png",
+                    filename=f"{i}.png",
+                    size_bytes=1,
+                    mtime_ns=i,
+                    sha256=str(i),
+                    status=status,
+                    error="empty file (0 bytes)" if status == Status.ERROR else None,
+                    received_at=t0 + dt.timedelta(seconds=i),
+                    claimed_at=t0,
+                    processed_at=t0 + dt.timedelta(seconds=i + 1),
+                    latency_ms=1000.0 + i,
+                    probability=0.9 if i % 2 else 0.1,
+                    flagged=bool(i % 2) if status != Status.ERROR else None,
+                )
+            )
         # a flagged film dropped again under another name: flagged like its first result
-        s.add(Result(path="/in/d.png", filename="d.png", size_bytes=1, mtime_ns=1, sha256="1", status=dbm.DUPLICATE,
-                     duplicate_of=2, received_at=t0 + dt.timedelta(seconds=4), claimed_at=t0,
-                     processed_at=t0 + dt.timedelta(seconds=5), latency_ms=1004.5, probability=0.9, flagged=True))  # fmt: skip
-        s.add(Result(path="/in/c.png", filename="c.png", size_bytes=1, mtime_ns=1, status=dbm.CLAIMED,
-                     received_at=t0, claimed_at=t0))  # fmt: skip
+        s.add(
+            Result(
+                path="/in/d.png",
+                filename="d.png",
+                size_bytes=1,
+                mtime_ns=1,
+                sha256="1",
+                status=Status.DUPLICATE,
+                duplicate_of=2,
+                received_at=t0 + dt.timedelta(seconds=4),
+                claimed_at=t0,
+                processed_at=t0 + dt.timedelta(seconds=5),
+                latency_ms=1004.5,
+                probability=0.9,
+                flagged=True,
+            )
+        )
+        s.add(
+            Result(
+                path="/in/c.png",
+                filename="c.png",
+                size_bytes=1,
+                mtime_ns=1,
+                status=Status.CLAIMED,
+                received_at=t0,
+                claimed_at=t0,
+            )
+        )
     eng.dispose()
     return out
 
@@ -77,7 +114,9 @@ def test_missing_db_and_helpers(tmp_path, capsys):
 
 
 def test_since_includes_claimed_rows_received_in_the_window_and_limit_must_be_positive(out_dir, capsys):
-    rc, text = run("--output", str(out_dir), "--status", "claimed", "--since", "2026-01-01T11:00:00Z", "--format", "json")
+    rc, text = run(
+        "--output", str(out_dir), "--status", "claimed", "--since", "2026-01-01T11:00:00Z", "--format", "json"
+    )
     assert rc == 0 and [r["filename"] for r in json.loads(text)] == ["c.png"]  # as `stats --since` counts it
     for bad in ("0", "-3", "x"):
         with pytest.raises(SystemExit):
@@ -110,8 +149,21 @@ def test_table_shows_a_whole_sha256_and_marks_what_it_cuts(tmp_path):
     path = "/inbox/" + "deep/" * 20 + "film.png"
     t0 = dt.datetime(2026, 1, 1, 12)
     with session_factory(eng).begin() as s:
-        s.add(Result(path=path, filename="film.png", size_bytes=1, mtime_ns=1, sha256=sha, status=dbm.OK,
-                     received_at=t0, claimed_at=t0, processed_at=t0, probability=0.5, flagged=True))  # fmt: skip
+        s.add(
+            Result(
+                path=path,
+                filename="film.png",
+                size_bytes=1,
+                mtime_ns=1,
+                sha256=sha,
+                status=Status.OK,
+                received_at=t0,
+                claimed_at=t0,
+                processed_at=t0,
+                probability=0.5,
+                flagged=True,
+            )
+        )
     eng.dispose()
     rc, text = run("--output", str(out), "--all-columns")
     assert rc == 0 and sha in text.split()
@@ -135,16 +187,46 @@ def test_stats_watch_drift_per_calibration(tmp_path, capsys):
     t0 = dt.datetime(2026, 1, 1, 12)
     with session_factory(eng).begin() as s:
         for cid in ("validation-aaaaaaaaaaaa", "site-bbbbbbbbbbbb"):
-            s.add(dbm.CalibrationRecord(id=cid, model_id="m", kind=cid.split("-")[0], path=None, temperature=1.0, shift=0.0,
-                                        threshold=0.5, reference=json.dumps(reference(scores(700), 0.5)), first_used_at=t0))
-        rows = [("validation-aaaaaaaaaaaa", p) for p in scores(300)] + [("site-bbbbbbbbbbbb", p) for p in scores(300, 0.3)]
+            s.add(
+                schema.CalibrationRecord(
+                    id=cid,
+                    model_id="m",
+                    kind=cid.split("-")[0],
+                    path=None,
+                    temperature=1.0,
+                    shift=0.0,
+                    threshold=0.5,
+                    reference=json.dumps(reference(scores(700), 0.5)),
+                    first_used_at=t0,
+                )
+            )
+        rows = [("validation-aaaaaaaaaaaa", p) for p in scores(300)] + [
+            ("site-bbbbbbbbbbbb", p) for p in scores(300, 0.3)
+        ]
         for i, (cid, p) in enumerate(rows):
-            s.add(Result(path=f"/in/{i}.png", filename=f"{i}.png", size_bytes=1, mtime_ns=i, status=dbm.OK, probability=float(p),
-                         flagged=bool(p >= 0.5), calibration_id=cid, received_at=t0, claimed_at=t0, processed_at=t0))
+            s.add(
+                Result(
+                    path=f"/in/{i}.png",
+                    filename=f"{i}.png",
+                    size_bytes=1,
+                    mtime_ns=i,
+                    status=Status.OK,
+                    probability=float(p),
+                    flagged=bool(p >= 0.5),
+                    calibration_id=cid,
+                    received_at=t0,
+                    claimed_at=t0,
+                    processed_at=t0,
+                )
+            )
     eng.dispose()
     rc, text = run("stats", "--output", str(out), "--format", "json")
     drift = json.loads(text)["drift"]
-    assert rc == 0 and drift["validation-aaaaaaaaaaaa"]["warning"] is False and drift["site-bbbbbbbbbbbb"]["warning"] is True
+    assert (
+        rc == 0
+        and drift["validation-aaaaaaaaaaaa"]["warning"] is False
+        and drift["site-bbbbbbbbbbbb"]["warning"] is True
+    )
     assert drift["site-bbbbbbbbbbbb"]["n"] == 300 and drift["site-bbbbbbbbbbbb"]["psi"] > 0.25
     err = capsys.readouterr().err
     assert "warning: drift for calibration site-bbbbbbbbbbbb: " in err and "score distribution moved (PSI" in err
@@ -156,11 +238,23 @@ def test_stats_watch_drift_per_calibration(tmp_path, capsys):
 def test_reviews_are_listed_with_their_films(out_dir):
     eng = make_engine(out_dir / "results.sqlite")
     with session_factory(eng).begin() as s:
-        s.add(dbm.Review(result_id=2, decision="confirm", note="RLL", reviewer="Dr. A", reviewed_at=dt.datetime(2026, 1, 2)))
-        s.add(dbm.Review(result_id=6, decision="dismiss", reviewer=None, reviewed_at=dt.datetime(2026, 1, 3)))
+        s.add(
+            schema.Review(
+                result_id=2, decision="confirm", note="RLL", reviewer="Dr. A", reviewed_at=dt.datetime(2026, 1, 2)
+            )
+        )
+        s.add(schema.Review(result_id=6, decision="dismiss", reviewer=None, reviewed_at=dt.datetime(2026, 1, 3)))
     eng.dispose()
     rc, text = run("reviews", "--output", str(out_dir), "--format", "json")
     rows = json.loads(text)
-    assert rc == 0 and [(r["filename"], r["decision"], r["reviewer"]) for r in rows] == [("1.png", "confirm", "Dr. A"), ("5.png", "dismiss", None)]
+    assert rc == 0 and [(r["filename"], r["decision"], r["reviewer"]) for r in rows] == [
+        ("1.png", "confirm", "Dr. A"),
+        ("5.png", "dismiss", None),
+    ]
     rc, text = run("reviews", "--output", str(out_dir), "--since", "2026-01-03T00:00:00Z")
-    assert rc == 0 and "5.png" in text and "1.png" not in text and text.splitlines()[0].split()[:3] == ["id", "reviewed_at", "result_id"]
+    assert (
+        rc == 0
+        and "5.png" in text
+        and "1.png" not in text
+        and text.splitlines()[0].split()[:3] == ["id", "reviewed_at", "result_id"]
+    )

@@ -1,4 +1,5 @@
 """daemon/service.py in-process: run limits, reconcile after a crash, leave mode, one instance per output."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -15,12 +16,12 @@ import torch
 
 from xr.core.config import SHIPPED_MODEL, load_settings
 from xr.core.errors import XRError
+from xr.core.logs import configure_logging
+from xr.core.paths import model_path
 from xr.core.predict import Predictor
-from xr.daemon import db as dbm
-from xr.daemon.db import Result, make_engine, session_factory
-from xr.daemon.logging import configure_logging
-from xr.daemon.paths import model_path
 from xr.daemon.service import RunPlan, Service, plan_run
+from xr.results.engine import make_engine, session_factory
+from xr.results.schema import Result, Status
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +101,70 @@ def test_reconcile_after_crash(tmp_path, predictor, xray_paths):
     os.link(b, out / "processed" / b.name)  # b: died between link and unlink
     with session_factory(eng).begin() as s:
         # committed, move not started
-        s.add(Result(path=str(a), filename=a.name, size_bytes=sa.st_size, mtime_ns=sa.st_mtime_ns, sha256="a",
-                     status=dbm.OK, received_at=t, claimed_at=t, processed_at=t, moved_to=str(out / "processed" / a.name)))
+        s.add(
+            Result(
+                path=str(a),
+                filename=a.name,
+                size_bytes=sa.st_size,
+                mtime_ns=sa.st_mtime_ns,
+                sha256="a",
+                status=Status.OK,
+                received_at=t,
+                claimed_at=t,
+                processed_at=t,
+                moved_to=str(out / "processed" / a.name),
+            )
+        )
         # committed, half moved
-        s.add(Result(path=str(b), filename=b.name, size_bytes=sb.st_size, mtime_ns=sb.st_mtime_ns, sha256="b",
-                     status=dbm.OK, received_at=t, claimed_at=t, processed_at=t, moved_to=str(out / "processed" / b.name)))
+        s.add(
+            Result(
+                path=str(b),
+                filename=b.name,
+                size_bytes=sb.st_size,
+                mtime_ns=sb.st_mtime_ns,
+                sha256="b",
+                status=Status.OK,
+                received_at=t,
+                claimed_at=t,
+                processed_at=t,
+                moved_to=str(out / "processed" / b.name),
+            )
+        )
         # claimed, then the file was taken away
-        s.add(Result(path=str(inbox / "gone.png"), filename="gone.png", size_bytes=1, mtime_ns=1, sha256=None,
-                     status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
-        s.add(Result(path=str(grown), filename=grown.name, size_bytes=1000, mtime_ns=5, sha256=None,
-                     status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
+        s.add(
+            Result(
+                path=str(inbox / "gone.png"),
+                filename="gone.png",
+                size_bytes=1,
+                mtime_ns=1,
+                sha256=None,
+                status=Status.CLAIMED,
+                received_at=t,
+                claimed_at=t,
+            )
+        )
+        s.add(
+            Result(
+                path=str(grown),
+                filename=grown.name,
+                size_bytes=1000,
+                mtime_ns=5,
+                sha256=None,
+                status=Status.CLAIMED,
+                received_at=t,
+                claimed_at=t,
+            )
+        )
     eng.dispose()
     assert _svc(tmp_path, predictor).run(idle_timeout=0.5) == 0
     rows = _rows(tmp_path)
     assert len(rows) == 4  # nothing processed twice; the grown file has one row, of its whole bytes
-    assert [(r["filename"], r["status"]) for r in rows] == [(a.name, "ok"), (b.name, "ok"), ("gone.png", "error"), ("grown.jpeg", "ok")]
+    assert [(r["filename"], r["status"]) for r in rows] == [
+        (a.name, "ok"),
+        (b.name, "ok"),
+        ("gone.png", "error"),
+        ("grown.jpeg", "ok"),
+    ]
     assert rows[2]["error"] == "file left the inbox before it was processed"
     assert rows[3]["size_bytes"] == len(xray_paths[2].read_bytes())
     assert sorted(p.name for p in (out / "processed").iterdir()) == sorted([a.name, b.name, "grown.jpeg"])  # no -1 copy
@@ -176,8 +226,13 @@ def test_helpers(tmp_path):
     assert model_path(_cfg()) == SHIPPED_MODEL and SHIPPED_MODEL.is_file()  # the packaged model by default
     assert model_path(_cfg(), "models/x.pt") == (Path.cwd() / "models" / "x.pt")  # a flag: from the current folder
     assert model_path(_cfg(model=str(tmp_path / "m.pt"))) == tmp_path / "m.pt"
-    svc = Service(_cfg(), watch=tmp_path / "missing", output=tmp_path / "out", model=tmp_path / "none.pt",
-                  log=configure_logging("json", stream=open(os.devnull, "w")))  # fmt: skip
+    svc = Service(
+        _cfg(),
+        watch=tmp_path / "missing",
+        output=tmp_path / "out",
+        model=tmp_path / "none.pt",
+        log=configure_logging("json", stream=open(os.devnull, "w")),
+    )
     assert svc.run() == 2  # a missing inbox is a clear error, not a traceback
     with pytest.raises(XRError):
         raise XRError("x")
@@ -185,7 +240,10 @@ def test_helpers(tmp_path):
 
 @pytest.mark.parametrize(
     "device, method, event, flag",
-    [("cuda", "capture_cuda_graph", "cuda_graph_unavailable", "cuda_graph"), ("cpu", "trace_forward", "cpu_trace_unavailable", "cpu_trace")],
+    [
+        ("cuda", "capture_cuda_graph", "cuda_graph_unavailable", "cuda_graph"),
+        ("cpu", "trace_forward", "cpu_trace_unavailable", "cpu_trace"),
+    ],
 )
 def test_compiled_forward_failure_falls_back_to_eager(tmp_path, predictor, device, method, event, flag):
     """A GPU that cannot capture a CUDA graph, or a model whose CPU trace fails or scores differently, still
@@ -200,7 +258,9 @@ def test_compiled_forward_failure_falls_back_to_eager(tmp_path, predictor, devic
     fake = NoCompile(predictor.model, predictor.meta, predictor.calibration, device="cpu")
     fake.device = torch.device(device)  # only its type is read before the first batch
     stream = io.StringIO()
-    svc = Service(_cfg(), watch=tmp_path, output=tmp_path / "out", predictor=fake, log=configure_logging("json", stream=stream))
+    svc = Service(
+        _cfg(), watch=tmp_path, output=tmp_path / "out", predictor=fake, log=configure_logging("json", stream=stream)
+    )
     assert svc._load_predictor() is fake and not fake.has_cuda_graph and not fake.has_trace
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     warn = next(e for e in events if e["event"] == event)
@@ -231,8 +291,13 @@ def test_cpu_trace_follows_the_config(tmp_path, tiny_checkpoint, xray_paths, cpu
     pred = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
     stream = io.StringIO()
     _inbox(tmp_path, xray_paths[:3])
-    svc = Service(_cfg(cpu_trace=cpu_trace), watch=tmp_path / "inbox", output=tmp_path / "out", predictor=pred,
-                  log=configure_logging("json", stream=stream))  # fmt: skip
+    svc = Service(
+        _cfg(cpu_trace=cpu_trace),
+        watch=tmp_path / "inbox",
+        output=tmp_path / "out",
+        predictor=pred,
+        log=configure_logging("json", stream=stream),
+    )
     assert svc.run(idle_timeout=1.0) == 0
     assert pred.has_trace is cpu_trace
     ready = next(json.loads(x) for x in stream.getvalue().splitlines() if '"model_ready"' in x)
@@ -240,7 +305,6 @@ def test_cpu_trace_follows_the_config(tmp_path, tiny_checkpoint, xray_paths, cpu
     eager = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
     want = {p.name: r.logit for p, r in zip(xray_paths[:3], eager.predict_paths(xray_paths[:3]))}
     assert {r["filename"]: r["logit"] for r in _rows(tmp_path)} == pytest.approx(want, abs=1e-5)
-
 
 
 def test_inbox_inside_or_equal_to_the_output_folder(tmp_path, predictor, xray_paths):
@@ -307,8 +371,20 @@ def test_new_file_under_a_moved_name_is_not_moved_under_the_old_row(tmp_path, pr
     eng = make_engine(out / "results.sqlite")
     t = dt.datetime(2026, 1, 1)
     with session_factory(eng).begin() as s:  # ...but moved_at was never written
-        s.add(Result(path=str(a), filename=a.name, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns, sha256="a",
-                     status=dbm.OK, received_at=t, claimed_at=t, processed_at=t, moved_to=str(out / "processed" / a.name)))  # fmt: skip
+        s.add(
+            Result(
+                path=str(a),
+                filename=a.name,
+                size_bytes=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                sha256="a",
+                status=Status.OK,
+                received_at=t,
+                claimed_at=t,
+                processed_at=t,
+                moved_to=str(out / "processed" / a.name),
+            )
+        )
     eng.dispose()
     assert _svc(tmp_path, predictor).run(idle_timeout=0.8) == 0
     rows = _rows(tmp_path)
@@ -334,8 +410,18 @@ def test_claim_this_run_would_never_redo_is_rolled_back(tmp_path, predictor, xra
     eng = make_engine(out / "results.sqlite")
     t = dt.datetime(2026, 1, 1)
     with session_factory(eng).begin() as s:
-        s.add(Result(path=str(folder / "x.jpeg"), filename="x.jpeg", size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
-                     sha256=None, status=dbm.CLAIMED, received_at=t, claimed_at=t))  # fmt: skip
+        s.add(
+            Result(
+                path=str(folder / "x.jpeg"),
+                filename="x.jpeg",
+                size_bytes=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                sha256=None,
+                status=Status.CLAIMED,
+                received_at=t,
+                claimed_at=t,
+            )
+        )
     eng.dispose()
     assert _svc(tmp_path, predictor).run(idle_timeout=0.8) == 0
     rows = _rows(tmp_path)
@@ -375,11 +461,15 @@ def test_second_daemon_on_the_same_database_or_inbox_is_refused(tmp_path, predic
     _inbox(tmp_path, xray_paths[:1])
     log = configure_logging("json", stream=open(os.devnull, "w"))
     shared_db = str(tmp_path / "shared.sqlite")
-    first = Service(_cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", db=shared_db, predictor=predictor, log=log)
+    first = Service(
+        _cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", db=shared_db, predictor=predictor, log=log
+    )
     first._lock()  # as a running daemon holds it
     try:
         (tmp_path / "inbox2").mkdir()
-        same_db = Service(_cfg(), watch=tmp_path / "inbox2", output=tmp_path / "out2", db=shared_db, predictor=predictor, log=log)
+        same_db = Service(
+            _cfg(), watch=tmp_path / "inbox2", output=tmp_path / "out2", db=shared_db, predictor=predictor, log=log
+        )
         assert same_db.run(idle_timeout=0.3) == 2
         same_inbox = Service(_cfg(), watch=tmp_path / "inbox", output=tmp_path / "out3", predictor=predictor, log=log)
         assert same_inbox.run(idle_timeout=0.3) == 2
@@ -424,7 +514,9 @@ def test_uncalibrated_checkpoint_is_a_warning(tmp_path, tiny_checkpoint):
     shutil.copy(tiny_checkpoint, ckpt)  # without the calibration file beside it
     (tmp_path / "inbox").mkdir()
     buf = io.StringIO()
-    svc = Service(_cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", model=ckpt, log=configure_logging("json", stream=buf))
+    svc = Service(
+        _cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", model=ckpt, log=configure_logging("json", stream=buf)
+    )
     assert svc.run(idle_timeout=0.3) == 0
     warn = [e for e in map(json.loads, buf.getvalue().splitlines()) if e["event"] == "uncalibrated_model"]
     assert warn and warn[0]["level"] == "warning" and "temperature 1, threshold 0.5" in warn[0]["reason"]

@@ -1,4 +1,5 @@
 """deploy/: the systemd units and the launchd plist parse, name the installed commands and keep their promises."""
+
 from __future__ import annotations
 
 import configparser

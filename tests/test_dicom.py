@@ -1,12 +1,13 @@
 """core/dicom.py: DICOM decoding in every transfer syntax of a CR/DX export, the display pipeline, the
 identifiers and scope, and what a bad or short file says."""
+
 from __future__ import annotations
 
+import dicom_films
 import numpy as np
 import pydicom
 import pytest
 
-import dicom_films
 from xr.core.dicom import IDENTIFIERS, decode_dicom, is_dicom, read_header
 from xr.core.errors import ImageError
 from xr.core.imaging import load_image
@@ -94,8 +95,11 @@ def test_identifiers_come_from_the_header_and_never_the_patients_name(dicom_dir)
 
 @pytest.mark.parametrize(
     ("key", "reason"),
-    [("knee", "BodyPartExamined KNEE: not one of CHEST"), ("sr", "Modality SR: not one of CR, DX"),
-     ("no_pixels", "no pixel data")],
+    [
+        ("knee", "BodyPartExamined KNEE: not one of CHEST"),
+        ("sr", "Modality SR: not one of CR, DX"),
+        ("no_pixels", "no pixel data"),
+    ],
 )
 def test_objects_out_of_scope_say_why(dicom_dir, key, reason):
     assert read_header(dicom_dir[key].read_bytes()).out_of_scope(("CR", "DX"), ("CHEST",)) == reason
@@ -117,8 +121,11 @@ def test_a_missing_plugin_for_jpeg_ls_is_named(dicom_dir, monkeypatch):
     import pydicom.pixels
 
     def missing(*a, **kw):
-        raise RuntimeError("Unable to decompress 'JPEG-LS Lossless Image Compression' pixel data because all plugins "
-                           "are missing dependencies:\n    pyjpegls - requires numpy and pyjpegls")
+        raise RuntimeError(
+            "Unable to decompress 'JPEG-LS Lossless Image Compression' pixel data because all plugins "
+            "are missing dependencies:\n    pyjpegls - requires numpy and pyjpegls"
+        )
+
     monkeypatch.setattr(pydicom.pixels, "pixel_array", missing)
     with pytest.raises(ImageError, match=r"compressed with JPEG-LS Lossless Image Compression: decoder not installed"):
         decode_dicom(dicom_dir["jpegls"].read_bytes())

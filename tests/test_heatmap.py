@@ -1,4 +1,5 @@
 """core/heatmap.py: a Grad-CAM map that says something about the film, drawn by the model that scored it."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """Image decoding (core/imaging.py): every format a DICOM export drops into a folder comes out as the
 8-bit grayscale image a radiographer would see, and every bad file raises ImageError naming the file
 and the reason (never a bare PIL exception)."""
+
 from __future__ import annotations
 
 import io
@@ -297,7 +298,11 @@ def test_other_format_under_png_name_is_unsupported(gray, tmp_path, fmt):
 
 @pytest.mark.parametrize("mode", ["F", "HSV", "YCbCr"])
 def test_unsupported_mode(gray, mode):
-    img = Image.fromarray(gray, "L").convert("RGB").convert(mode) if mode != "F" else Image.fromarray(gray, "L").convert("F")
+    img = (
+        Image.fromarray(gray, "L").convert("RGB").convert(mode)
+        if mode != "F"
+        else Image.fromarray(gray, "L").convert("F")
+    )
     with pytest.raises(ImageError, match="unsupported image mode") as info:
         to_grayscale(img, name="odd.png")
     assert "odd.png" in str(info.value) and mode in str(info.value)
@@ -315,7 +320,11 @@ def test_directory(tmp_path):
 
 def test_image_error_survives_pickling():
     exc = pickle.loads(pickle.dumps(ImageError("inbox/a.jpeg", "truncated image data", incomplete=True)))
-    assert (exc.path, exc.reason, str(exc)) == ("inbox/a.jpeg", "truncated image data", "inbox/a.jpeg: truncated image data")
+    assert (exc.path, exc.reason, str(exc)) == (
+        "inbox/a.jpeg",
+        "truncated image data",
+        "inbox/a.jpeg: truncated image data",
+    )
     assert exc.incomplete
 
 

@@ -1,4 +1,5 @@
 """Model factory, offline ImageNet weights and the checkpoint format (core/model.py)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -215,8 +216,13 @@ def test_foreign_file_error_is_one_short_line_without_weights_only_advice(tmp_pa
     truncated.write_bytes(truncated.read_bytes()[:100])
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    cases = [(png, "it is a PNG image"), (foreign_pickle, "unreadable content"), (numpy_inside, "numpy"),
-             (truncated, "unreadable content"), (empty, "empty file")]
+    cases = [
+        (png, "it is a PNG image"),
+        (foreign_pickle, "unreadable content"),
+        (numpy_inside, "numpy"),
+        (truncated, "unreadable content"),
+        (empty, "empty file"),
+    ]
     for path, reason in cases:
         with pytest.raises(CheckpointError) as info:
             load_checkpoint(path)

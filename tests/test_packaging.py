@@ -6,6 +6,7 @@ wheel alone (``--no-deps``) and reaches the already installed dependencies throu
 checkout's own editable hook lives in that site folder but is not processed from a ``.pth`` path line, and
 the test checks that ``xr`` is imported from the fresh venv.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                              "runs", "inbox", "output", "tests")
+SKIP = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs", "inbox", "output", "tests"
+)
 
 
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
@@ -41,8 +43,25 @@ def fresh_venv(tmp_path_factory) -> Path:
     assert len(wheels) == 1
     venv = work / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv])
-    _run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps", "--no-index", wheels[0]])
-    site = Path(_run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            venv / "bin" / "python",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            wheels[0],
+        ]
+    )
+    site = Path(
+        _run(
+            [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+        ).stdout.strip()
+    )
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "zz_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
     return venv
@@ -80,7 +99,9 @@ def test_daemon_and_results_work_from_an_unrelated_folder(fresh_venv, tmp_path, 
     ready = next(json.loads(line) for line in r.stderr.splitlines() if '"model_ready"' in line)
     assert ready["model"].startswith(str(fresh_venv)) and ready["model"].endswith("xr_mvp_best.pt")  # the shipped model
     assert (output / "processed" / film.name).is_file()
-    listed = _run([bin_ / "xr-results", "--db", output / "results.sqlite", "list", "--format", "json"], cwd=cwd, env=env)
+    listed = _run(
+        [bin_ / "xr-results", "--db", output / "results.sqlite", "list", "--format", "json"], cwd=cwd, env=env
+    )
     rows = json.loads(listed.stdout)
     assert [(r["filename"], r["status"]) for r in rows] == [(film.name, "ok")]
     assert rows[0]["model_id"].startswith("efficientnet_lite0-")
@@ -96,7 +117,19 @@ def test_daemon_and_results_work_from_an_unrelated_folder(fresh_venv, tmp_path, 
 
 
 def test_xr_train_evaluates_the_shipped_model_from_the_wheel(fresh_venv, tmp_path, fixtures_dir):
-    r = _run([fresh_venv / "bin" / "xr-train", "evaluate", "--data", fixtures_dir / "chest_xray" / "train",
-              "--out", tmp_path / "eval", "--device", "cpu"], cwd=tmp_path, env=_env(tmp_path))
+    r = _run(
+        [
+            fresh_venv / "bin" / "xr-train",
+            "evaluate",
+            "--data",
+            fixtures_dir / "chest_xray" / "train",
+            "--out",
+            tmp_path / "eval",
+            "--device",
+            "cpu",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+    )
     assert "evaluate (27 images)" in r.stdout
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 27

@@ -1,5 +1,6 @@
 """Calibrated prediction (core/predict.py): temperature and threshold from calibration_threshold.json,
 labels and flags, device choice, per-file errors, and the CPU fast paths matching fp32."""
+
 from __future__ import annotations
 
 import json
@@ -149,12 +150,15 @@ def test_invalid_calibration_beside_checkpoint_fails_loading(scored_checkpoint, 
         Predictor.from_checkpoint(scored_checkpoint, calibration=tmp_path / "nope.json", device="cpu")
 
 
-def test_a_site_calibration_shifts_and_scales_and_refuses_another_model(base, scored_checkpoint, tiny_checkpoint, images, tmp_path):
+def test_a_site_calibration_shifts_and_scales_and_refuses_another_model(
+    base, scored_checkpoint, tiny_checkpoint, images, tmp_path
+):
     predictor, preds = base
     site = Calibration(temperature=0.5, shift=-1.0, threshold=0.7, kind="site", model_sha256=predictor.model_sha256)
     site.write(tmp_path / "site.json")
-    with_site = Predictor.from_checkpoint(scored_checkpoint, calibration=tmp_path / "site.json", device="cpu", amp="off",
-                                          channels_last=False)  # fmt: skip
+    with_site = Predictor.from_checkpoint(
+        scored_checkpoint, calibration=tmp_path / "site.json", device="cpu", amp="off", channels_last=False
+    )
     assert with_site.calibration_id.startswith("site-") and with_site.calibration_id != predictor.calibration_id
     for old, new in zip(preds, with_site.predict_paths(images)):
         assert new.probability == pytest.approx(1 / (1 + math.exp(-(old.logit / 0.5 - 1.0))), abs=1e-5)
@@ -189,7 +193,14 @@ def test_predict_paths_returns_image_error_in_place(base, images, tmp_path):
     paths = [images[0], text, images[1], empty, tmp_path / "gone.png", images[2]]
     got = predictor.predict_paths(paths, batch_size=2)  # errors and images spread over batches
     assert len(got) == len(paths)
-    assert [type(r).__name__ for r in got] == ["Prediction", "ImageError", "Prediction", "ImageError", "ImageError", "Prediction"]
+    assert [type(r).__name__ for r in got] == [
+        "Prediction",
+        "ImageError",
+        "Prediction",
+        "ImageError",
+        "ImageError",
+        "Prediction",
+    ]
     for res, name in ((got[1], "report.png"), (got[3], "empty.jpg"), (got[4], "gone.png")):
         assert isinstance(res, ImageError) and name in str(res)
     for res, ref in ((got[0], preds[0]), (got[2], preds[1]), (got[5], preds[2])):
@@ -328,13 +339,17 @@ def test_cpu_trace_that_fails_or_scores_differently_is_refused(scored_checkpoint
         return lambda x: traced(x) + 1e-6
 
     monkeypatch.setattr(torch.jit, "trace", faulty)
-    message = "traced forward differs from eager by up to" if fault == "differs" else "cannot trace the forward: TypeError"
+    message = (
+        "traced forward differs from eager by up to" if fault == "differs" else "cannot trace the forward: TypeError"
+    )
     with pytest.raises(RuntimeError, match=message):
         predictor.trace_forward(4)
     assert predictor.has_trace is False
     pixels = torch.stack([predictor.pixels(p) for p in images[:2]])
     monkeypatch.undo()
-    assert torch.equal(predictor.logits(pixels), Predictor.from_checkpoint(scored_checkpoint, device="cpu").logits(pixels))
+    assert torch.equal(
+        predictor.logits(pixels), Predictor.from_checkpoint(scored_checkpoint, device="cpu").logits(pixels)
+    )
 
 
 def test_cpu_trace_needs_the_cpu(scored_checkpoint):

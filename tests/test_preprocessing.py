@@ -1,6 +1,7 @@
 """The one preprocessing Preset (core/preprocessing.py): eval/train tensors, the squash geometry that makes
 a full-resolution input look like its 224x224 training copy, and -- the key property -- training-eval
 and daemon preprocessing producing bit-identical tensors."""
+
 from __future__ import annotations
 
 import json
@@ -155,8 +156,18 @@ def test_large_jpeg_decodes_at_reduced_scale_never_below_resize(preset, fullres_
 
 
 # every augmentation off: each test turns on what it looks at
-OFF = dict(rrc_scale=(1.0, 1.0), hflip_p=0.0, rotation_deg=0.0, affine_scale=(1.0, 1.0), translate=0.0, brightness=0.0,
-           contrast=0.0, gamma=(1.0, 1.0), autocontrast_p=0.0, equalize_p=0.0)  # fmt: skip
+OFF = dict(
+    rrc_scale=(1.0, 1.0),
+    hflip_p=0.0,
+    rotation_deg=0.0,
+    affine_scale=(1.0, 1.0),
+    translate=0.0,
+    brightness=0.0,
+    contrast=0.0,
+    gamma=(1.0, 1.0),
+    autocontrast_p=0.0,
+    equalize_p=0.0,
+)
 
 
 def test_train_transform_is_seeded_same_shape_and_differs_from_eval(preset, xray_paths):
@@ -200,7 +211,9 @@ def test_preset_dict_round_trip(preset):
     d = preset.to_dict()
     assert json.loads(json.dumps(d)) == d  # plain JSON-able data, as stored in a checkpoint
     assert Preset.from_dict(d) == preset
-    custom = Preset(img_size=160, resize_size=184, resize_mode="shorter_side", mean=(0.5,) * 3, std=(0.25,) * 3, max_pixels=123)
+    custom = Preset(
+        img_size=160, resize_size=184, resize_mode="shorter_side", mean=(0.5,) * 3, std=(0.25,) * 3, max_pixels=123
+    )
     assert Preset.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
 
 
@@ -250,14 +263,14 @@ def test_preprocess_differs_when_preset_differs(xray_paths):
     assert np.isfinite(a.numpy()).all()
 
 
-
-
 def test_photometric_augmentation_changes_grey_levels_not_geometry(preset, xray_paths):
     """Brightness, contrast, gamma, autocontrast: the same film under another exposure or scanner."""
     img = preset.load(xray_paths[0])
     still = OFF
     plain = preset.train_transform(AugmentConfig(**still))
-    photo = preset.train_transform(AugmentConfig(**still | dict(brightness=0.3, contrast=0.3, gamma=(0.7, 1.4), autocontrast_p=0.5)))
+    photo = preset.train_transform(
+        AugmentConfig(**still | dict(brightness=0.3, contrast=0.3, gamma=(0.7, 1.4), autocontrast_p=0.5))
+    )
     torch.manual_seed(0)
     a = plain(img)
     diffs, corrs = [], []

@@ -1,4 +1,5 @@
 """review/app.py through FastAPI's TestClient: the queue, a case, the pictures, a review, and what it refuses."""
+
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,8 @@ import shutil
 import pytest
 from PIL import Image
 
-from xr.daemon import db as dbm
-from xr.daemon.db import Result, make_engine, session_factory
+from xr.results.engine import make_engine, session_factory
+from xr.results.schema import Result, Status
 
 T0 = dt.datetime(2026, 12, 1, 9)
 
@@ -25,23 +26,59 @@ def site(tmp_path, xray_paths):
     (out / "heatmaps").mkdir()
     eng = make_engine(out / "results.sqlite")
     evil = "<img src=x onerror=alert(1)>.jpeg"
-    films = [("a.jpeg", 0.95, True, "ACC-1"), ("b.jpeg", 0.70, True, "ACC-2"), (evil, 0.99, True, None),
-             ("c.jpeg", 0.20, False, "ACC-3")]  # fmt: skip
+    films = [
+        ("a.jpeg", 0.95, True, "ACC-1"),
+        ("b.jpeg", 0.70, True, "ACC-2"),
+        (evil, 0.99, True, None),
+        ("c.jpeg", 0.20, False, "ACC-3"),
+    ]
     with session_factory(eng).begin() as s:
         for i, (name, p, flagged, acc) in enumerate(films):
             dst = out / "processed" / name
             shutil.copy(xray_paths[i], dst)
-            s.add(Result(path=f"/in/{name}", filename=name, size_bytes=1, mtime_ns=i, status=dbm.OK, probability=p,
-                         threshold=0.5, flagged=flagged, model_id="m-1", calibration_id="validation-x",
-                         accession_number=acc, received_at=T0, claimed_at=T0, processed_at=T0 + dt.timedelta(days=i % 2),
-                         moved_to=str(dst), moved_at=T0, heatmap_path=str(out / "heatmaps" / f"{i + 1}.png")))  # fmt: skip
+            s.add(
+                Result(
+                    path=f"/in/{name}",
+                    filename=name,
+                    size_bytes=1,
+                    mtime_ns=i,
+                    status=Status.OK,
+                    probability=p,
+                    threshold=0.5,
+                    flagged=flagged,
+                    model_id="m-1",
+                    calibration_id="validation-x",
+                    accession_number=acc,
+                    received_at=T0,
+                    claimed_at=T0,
+                    processed_at=T0 + dt.timedelta(days=i % 2),
+                    moved_to=str(dst),
+                    moved_at=T0,
+                    heatmap_path=str(out / "heatmaps" / f"{i + 1}.png"),
+                )
+            )
             Image.new("RGB", (32, 32), (255, 0, 0)).save(out / "heatmaps" / f"{i + 1}.png")
         # crafted rows: files outside the output folder must never be read
         secret = tmp_path / "secret.png"
         Image.new("L", (8, 8)).save(secret)
-        s.add(Result(path="/in/x.png", filename="x.png", size_bytes=1, mtime_ns=9, status=dbm.OK, probability=0.9,
-                     flagged=True, model_id="m-1", received_at=T0, claimed_at=T0, processed_at=T0, moved_to=str(secret),
-                     moved_at=T0, heatmap_path=str(out / "heatmaps" / ".." / ".." / "secret.png")))  # fmt: skip
+        s.add(
+            Result(
+                path="/in/x.png",
+                filename="x.png",
+                size_bytes=1,
+                mtime_ns=9,
+                status=Status.OK,
+                probability=0.9,
+                flagged=True,
+                model_id="m-1",
+                received_at=T0,
+                claimed_at=T0,
+                processed_at=T0,
+                moved_to=str(secret),
+                moved_at=T0,
+                heatmap_path=str(out / "heatmaps" / ".." / ".." / "secret.png"),
+            )
+        )
     client = TestClient(create_app(eng, out))
     yield client, out
     eng.dispose()
@@ -53,8 +90,8 @@ def test_queue_is_flagged_unreviewed_highest_first_and_escaped(site):
     assert page.status_code == 200
     html = page.text
     assert "<img src=x onerror" not in html and "&lt;img src=x onerror=alert(1)&gt;.jpeg" in html
-    order = [html.index(f"/cases/{i}\"") for i in (3, 1, 5, 2)]  # 0.99, 0.95, 0.90, 0.70; c.jpeg not flagged
-    assert order == sorted(order) and "/cases/4\"" not in html
+    order = [html.index(f'/cases/{i}"') for i in (3, 1, 5, 2)]  # 0.99, 0.95, 0.90, 0.70; c.jpeg not flagged
+    assert order == sorted(order) and '/cases/4"' not in html
     assert "4 flagged, not yet reviewed" in html
     only = client.get("/", params={"accession": "ACC-2"}).text
     assert "b.jpeg" in only and "a.jpeg" not in only
@@ -87,13 +124,18 @@ def test_files_outside_the_output_folder_are_never_served(site):
 
 def test_a_review_takes_the_case_off_the_queue_and_is_recorded(site):
     client, out = site
-    r = client.post("/cases/1/review", data={"decision": "dismiss", "note": "old scar <b>", "reviewer": "Dr. R"},
-                    follow_redirects=False)  # fmt: skip
+    r = client.post(
+        "/cases/1/review",
+        data={"decision": "dismiss", "note": "old scar <b>", "reviewer": "Dr. R"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and r.headers["location"] == "/"
     assert '"/cases/1"' not in client.get("/").text
     assert "old scar &lt;b&gt;" in client.get("/cases/1").text
     rows = list(csv.DictReader(open(out / "csv" / "reviews.csv")))
-    assert [(x["result_id"], x["decision"], x["note"], x["reviewer"]) for x in rows] == [("1", "dismiss", "old scar <b>", "Dr. R")]
+    assert [(x["result_id"], x["decision"], x["note"], x["reviewer"]) for x in rows] == [
+        ("1", "dismiss", "old scar <b>", "Dr. R")
+    ]
     assert client.post("/cases/2/review", data={"decision": "maybe"}).status_code == 422
     assert client.post("/cases/99/review", data={"decision": "confirm"}).status_code == 404
     assert client.get("/healthz").json() == {"status": "ok"}

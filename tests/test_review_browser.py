@@ -2,6 +2,7 @@
 
 Skipped, with the reason, where chromium or Playwright is missing (`make test` installs both where it can).
 Screenshots of the queue and a case are written to $XR_SCREENSHOTS (default: the test's tmp folder)."""
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,18 @@ def browser():  # per test: Playwright's thread ends with it (the leaked-thread 
     except ImportError:
         pytest.skip("playwright not installed (pip install playwright)")
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])  # fmt: skip
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+            ],
+        )
         yield b
         b.close()
 
@@ -54,12 +64,28 @@ def served(tmp_path, tiny_model_dir, xray_paths):
         shutil.copy(p, inbox / p.name)
         os.utime(inbox / p.name, (1, 1))
     bin_ = Path(sys.executable).parent
-    daemon = subprocess.run([bin_ / "xr-daemon", "--watch", inbox, "--output", out, "--model", model / "xr_mvp_best.pt",
-                             "--once", "--device", "cpu"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    daemon = subprocess.run(
+        [
+            bin_ / "xr-daemon",
+            "--watch",
+            inbox,
+            "--output",
+            out,
+            "--model",
+            model / "xr_mvp_best.pt",
+            "--once",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert daemon.returncode == 0, daemon.stderr[-2000:]
     port = _free_port()
-    server = subprocess.Popen([bin_ / "xr-review", "--output", out, "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    server = subprocess.Popen(
+        [bin_ / "xr-review", "--output", out, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -80,12 +106,18 @@ def test_a_reader_opens_the_queue_a_case_sees_the_heatmap_and_dismisses_it(brows
     page.goto(served + "/")
     rows = page.locator("table.queue tbody tr")
     assert rows.count() == 4
-    page.wait_for_function("[...document.querySelectorAll('td.thumb img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "[...document.querySelectorAll('td.thumb img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     page.screenshot(path=str(shots / "queue.png"), full_page=True)
     page.locator("a.case-link").first.click()
     page.wait_for_selector("#heatmap")
-    page.wait_for_function("document.querySelector('#heatmap').complete && document.querySelector('#heatmap').naturalWidth > 0")
-    page.wait_for_function("document.querySelector('#film').complete && document.querySelector('#film').naturalWidth > 0")
+    page.wait_for_function(
+        "document.querySelector('#heatmap').complete && document.querySelector('#heatmap').naturalWidth > 0"
+    )
+    page.wait_for_function(
+        "document.querySelector('#film').complete && document.querySelector('#film').naturalWidth > 0"
+    )
     assert page.locator("#heatmap").evaluate("i => i.naturalWidth") >= 256
     page.screenshot(path=str(shots / "case.png"), full_page=True)
     page.fill("input[name=reviewer]", "Dr. Test")

@@ -1,4 +1,5 @@
 """score/ (``xr-score``): bulk scoring on a local Ray, resumable Parquet, ``xr-results import``."""
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,12 @@ def test_scores_equal_evaluate_and_bad_files_are_rows(tmp_path, tiny_checkpoint,
 
     data = _folder(tmp_path, xray_paths, 24)
     out = tmp_path / "scores"
-    res = subprocess.run([*SCORE, "--data", str(data), "--out", str(out), "--model", str(tiny_checkpoint), "--batch-size", "8"],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [*SCORE, "--data", str(data), "--out", str(out), "--model", str(tiny_checkpoint), "--batch-size", "8"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "26 files scored" in res.stdout and "2 errors" in res.stdout
     rows = {r["path"]: r for r in _table(out)}
@@ -76,11 +81,28 @@ def test_scores_equal_evaluate_and_bad_files_are_rows(tmp_path, tiny_checkpoint,
     assert notes["probability"] is None and notes["error"]
     good = tmp_path / "good"  # evaluate refuses a labelled set with unreadable files: the same films without them
     shutil.copytree(data, good, ignore=shutil.ignore_patterns("cut.jpeg", "notes.png"))
-    ev = subprocess.run([sys.executable, "-m", "xr.train.cli", "evaluate", "--data", str(good), "--model", str(tiny_checkpoint),
-                         "--out", str(tmp_path / "eval")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xr.train.cli",
+            "evaluate",
+            "--data",
+            str(good),
+            "--model",
+            str(tiny_checkpoint),
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     with open(tmp_path / "eval" / "predictions.csv", newline="") as f:
-        expected = {str(data / Path(r["path"]).resolve().relative_to(good)): float(r["probability"]) for r in csv.DictReader(f)}
+        expected = {
+            str(data / Path(r["path"]).resolve().relative_to(good)): float(r["probability"]) for r in csv.DictReader(f)
+        }
     assert len(expected) == 24
     for path, prob in expected.items():
         assert rows[path]["probability"] == pytest.approx(prob, abs=1e-3), path
@@ -93,24 +115,49 @@ def test_a_site_calibration_is_honoured_and_import_loads_the_run(tmp_path, tiny_
 
     from xr.core.calibration import Calibration
     from xr.core.model import file_sha256
-    from xr.daemon.db import Result, make_engine, session_factory
+    from xr.results.engine import make_engine, session_factory
+    from xr.results.schema import Result
 
-    site = Calibration(temperature=0.8, shift=-0.5, threshold=0.3, kind="site", model_sha256=file_sha256(tiny_checkpoint))
+    site = Calibration(
+        temperature=0.8, shift=-0.5, threshold=0.3, kind="site", model_sha256=file_sha256(tiny_checkpoint)
+    )
     site.write(tmp_path / "site.json")
     data = _folder(tmp_path, xray_paths, 6)
     out = tmp_path / "scores"
-    res = subprocess.run([*SCORE, "--data", str(data), "--out", str(out), "--model", str(tiny_checkpoint),
-                          "--calibration", str(tmp_path / "site.json")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [
+            *SCORE,
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_checkpoint),
+            "--calibration",
+            str(tmp_path / "site.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = _table(out)
     assert {(r["calibration_id"], r["threshold"]) for r in rows} == {(site.id, 0.3)}
-    other = subprocess.run([*SCORE, "--data", str(data), "--out", str(out), "--model", str(tiny_checkpoint)],
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    other = subprocess.run(
+        [*SCORE, "--data", str(data), "--out", str(out), "--model", str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert other.returncode == 2 and "use another --out" in other.stderr  # one run, one calibration
     db = tmp_path / "results.sqlite"
     for _ in range(2):  # a second import adds nothing
-        imp = subprocess.run([sys.executable, "-m", "xr.daemon.results_cli", "--db", str(db), "import", str(out)],
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        imp = subprocess.run(
+            [sys.executable, "-m", "xr.results.cli", "--db", str(db), "import", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert imp.returncode == 0, imp.stderr
     assert "imported 0 rows" in imp.stdout and "(8 already there)" in imp.stdout
     eng = make_engine(db, create=False)
@@ -129,7 +176,19 @@ def test_a_site_calibration_is_honoured_and_import_loads_the_run(tmp_path, tiny_
 def test_kill9_mid_run_then_the_same_command_scores_every_file_once(tmp_path, tiny_checkpoint, xray_paths):
     data = _folder(tmp_path, xray_paths, 400)
     out = tmp_path / "scores"
-    cmd = [*SCORE, "--data", str(data), "--out", str(out), "--model", str(tiny_checkpoint), "--part-rows", "16", "--batch-size", "8"]
+    cmd = [
+        *SCORE,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_checkpoint),
+        "--part-rows",
+        "16",
+        "--batch-size",
+        "8",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -159,8 +218,12 @@ def test_dicom_films_are_scored_and_objects_out_of_scope_say_why(tmp_path, tiny_
         shutil.copy(dicom_dir[key], data / f"{key}.dcm")
     shutil.copy(dicom_dir["native"], data / "EXPORT0001")  # an exporter's file without an extension
     out = tmp_path / "scores"
-    res = subprocess.run([*SCORE, "--data", str(data), "--out", str(out), "--model", str(tiny_checkpoint)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [*SCORE, "--data", str(data), "--out", str(out), "--model", str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {Path(r["path"]).name: r for r in _table(out)}
     assert set(rows) == {"native.dcm", "mono2.dcm", "knee.dcm", "sr.dcm", "EXPORT0001"}

@@ -1,6 +1,7 @@
 """The shipped default model under models/: present, loadable, calibrated, and (where ../shared exists)
 consistent between full-resolution inputs and their 224x224 training copies, and on target on the
 patient-held-out test split it was evaluated on."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,17 @@ def shipped() -> Predictor:
 
 
 def test_shipped_model_files_are_complete(shipped):
-    for name in ("calibration_threshold.json", "metrics.json", "MODEL_CARD.md", "model_card.json", "recipe.yaml",
-                 "confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability_diagram.png"):
+    for name in (
+        "calibration_threshold.json",
+        "metrics.json",
+        "MODEL_CARD.md",
+        "model_card.json",
+        "recipe.yaml",
+        "confusion_matrix.png",
+        "roc_curve.png",
+        "pr_curve.png",
+        "reliability_diagram.png",
+    ):
         assert (MODELS / name).is_file(), name
     cal = json.loads((MODELS / "calibration_threshold.json").read_text())
     assert shipped.temperature == pytest.approx(cal["T"]) and shipped.threshold == pytest.approx(cal["threshold"])
@@ -77,7 +87,9 @@ def test_shipped_model_meets_targets_on_its_test_split(shipped, shared_dir):
     cfg = load_recipe(MODELS / "recipe.yaml")
     cfg = cfg.replace({"data.test_patients_from": str(shared_dir / "samples" / "fullres")})
     splits = make_splits(shared_dir / "data" / "chest_xray", cfg.data)
-    assert [Path(it.path).name for it in splits.test] == [Path(it.path).name for it in Splits.load(MODELS / "splits").test]
+    assert [Path(it.path).name for it in splits.test] == [
+        Path(it.path).name for it in Splits.load(MODELS / "splits").test
+    ]
     logits = score_items(shipped, splits.test, batch_size=32)
     probs = shipped.calibrate(torch.as_tensor(logits)).numpy()
     m = compute_metrics([it.label for it in splits.test], probs, shipped.threshold)

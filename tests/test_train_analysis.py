@@ -1,4 +1,5 @@
 """train/analysis.py: evaluation metrics and plots of a predictor on labelled items."""
+
 from __future__ import annotations
 
 import csv

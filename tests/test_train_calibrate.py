@@ -1,4 +1,5 @@
 """train/calibrate.py: temperature fitting and the three threshold objectives."""
+
 from __future__ import annotations
 
 import numpy as np

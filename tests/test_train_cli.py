@@ -1,4 +1,5 @@
 """xr-train end to end on the committed fixtures with a tiny budget: every output exists and is well formed."""
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,21 @@ def xr_train(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, fixtures_dir) -> Path:
     out = tmp_path_factory.mktemp("run")
-    r = xr_train("all", "--data", fixtures_dir / "chest_xray", "--out", out,
-                 "--epochs", 3, "--head-epochs", 1, "--max-steps", 2, "--batch-size", 8)
+    r = xr_train(
+        "all",
+        "--data",
+        fixtures_dir / "chest_xray",
+        "--out",
+        out,
+        "--epochs",
+        3,
+        "--head-epochs",
+        1,
+        "--max-steps",
+        2,
+        "--batch-size",
+        8,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "all: done" in r.stdout
     return out
@@ -107,7 +121,15 @@ def test_calibrate_stage_reruns_with_another_objective(run_dir):
 
 
 def test_evaluate_on_a_bare_class_folder(run_dir, fixtures_dir, tmp_path):
-    r = xr_train("evaluate", "--data", fixtures_dir / "chest_xray" / "train", "--model", run_dir / "xr_mvp_best.pt", "--out", tmp_path)
+    r = xr_train(
+        "evaluate",
+        "--data",
+        fixtures_dir / "chest_xray" / "train",
+        "--model",
+        run_dir / "xr_mvp_best.pt",
+        "--out",
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert len(list(csv.DictReader(open(tmp_path / "predictions.csv")))) == 27
     assert json.loads((tmp_path / "metrics.json").read_text())["auroc"] is not None
@@ -133,12 +155,23 @@ def test_truncated_image_in_a_loader_worker_is_a_one_line_error(tiny_checkpoint,
     bad = folder / "person2_bacteria_2.jpeg"
     bad.write_bytes(xray_paths[-2].read_bytes()[:2000])
     save_config(load_recipe(overrides={"data.num_workers": 1}), tmp_path / "recipe.yaml")
-    r = xr_train("evaluate", "--data", tmp_path / "data", "--model", tiny_checkpoint,
-                 "--recipe", tmp_path / "recipe.yaml", "--out", tmp_path / "eval")
+    r = xr_train(
+        "evaluate",
+        "--data",
+        tmp_path / "data",
+        "--model",
+        tiny_checkpoint,
+        "--recipe",
+        tmp_path / "recipe.yaml",
+        "--out",
+        tmp_path / "eval",
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("xr-train: error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"xr-train: error: {bad.resolve()}: truncated image data"), r.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"xr-train: error: {bad.resolve()}: truncated image data"), (
+        r.stderr
+    )
 
 
 # -- failures leave nothing behind; help says what each flag does ---------------------------------------
@@ -171,8 +204,17 @@ def test_a_stage_failing_on_its_inputs_writes_no_run_folder_or_recipe(tmp_path, 
 def test_evaluate_of_a_file_that_is_not_a_checkpoint_is_one_clear_line(fixtures_dir, tmp_path, capsys, monkeypatch):
     png = tmp_path / "some.png"
     Image.new("L", (8, 8)).save(png)
-    rc, err = _main(capsys, monkeypatch, "evaluate", "--data", fixtures_dir / "chest_xray" / "train",
-                    "--model", png, "--out", tmp_path / "eval")
+    rc, err = _main(
+        capsys,
+        monkeypatch,
+        "evaluate",
+        "--data",
+        fixtures_dir / "chest_xray" / "train",
+        "--model",
+        png,
+        "--out",
+        tmp_path / "eval",
+    )
     assert rc == 2
     assert err.strip() == f"xr-train: error: {png}: not an xr-triage checkpoint (it is a PNG image)", err
     assert "weights_only" not in err

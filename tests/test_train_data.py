@@ -1,4 +1,5 @@
 """train/data.py: patient ids, discovery, and patient-grouped splits that never leak a patient."""
+
 from __future__ import annotations
 
 import shutil
@@ -67,12 +68,20 @@ def test_patients_of_a_check_folder_are_pinned_to_test(tmp_path, xray_paths):
     checks = tmp_path / "fullres" / "PNEUMONIA"
     checks.mkdir(parents=True)
     train_files = sorted((tmp_path / "data" / "train").rglob("*.jpeg"))
-    picked = [p for p in train_files if p.name.startswith("person")][:2] + [p for p in train_files if p.name.startswith("IM-")][:1]
+    picked = [p for p in train_files if p.name.startswith("person")][:2] + [
+        p for p in train_files if p.name.startswith("IM-")
+    ][:1]
     for p in picked:
         shutil.copy(p, checks / p.name)
     pinned = {patient_id(p.name) for p in picked}
     for seed in range(4):  # whatever the draw
-        cfg = DataConfig(val_fraction=0.2, test_fraction=0.2, min_val_images=50, seed=seed, test_patients_from=str(tmp_path / "fullres"))
+        cfg = DataConfig(
+            val_fraction=0.2,
+            test_fraction=0.2,
+            min_val_images=50,
+            seed=seed,
+            test_patients_from=str(tmp_path / "fullres"),
+        )
         s = make_splits(tmp_path / "data", cfg)
         assert pinned <= {it.patient for it in s.test}
         assert not pinned & {it.patient for it in s.train + s.val}
@@ -89,8 +98,12 @@ def test_byte_identical_images_never_cross_splits(tmp_path, xray_paths):
     for k in range(8):
         shutil.copy(src, src.parent / f"person99{k}_bacteria_1.jpeg")
     s = make_splits(tmp_path, DataConfig(val_fraction=0.2, test_fraction=0.2, min_val_images=50, seed=0))
-    where = {name for name, part in (("train", s.train), ("val", s.val), ("test", s.test))
-             for it in part if Path(it.path).read_bytes() == src.read_bytes()}
+    where = {
+        name
+        for name, part in (("train", s.train), ("val", s.val), ("test", s.test))
+        for it in part
+        if Path(it.path).read_bytes() == src.read_bytes()
+    }
     assert len(where) == 1
 
 

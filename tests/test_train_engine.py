@@ -1,4 +1,5 @@
 """train/engine.py: freezing, head-on-features, and one real optimisation step."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -89,7 +90,12 @@ def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), **train):
     train_items = [Item(str(p), 0, p.stem) for p in normal[:2]] + [Item(str(p), 1, p.stem) for p in pneumonia[:4]]
     pools = {0: iter(normal[2:]), 1: iter(pneumonia[4:])}
     val_items = [Item(str(p), y, p.stem) for y in val_labels for p in [next(pools[y])]]
-    overrides = {"model.pretrained": False, "data.num_workers": 0, "train.batch_size": 4, "train.max_steps_per_epoch": 1}
+    overrides = {
+        "model.pretrained": False,
+        "data.num_workers": 0,
+        "train.batch_size": 4,
+        "train.max_steps_per_epoch": 1,
+    }
     cfg = load_recipe(overrides=overrides | {f"train.{k}": v for k, v in train.items()})
     return fit(cfg, Splits(train_items, val_items, [], []), tmp_path, torch.device("cpu"))
 

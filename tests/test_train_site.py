@@ -1,4 +1,5 @@
 """train/site.py and `xr-train site-calibrate`: a site's films -> a calibration bound to the model, a report."""
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,15 @@ from xr.train.site import cross_validate, site_calibrate
 @pytest.fixture(scope="module")
 def site_run(tiny_checkpoint, fixtures_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("site")
-    report = site_calibrate(tiny_checkpoint, fixtures_dir / "chest_xray" / "train", out, n_boot=200, cv_repeats=5,
-                            device="cpu", num_workers=0)  # fmt: skip
+    report = site_calibrate(
+        tiny_checkpoint,
+        fixtures_dir / "chest_xray" / "train",
+        out,
+        n_boot=200,
+        cv_repeats=5,
+        device="cpu",
+        num_workers=0,
+    )
     return out, report
 
 
@@ -33,7 +41,13 @@ def test_writes_a_site_calibration_bound_to_the_model(site_run, tiny_checkpoint)
     assert data["n"] == 27 and data["n_per_class"] == {"NORMAL": 13, "PNEUMONIA": 14} and data["objective"] == "f1"
     assert data["reference"]["n"] == 27 and sum(data["reference"]["fractions"]) == pytest.approx(1.0)
     assert data["prior"]["scale"] == pytest.approx(1 / 1.5)  # the model's own calibration (T 1.5) was the prior
-    for name in ("site_report.json", "SITE_REPORT.md", "predictions.csv", "reliability_diagram.png", "score_histogram.png"):
+    for name in (
+        "site_report.json",
+        "SITE_REPORT.md",
+        "predictions.csv",
+        "reliability_diagram.png",
+        "score_histogram.png",
+    ):
         assert (out / name).is_file(), name
     with Image.open(out / "score_histogram.png") as im:
         assert im.size[0] > 300
@@ -85,19 +99,66 @@ def test_cli_site_calibrate_then_evaluate_with_it(tiny_checkpoint, fixtures_dir,
 
     monkeypatch.setattr(cli, "tune_malloc", lambda: False)
     data = fixtures_dir / "chest_xray" / "train"
-    assert cli.main(["site-calibrate", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "site"),
-                     "--objective", "sensitivity", "--target-sensitivity", "0.9", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "site-calibrate",
+                "--data",
+                str(data),
+                "--model",
+                str(tiny_checkpoint),
+                "--out",
+                str(tmp_path / "site"),
+                "--objective",
+                "sensitivity",
+                "--target-sensitivity",
+                "0.9",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out
     assert said.startswith("site-calibrate (27 films): p = sigmoid(") and "(sensitivity)" in said
     site = json.loads((tmp_path / "site" / CALIBRATION_FILE).read_text())
     assert site["objective"] == "sensitivity" and site["target_sensitivity"] == 0.9
-    assert cli.main(["evaluate", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "eval"),
-                     "--calibration", str(tmp_path / "site" / CALIBRATION_FILE), "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--data",
+                str(data),
+                "--model",
+                str(tiny_checkpoint),
+                "--out",
+                str(tmp_path / "eval"),
+                "--calibration",
+                str(tmp_path / "site" / CALIBRATION_FILE),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(site["threshold"])
     assert metrics["sensitivity"] >= 0.9  # the site's own films, at the threshold chosen for them
     # an empty or one-class folder is a one-line error
     (tmp_path / "one" / "NORMAL").mkdir(parents=True)
     shutil.copy(next(data.glob("NORMAL/*.jpeg")), tmp_path / "one" / "NORMAL" / "a.jpeg")
-    assert cli.main(["site-calibrate", "--data", str(tmp_path / "one"), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(
+            [
+                "site-calibrate",
+                "--data",
+                str(tmp_path / "one"),
+                "--model",
+                str(tiny_checkpoint),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "needs films of both classes" in capsys.readouterr().err

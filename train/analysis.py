@@ -1,4 +1,5 @@
 """Evaluation of a calibrated model on a labelled folder: predictions, metrics and plots."""
+
 from __future__ import annotations
 
 import csv
@@ -10,11 +11,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: plots are files
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (
     ConfusionMatrixDisplay,
     PrecisionRecallDisplay,
     RocCurveDisplay,
@@ -25,12 +26,12 @@ from sklearn.metrics import (  # noqa: E402
     precision_recall_fscore_support,
     roc_auc_score,
 )
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader
 
-from xr.core.model import CLASS_NAMES  # noqa: E402
-from xr.core.predict import Predictor  # noqa: E402
-from xr.train.calibrate import ece  # noqa: E402
-from xr.train.data import Item, XRDataset  # noqa: E402
+from xr.core.model import CLASS_NAMES
+from xr.core.predict import Predictor
+from xr.train.calibrate import ece
+from xr.train.data import Item, XRDataset
 
 PLOTS = ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability_diagram.png")
 
@@ -64,7 +65,14 @@ CI_METRICS = ("accuracy", "sensitivity", "specificity", "f1", "auroc", "ece")
 
 
 def bootstrap_metrics(
-    labels, probs, threshold: float, groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0, n_bins: int = 15
+    labels,
+    probs,
+    threshold: float,
+    groups=None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    n_bins: int = 15,
 ) -> dict[str, dict[str, float | None]]:
     """Each metric of :data:`CI_METRICS` with a percentile bootstrap interval: ``{"value", "low", "high"}``.
 
@@ -102,8 +110,11 @@ def bootstrap_metrics(
                 draws[k].append(v)
     tail = 100 * (1 - level) / 2
     return {
-        k: {"value": value[k], "low": float(np.percentile(draws[k], tail)) if draws[k] else None,
-            "high": float(np.percentile(draws[k], 100 - tail)) if draws[k] else None}
+        k: {
+            "value": value[k],
+            "low": float(np.percentile(draws[k], tail)) if draws[k] else None,
+            "high": float(np.percentile(draws[k], 100 - tail)) if draws[k] else None,
+        }
         for k in CI_METRICS
     }
 
@@ -174,7 +185,13 @@ def pair_agreement(predictor: Predictor, first: list[Path], second: list[Path]) 
 
 
 def evaluate_items(
-    predictor: Predictor, items: list[Item], out: str | Path, *, batch_size: int = 32, num_workers: int = 1, title: str = "",
+    predictor: Predictor,
+    items: list[Item],
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    title: str = "",
     n_bins: int = 15,
 ) -> dict[str, Any]:
     """Write predictions.csv, metrics.json and the four plots for ``items`` into ``out``; ECE and the
@@ -190,7 +207,9 @@ def evaluate_items(
         w.writerow(["path", "label", "logit", "probability", "predicted", "correct"])
         for it, z, p in zip(items, logits, probs):
             predicted = CLASS_NAMES[int(p >= thr)]
-            w.writerow([it.path, CLASS_NAMES[it.label], f"{z:.6f}", f"{p:.6f}", predicted, predicted == CLASS_NAMES[it.label]])
+            w.writerow(
+                [it.path, CLASS_NAMES[it.label], f"{z:.6f}", f"{p:.6f}", predicted, predicted == CLASS_NAMES[it.label]]
+            )
     metrics = compute_metrics(labels, probs, thr, n_bins)
     metrics.update({"T": predictor.temperature, "model_id": predictor.model_id})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -7,6 +7,7 @@ site, and the decision threshold.
   shifts logits (other exposures, another prevalence), which a temperature alone cannot undo.
 - ``choose_threshold``: on calibrated probabilities, by F1, Youden, cost or a target sensitivity.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,7 +65,9 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> float:
     return float(np.clip(t, 0.05, 20.0))
 
 
-def fit_logistic(logits, labels, scale0: float = 1.0, shift0: float = 0.0, strength: float = 1.0) -> tuple[float, float]:
+def fit_logistic(
+    logits, labels, scale0: float = 1.0, shift0: float = 0.0, strength: float = 1.0
+) -> tuple[float, float]:
     """(a, b) of p = sigmoid(a z + b): the minimum of the summed NLL plus ``strength`` / 2 x
     ((log a - log scale0)^2 + (b - shift0)^2), a Gaussian prior on the log-scale and the shift centred on
     the calibration the model came with (``scale0`` = 1/T, ``shift0``). ``strength`` is the prior's weight
@@ -115,7 +118,12 @@ def sigmoid(x) -> np.ndarray:
 
 
 def threshold_scores(
-    probs, labels, objective: str = "f1", fn_cost: float = 5.0, fp_cost: float = 1.0, grid: int = 999,
+    probs,
+    labels,
+    objective: str = "f1",
+    fn_cost: float = 5.0,
+    fp_cost: float = 1.0,
+    grid: int = 999,
     target_sensitivity: float = 0.97,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(thresholds, score) over an even grid in (0, 1); higher score is better for every objective.
@@ -143,7 +151,12 @@ def threshold_scores(
 
 
 def choose_threshold(
-    probs, labels, objective: str = "f1", fn_cost: float = 5.0, fp_cost: float = 1.0, grid: int = 999,
+    probs,
+    labels,
+    objective: str = "f1",
+    fn_cost: float = 5.0,
+    fp_cost: float = 1.0,
+    grid: int = 999,
     target_sensitivity: float = 0.97,
 ) -> tuple[float, float]:
     """Best threshold and its score. Where a range of thresholds ties for best, take its middle:

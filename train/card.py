@@ -1,5 +1,6 @@
 """The model card written next to the checkpoint: machine-readable (model_card.json, after MONAI's
 bundle metadata.json) and human-readable (MODEL_CARD.md)."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,11 @@ def _metric(value: float | None) -> str:
 
 def augmentation(a) -> str:
     """The recipe's training augmentation in one line (``augment`` section)."""
-    parts = [f"RandomResizedCrop scale {a.rrc_scale[0]:g}-{a.rrc_scale[1]:g}", f"flip p {a.hflip_p:g}", f"rotation +/-{a.rotation_deg:g} deg"]
+    parts = [
+        f"RandomResizedCrop scale {a.rrc_scale[0]:g}-{a.rrc_scale[1]:g}",
+        f"flip p {a.hflip_p:g}",
+        f"rotation +/-{a.rotation_deg:g} deg",
+    ]
     if tuple(a.affine_scale) != (1.0, 1.0) or a.translate:
         parts.append(f"affine zoom {a.affine_scale[0]:g}-{a.affine_scale[1]:g} and shift {a.translate:g}")
     parts += [f"{name} +/-{v:g}" for name, v in (("brightness", a.brightness), ("contrast", a.contrast)) if v]
@@ -56,7 +61,8 @@ def write_model_card(
             "render": (
                 f"squashed to {cfg.preprocess.render_size}x{cfg.preprocess.render_size} (bicubic), "
                 f"JPEG quality {cfg.preprocess.render_quality}, as the training copies were made"
-                if cfg.preprocess.render_size else "off"
+                if cfg.preprocess.render_size
+                else "off"
             ),
             "resize": f"{cfg.preprocess.resize_mode} to {int(cfg.preprocess.img_size * cfg.preprocess.resize_ratio)}, center crop",
             "channels": "grayscale copied to 3",
@@ -65,7 +71,8 @@ def write_model_card(
         "output": {"classes": list(CLASS_NAMES), "score": "calibrated P(PNEUMONIA) = sigmoid(logit / T)"},
         "calibration": {k: calib[k] for k in ("T", "threshold", "objective")} | {"val": calib["calibration"]},
         "data": splits.summary(),
-        "training": {k: train[k] for k in ("best_epoch", "best_val_auroc", "epochs_run")} | {"augmentation": augmentation(cfg.augment)},
+        "training": {k: train[k] for k in ("best_epoch", "best_val_auroc", "epochs_run")}
+        | {"augmentation": augmentation(cfg.augment)},
         "test_metrics": {k: test[k] for k in ("n", "auroc", "accuracy", "f1", "sensitivity", "specificity", "ece")}
         | {"recall_" + c: test["per_class"][c]["recall"] for c in CLASS_NAMES},
         "command": command,
@@ -82,7 +89,7 @@ def write_model_card(
         f"**Intended use.** {INTENDED_USE}",
         "",
         "## Data and licence",
-        "Kaggle \"Chest X-Ray Images (Pneumonia)\" training split (Kermany, Zhang, Goldbaum, Mendeley Data v2, 2018; "
+        'Kaggle "Chest X-Ray Images (Pneumonia)" training split (Kermany, Zhang, Goldbaum, Mendeley Data v2, 2018; '
         "CC BY 4.0), pediatric patients, images squashed to 224x224. Validation and test were carved out of it by "
         "patient (no patient, and no byte-identical image, in two splits), stratified, seed "
         f"{cfg.data.seed}: train {s['train']['images']} images / {s['train']['patients']} patients, "
@@ -93,15 +100,16 @@ def write_model_card(
         f"{cfg.model.arch}, one logit, BCEWithLogitsLoss (pos_weight {'on' if cfg.train.pos_weight else 'off'}), "
         f"class-balanced sampler {'on' if cfg.train.weighted_sampler else 'off'}; {min(cfg.train.head_epochs, cfg.train.epochs)} "
         f"head-only epochs on cached features"
-        + (f", then fine-tuning with stem + {cfg.train.freeze_stages} block stages frozen" if cfg.train.epochs > cfg.train.head_epochs else "")
+        + (
+            f", then fine-tuning with stem + {cfg.train.freeze_stages} block stages frozen"
+            if cfg.train.epochs > cfg.train.head_epochs
+            else ""
+        )
         + f"; augmentation: {card['training']['augmentation']}"
         + f"; AdamW lr {cfg.train.lr}, "
         f"weight decay {cfg.train.weight_decay}; ReduceLROnPlateau on val AUROC; early stopping {cfg.train.early_stopping_patience}; "
         f"best epoch {card['training']['best_epoch']} of {card['training']['epochs_run']} (val AUROC {card['training']['best_val_auroc']:.4f}). "
-        + (
-            f"Every input is first rendered: {card['input']['render']}. "
-            if cfg.preprocess.render_size else ""
-        )
+        + (f"Every input is first rendered: {card['input']['render']}. " if cfg.preprocess.render_size else "")
         + f"Temperature scaling T = {calib['T']:.3f}; threshold {calib['threshold']:.3f} by {calib['objective']} on val.",
         "",
         "## Exact command",
@@ -110,7 +118,9 @@ def write_model_card(
         "## Test metrics (patient-held-out split)",
         "| AUROC | accuracy | F1 | recall PNEUMONIA | recall NORMAL | ECE |",
         "| --- | --- | --- | --- | --- | --- |",
-        "| " + " | ".join(_metric(t[k]) for k in ("auroc", "accuracy", "f1", "recall_PNEUMONIA", "recall_NORMAL", "ece")) + " |",
+        "| "
+        + " | ".join(_metric(t[k]) for k in ("auroc", "accuracy", "f1", "recall_PNEUMONIA", "recall_NORMAL", "ece"))
+        + " |",
         "",
         f"Validation calibration: NLL {calib['calibration']['nll_before']:.4f} -> {calib['calibration']['nll_after']:.4f}, "
         f"ECE {calib['calibration']['ece_before']:.4f} -> {calib['calibration']['ece_after']:.4f}.",

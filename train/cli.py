@@ -10,6 +10,7 @@ Each stage starts from the files the previous one wrote in the run folder, so on
     RUN/eval/                       predictions.csv, metrics.json, plots (test split)
     RUN/model_card.json, RUN/MODEL_CARD.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,7 +93,8 @@ def stage_split(cfg: Recipe, data: Path, out: Path) -> Splits:
     splits.save(out / "splits")
     s = splits.summary()
     print(
-        "split: " + ", ".join(f"{k} {s[k]['images']} images / {s[k]['patients']} patients" for k in ("train", "val", "test"))
+        "split: "
+        + ", ".join(f"{k} {s[k]['images']} images / {s[k]['patients']} patients" for k in ("train", "val", "test"))
         + (f" ({'; '.join(s['notes'])})" if s["notes"] else "")
     )
     return splits
@@ -104,7 +106,9 @@ def stage_train(cfg: Recipe, out: Path, device: str) -> dict:
     t0 = time.perf_counter()
     result = fit(cfg, splits, out, dev)
     result["seconds"] = time.perf_counter() - t0
-    print(f"train: best val AUROC {result['best_val_auroc']:.4f} at epoch {result['best_epoch']} ({result['seconds']:.0f} s on {dev})")
+    print(
+        f"train: best val AUROC {result['best_val_auroc']:.4f} at epoch {result['best_epoch']} ({result['seconds']:.0f} s on {dev})"
+    )
     return result
 
 
@@ -123,14 +127,18 @@ def stage_calibrate(cfg: Recipe, out: Path) -> dict:
     report = cal.calibration_report(logits, labels, t, cc.ece_bins)
     checkpoint = out / BEST_CHECKPOINT
     calibration = Calibration(
-        temperature=t, threshold=threshold, kind="validation",
+        temperature=t,
+        threshold=threshold,
+        kind="validation",
         model_sha256=file_sha256(checkpoint) if checkpoint.exists() else None,
         reference=reference(probs, threshold),
         extra={
-            "objective": cc.objective, "objective_score": score,
+            "objective": cc.objective,
+            "objective_score": score,
             **({"fn_cost": cc.fn_cost, "fp_cost": cc.fp_cost} if cc.objective == "cost" else {}),
             **({"target_sensitivity": cc.target_sensitivity} if cc.objective == "sensitivity" else {}),
-            "n_val": int(len(labels)), "calibration": report,
+            "n_val": int(len(labels)),
+            "calibration": report,
             "val_metrics": compute_metrics(labels, probs, threshold, cc.ece_bins),
         },
     )
@@ -143,12 +151,19 @@ def stage_calibrate(cfg: Recipe, out: Path) -> dict:
     return result
 
 
-def stage_evaluate(cfg: Recipe, model: Path, items, out: Path, device: str, title: str, calibration: Path | None = None) -> dict:
+def stage_evaluate(
+    cfg: Recipe, model: Path, items, out: Path, device: str, title: str, calibration: Path | None = None
+) -> dict:
     predictor = Predictor.from_checkpoint(model, calibration, device=device, amp=cfg.train.amp)
     if not predictor.calibration.calibrated:
         print(f"warning: no {CALIBRATION_FILE} beside {model}; using T=1 and threshold 0.5", file=sys.stderr)
     m = evaluate_items(
-        predictor, items, out, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, title=title,
+        predictor,
+        items,
+        out,
+        batch_size=cfg.train.batch_size,
+        num_workers=cfg.data.num_workers,
+        title=title,
         n_bins=cfg.calibration.ece_bins,
     )
     pc = m["per_class"]
@@ -168,13 +183,19 @@ def _eval_items(data: Path):
 
 # -- command line -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="xr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, data=False, data_required=False, device=True):
         p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder (default runs/latest)")
-        p.add_argument("--recipe", type=Path, default=None,
-                       help="recipe file (default: the run folder's saved recipe.yaml, else the packaged train/recipe.yaml)")
+        p.add_argument(
+            "--recipe",
+            type=Path,
+            default=None,
+            help="recipe file (default: the run folder's saved recipe.yaml, else the packaged train/recipe.yaml)",
+        )
         if device:  # split and calibrate run no model
             p.add_argument("--device", default="auto", help=DEVICE_HELP)
         if data:
@@ -189,8 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-workers", type=int, help="override data.num_workers")
 
     def split_flags(p):
-        p.add_argument("--test-patients-from", type=Path, metavar="DIR",
-                       help="override data.test_patients_from: patients of the images under DIR go to the test split")
+        p.add_argument(
+            "--test-patients-from",
+            type=Path,
+            metavar="DIR",
+            help="override data.test_patients_from: patients of the images under DIR go to the test split",
+        )
 
     p = sub.add_parser("split", help="carve val/test out of train by patient and save the file lists")
     common(p, data=True, data_required=True, device=False)
@@ -203,28 +228,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=cal.OBJECTIVES, help="override calibration.objective")
     p = sub.add_parser("evaluate", help="metrics and plots of a model on a labelled folder")
     # Not common(): --out is only where evaluate writes, and it never reads a run folder's saved config.
-    p.add_argument("--out", type=Path, default=Path("runs/latest"),
-                   help="output folder for predictions.csv, metrics.json and the plots (default runs/latest)")
-    p.add_argument("--recipe", type=Path, default=None,
-                   help="recipe file for calibration.ece_bins and batch sizes (default: the packaged train/recipe.yaml)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/latest"),
+        help="output folder for predictions.csv, metrics.json and the plots (default runs/latest)",
+    )
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        default=None,
+        help="recipe file for calibration.ece_bins and batch sizes (default: the packaged train/recipe.yaml)",
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--data", type=Path,
-                   help="labelled folder (NORMAL/ and PNEUMONIA/), or a Kaggle-layout root: its test split")
+    p.add_argument(
+        "--data", type=Path, help="labelled folder (NORMAL/ and PNEUMONIA/), or a Kaggle-layout root: its test split"
+    )
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
-    p.add_argument("--calibration", type=Path, default=None,
-                   help="a calibration file, e.g. a site's from site-calibrate (default: the one beside the checkpoint)")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="a calibration file, e.g. a site's from site-calibrate (default: the one beside the checkpoint)",
+    )
     p = sub.add_parser("site-calibrate", help="fit the model's calibration and threshold to a site's labelled films")
     p.add_argument("--data", type=Path, required=True, help="the site's labelled films: NORMAL/ and PNEUMONIA/")
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--out", type=Path, required=True, help="folder for calibration_threshold.json and the report")
-    p.add_argument("--objective", choices=cal.OBJECTIVES, default=SITE_OBJECTIVE,
-                   help=f"how the threshold is chosen on the site's films (default {SITE_OBJECTIVE})")
-    p.add_argument("--target-sensitivity", type=float, default=0.97,
-                   help="objective sensitivity: the PNEUMONIA recall to keep (default 0.97)")
+    p.add_argument(
+        "--objective",
+        choices=cal.OBJECTIVES,
+        default=SITE_OBJECTIVE,
+        help=f"how the threshold is chosen on the site's films (default {SITE_OBJECTIVE})",
+    )
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.97,
+        help="objective sensitivity: the PNEUMONIA recall to keep (default 0.97)",
+    )
     p.add_argument("--fn-cost", type=float, default=5.0, help="objective cost: cost of a missed pneumonia (default 5)")
     p.add_argument("--fp-cost", type=float, default=1.0, help="objective cost: cost of a false alarm (default 1)")
-    p.add_argument("--prior-strength", type=float, default=1.0,
-                   help="weight of the model's own calibration against the site's films, in films (default 1)")
+    p.add_argument(
+        "--prior-strength",
+        type=float,
+        default=1.0,
+        help="weight of the model's own calibration against the site's films, in films (default 1)",
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p = sub.add_parser("all", help="split, train, calibrate and evaluate on the test split")
     common(p, data=True, data_required=True)
@@ -242,9 +292,15 @@ def _site_calibrate(args: argparse.Namespace) -> int:
     if args.prior_strength < 0:
         raise XRError(f"--prior-strength: {args.prior_strength} must be >= 0")
     r = site_calibrate(
-        args.model or SHIPPED_MODEL, args.data, args.out, objective=args.objective,
-        target_sensitivity=args.target_sensitivity, strength=args.prior_strength, fn_cost=args.fn_cost,
-        fp_cost=args.fp_cost, device=args.device,
+        args.model or SHIPPED_MODEL,
+        args.data,
+        args.out,
+        objective=args.objective,
+        target_sensitivity=args.target_sensitivity,
+        strength=args.prior_strength,
+        fn_cost=args.fn_cost,
+        fp_cost=args.fp_cost,
+        device=args.device,
     )
     after, cv = r["after"], r["cross_validated"]
     print(
@@ -274,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             model = args.model or SHIPPED_MODEL
             if args.data is None:
-                raise XRError("evaluate needs --data: a labelled folder (NORMAL/ and PNEUMONIA/) or a Kaggle-layout root")
-            stage_evaluate(cfg, model, _eval_items(args.data), out, args.device, title=args.data.name, calibration=args.calibration)
+                raise XRError(
+                    "evaluate needs --data: a labelled folder (NORMAL/ and PNEUMONIA/) or a Kaggle-layout root"
+                )
+            stage_evaluate(
+                cfg, model, _eval_items(args.data), out, args.device, title=args.data.name, calibration=args.calibration
+            )
         elif args.command == "all":
             t0 = time.perf_counter()
             splits = stage_split(cfg, args.data, out)

@@ -1,13 +1,14 @@
 """Labelled data: discovery in the Kaggle layout, patient-grouped splits, and the torch Dataset."""
+
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -143,7 +144,7 @@ class Splits:
         (folder / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Splits":
+    def load(cls, folder: str | Path) -> Splits:
         folder = Path(folder)
         parts = {}
         for name in SPLITS:
@@ -152,7 +153,11 @@ class Splits:
                 raise XRError(f"split file missing: {path} (run `xr-train split` first)")
             with open(path, newline="") as f:
                 parts[name] = [Item(r["path"], int(r["label"]), r["patient"]) for r in csv.DictReader(f)]
-        notes = json.loads((folder / "summary.json").read_text()).get("notes", []) if (folder / "summary.json").exists() else []
+        notes = (
+            json.loads((folder / "summary.json").read_text()).get("notes", [])
+            if (folder / "summary.json").exists()
+            else []
+        )
         return cls(parts["train"], parts["val"], parts["test"], notes)
 
 
@@ -179,7 +184,7 @@ def _pin(items: list[Item], patients: set[str]) -> tuple[list[Item], list[Item]]
 def _drop_shared(items: list[Item], kept: list[Item]) -> tuple[list[Item], list[Item]]:
     """(rest, dropped): the items whose patient, or a file byte-identical to one of theirs, is in ``kept``."""
     groups = _content_groups(items + kept)
-    kept_groups = set(groups[len(items):])
+    kept_groups = set(groups[len(items) :])
     rest = [it for it, g in zip(items, groups[: len(items)]) if g not in kept_groups]
     dropped = [it for it, g in zip(items, groups[: len(items)]) if g in kept_groups]
     return rest, dropped

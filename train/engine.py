@@ -4,6 +4,7 @@ Shaped like torchvision/timm ``train.py``: ``train_one_epoch`` and ``evaluate`` 
 ``fit`` writes one summary row per epoch and checkpoints holding model, optimizer, scheduler, epoch
 and config.
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,14 +49,21 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(
-    dataset, batch_size: int, num_workers: int, generator: torch.Generator, balanced: bool = False, shuffle: bool = False
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    generator: torch.Generator,
+    balanced: bool = False,
+    shuffle: bool = False,
 ) -> DataLoader:
     sampler = None
     if balanced:
         labels = torch.as_tensor(dataset.labels() if hasattr(dataset, "labels") else dataset.tensors[1])
         counts = torch.bincount(labels.long(), minlength=2).clamp(min=1).double()
         # Each class drawn equally often: a batch is about half NORMAL, half PNEUMONIA.
-        sampler = WeightedRandomSampler((1.0 / counts)[labels.long()], len(labels), replacement=True, generator=generator)
+        sampler = WeightedRandomSampler(
+            (1.0 / counts)[labels.long()], len(labels), replacement=True, generator=generator
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -180,12 +188,23 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
     bar.close()
     seconds = time.perf_counter() - start
-    return {"loss": total_loss / max(seen, 1), "images": seen, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+    return {
+        "loss": total_loss / max(seen, 1),
+        "images": seen,
+        "seconds": seconds,
+        "images_per_s": seen / max(seconds, 1e-9),
+    }
 
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, loader: DataLoader, device: torch.device, *, bf16: bool = False, channels_last: bool = True, desc: str = "eval"
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    bf16: bool = False,
+    channels_last: bool = True,
+    desc: str = "eval",
 ) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     logits, labels = [], []
@@ -203,7 +222,9 @@ def predict_logits(
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, **kw) -> dict[str, Any]:
     """Validation metrics at the raw logit (threshold 0.5 uncalibrated); logits kept for calibration."""
     logits, labels = predict_logits(model, loader, device, **kw)
-    loss = float(F.binary_cross_entropy_with_logits(torch.as_tensor(logits), torch.as_tensor(labels, dtype=torch.float64)))
+    loss = float(
+        F.binary_cross_entropy_with_logits(torch.as_tensor(logits), torch.as_tensor(labels, dtype=torch.float64))
+    )
     usable = len(set(labels.tolist())) == 2 and np.isfinite(logits).all()
     auroc = float(roc_auc_score(labels, logits)) if usable else float("nan")  # fit() names the cause
     acc = float(((logits >= 0) == (labels == 1)).mean())
@@ -304,10 +325,16 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
                 save_checkpoint(out_dir / BEST_CHECKPOINT, eval_model, meta)
             save_val_logits(out_dir / VAL_LOGITS, splits.val, val["logits"] + shift, val["labels"])
         row = {
-            "epoch": epoch, "phase": phase, "lr": lr,
-            "train_loss": round(train_stats["loss"], 5), "train_images_per_s": round(train_stats["images_per_s"], 2),
-            "val_loss": round(val["loss"], 5), "val_auroc": round(val["auroc"], 5), "val_acc": round(val["acc"], 4),
-            "seconds": round(train_stats["seconds"], 1), "best": improved,
+            "epoch": epoch,
+            "phase": phase,
+            "lr": lr,
+            "train_loss": round(train_stats["loss"], 5),
+            "train_images_per_s": round(train_stats["images_per_s"], 2),
+            "val_loss": round(val["loss"], 5),
+            "val_auroc": round(val["auroc"], 5),
+            "val_acc": round(val["acc"], 4),
+            "seconds": round(train_stats["seconds"], 1),
+            "best": improved,
         }
         _write_epoch_row(log_path, row)
         history.append(row)
@@ -333,8 +360,15 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
         for _ in range(head_epochs):
             epoch += 1
             stats = train_one_epoch(
-                head, feat_loader, head_opt, loss_fn, device, bf16=False, channels_last=False,
-                smoothing=tc.label_smoothing, desc=f"head {epoch}",
+                head,
+                feat_loader,
+                head_opt,
+                loss_fn,
+                device,
+                bf16=False,
+                channels_last=False,
+                smoothing=tc.label_smoothing,
+                desc=f"head {epoch}",
             )
             val = evaluate(head, val_feat_loader, device, channels_last=False)
             finish_epoch(epoch, "head", stats, val, head_opt.param_groups[0]["lr"], model)
@@ -342,7 +376,11 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
         if epoch >= tc.epochs:  # no fine-tuning epoch follows: the head-only model is also the last one
             with _BiasShift(model, shift):
                 save_checkpoint(
-                    out_dir / LAST_CHECKPOINT, model, meta, optimizer=head_opt.state_dict(), epoch=epoch,
+                    out_dir / LAST_CHECKPOINT,
+                    model,
+                    meta,
+                    optimizer=head_opt.state_dict(),
+                    epoch=epoch,
                     config=cfg.to_dict(),
                 )
 
@@ -353,7 +391,8 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
     body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     optimizer = torch.optim.AdamW(
         [{"params": body_params, "lr": tc.lr * tc.backbone_lr_mult}, {"params": head_params, "lr": tc.lr}],
-        lr=tc.lr, weight_decay=tc.weight_decay,
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=tc.plateau_factor, patience=tc.plateau_patience
@@ -368,8 +407,18 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
     while epoch < tc.epochs:
         epoch += 1
         stats = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device, frozen=frozen, bf16=bf16_step, channels_last=cl,
-            smoothing=tc.label_smoothing, max_steps=tc.max_steps_per_epoch, ema=ema, desc=f"epoch {epoch}",
+            model,
+            train_loader,
+            optimizer,
+            loss_fn,
+            device,
+            frozen=frozen,
+            bf16=bf16_step,
+            channels_last=cl,
+            smoothing=tc.label_smoothing,
+            max_steps=tc.max_steps_per_epoch,
+            ema=ema,
+            desc=f"epoch {epoch}",
         )
         eval_model = ema.module if ema is not None else model
         val = evaluate(eval_model, val_loader, device, bf16=bf16, channels_last=cl)
@@ -378,8 +427,13 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
         # Shifted like the best checkpoint, as meta["prior_correction"] says of both.
         with _BiasShift(eval_model, shift):
             save_checkpoint(
-                out_dir / LAST_CHECKPOINT, eval_model, meta, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), epoch=epoch, config=cfg.to_dict(),
+                out_dir / LAST_CHECKPOINT,
+                eval_model,
+                meta,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                epoch=epoch,
+                config=cfg.to_dict(),
             )
         since_best = 0 if improved else since_best + 1
         if since_best >= tc.early_stopping_patience:

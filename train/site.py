@@ -7,6 +7,7 @@ p = sigmoid(a z + b), with a prior centred on the model's own calibration (train
 ``calibration_threshold.json`` bound to that model. The report says how sure 50-200 films can make anyone:
 metrics with patient-bootstrap intervals, and a cross-validated estimate of the same procedure on new films.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,34 +19,53 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: plots are files
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.calibration import calibration_curve
+from sklearn.model_selection import StratifiedGroupKFold
 
-from xr.core.calibration import CALIBRATION_FILE, Calibration, reference  # noqa: E402
-from xr.core.errors import XRError  # noqa: E402
-from xr.core.model import CLASS_NAMES  # noqa: E402
-from xr.core.predict import Predictor  # noqa: E402
-from xr.train import calibrate as cal  # noqa: E402
-from xr.train.analysis import bootstrap_metrics, score_items  # noqa: E402
-from xr.train.data import Item, discover  # noqa: E402
+from xr.core.calibration import CALIBRATION_FILE, Calibration, reference
+from xr.core.errors import XRError
+from xr.core.model import CLASS_NAMES
+from xr.core.predict import Predictor
+from xr.train import calibrate as cal
+from xr.train.analysis import bootstrap_metrics, score_items
+from xr.train.data import Item, discover
 
 REPORT_JSON, REPORT_MD = "site_report.json", "SITE_REPORT.md"
 PLOTS = ("reliability_diagram.png", "score_histogram.png")
 
 
-def fit_site(logits, labels, base: Calibration, objective: str, target_sensitivity: float = 0.97,
-             strength: float = 1.0, fn_cost: float = 5.0, fp_cost: float = 1.0) -> tuple[float, float, float]:
+def fit_site(
+    logits,
+    labels,
+    base: Calibration,
+    objective: str,
+    target_sensitivity: float = 0.97,
+    strength: float = 1.0,
+    fn_cost: float = 5.0,
+    fp_cost: float = 1.0,
+) -> tuple[float, float, float]:
     """(a, b, threshold) for these films: recalibration with a prior on ``base``, then the threshold."""
     a, b = cal.fit_logistic(logits, labels, scale0=1.0 / base.temperature, shift0=base.shift, strength=strength)
     probs = cal.sigmoid(a * np.asarray(logits) + b)
-    threshold, _ = cal.choose_threshold(probs, labels, objective, fn_cost, fp_cost, target_sensitivity=target_sensitivity)
+    threshold, _ = cal.choose_threshold(
+        probs, labels, objective, fn_cost, fp_cost, target_sensitivity=target_sensitivity
+    )
     return a, b, threshold
 
 
-def cross_validate(logits, labels, groups, base: Calibration, objective: str, repeats: int = 50, seed: int = 0,
-                   n_bins: int = 15, **fit_kw) -> dict[str, dict[str, float]]:
+def cross_validate(
+    logits,
+    labels,
+    groups,
+    base: Calibration,
+    objective: str,
+    repeats: int = 50,
+    seed: int = 0,
+    n_bins: int = 15,
+    **fit_kw,
+) -> dict[str, dict[str, float]]:
     """The whole procedure on new films: repeated patient-grouped 2-fold splits, each half scored by the
     recalibration and threshold fitted on the other; per repeat the metrics of all films so scored, then
     per metric the mean and the 5th-95th percentile over the repeats."""
@@ -60,18 +80,41 @@ def cross_validate(logits, labels, groups, base: Calibration, objective: str, re
             p[ev_idx] = cal.sigmoid(a * z[ev_idx] + b)
             pred[ev_idx] = p[ev_idx] >= thr
         yy = y == 1
-        runs.append({
-            "accuracy": float((pred == yy).mean()), "sensitivity": float(pred[yy].mean()),
-            "specificity": float((~pred[~yy]).mean()), "ece": cal.ece(p, y, n_bins),
-        })
-    return {k: {"mean": float(np.mean([m[k] for m in runs])), "p05": float(np.percentile([m[k] for m in runs], 5)),
-                "p95": float(np.percentile([m[k] for m in runs], 95))} for k in runs[0]}
+        runs.append(
+            {
+                "accuracy": float((pred == yy).mean()),
+                "sensitivity": float(pred[yy].mean()),
+                "specificity": float((~pred[~yy]).mean()),
+                "ece": cal.ece(p, y, n_bins),
+            }
+        )
+    return {
+        k: {
+            "mean": float(np.mean([m[k] for m in runs])),
+            "p05": float(np.percentile([m[k] for m in runs], 5)),
+            "p95": float(np.percentile([m[k] for m in runs], 95)),
+        }
+        for k in runs[0]
+    }
 
 
 def site_calibrate(
-    model: Path, data: Path, out: Path, *, objective: str = "f1", target_sensitivity: float = 0.97,
-    strength: float = 1.0, fn_cost: float = 5.0, fp_cost: float = 1.0, device: str = "auto", amp: str = "auto",
-    n_boot: int = 1000, cv_repeats: int = 50, n_bins: int = 15, batch_size: int = 32, num_workers: int = 1,
+    model: Path,
+    data: Path,
+    out: Path,
+    *,
+    objective: str = "f1",
+    target_sensitivity: float = 0.97,
+    strength: float = 1.0,
+    fn_cost: float = 5.0,
+    fp_cost: float = 1.0,
+    device: str = "auto",
+    amp: str = "auto",
+    n_boot: int = 1000,
+    cv_repeats: int = 50,
+    n_bins: int = 15,
+    batch_size: int = 32,
+    num_workers: int = 1,
 ) -> dict[str, Any]:
     """Score the site's films, fit and write ``out/calibration_threshold.json`` and the report; return the report."""
     items = _site_items(data)
@@ -85,12 +128,20 @@ def site_calibrate(
     probs = cal.sigmoid(a * logits + b)
     before = base.probability(logits)
     site = Calibration(
-        temperature=1.0 / a, shift=b, threshold=threshold, kind="site", model_sha256=predictor.model_sha256,
+        temperature=1.0 / a,
+        shift=b,
+        threshold=threshold,
+        kind="site",
+        model_sha256=predictor.model_sha256,
         reference=reference(probs, threshold),
         extra={
-            "model": str(Path(model).resolve()), "model_id": predictor.model_id, "data": str(Path(data).resolve()),
-            "n": int(len(labels)), "n_per_class": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_NAMES)},
-            "objective": objective, **({"target_sensitivity": target_sensitivity} if objective == "sensitivity" else {}),
+            "model": str(Path(model).resolve()),
+            "model_id": predictor.model_id,
+            "data": str(Path(data).resolve()),
+            "n": int(len(labels)),
+            "n_per_class": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_NAMES)},
+            "objective": objective,
+            **({"target_sensitivity": target_sensitivity} if objective == "sensitivity" else {}),
             **({"fn_cost": fn_cost, "fp_cost": fp_cost} if objective == "cost" else {}),
             "prior": {"scale": 1.0 / base.temperature, "shift": base.shift, "strength": strength, "from": base.id},
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -99,8 +150,13 @@ def site_calibrate(
     out.mkdir(parents=True, exist_ok=True)
     site.write(out / CALIBRATION_FILE)
     report = {
-        "calibration_id": site.id, "model_id": predictor.model_id, "n": int(len(labels)),
-        "scale": a, "shift": b, "threshold": threshold, "objective": objective,
+        "calibration_id": site.id,
+        "model_id": predictor.model_id,
+        "n": int(len(labels)),
+        "scale": a,
+        "shift": b,
+        "threshold": threshold,
+        "objective": objective,
         "before": bootstrap_metrics(labels, before, base.threshold, groups, n_boot, n_bins=n_bins),
         "after": bootstrap_metrics(labels, probs, threshold, groups, n_boot, n_bins=n_bins),
         "cross_validated": cross_validate(logits, labels, groups, base, objective, cv_repeats, n_bins=n_bins, **fit_kw),
@@ -146,8 +202,13 @@ def _plots(out: Path, labels, before, after, base: Calibration, n_bins: int) -> 
 
     fig, ax = plt.subplots(figsize=(6, 4))
     edges = np.linspace(0, 1, 11)
-    series = [(np.histogram(before, bins=edges)[0] / max(1, len(before)), f"site, model's own calibration ({len(before)} films)"),
-              (np.histogram(after, bins=edges)[0] / max(1, len(after)), "site, site calibration")]
+    series = [
+        (
+            np.histogram(before, bins=edges)[0] / max(1, len(before)),
+            f"site, model's own calibration ({len(before)} films)",
+        ),
+        (np.histogram(after, bins=edges)[0] / max(1, len(after)), "site, site calibration"),
+    ]
     if base.reference:
         series.insert(0, (np.asarray(base.reference["fractions"]), f"validation split ({base.reference['n']} films)"))
     width = 0.1 / (len(series) + 1)
@@ -172,30 +233,39 @@ def _ci(m: dict) -> str:
 def _markdown(report: dict, base: Calibration, site: Calibration, data: Path) -> str:
     cv = report["cross_validated"]
     rows = [
-        f"| {name} | " + " | ".join(_ci(report[key][m]) for m in ("accuracy", "sensitivity", "specificity", "auroc", "ece")) + " |"
+        f"| {name} | "
+        + " | ".join(_ci(report[key][m]) for m in ("accuracy", "sensitivity", "specificity", "auroc", "ece"))
+        + " |"
         for name, key in (("model's own calibration", "before"), ("site calibration (fitted on these films)", "after"))
     ]
-    rows.append("| site calibration, cross-validated (mean, 5-95% over repeats) | " + " | ".join(
-        f"{cv[m]['mean']:.3f} ({cv[m]['p05']:.3f}-{cv[m]['p95']:.3f})" if m in cv else "" for m in
-        ("accuracy", "sensitivity", "specificity", "auroc", "ece")) + " |")
-    return "\n".join([
-        "# Site calibration report",
-        "",
-        f"Model `{report['model_id']}`; {report['n']} labelled films from `{data}`.",
-        f"Fitted p = sigmoid({report['scale']:.3f} x logit {report['shift']:+.3f}) (the model's own: "
-        f"sigmoid(logit / {base.temperature:.3f} {base.shift:+.3f})), threshold {report['threshold']:.3f} by "
-        f"{report['objective']}. Calibration id `{site.id}`: use it with `xr-daemon --calibration FILE` or "
-        "`daemon.calibration`, and only with this model.",
-        "",
-        "| | accuracy | sensitivity (PNEUMONIA recall) | specificity (NORMAL recall) | AUROC | ECE |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-        "In brackets: 95% patient-bootstrap intervals. The fitted row is measured on the films it was fitted on",
-        "and so flatters it; the cross-validated row (each half of the patients scored by the same procedure",
-        "fitted on the other half, repeated) is what to expect on new films. With about 100 films an interval",
-        "of +/-0.05 is normal: more labelled films narrow it.",
-        "",
-        f"Plots: `{PLOTS[0]}` (before and after), `{PLOTS[1]}` (this site's scores beside the validation split's).",
-        "",
-    ])
+    rows.append(
+        "| site calibration, cross-validated (mean, 5-95% over repeats) | "
+        + " | ".join(
+            f"{cv[m]['mean']:.3f} ({cv[m]['p05']:.3f}-{cv[m]['p95']:.3f})" if m in cv else ""
+            for m in ("accuracy", "sensitivity", "specificity", "auroc", "ece")
+        )
+        + " |"
+    )
+    return "\n".join(
+        [
+            "# Site calibration report",
+            "",
+            f"Model `{report['model_id']}`; {report['n']} labelled films from `{data}`.",
+            f"Fitted p = sigmoid({report['scale']:.3f} x logit {report['shift']:+.3f}) (the model's own: "
+            f"sigmoid(logit / {base.temperature:.3f} {base.shift:+.3f})), threshold {report['threshold']:.3f} by "
+            f"{report['objective']}. Calibration id `{site.id}`: use it with `xr-daemon --calibration FILE` or "
+            "`daemon.calibration`, and only with this model.",
+            "",
+            "| | accuracy | sensitivity (PNEUMONIA recall) | specificity (NORMAL recall) | AUROC | ECE |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            "In brackets: 95% patient-bootstrap intervals. The fitted row is measured on the films it was fitted on",
+            "and so flatters it; the cross-validated row (each half of the patients scored by the same procedure",
+            "fitted on the other half, repeated) is what to expect on new films. With about 100 films an interval",
+            "of +/-0.05 is normal: more labelled films narrow it.",
+            "",
+            f"Plots: `{PLOTS[0]}` (before and after), `{PLOTS[1]}` (this site's scores beside the validation split's).",
+            "",
+        ]
+    )

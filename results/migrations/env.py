@@ -1,8 +1,9 @@
 """Alembic environment: migrations run on the connection that ``xr.daemon.db.init_schema`` passes in, on
 SQLite and PostgreSQL alike (``render_as_batch`` lets SQLite change tables it cannot ALTER)."""
+
 from alembic import context
 
-from xr.daemon.db import Base
+from xr.results.schema import Base
 
 context.configure(
     connection=context.config.attributes["connection"], target_metadata=Base.metadata, render_as_batch=True

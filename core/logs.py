@@ -1,4 +1,5 @@
 """structlog set-up for the daemon: JSON lines (default) or console rendering, to stderr."""
+
 from __future__ import annotations
 
 import logging

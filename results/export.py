@@ -9,6 +9,7 @@ each file's own last id guards it: ids only grow within a file, so a row at or b
 already in it. A crash between the file renames and the DB update therefore never writes a row twice nor
 skips one, whether one update touched one file or two (daily files across midnight).
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,14 +17,16 @@ import datetime as dt
 import io
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from xr.daemon.db import (
-    CLAIMED,
+from xr.results.engine import get_meta, set_meta
+from xr.results.journal import insert_or_ignore, settled_horizon
+from xr.results.schema import (
     DICOM_COLUMNS,
     EXPORT_COLUMNS,
     FINAL_STATUSES,
@@ -32,10 +35,7 @@ from xr.daemon.db import (
     Meta,
     Result,
     Review,
-    get_meta,
-    insert_or_ignore,
-    set_meta,
-    settled_horizon,
+    Status,
 )
 
 RESULTS_PREFIX = "results-"
@@ -142,8 +142,15 @@ class CsvExporter:
     the files to recording them, so a worker that lost the lock after checking it (a server restart, a cut
     connection) waits its turn and then sees what the other one wrote."""
 
-    def __init__(self, csv_dir: str | Path, sessions: sessionmaker[Session], rotation: str = "daily", max_rows: int = 10_000,
-                 columns: tuple[str, ...] = EXPORT_COLUMNS, elect: bool = False):
+    def __init__(
+        self,
+        csv_dir: str | Path,
+        sessions: sessionmaker[Session],
+        rotation: str = "daily",
+        max_rows: int = 10_000,
+        columns: tuple[str, ...] = EXPORT_COLUMNS,
+        elect: bool = False,
+    ):
         self.columns = columns
         self.dir = Path(csv_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +250,7 @@ class CsvExporter:
         if self._current is None or self._current_rows >= self.max_rows:
             idx = 1
             if self._current is not None:
-                stem = self._current.stem[len(RESULTS_PREFIX):]
+                stem = self._current.stem[len(RESULTS_PREFIX) :]
                 idx = int(stem) + 1 if stem.isdigit() else 1
             self._current = self.dir / f"{RESULTS_PREFIX}{idx:06d}.csv"
             self._current_rows = count_rows(self._current)
@@ -252,7 +259,9 @@ class CsvExporter:
     def pending_rows(self, s: Session, horizon: int | None) -> list[dict[str, Any]]:
         """Final rows after ``last_id`` that no claim with a lower id holds back, up to ``horizon``
         (``db.settled_horizon``)."""
-        min_claimed = s.scalar(select(func.min(Result.id)).where(Result.status == CLAIMED, Result.id > self.last_id))
+        min_claimed = s.scalar(
+            select(func.min(Result.id)).where(Result.status == Status.CLAIMED, Result.id > self.last_id)
+        )
         # the columns, not ORM objects: half the cost per row, paid while the pipeline's other threads wait for the GIL
         stmt = select(*(getattr(Result, c) for c in EXPORT_COLUMNS))
         stmt = stmt.where(Result.id > self.last_id, Result.status.in_(FINAL_STATUSES))
@@ -343,8 +352,12 @@ def export_reviews(csv_dir: str | Path, sessions: sessionmaker[Session]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     last = last_id_in_csv(path)
     with sessions() as s:
-        rows = [dict(m) for m in s.execute(
-            select(*(getattr(Review, c) for c in REVIEW_COLUMNS)).where(Review.id > last).order_by(Review.id)).mappings()]
+        rows = [
+            dict(m)
+            for m in s.execute(
+                select(*(getattr(Review, c) for c in REVIEW_COLUMNS)).where(Review.id > last).order_by(Review.id)
+            ).mappings()
+        ]
     if rows:
         header = rows_to_csv([], header=True, columns=REVIEW_COLUMNS)
         atomic_append(path, rows_to_csv(rows, header=False, columns=REVIEW_COLUMNS), header=header)

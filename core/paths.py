@@ -1,5 +1,6 @@
 """Where the daemon's files live when neither a flag nor config.yaml says: the same answers for
 ``xr-daemon`` and ``xr-results`` from any working directory, in a checkout or an installed wheel."""
+
 from __future__ import annotations
 
 import os

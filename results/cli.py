@@ -1,4 +1,5 @@
 """``xr-results``: list, export and summarise the daemon's results database."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,21 +15,19 @@ from typing import Any
 from sqlalchemy import func, select
 
 from xr.core.errors import XRError
-from xr.daemon.db import (
+from xr.results.drift import drift
+from xr.results.engine import make_engine, open_existing, session_factory
+from xr.results.export import format_value
+from xr.results.schema import (
     EXPORT_COLUMNS,
     FINAL_STATUSES,
-    OK,
     SCORED,
     STATUSES,
     CalibrationRecord,
     Result,
     Review,
-    make_engine,
-    open_existing,
-    session_factory,
+    Status,
 )
-from xr.daemon.drift import drift
-from xr.daemon.export import format_value
 
 TABLE_COLUMNS = ("id", "processed_at", "filename", "status", "probability", "label", "flagged", "error")
 
@@ -62,10 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     def common(parser: argparse.ArgumentParser, top: bool) -> None:
         # options may come before or after the sub-command; a sub-command's unset option keeps the top value
         d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
-        parser.add_argument("--db", default=d(None), help="database path or SQLAlchemy URL (default: daemon.db, else <output>/results.sqlite)")
+        parser.add_argument(
+            "--db",
+            default=d(None),
+            help="database path or SQLAlchemy URL (default: daemon.db, else <output>/results.sqlite)",
+        )
         parser.add_argument("--output", default=d(None), help="the daemon's output folder (default: daemon.output)")
-        parser.add_argument("--config", default=d(None), help="config.yaml (default: $XR_CONFIG, else the packaged defaults)")
-        parser.add_argument("--since", type=parse_since, default=d(None), help="only rows processed since (ISO UTC time, or 30m / 12h / 7d)")
+        parser.add_argument(
+            "--config", default=d(None), help="config.yaml (default: $XR_CONFIG, else the packaged defaults)"
+        )
+        parser.add_argument(
+            "--since",
+            type=parse_since,
+            default=d(None),
+            help="only rows processed since (ISO UTC time, or 30m / 12h / 7d)",
+        )
         parser.add_argument("--format", choices=("table", "csv", "json"), default=d("table"))
 
     def list_opts(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -88,19 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
     common(stats, False)
     reviews = sub.add_parser("reviews", help="the readers' decisions from xr-review, with their films")
     common(reviews, False)
-    imp = sub.add_parser("import", help="load an xr-score output folder into the database (the one command that writes)")
+    imp = sub.add_parser(
+        "import", help="load an xr-score output folder into the database (the one command that writes)"
+    )
     common(imp, False)
     imp.add_argument("run", type=Path, help="the xr-score --out folder")
     return p
 
 
-REVIEW_LIST_COLUMNS = ("id", "reviewed_at", "result_id", "filename", "accession_number", "probability", "decision",
-                       "reviewer", "note")  # fmt: skip
+REVIEW_LIST_COLUMNS = (
+    "id",
+    "reviewed_at",
+    "result_id",
+    "filename",
+    "accession_number",
+    "probability",
+    "decision",
+    "reviewer",
+    "note",
+)
 
 
 def query_reviews(sessions, since: dt.datetime | None) -> list[dict[str, Any]]:
-    stmt = select(Review.id, Review.reviewed_at, Review.result_id, Result.filename, Result.accession_number,
-                  Result.probability, Review.decision, Review.reviewer, Review.note).join(Result, Review.result_id == Result.id)  # fmt: skip
+    stmt = select(
+        Review.id,
+        Review.reviewed_at,
+        Review.result_id,
+        Result.filename,
+        Result.accession_number,
+        Result.probability,
+        Review.decision,
+        Review.reviewer,
+        Review.note,
+    ).join(Result, Review.result_id == Result.id)
     if since:
         stmt = stmt.where(Review.reviewed_at >= since)
     with sessions() as s:
@@ -109,7 +139,7 @@ def query_reviews(sessions, since: dt.datetime | None) -> list[dict[str, Any]]:
 
 def db_location(args: argparse.Namespace):
     """The database the daemon with these options would use: ``--db``, else ``daemon.db``, else the output's."""
-    from xr.daemon.paths import output_dir, results_db, settings_for
+    from xr.core.paths import output_dir, results_db, settings_for
 
     cfg = settings_for(args.config)
     return results_db(cfg, output_dir(cfg, args.output), args.db)
@@ -159,9 +189,13 @@ def compute_stats(sessions, since: dt.datetime | None = None) -> dict[str, Any]:
             if n_claimed:
                 counts["claimed"] = n_claimed
         final = [Result.status.in_(FINAL_STATUSES), *cond]
-        n_flagged = s.scalar(select(func.count()).where(Result.status.in_(SCORED), Result.flagged.is_(True), *cond)) or 0
+        n_flagged = (
+            s.scalar(select(func.count()).where(Result.status.in_(SCORED), Result.flagged.is_(True), *cond)) or 0
+        )
         lat = [x for (x,) in s.execute(select(Result.latency_ms).where(*final, Result.latency_ms.is_not(None)))]
-        first_rx, last_done = s.execute(select(func.min(Result.received_at), func.max(Result.processed_at)).where(*final)).one()
+        first_rx, last_done = s.execute(
+            select(func.min(Result.received_at), func.max(Result.processed_at)).where(*final)
+        ).one()
         drift = drift_by_calibration(s, cond)
     n_scored = sum(counts.get(k, 0) for k in SCORED)
     n_final = sum(counts.get(k, 0) for k in FINAL_STATUSES)
@@ -184,7 +218,7 @@ def drift_by_calibration(s, cond: list) -> dict[str, dict[str, Any]]:
     """Per calibration that scored films in the window: the drift watch (daemon/drift.py) on its ``ok`` rows."""
     refs = {c.id: c for c in s.scalars(select(CalibrationRecord))}
     probs: dict[str, list[float]] = {}
-    for cid, p in s.execute(select(Result.calibration_id, Result.probability).where(Result.status == OK, *cond)):
+    for cid, p in s.execute(select(Result.calibration_id, Result.probability).where(Result.status == Status.OK, *cond)):
         if cid is not None and p is not None:
             probs.setdefault(cid, []).append(p)
     out = {}
@@ -229,9 +263,18 @@ def _main(argv: list[str] | None, out) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("stats", "reviews"):
-        ignored = [flag for flag, value in (("--flagged", args.flagged), ("--status", args.status),
-                   ("--limit", args.limit), ("--all-columns", args.all_columns), ("--accession", args.accession),
-                   ("--patient", args.patient)) if value]  # fmt: skip
+        ignored = [
+            flag
+            for flag, value in (
+                ("--flagged", args.flagged),
+                ("--status", args.status),
+                ("--limit", args.limit),
+                ("--all-columns", args.all_columns),
+                ("--accession", args.accession),
+                ("--patient", args.patient),
+            )
+            if value
+        ]
         if ignored:
             parser.error(f"{args.command} takes only --since and --format; {', '.join(ignored)} only apply to list")
     if args.command == "import":
@@ -247,8 +290,11 @@ def _main(argv: list[str] | None, out) -> int:
             st = compute_stats(sessions, args.since)
             for cid, d in st["drift"].items():
                 if d["warning"]:
-                    print(f"xr-results: warning: drift for calibration {cid}: {d['reason']}; "
-                          "consider `xr-train site-calibrate` on this site's films", file=sys.stderr)
+                    print(
+                        f"xr-results: warning: drift for calibration {cid}: {d['reason']}; "
+                        "consider `xr-train site-calibrate` on this site's films",
+                        file=sys.stderr,
+                    )
             if args.format == "json":
                 json.dump(st, out, indent=2)
                 print(file=out)

@@ -12,6 +12,7 @@ of results scored by that calibration, ``xr-results stats`` compares:
 Fewer than ``MIN_ROWS`` scored films say nothing. A warning is the first sign that the site needs
 ``xr-train site-calibrate`` (other scanners or exposures), or that its case mix changed.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,9 @@ def drift(reference: dict[str, Any] | None, probs, threshold: float) -> dict[str
     out["psi"] = psi(reference["fractions"], p)
     reasons = []
     if abs(z) > Z_BOUND:
-        reasons.append(f"flagged rate {out['flagged_rate']:.3f} against {expected:.3f} expected (z {z:+.1f}, bound {Z_BOUND})")
+        reasons.append(
+            f"flagged rate {out['flagged_rate']:.3f} against {expected:.3f} expected (z {z:+.1f}, bound {Z_BOUND})"
+        )
     if out["psi"] > PSI_BOUND:
         reasons.append(f"score distribution moved (PSI {out['psi']:.2f} > {PSI_BOUND})")
     return out | {"warning": bool(reasons), "reason": "; ".join(reasons) or "within bounds"}
