@@ -1,21 +1,31 @@
 # The two commands of the README's quick start: `make run` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Two stamps: `make run` installs what running needs; the test extra (Ray, Playwright, psycopg, ...)
+# comes only with `make test`, whose install also satisfies `run`.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 INBOX ?= inbox
 OUTPUT ?= output
 
 .PHONY: run test bench browser clean-venv
 
+$(RUN_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
-run: $(STAMP)
+# config.yaml is the operator's example (watch inbox, output output); the flags let INBOX=/OUTPUT= override.
+run: $(RUN_STAMP)
 	mkdir -p $(INBOX) $(OUTPUT)
-	$(VENV)/bin/xr-daemon --watch $(INBOX) --output $(OUTPUT) --log-format console
+	$(VENV)/bin/xr-daemon --config config.yaml --watch $(INBOX) --output $(OUTPUT) --log-format console
 
 # Debian's chromium for the review page's browser test; the test skips, saying why, where it cannot be had.
 browser:

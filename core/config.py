@@ -1,7 +1,7 @@
 """The two configuration files, as pydantic models validated once at start-up.
 
 - ``config.yaml`` holds what an operator sets: sections ``daemon`` and ``csv``, read by ``xr-daemon``
-  and ``xr-results``. Its defaults ship as ``daemon/config.yaml``.
+  and ``xr-results``. Its defaults ship as ``core/config.yaml``.
 - ``recipe.yaml`` holds what a retrainer sets: ``preprocess``, ``augment``, ``model``, ``data``,
   ``train``, ``calibration``, read by ``xr-train`` only (the daemon takes preprocessing and the network
   from the checkpoint). Its defaults ship as ``train/recipe.yaml``; each run saves its resolved copy.
@@ -34,7 +34,7 @@ from pydantic import (
 from xr.core.errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding core/, daemon/, train/ (installed: xr/)
-SETTINGS_PATH = PACKAGE_ROOT / "daemon" / "config.yaml"
+SETTINGS_PATH = PACKAGE_ROOT / "core" / "config.yaml"
 RECIPE_PATH = PACKAGE_ROOT / "train" / "recipe.yaml"
 SHIPPED_MODEL = PACKAGE_ROOT / "models" / "xr_mvp_best.pt"  # package data (models/ in the checkout)
 
@@ -303,6 +303,30 @@ class CsvConfig(Section):
     )
 
 
+class ReviewConfig(Section):
+    """xr-review's sign-in (docs/security.md); addresses and TLS are flags."""
+
+    ALSO_READ_BY = {
+        "idle_timeout_min": "xr-review",
+        "failed_logins": "xr-review",
+        "lockout_min": "xr-review",
+        "allowed_hosts": "xr-review",
+    }
+
+    idle_timeout_min: Number = Field(
+        30.0, gt=0, le=1440, description="xr-review: a session unused this long ends (sign in again), minutes"
+    )
+    failed_logins: StrictInt = Field(
+        5, ge=1, description="xr-review: failed logins for one name (x4 from one address) before its logins pause"
+    )
+    lockout_min: Number = Field(
+        15.0, gt=0, description="xr-review: the window failed logins count in, and the pause, minutes"
+    )
+    allowed_hosts: list[StrictStr] = Field(
+        [], description="xr-review: Host names served besides the loopback ones (as --allowed-host)"
+    )
+
+
 # -- the two files ---------------------------------------------------------------------------------------
 class _File(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -344,6 +368,7 @@ class Settings(_File):
     daemon: DaemonConfig = DaemonConfig()
     dicom: DicomConfig = DicomConfig()
     csv: CsvConfig = CsvConfig()
+    review: ReviewConfig = ReviewConfig()
 
 
 FILES: tuple[type[_File], ...] = (Settings, Recipe)

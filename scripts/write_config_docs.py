@@ -1,5 +1,6 @@
-"""Write the packaged defaults (daemon/config.yaml, train/recipe.yaml) and docs/configuration.md from
-the definitions in core/config.py. Run after changing a key; tests/test_config.py fails while they differ.
+"""Write the packaged defaults (core/config.yaml, train/recipe.yaml), the operator's example config.yaml
+at the top of the checkout and docs/configuration.md from the definitions in core/config.py. Run after
+changing a key; tests/test_config.py fails while they differ.
 
     python scripts/write_config_docs.py
 """
@@ -14,7 +15,12 @@ import yaml
 
 from xr.core.config import FILES, RECIPE_PATH, SETTINGS_PATH, Recipe, Settings, _File, _num, _plain
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "configuration.md"
+EXAMPLE = REPO / "config.yaml"
+# What the example sets away from the defaults: the quick start's folders (`make run`), relative to
+# the folder the daemon starts in.
+EXAMPLE_VALUES = {"daemon.watch": "inbox", "daemon.output": "output"}
 
 
 def _yaml_value(value: Any) -> str:
@@ -52,10 +58,12 @@ def _allowed(info) -> str:
     return " ".join([_kind(info.annotation), *_bounds(info.metadata)])
 
 
-def render_yaml(cls: type[_File]) -> str:
-    """The packaged defaults file of ``cls``, every key with its description as a comment."""
+def render_yaml(cls: type[_File], values: dict[str, Any] | None = None, header: list[str] | None = None) -> str:
+    """A file of ``cls`` holding every key with its description as a comment: the defaults, or the
+    defaults with the dotted keys of ``values`` set (each of those says its default)."""
+    values = values or {}
     flag = "--recipe" if cls is Recipe else "--config (or $XR_CONFIG)"
-    lines = [
+    lines = header or [
         f"# {cls.FILE}: {cls.__doc__.split(':', 1)[1].strip()} Read by {cls.READERS}.",
         "# Generated from core/config.py by scripts/write_config_docs.py; docs/configuration.md explains each key.",
         f"# To change a value, copy this file, keep what you change, and pass it with {flag}.",
@@ -63,8 +71,25 @@ def render_yaml(cls: type[_File]) -> str:
     for section, sinfo in cls.model_fields.items():
         lines += ["", f"{section}:"]
         for key, info in sinfo.annotation.model_fields.items():
-            lines.append(f"  {key}: {_yaml_value(info.default)}  # {info.description}")
+            dotted = f"{section}.{key}"
+            if dotted in values:
+                note = f"{info.description} (default {_yaml_value(info.default)})"
+                lines.append(f"  {key}: {_yaml_value(values[dotted])}  # {note}")
+            else:
+                lines.append(f"  {key}: {_yaml_value(info.default)}  # {info.description}")
     return "\n".join(lines) + "\n"
+
+
+def render_example() -> str:
+    """The top-level config.yaml: the operator's example, which `make run` passes to xr-daemon."""
+    header = [
+        "# config.yaml: an example of the operator's settings, for xr-daemon, xr-results, xr-review and xr-score",
+        "# (--config FILE, or $XR_CONFIG); `make run` uses it as is. Every key holds its default except",
+        f"# {' and '.join(EXAMPLE_VALUES)}: copy the file (e.g. to /etc/xr-triage/config.yaml), set those to the",
+        "# site's folders and keep what you change.",
+        "# Generated from core/config.py by scripts/write_config_docs.py; docs/configuration.md explains each key.",
+    ]
+    return render_yaml(Settings, EXAMPLE_VALUES, header)
 
 
 def render_markdown() -> str:
@@ -79,7 +104,8 @@ def render_markdown() -> str:
         "(`--set section.key=VALUE`, the value parsed as YAML).",
         "",
         "- `config.yaml`: the operator's settings, read by `xr-daemon` (and by `xr-results` to find the results):",
-        "  `--config FILE`, else `$XR_CONFIG`, else the packaged defaults `daemon/config.yaml`.",
+        "  `--config FILE`, else `$XR_CONFIG`, else the packaged defaults `core/config.yaml`. The checkout's",
+        "  top-level `config.yaml` is an example with the quick start's folders set (`make run` uses it).",
         "- `recipe.yaml`: the training recipe, read by `xr-train` only (`--recipe FILE`, else the run folder's saved",
         "  `recipe.yaml`, else the packaged `train/recipe.yaml`). The daemon never reads it: preprocessing and the",
         "  network travel inside the checkpoint, so a trained model always sees the inputs it was trained on.",
@@ -103,7 +129,12 @@ def render_markdown() -> str:
 
 
 def generated() -> dict[Path, str]:
-    return {SETTINGS_PATH: render_yaml(Settings), RECIPE_PATH: render_yaml(Recipe), DOCS: render_markdown()}
+    return {
+        SETTINGS_PATH: render_yaml(Settings),
+        EXAMPLE: render_example(),
+        RECIPE_PATH: render_yaml(Recipe),
+        DOCS: render_markdown(),
+    }
 
 
 if __name__ == "__main__":

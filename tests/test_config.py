@@ -55,15 +55,20 @@ def test_packaged_files_load_with_their_values():
 
 
 def test_generated_files_are_current():
-    """daemon/config.yaml, train/recipe.yaml and docs/configuration.md come from the definitions:
-    run `python scripts/write_config_docs.py` after changing a key."""
+    """core/config.yaml, the example config.yaml, train/recipe.yaml and docs/configuration.md come from
+    the definitions: run `python scripts/write_config_docs.py` after changing a key."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("write_config_docs", REPO / "scripts" / "write_config_docs.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    for path, text in mod.generated().items():
+    generated = mod.generated()
+    assert set(generated) == {SETTINGS_PATH, RECIPE_PATH, REPO / "config.yaml", REPO / "docs" / "configuration.md"}
+    for path, text in generated.items():
         assert path.read_text() == text, f"{path} is stale: run python scripts/write_config_docs.py"
+    # The example differs from the packaged defaults in the quick start's folders only.
+    example = load_settings(REPO / "config.yaml")
+    assert example == Settings().replace({"daemon.watch": "inbox", "daemon.output": "output"})
 
 
 def test_docs_table_lists_every_key_with_default_range_and_reader():
