@@ -17,9 +17,8 @@ from sqlalchemy import func, select
 from xr.core.errors import XRError
 from xr.results.drift import drift
 from xr.results.engine import make_engine, open_existing, session_factory
-from xr.results.export import format_value
+from xr.results.export import csv_cell, csv_columns, format_value
 from xr.results.schema import (
-    EXPORT_COLUMNS,
     FINAL_STATUSES,
     SCORED,
     STATUSES,
@@ -137,11 +136,17 @@ def query_reviews(sessions, since: dt.datetime | None) -> list[dict[str, Any]]:
         return [dict(m) for m in s.execute(stmt.order_by(Review.id)).mappings()]
 
 
+def _settings(args: argparse.Namespace):
+    from xr.core.paths import settings_for
+
+    return settings_for(args.config)
+
+
 def db_location(args: argparse.Namespace):
     """The database the daemon with these options would use: ``--db``, else ``daemon.db``, else the output's."""
-    from xr.core.paths import output_dir, results_db, settings_for
+    from xr.core.paths import output_dir, results_db
 
-    cfg = settings_for(args.config)
+    cfg = _settings(args)
     return results_db(cfg, output_dir(cfg, args.output), args.db)
 
 
@@ -234,12 +239,21 @@ def drift_by_calibration(s, cond: list) -> dict[str, dict[str, Any]]:
 TABLE_MAX_WIDTH = 64
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences that could rewrite the screen or
+    the terminal's title) shown as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _fit(value: str, width: int) -> str:
     return value if len(value) <= width else value[: width - 3] + "..."
 
 
 def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...], out) -> None:
-    cells = [[format_value(r[c]) for c in columns] for r in rows]
+    cells = [[printable(format_value(r[c])) for c in columns] for r in rows]
     for row in cells:
         for i, c in enumerate(columns):
             if c == "probability" and row[i]:
@@ -309,19 +323,19 @@ def _main(argv: list[str] | None, out) -> int:
                         v = f"{v:.4f}" if "rate" in k or k.endswith("psi") else f"{v:.1f}"
                     print(f"{k:<28} {'-' if v is None else v}", file=out)
             return 0
-        columns = EXPORT_COLUMNS
+        columns = csv_columns(_settings(args).csv.dicom_identifiers)  # the operator's opt-out holds here too
         if args.command == "reviews":
             rows, columns = query_reviews(sessions, args.since), REVIEW_LIST_COLUMNS
         else:
             rows = query_rows(sessions, args)
         if args.format == "json":
-            json.dump([{k: _jsonable(v) for k, v in r.items()} for r in rows], out, indent=2)
+            json.dump([{c: _jsonable(r[c]) for c in columns} for r in rows], out, indent=2)
             print(file=out)
         elif args.format == "csv":
             w = csv.writer(out, lineterminator="\n")
             w.writerow(columns)
             for r in rows:
-                w.writerow([format_value(r[c]) for c in columns])
+                w.writerow([csv_cell(r[c]) for c in columns])
         else:
             print_table(rows, columns if args.command == "reviews" or args.all_columns else TABLE_COLUMNS, out)
         return 0

@@ -3,10 +3,11 @@ the migrations (Alembic), the meta table."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, inspect, select, text
+from sqlalchemy import create_engine, event, inspect, make_url, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,12 +27,24 @@ def db_url(db: str | Path) -> str:
     if "://" in s:
         if not s.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
             raise XRError(
-                f"results database {s!r}: use a SQLite file path or a postgresql+psycopg://USER@HOST:PORT/DB URL"
+                f"results database {shown_url(s)!r}: use a SQLite file path or a "
+                "postgresql+psycopg://USER@HOST:PORT/DB URL"
             )
         if s.startswith("postgresql://"):  # SQLAlchemy's default driver for it is psycopg2; we ship psycopg 3
             s = "postgresql+psycopg://" + s[len("postgresql://") :]
         return s
     return f"sqlite:///{Path(s).expanduser().resolve()}"
+
+
+def shown_url(db: str | Path) -> str:
+    """``db`` as logs and messages show it: a URL's password as ``***``."""
+    s = str(db)
+    if "://" not in s:
+        return s
+    try:
+        return make_url(s).render_as_string(hide_password=True)
+    except ArgumentError:
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", s)  # not a URL SQLAlchemy reads: hide what looks like one
 
 
 def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) -> Engine:
@@ -60,9 +73,11 @@ def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) 
             )
     except ImportError as exc:
         hint = " (pip install 'xr-triage[postgresql]')" if url.startswith("postgresql") else ""
-        raise XRError(f"cannot open results database {url}: its driver is not installed{hint}: {exc}") from None
+        raise XRError(
+            f"cannot open results database {shown_url(url)}: its driver is not installed{hint}: {exc}"
+        ) from None
     except (ArgumentError, OSError) as exc:  # a URL of an unknown or uninstalled driver, a bad folder
-        raise XRError(f"cannot open results database {url}: {exc}") from None
+        raise XRError(f"cannot open results database {shown_url(url)}: {exc}") from None
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -87,7 +102,7 @@ def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) 
             check_schema(engine)
     except OperationalError as exc:  # read-only folder, a locked or unreachable server...
         engine.dispose()
-        raise XRError(f"cannot open results database {url}: {exc.orig or exc}") from None
+        raise XRError(f"cannot open results database {shown_url(url)}: {exc.orig or exc}") from None
     return engine
 
 

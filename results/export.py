@@ -2,12 +2,17 @@
 
 After each batch (at most once a second in a stream: the finisher paces it) the exporter takes the
 final rows with id above the last exported id, up to (not including) the lowest row still ``claimed``,
-so rows finish in any order but reach the CSVs in id order and none is skipped. Each CSV update writes a
-complete new file beside the old one (old content + the new rows, fsynced) and renames it over the old
-one: a reader sees the old or the new file, never a half row. The last exported id is kept in the DB, and
-each file's own last id guards it: ids only grow within a file, so a row at or below a file's last id is
-already in it. A crash between the file renames and the DB update therefore never writes a row twice nor
-skips one, whether one update touched one file or two (daily files across midnight).
+so rows finish in any order but reach the CSVs in id order and none is skipped. Each update appends the
+new rows to their file and fsyncs it (a new file is written whole and renamed into place), so an update
+costs what it writes, not the day's file. The last exported id is kept in the DB, and each file's own last
+id guards it: ids only grow within a file, so a row at or below a file's last id is already in it. A crash
+mid-append can leave a cut last line; it is not a row (only whole lines count) and is cut off before the
+next append. A crash between the appends and the DB update therefore never writes a row twice nor skips
+one, whether one update touched one file or two (daily files across midnight).
+
+Cells are written for spreadsheets: text that a spreadsheet would run as a formula (starting with ``=``,
+``+``, ``-``, ``@``, a tab or a carriage return, and not a number) gets a leading ``'`` (OWASP's CSV
+injection rule). Files are private to the service account (core/files.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from xr.core.files import fsync_dir, make_dirs, open_append, write_private
 from xr.results.engine import get_meta, set_meta
 from xr.results.journal import insert_or_ignore, settled_horizon
 from xr.results.schema import (
@@ -60,44 +66,70 @@ def csv_columns(dicom_identifiers: bool = True) -> tuple[str, ...]:
     return EXPORT_COLUMNS if dicom_identifiers else tuple(c for c in EXPORT_COLUMNS if c not in DICOM_COLUMNS)
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """``value`` as a CSV cell a spreadsheet shows as text: a formula-like string gets a leading ``'``."""
+    text = format_value(value)
+    if isinstance(value, str) and text.startswith(_FORMULA_START) and not _is_number(text):
+        return "'" + text
+    return text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def rows_to_csv(rows: Iterable[dict[str, Any]], header: bool, columns: tuple[str, ...] = EXPORT_COLUMNS) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if header:
         w.writerow(columns)
     for r in rows:
-        w.writerow([format_value(r[c]) for c in columns])
+        w.writerow([csv_cell(r[c]) for c in columns])
     return buf.getvalue()
 
 
-def atomic_append(path: Path, text: str, header: str = "") -> None:
-    """Write ``old content + text`` (``header + text`` for a new file) to a temp file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as out:
-        if path.exists():
-            with open(path, "rb") as old:
-                while chunk := old.read(1 << 20):
-                    out.write(chunk)
-        else:
-            out.write(header.encode())
-        out.write(text.encode())
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+def append_csv(path: Path, text: str, header: str = "") -> None:
+    """Append ``text`` (whole lines) to ``path`` and fsync; a new file is written whole as ``header + text``.
+    A cut last line a crash left is removed first, so the new rows start on a line of their own."""
+    if not os.path.lexists(path):
+        write_private(path, (header + text).encode())
         return
+    fd = open_append(path)
     try:
+        if _drop_cut_line(fd) == 0:
+            text = header + text  # nothing whole was left, not even the header
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(fd, data) :]
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
+
+
+def _drop_cut_line(fd: int) -> int:
+    """Cut the file behind ``fd`` back to its last newline (a crash may have left part of a line); returns
+    its size after that."""
+    size = os.fstat(fd).st_size
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        chunk = os.pread(fd, end - start, start)
+        if end == size and chunk.endswith(b"\n"):
+            return size
+        nl = chunk.rfind(b"\n")
+        if nl >= 0:
+            os.ftruncate(fd, start + nl + 1)
+            return start + nl + 1
+        end = start
+    os.ftruncate(fd, 0)
+    return 0
 
 
 def header_of(path: Path) -> str | None:
@@ -117,7 +149,8 @@ def last_id_in_csv(path: Path) -> int:
         size = f.tell()
         f.seek(max(0, size - 65536))
         tail = f.read().decode(errors="replace")
-    lines = [ln for ln in tail.splitlines() if ln.strip()]
+    lines = tail.split("\n")[:-1]  # whole lines only: what follows the last newline is a cut line
+    lines = [ln for ln in lines if ln.strip()]
     if not lines:
         return 0
     first = next(csv.reader([lines[-1]]))[0]
@@ -128,7 +161,7 @@ def count_rows(path: Path) -> int:
     if not path.exists():
         return 0
     with open(path, "rb") as f:
-        return max(0, sum(1 for _ in f) - 1)
+        return max(0, sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) - 1)
 
 
 EXPORTER_LOCK = 7_265_081_133  # PostgreSQL advisory lock key: the one worker that writes the shared CSVs
@@ -153,7 +186,7 @@ class CsvExporter:
     ):
         self.columns = columns
         self.dir = Path(csv_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_dirs(self.dir)
         self.sessions = sessions
         self.rotation = rotation
         self.max_rows = max(1, max_rows)
@@ -334,10 +367,10 @@ class CsvExporter:
         # flagged.csv first: the results files are what a restart could mistake for "exported"
         flagged = [r for r in rows if r["status"] in SCORED and r["flagged"] and r["id"] > self.flagged_last_id]
         if flagged:
-            atomic_append(self.flagged_path, rows_to_csv(flagged, header=False, columns=self.columns), header=header)
+            append_csv(self.flagged_path, rows_to_csv(flagged, header=False, columns=self.columns), header=header)
             self.flagged_last_id = flagged[-1]["id"]
         for path, group in groups.items():
-            atomic_append(path, rows_to_csv(group, header=False, columns=self.columns), header=header)
+            append_csv(path, rows_to_csv(group, header=False, columns=self.columns), header=header)
             self._file_last[path] = group[-1]["id"]
         self.last_id = rows[-1]["id"]
         return sum(len(g) for g in groups.values())
@@ -349,7 +382,7 @@ REVIEWS_NAME = "reviews.csv"
 def export_reviews(csv_dir: str | Path, sessions: sessionmaker[Session]) -> int:
     """Append the reviews ``reviews.csv`` does not hold yet (ids only grow: the file's last id says which)."""
     path = Path(csv_dir) / REVIEWS_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     last = last_id_in_csv(path)
     with sessions() as s:
         rows = [
@@ -360,5 +393,5 @@ def export_reviews(csv_dir: str | Path, sessions: sessionmaker[Session]) -> int:
         ]
     if rows:
         header = rows_to_csv([], header=True, columns=REVIEW_COLUMNS)
-        atomic_append(path, rows_to_csv(rows, header=False, columns=REVIEW_COLUMNS), header=header)
+        append_csv(path, rows_to_csv(rows, header=False, columns=REVIEW_COLUMNS), header=header)
     return len(rows)

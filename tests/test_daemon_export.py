@@ -1,16 +1,18 @@
-"""daemon/export.py: CSVs follow the DB in id order, rotate, never hold a row twice, never a half row."""
+"""results/export.py: CSVs follow the DB in id order, rotate, never hold a row twice, never a half row."""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
 import itertools
+import os
 
+import pytest
 from sqlalchemy import update
 
 from xr.results import engine, journal, schema
 from xr.results.engine import make_engine, session_factory
-from xr.results.export import CsvExporter, atomic_append, last_id_in_csv
+from xr.results.export import CsvExporter, append_csv, last_id_in_csv, rows_to_csv
 from xr.results.schema import Result, Status
 
 _FILES = itertools.count()  # each row its own inbox file, as the daemon's are
@@ -114,18 +116,18 @@ def test_crash_after_csv_before_db_update_writes_nothing_twice(tmp_path):
 
 
 def _crash_on(monkeypatch, name):
-    """atomic_append that dies (like kill -9) when it reaches the file called ``name``."""
+    """append_csv that dies (like kill -9) when it reaches the file called ``name``."""
     import xr.results.export as export
 
-    real = export.atomic_append
+    real = export.append_csv
 
     def append(path, text, header=""):
         if path.name == name:
             raise SystemExit("killed")
         real(path, text, header)
 
-    monkeypatch.setattr(export, "atomic_append", append)
-    return lambda: monkeypatch.setattr(export, "atomic_append", real)
+    monkeypatch.setattr(export, "append_csv", append)
+    return lambda: monkeypatch.setattr(export, "append_csv", real)
 
 
 def test_crash_between_files_of_one_update_loses_nothing(tmp_path, monkeypatch):
@@ -167,14 +169,43 @@ def test_rotation_change_does_not_rewrite_rows(tmp_path):
     eng.dispose()
 
 
-def test_atomic_append_replaces_whole_file(tmp_path):
-    p = tmp_path / "x.csv"
-    atomic_append(p, "1,a\n", header="id,v\n")
-    ino = p.stat().st_ino
-    atomic_append(p, "2,b\n", header="id,v\n")
+def test_append_csv_appends_in_place_and_keeps_the_file_private(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = tmp_path / "x.csv"
+        append_csv(p, "1,a\n", header="id,v\n")
+        ino = p.stat().st_ino
+        os.chmod(p, 0o644)  # as an older version left it
+        append_csv(p, "2,b\n", header="id,v\n")
+    finally:
+        os.umask(old)
     assert p.read_text() == "id,v\n1,a\n2,b\n"
-    assert p.stat().st_ino != ino  # a new file renamed over the old: readers never see a partial one
+    assert p.stat().st_ino == ino  # appended, not the whole file copied again
+    assert p.stat().st_mode & 0o777 == 0o600
     assert last_id_in_csv(p) == 2 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_line_cut_by_a_crash_is_not_a_row_and_is_dropped_before_the_next_append(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("id,v\n1,a\n2,b\n12")  # the crash came while "123,c" was being written
+    assert last_id_in_csv(p) == 2  # "12" is not a whole line: it must not be read as id 12
+    append_csv(p, "3,c\n", header="id,v\n")
+    assert p.read_text() == "id,v\n1,a\n2,b\n3,c\n"
+    p.write_text("id,")  # cut inside the header
+    append_csv(p, "4,d\n", header="id,v\n")
+    assert p.read_text() == "id,v\n4,d\n"
+
+
+@pytest.mark.parametrize("name", ["=HYPERLINK(1).jpeg", "@SUM(1).jpeg", "+cmd.jpeg", "-2+3.jpeg", "\tx.png"])
+def test_formula_like_cells_are_written_as_text(name):
+    line = rows_to_csv(
+        [{"filename": name, "probability": -0.5, "note": "-12.5"}],
+        header=False,
+        columns=("filename", "probability", "note"),
+    )
+    cells = next(csv.reader([line]))
+    assert cells[0] == "'" + name
+    assert cells[1:] == ["-0.5", "-12.5"]  # numbers stay numbers
 
 
 def test_a_file_written_with_other_columns_is_set_aside_not_mixed(tmp_path):

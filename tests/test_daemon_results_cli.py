@@ -1,4 +1,4 @@
-"""daemon/results_cli.py: list filters, formats and stats on a synthetic database."""
+"""results/cli.py: list filters, formats and stats on a synthetic database."""
 
 from __future__ import annotations
 
@@ -258,3 +258,42 @@ def test_reviews_are_listed_with_their_films(out_dir):
         and "1.png" not in text
         and text.splitlines()[0].split()[:3] == ["id", "reviewed_at", "result_id"]
     )
+
+
+def _add_row(out_dir, **fields):
+    eng = make_engine(out_dir / "results.sqlite")
+    t0 = dt.datetime(2026, 1, 2, 12)
+    row = {"path": "/in/x.dcm", "filename": "x.dcm", "size_bytes": 1, "mtime_ns": 99, "sha256": "x"}
+    row |= {"status": Status.OK, "received_at": t0, "claimed_at": t0, "processed_at": t0}
+    row |= {"probability": 0.2, "flagged": False}
+    row.update(fields)
+    with session_factory(eng).begin() as s:
+        s.add(Result(**row))
+    eng.dispose()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_list_leaves_out_dicom_identifiers_where_the_operator_opted_out(out_dir, tmp_path, fmt):
+    _add_row(out_dir, patient_id="PAT-123", accession_number="ACC-9", study_instance_uid="1.2.3")
+    config = tmp_path / "config.yaml"
+    config.write_text("csv:\n  dicom_identifiers: false\n")
+    rc, text = run("list", "--output", str(out_dir), "--config", str(config), "--format", fmt)
+    assert rc == 0 and "x.dcm" in text
+    assert "PAT-123" not in text and "ACC-9" not in text and "patient_id" not in text
+    rc, text = run("list", "--output", str(out_dir), "--format", fmt)  # the default shows them
+    assert "PAT-123" in text and "patient_id" in text
+
+
+def test_list_writes_formula_like_names_as_text_and_escapes_terminal_controls(out_dir):
+    _add_row(out_dir, filename="=HYPERLINK(1).jpeg", error="\x1b]0;owned\x07 bad", status=Status.ERROR)
+    rc, text = run("list", "--output", str(out_dir), "--status", "error", "--format", "csv")
+    names = [r["filename"] for r in csv.DictReader(io.StringIO(text))]
+    assert "'=HYPERLINK(1).jpeg" in names
+    rc, text = run("list", "--output", str(out_dir), "--status", "error")
+    assert "\x1b" not in text and "\x07" not in text and "\\x1b]0;owned\\x07" in text
+
+
+def test_a_database_password_is_never_printed(capsys):
+    rc = main(["list", "--db", "postgresql+psycopg://xr:s3cret-pw@127.0.0.1:1/results"], out=io.StringIO())
+    err = capsys.readouterr().err
+    assert rc == 2 and "s3cret-pw" not in err and "xr:***@127.0.0.1:1" in err
