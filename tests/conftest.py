@@ -55,30 +55,56 @@ def fullres_paths() -> list[Path]:
 def shared_dir() -> Path:
     """../shared, or skip: `make test` must pass on a fresh clone without it. XR_REQUIRE_SHARED=1 turns
     the skip into a failure, for a machine where those checks must not be skipped silently."""
-    if not (SHARED / "data" / "chest_xray" / "train").is_dir():
+    need = SHARED / "data" / "chest_xray" / "train"
+    if not need.is_dir():
         if os.environ.get("XR_REQUIRE_SHARED") == "1":
-            pytest.fail(f"{SHARED} is missing and XR_REQUIRE_SHARED=1")
-        pytest.skip("../shared not present")
+            pytest.fail(f"{need} is missing, and XR_REQUIRE_SHARED=1")
+        pytest.skip(f"{need} not present (../shared: the full dataset and full-resolution samples)")
     return SHARED
 
 
 PG_ADMIN = os.environ.get("XR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
+def _pg_answers(url: str) -> str | None:
+    """None when something listens where ``url`` points; else why not (the one reason the PostgreSQL tests
+    may skip). Whatever happens after a server answers (bad auth, a broken driver) is a failure."""
+    import socket
+
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    host = u.host or u.query.get("host") or "/var/run/postgresql"
+    host = host if isinstance(host, str) else host[0]
+    port = u.port or 5432
+    try:
+        if host.startswith("/"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(3)
+                s.connect(f"{host}/.s.PGSQL.{port}")
+        else:
+            socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return f"no PostgreSQL server answers at {host}:{port} ({exc.strerror or type(exc).__name__})"
+    return None
+
+
 @pytest.fixture()
 def pg_url():
     """A fresh PostgreSQL database for one test (dropped after), on the server at $XR_TEST_PG (default the
-    local one, trust auth); skipped, saying why, where no server answers."""
+    local one, trust auth). Skipped, naming the address, only where no server answers there; a failure
+    instead under XR_REQUIRE_PG=1 (CI). A server that answers but refuses us, or a driver that does not
+    load, always fails."""
     import uuid
 
     from sqlalchemy import create_engine, text
 
-    try:
-        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-        with admin.connect() as c:
-            c.execute(text("select 1"))
-    except Exception as exc:  # noqa: BLE001 - no server, no driver: the PostgreSQL tests cannot run here
-        pytest.skip(f"no PostgreSQL server at {PG_ADMIN} ({type(exc).__name__}): the PostgreSQL tests skip")
+    missing = _pg_answers(PG_ADMIN)
+    if missing:
+        if os.environ.get("XR_REQUIRE_PG") == "1":
+            pytest.fail(f"{missing}, and XR_REQUIRE_PG=1 ($XR_TEST_PG={PG_ADMIN})")
+        pytest.skip(f"{missing}: the PostgreSQL tests skip ($XR_TEST_PG={PG_ADMIN})")
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 10})
     name = f"xr_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
