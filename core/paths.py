@@ -34,11 +34,3 @@ def results_db(cfg: Settings, output: Path, flag: str | None = None) -> str:
 def model_path(cfg: Settings, flag: str | Path | None = None) -> Path:
     chosen = flag or cfg.daemon.model
     return Path(chosen).expanduser().resolve() if chosen else SHIPPED_MODEL
-
-
-def calibration_path(cfg: Settings, model: Path) -> Path:
-    """``daemon.calibration`` (a site's file), else the calibration file beside the checkpoint."""
-    from xr.core.calibration import CALIBRATION_FILE
-
-    chosen = cfg.daemon.calibration
-    return Path(chosen).expanduser().resolve() if chosen else model.parent / CALIBRATION_FILE
