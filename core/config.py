@@ -14,6 +14,8 @@ and a test keeps them current.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -327,6 +329,84 @@ class ReviewConfig(Section):
     )
 
 
+AE_TITLE = re.compile(r"[ -\[\]-~]{1,16}")  # PS3.5 AE: up to 16 printable characters, no backslash
+DESTINATION = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:@\s]+):(?P<port>\d{1,5})")
+
+
+def _check_ae(key: str, value: str) -> None:
+    if not AE_TITLE.fullmatch(value) or not value.strip():
+        raise ValueError(f"{key}: {value!r} is not an AE title (1 to 16 printable characters, no backslash)")
+
+
+def parse_destination(text: str) -> tuple[str, str, int]:
+    """``AET@HOST:PORT`` -> (AE title, host, port); ValueError naming the value otherwise."""
+    m = DESTINATION.fullmatch(text.strip())
+    port = int(m.group("port")) if m else 0
+    if m is None or not 1 <= port <= 65535 or not AE_TITLE.fullmatch(m.group("aet")):
+        raise ValueError(f"{text!r} is not a DICOM destination: expected AET@HOST:PORT, e.g. ORTHANC@pacs.local:4242")
+    return m.group("aet"), m.group("host").strip("[]"), port
+
+
+class DicomNodeConfig(Section):
+    """The DICOM node (docs/dicom.md): a storage SCP that writes the films it receives into the inbox."""
+
+    port: StrictInt = Field(0, ge=0, le=65535, description="port the storage SCP listens on; 0 = off (--dicom-port)")
+    host: StrictStr = Field("0.0.0.0", description="address the storage SCP binds to")
+    ae_title: StrictStr = Field("XRTRIAGE", description="this node's AE title (--ae-title)")
+    allowed_callers: list[StrictStr] = Field(
+        [], description="calling AE titles accepted; empty = any (then allowed_addresses should be set)"
+    )
+    allowed_addresses: list[StrictStr] = Field(
+        [], description="peer IP addresses or networks (CIDR) accepted; empty = any"
+    )
+    max_associations: StrictInt = Field(8, ge=1, le=256, description="associations open at once; more are rejected")
+    timeout_s: Number = Field(30.0, gt=0, description="network, ACSE and DIMSE timeouts, seconds")
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_ae("ae_title", self.ae_title)
+        for caller in self.allowed_callers:
+            _check_ae("allowed_callers", caller)
+        for address in self.allowed_addresses:
+            try:
+                ipaddress.ip_network(address, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"allowed_addresses: {address!r} is not an IP address or network (e.g. 10.1.2.3, 10.1.0.0/16)"
+                ) from None
+        return self
+
+
+class DicomSendConfig(Section):
+    """Results back to the PACS (docs/dicom.md): an SR per scored DICOM film, an SC per flagged one, by C-STORE."""
+
+    destinations: list[StrictStr] = Field(
+        [], description="where to send, each AET@HOST:PORT (--send-results); empty = off"
+    )
+    secondary_capture: StrictBool = Field(
+        True, description="also send a Secondary Capture with the heatmap of flagged films"
+    )
+    retry_initial_s: Number = Field(
+        5.0, gt=0, description="wait after the first failed send, doubling with each failure"
+    )
+    retry_max_s: Number = Field(300.0, gt=0, description="longest wait between two attempts, seconds")
+    give_up_after_s: Number = Field(
+        86_400.0, gt=0, description="an object not accepted this long after it was queued is marked failed"
+    )
+    timeout_s: Number = Field(30.0, gt=0, description="connect, ACSE and DIMSE timeouts of a send, seconds")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for d in self.destinations:
+            try:
+                parse_destination(d)
+            except ValueError as exc:
+                raise ValueError(f"destinations: {exc}") from None
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError(f"retry_max_s: {self.retry_max_s:g} is below retry_initial_s ({self.retry_initial_s:g})")
+        return self
+
+
 # -- the two files ---------------------------------------------------------------------------------------
 class _File(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -369,6 +449,8 @@ class Settings(_File):
     dicom: DicomConfig = DicomConfig()
     csv: CsvConfig = CsvConfig()
     review: ReviewConfig = ReviewConfig()
+    dicom_node: DicomNodeConfig = DicomNodeConfig()
+    dicom_send: DicomSendConfig = DicomSendConfig()
 
 
 FILES: tuple[type[_File], ...] = (Settings, Recipe)
