@@ -213,8 +213,14 @@ def test_cross_field_checks_name_the_key():
         load_recipe(overrides={"preprocess.std": [0.2, 0.0, 0.2]})
 
 
-def test_committed_recipes_load():
-    load_recipe(REPO / "models" / "recipe.yaml")
+def test_committed_recipes_load_as_written_and_are_what_trained_the_shipped_model():
+    import torch
+
+    for path in (REPO / "train" / "recipe.yaml", REPO / "models" / "recipe.yaml"):
+        # every key and value as the file has it: none dropped, renamed or replaced by a default
+        assert load_recipe(path).to_dict() == yaml.safe_load(path.read_text()), path
+    meta = torch.load(REPO / "models" / "xr_mvp_best.pt", weights_only=True, map_location="cpu")["meta"]
+    assert load_recipe(REPO / "models" / "recipe.yaml").to_dict() == meta["provenance"]["config"]
 
 
 def test_bad_yaml_and_missing_file_raise_config_error(tmp_path):

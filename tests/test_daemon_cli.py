@@ -54,11 +54,18 @@ def test_malformed_set_value_exits_2(tmp_path, capsys):
 
 def test_a_closed_log_stream_is_not_fatal():
     class Closed(io.StringIO):
+        attempts: list[str] = []
+
         def write(self, text):
+            self.attempts.append(text)
             raise BrokenPipeError(32, "Broken pipe")
 
     log = configure_logging("json", stream=Closed())
-    log.error("file_error", file="/in/a.png", reason="x")  # no exception
+    assert log.error("file_error", file="/in/a.png", reason="x") is None  # returns: no exception reaches the caller
+    assert len(Closed.attempts) == 1 and json.loads(Closed.attempts[0])["event"] == "file_error"
+    log.warning("flagged", file="/in/b.png")
+    log.info("batch", size=3)
+    assert len(Closed.attempts) == 1  # logging is off from the broken pipe on: not one more write is tried
     buf = io.StringIO()
     configure_logging("json", stream=buf).info("seen", file="/in/caf\udce9.png")  # a name that is not UTF-8
     assert json.loads(buf.getvalue())["file"] == "/in/caf\udce9.png"
