@@ -18,7 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from xr.core.dicom import IDENTIFIERS
 
-SCHEMA_VERSION = 5  # the head revision of results/migrations (0005)
+SCHEMA_VERSION = 6  # the head revision of results/migrations (0006)
 
 
 class Status(str, enum.Enum):
@@ -191,6 +191,58 @@ class Review(Base):
 
 
 REVIEW_COLUMNS = ("id", "result_id", "decision", "note", "reviewer", "reviewed_at")
+
+ROLES = ("reader", "auditor", "admin")  # readers decide; auditors look and read the trail; admins manage users
+
+
+class User(Base):
+    """An xr-review account (review/users.py): its role, and its password as an Argon2id hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # one of ROLES
+    password_hash: Mapped[str | None] = mapped_column(Text)  # None: signs in only through a trusted proxy
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime]
+    password_changed_at: Mapped[dt.datetime | None]
+
+
+class AuditEvent(Base):
+    """One row of the audit trail: who did what to which case, from where, and how it ended.
+
+    Append-only: results/audit.py only inserts, and triggers from migration 0006 refuse UPDATE and DELETE.
+    """
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(index=True)  # UTC
+    username: Mapped[str | None] = mapped_column(String(128), index=True)
+    action: Mapped[str] = mapped_column(String(32), index=True)  # login, view_case, review, ... (results/audit.py)
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | denied | failed
+    result_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+AUDIT_COLUMNS = (
+    "id",
+    "at",
+    "username",
+    "action",
+    "outcome",
+    "result_id",
+    "accession_number",
+    "patient_id",
+    "study_instance_uid",
+    "remote_addr",
+    "detail",
+)
 
 
 class Meta(Base):

@@ -171,19 +171,19 @@ def test_a_database_made_by_the_previous_release_is_upgraded_in_place(tmp_path, 
     db = tmp_path / "results.sqlite"
     shutil.copy(fixtures_dir / "db" / "results-v1.sqlite", db)
     before = sqlite3.connect(db).execute("select id, filename, status, probability from results order by id").fetchall()
-    with pytest.raises(XRError, match="has schema version 1, this version reads 5: start xr-daemon on it once"):
+    with pytest.raises(XRError, match=f"has schema version 1, this version reads {schema.SCHEMA_VERSION}: start xr-daemon on it once"):
         make_engine(db, create=False)  # a reader never migrates
     make_engine(db).dispose()
     make_engine(db).dispose()  # upgrading twice changes nothing
     con = sqlite3.connect(db)
     assert con.execute("select id, filename, status, probability from results order by id").fetchall() == before
     assert len(before) == 4 and {r[2] for r in before} == {"ok", "error", "duplicate"}
-    assert con.execute("select version_num from alembic_version").fetchall() == [("0005",)]
+    assert con.execute("select version_num from alembic_version").fetchall() == [(f"{schema.SCHEMA_VERSION:04d}",)]
     columns = {r[1] for r in con.execute("pragma table_info(results)")}
     assert {"calibration_id", "accession_number", "sop_instance_uid", "patient_id"} <= columns
     assert con.execute("select count(*) from calibrations").fetchone() == (0,)
     assert dict(con.execute("select key, value from meta").fetchall()) == {
-        "schema_version": "5",
+        "schema_version": str(schema.SCHEMA_VERSION),
         "last_exported_id": "4",
     }
     con.close()
