@@ -98,8 +98,9 @@ def _dataset(data: bytes, **kw: Any):
         raise ImageError(None, f"cannot read DICOM header: {type(exc).__name__}") from None
 
 
-def decode_dicom(data: bytes, window: int = 0, max_pixels: int = 80_000_000) -> Image.Image:
-    """The first frame of a DICOM image as the 8-bit grey picture the model sees. Raises ImageError
+def decode_dicom(data: bytes, *, window: int, max_pixels: int) -> Image.Image:
+    """The first frame of a DICOM image as the 8-bit grey picture the model sees, through ``window`` (which
+    VOI) and refused over ``max_pixels`` (the operator's limits: core/intake.py). Raises ImageError
     (without a path: the caller names the file)."""
     from pydicom.pixels import pixel_array
 

@@ -17,6 +17,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from xr.core.dicom import DICM_OFFSET, DICOM_SUFFIXES, decode_dicom, is_dicom
 from xr.core.errors import ImageError
+from xr.core.intake import DEFAULT_LIMITS, DecodeLimits
+
+# where discovery has imported the image names from; they are defined with the other intake rules
+from xr.core.intake import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+from xr.core.intake import is_image_name as is_image_name
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: multi-picture JPEG some cameras/exporters write
 SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # what a PNG or JPEG file starts with
@@ -37,7 +42,6 @@ SUPPORTED_MODES = (
     "I;16L",
     "I;16N",
 )
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 
 # A truncated file must be an error, not a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -45,18 +49,17 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 def load_image(
     source: str | Path | bytes,
+    limits: DecodeLimits = DEFAULT_LIMITS,
     *,
-    max_pixels: int = 80_000_000,
     draft_size: tuple[int, int] | None = None,
     name: str | Path | None = None,
-    dicom_window: int = 0,
 ) -> Image.Image:
-    """Decode ``source`` (a path or the file's bytes) to a mode "L" image.
+    """Decode ``source`` (a path or the file's bytes) to a mode "L" image within ``limits`` (its pixel
+    limit and DICOM window: core/intake.py).
 
     ``draft_size`` lets a large JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT, never below that size:
     nearly free, and the resize that follows would throw those pixels away anyway.
-    ``name`` is the file name used in error messages when ``source`` is bytes. ``dicom_window``: which of a
-    DICOM file's windows (VOI) to apply.
+    ``name`` is the file name used in error messages when ``source`` is bytes.
     """
     label = name if name is not None else (None if isinstance(source, bytes) else source)
     if isinstance(source, bytes):
@@ -70,22 +73,22 @@ def load_image(
             raise ImageError(label, "is a directory, not an image file") from None
         except OSError as exc:
             raise ImageError(label, f"cannot read file: {exc.strerror or exc}") from None
-    return decode_image(data, max_pixels=max_pixels, draft_size=draft_size, name=label, dicom_window=dicom_window)
+    return decode_image(data, limits, draft_size=draft_size, name=label)
 
 
 def decode_image(
     data: bytes,
+    limits: DecodeLimits = DEFAULT_LIMITS,
     *,
-    max_pixels: int = 80_000_000,
     draft_size: tuple[int, int] | None = None,
     name: str | Path | None = None,
-    dicom_window: int = 0,
 ) -> Image.Image:
+    max_pixels = limits.max_pixels
     if len(data) == 0:
         raise ImageError(name, "empty file (0 bytes)", incomplete=True)
     if is_dicom(data):
         try:
-            return decode_dicom(data, window=dicom_window, max_pixels=max_pixels)
+            return decode_dicom(data, window=limits.dicom_window, max_pixels=max_pixels)
         except ImageError as exc:
             raise ImageError(name, exc.reason, incomplete=exc.incomplete) from None
     if name is not None and str(name).lower().endswith(DICOM_SUFFIXES):
@@ -205,7 +208,3 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
         np.clip(scaled, 0, 255, out=scaled)
         out[top:bottom] = scaled
     return Image.fromarray(out)
-
-
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xr.core.config import DaemonConfig, DicomConfig, Settings
-from xr.core.dicom import IDENTIFIERS, is_dicom, read_header
+from xr.core.dicom import DICM_OFFSET, DICOM_SUFFIXES, IDENTIFIERS, is_dicom, read_header
 from xr.core.errors import ImageError
 
 # Errors a network share gives while it is away: the file is tried again later, with no row.
@@ -84,6 +84,48 @@ class DecodeLimits:
 
 
 DEFAULT_LIMITS = DecodeLimits()
+
+
+# -- which files are read ------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
+TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def is_hidden_or_temporary(name: str) -> bool:
+    """A name exporters use while writing (never read, never reported)."""
+    return not name or name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
+
+
+def is_candidate_name(name: str) -> bool:
+    """An image name that is read: .png/.jpg/.jpeg/.dcm/.dicom in any case, not hidden, not temporary."""
+    return not is_hidden_or_temporary(name) and is_image_name(name)
+
+
+def is_extensionless(name: str) -> bool:
+    """A name without an extension, not hidden or temporary: read if the file is DICOM."""
+    return not is_hidden_or_temporary(name) and not os.path.splitext(name)[1]
+
+
+def sniff_dicom(path: str) -> bool | None:
+    """A file without an extension is read when it is DICOM (bytes 128-131 ``DICM``, as exporters often
+    write them); None while it is too short to tell."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(DICM_OFFSET + 4)
+    except OSError:
+        return False
+    return None if len(head) < DICM_OFFSET + 4 else is_dicom(head)
+
+
+def is_read(path: str) -> bool:
+    """Whether the file at ``path`` is read (by xr-daemon in its inbox, by xr-score in an archive): an image
+    name, or an extensionless file that is DICOM."""
+    name = os.path.basename(path)
+    return is_candidate_name(name) or bool(is_extensionless(name) and sniff_dicom(path))
 
 
 # -- errors ---------------------------------------------------------------------------------------------

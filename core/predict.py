@@ -19,6 +19,7 @@ from torch import nn
 
 from xr.core.calibration import CALIBRATION_FILE, UNCALIBRATED, Calibration
 from xr.core.errors import CheckpointError, ImageError
+from xr.core.intake import DEFAULT_LIMITS, DecodeLimits
 from xr.core.model import file_sha256, load_checkpoint
 from xr.core.preprocessing import Preset
 
@@ -259,18 +260,23 @@ class Predictor:
         return self.calibration.threshold
 
     # -- preprocessing ---------------------------------------------------------------------------
-    def preprocess(self, source: str | Path | bytes, name: str | Path | None = None) -> torch.Tensor:
-        """File -> eval tensor [3, S, S]; raises :class:`ImageError` for bad input."""
-        return self._transform(self.preset.load(source, name=name))
+    def preprocess(
+        self, source: str | Path | bytes, limits: DecodeLimits = DEFAULT_LIMITS, *, name: str | Path | None = None
+    ) -> torch.Tensor:
+        """File -> eval tensor [3, S, S], decoded within ``limits``; raises :class:`ImageError` for bad input."""
+        return self._transform(self.preset.load(source, limits, name=name))
 
-    def pixels(self, source: str | Path | bytes, name: str | Path | None = None) -> torch.Tensor:
+    def pixels(
+        self, source: str | Path | bytes, limits: DecodeLimits = DEFAULT_LIMITS, *, name: str | Path | None = None
+    ) -> torch.Tensor:
         """File -> uint8 [1, S, S], the eval preset before normalisation (4x smaller, no arithmetic).
 
-        Batches of these go straight to :meth:`logits`, which normalises them on the model's device: the
-        daemon's decode threads run this, so they do no tensor math that would compete for the model's
-        threads.
+        ``limits``: the operator's (``DecodeLimits.from_settings(cfg)``); every program scoring for a site
+        passes the same, so a film gives the same pixels in each. Batches of these go straight to
+        :meth:`logits`, which normalises them on the model's device: the daemon's decode threads run this,
+        so they do no tensor math that would compete for the model's threads.
         """
-        return self._pixels(self.preset.load(source, name=name))
+        return self._pixels(self.preset.load(source, limits, name=name))
 
     # -- inference -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -363,15 +369,18 @@ class Predictor:
         flagged = prob >= self.threshold
         return Prediction(logit=logit, probability=prob, label=self.class_names[int(flagged)], flagged=flagged)
 
-    def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 32) -> list[Prediction | ImageError]:
-        """Score files in order; a bad file yields its :class:`ImageError` in place of a prediction."""
+    def predict_paths(
+        self, paths: Sequence[str | Path], batch_size: int = 32, limits: DecodeLimits = DEFAULT_LIMITS
+    ) -> list[Prediction | ImageError]:
+        """Score files in order, decoded within ``limits``; a bad file yields its :class:`ImageError` in place
+        of a prediction."""
         results: list[Prediction | ImageError] = [None] * len(paths)  # type: ignore[list-item]
         for start in range(0, len(paths), batch_size):
             tensors, idx = [], []
             for i in range(start, min(start + batch_size, len(paths))):
                 p = paths[i]
                 try:
-                    tensors.append(self.preprocess(p))
+                    tensors.append(self.preprocess(p, limits))
                     idx.append(i)
                 except ImageError as exc:
                     results[i] = exc

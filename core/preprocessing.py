@@ -25,6 +25,7 @@ from torchvision import transforms as T
 from xr.core.config import AugmentConfig, PreprocessConfig
 from xr.core.errors import CheckpointError
 from xr.core.imaging import load_image
+from xr.core.intake import DEFAULT_LIMITS, DecodeLimits
 
 
 class ToPixels(torch.nn.Module):
@@ -94,8 +95,15 @@ class RandomGamma(torch.nn.Module):
         return T.functional.adjust_gamma(img, float(torch.empty(1).uniform_(*self.gamma)))
 
 
+_OPERATOR_KEYS = ("max_pixels", "dicom_window")  # now in DecodeLimits (core/intake.py)
+
+
 @dataclass(frozen=True)
 class Preset:
+    """What defines the model's input: the rendering, the geometry and the normalisation. Stored in every
+    checkpoint. The operator's decode limits (pixel limit, DICOM window) are not part of it: each decode
+    takes a :class:`~xr.core.intake.DecodeLimits`."""
+
     img_size: int = 224
     resize_size: int = 257
     resize_mode: str = "squash"  # squash | shorter_side
@@ -104,8 +112,6 @@ class Preset:
     render_quality: int = 75
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    max_pixels: int = 80_000_000  # decode guards: the daemon sets these from its config.yaml
-    dicom_window: int = 0  # which of a DICOM file's windows (VOI) to apply
 
     @classmethod
     def from_config(cls, cfg: PreprocessConfig) -> Preset:
@@ -121,6 +127,9 @@ class Preset:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preset:
+        # Checkpoints made before DecodeLimits stored the operator's decode limits here; they never shaped
+        # the model's input (the daemon replaced them with config.yaml's), so they are dropped.
+        d = {k: v for k, v in d.items() if k not in _OPERATOR_KEYS}
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:  # a field this version cannot apply would score the film through another pipeline
             raise CheckpointError(
@@ -193,18 +202,20 @@ class Preset:
         )
 
     # -- decoding ---------------------------------------------------------------------------------
-    def load(self, source: str | Path | bytes, name: str | Path | None = None) -> Image.Image:
-        """Decode to mode "L", letting big JPEGs decode at reduced scale (1/2, 1/4 or 1/8 in the DCT).
+    def load(
+        self, source: str | Path | bytes, limits: DecodeLimits = DEFAULT_LIMITS, *, name: str | Path | None = None
+    ) -> Image.Image:
+        """Decode to mode "L" within ``limits``, letting big JPEGs decode at reduced scale (1/2, 1/4 or 1/8
+        in the DCT).
 
         With the rendering step the DCT may shrink only to twice the rendering size, so the bicubic
         shrink, as in the training copies, shapes the picture (docs/benchmarks.md, full-resolution table).
         """
         side = 2 * self.render_size if self.render_size else self.resize_size
-        draft = (side, side)
-        return load_image(
-            source, max_pixels=self.max_pixels, draft_size=draft, name=name, dicom_window=self.dicom_window
-        )
+        return load_image(source, limits, draft_size=(side, side), name=name)
 
-    def __call__(self, source: str | Path | bytes, name: str | Path | None = None) -> torch.Tensor:
+    def __call__(
+        self, source: str | Path | bytes, limits: DecodeLimits = DEFAULT_LIMITS, *, name: str | Path | None = None
+    ) -> torch.Tensor:
         """File (path or bytes) -> normalised eval tensor [3, img_size, img_size]."""
-        return self.eval_transform()(self.load(source, name=name))
+        return self.eval_transform()(self.load(source, limits, name=name))

@@ -1,24 +1,28 @@
 """Bulk scoring on Ray Data: read and decode in CPU tasks, score in model actors (one per GPU, or one on
 the CPU), results streamed back to this process and written as Parquet parts that a restart skips.
 
-The decode is the checkpoint's own ``Preset`` (``Predictor.pixels``), the forward and calibration are the
-``Predictor``'s: the same code path as ``xr-daemon`` and ``xr-train evaluate``, so the scores agree.
+Files are read by ``read_input`` and decoded by the checkpoint's ``Preset`` within the operator's
+``DecodeLimits`` (config.yaml: file size, pixel limit, DICOM window and scope), the forward and calibration
+are the ``Predictor``'s: the same code path and settings as ``xr-daemon``, so a film scores the same in both.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xr.core.errors import ImageError, XRError
+from xr.core.intake import DEFAULT_LIMITS, DecodeLimits, is_read, read_input
+
+if TYPE_CHECKING:
+    from xr.core.preprocessing import Preset
 
 RUN_FILE = "run.json"  # the model and calibration a scoring run uses: a restart must use the same
 PART_ROWS = 512  # rows per Parquet part: a kill loses at most this much work, a restart skips the rest
@@ -50,8 +54,6 @@ def _import_ray():
 def list_inputs(data: Path) -> list[str]:
     """Absolute paths of the files to score: every file the daemon would read under a folder (PNG, JPEG,
     DICOM by extension or by its DICM marker), or the lines of a text file listing paths."""
-    from xr.daemon.discovery import is_read
-
     if data.is_file():
         lines = [ln.strip() for ln in data.read_text().splitlines()]
         return [str(Path(ln).expanduser().resolve()) for ln in lines if ln and not ln.startswith("#")]
@@ -94,39 +96,34 @@ def write_part(out: Path, rows: list[dict[str, Any]]) -> Path:
     return final
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray], preset: dict[str, Any], max_bytes: int, scope: tuple[tuple[str, ...], tuple[str, ...]]
-) -> dict[str, np.ndarray]:
-    """Ray Data task: paths -> sha256 and uint8 pixels [1, S, S] (the eval preset), or the reason a file
-    is not scored (its pixels are zeros): unreadable, or a DICOM object the daemon would skip (``scope``:
-    the ``dicom.modalities`` and ``dicom.body_parts`` scored)."""
-    from xr.core.dicom import is_dicom, read_header
+def decode_file(path: str, preset: Preset, limits: DecodeLimits) -> tuple[str | None, np.ndarray | None, str | None]:
+    """One file -> (sha256, uint8 pixels [1, S, S] of the eval preset, None), or (the sha256 if it was read,
+    None, the reason it is not scored): unreadable, or a DICOM object out of ``limits``' scope. The same
+    read and decode as the daemon's, with the same limits."""
+    try:
+        film = read_input(path, limits)
+    except ImageError as exc:  # InputError: vanished, not a regular file, over the size limit...
+        return None, None, exc.reason
+    if film.out_of_scope:
+        return film.sha256, None, f"skipped: {film.out_of_scope}"
+    try:
+        return film.sha256, preset.pixel_transform()(preset.load(film.data, limits, name=path)).numpy(), None
+    except ImageError as exc:
+        return film.sha256, None, exc.reason
+
+
+def decode_batch(batch: dict[str, np.ndarray], preset: dict[str, Any], limits: DecodeLimits) -> dict[str, np.ndarray]:
+    """Ray Data task: paths -> sha256 and uint8 pixels [1, S, S] (the eval preset, within ``limits``: the
+    operator's), or the reason a file is not scored (its pixels are zeros)."""
     from xr.core.preprocessing import Preset
 
     p = Preset.from_dict(preset)
-    to_pixels = p.pixel_transform()
     s = p.img_size
     shas, pixels, errors = [], [], []
     for path in batch["path"]:
-        path = str(path)
-        sha, px, err = None, np.zeros((1, s, s), np.uint8), None
-        try:
-            size = os.path.getsize(path)
-            if size > max_bytes:
-                raise ImageError(path, f"file is {size:,} bytes, over the limit of {max_bytes:,}")
-            with open(path, "rb") as f:
-                data = f.read()
-            sha = hashlib.sha256(data).hexdigest()
-            skip = read_header(data).out_of_scope(*scope) if is_dicom(data) else None
-            if skip:
-                raise ImageError(path, f"skipped: {skip}")
-            px = to_pixels(p.load(data, name=path)).numpy()
-        except ImageError as exc:
-            err = exc.reason if hasattr(exc, "reason") else str(exc)
-        except OSError as exc:
-            err = f"cannot read file: {exc.strerror or exc}"
+        sha, px, err = decode_file(str(path), p, limits)
         shas.append(sha)
-        pixels.append(px)
+        pixels.append(px if px is not None else np.zeros((1, s, s), np.uint8))
         errors.append(err)
     return {
         "path": batch["path"],
@@ -207,14 +204,13 @@ class FileScorer(Scorer):
         device: str,
         threads: int,
         batch_size: int,
-        max_bytes: int,
-        scope: tuple[tuple[str, ...], tuple[str, ...]],
+        limits: DecodeLimits,
     ):
         super().__init__(checkpoint, calibration, device, threads, batch_size)
-        self.preset, self.max_bytes, self.scope = self.pred.preset.to_dict(), max_bytes, scope
+        self.preset, self.limits = self.pred.preset.to_dict(), limits
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return super().__call__(decode_batch(batch, self.preset, self.max_bytes, self.scope))
+        return super().__call__(decode_batch(batch, self.preset, self.limits))
 
 
 @dataclass
@@ -238,18 +234,14 @@ def score(
     batch_size: int = 32,
     device: str = "auto",
     decode_cpus: float = 1.0,
-    max_file_mb: float = 512,
     part_rows: int = PART_ROWS,
-    scope: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> Summary:
-    """Score every file under ``data`` not yet in ``out``; rows land in ``out`` as they come. ``scope``:
-    the DICOM (modalities, body parts) scored, by default the ``dicom`` section's defaults."""
+    """Score every file under ``data`` not yet in ``out``; rows land in ``out`` as they come. ``limits``:
+    the operator's (``DecodeLimits.from_settings(cfg)``, as xr-daemon decodes with), by default
+    config.yaml's defaults."""
     ray = _import_ray()
-    from xr.core.config import DicomConfig
     from xr.core.predict import Predictor, resolve_device
-
-    if scope is None:
-        scope = (tuple(DicomConfig().modalities), tuple(DicomConfig().body_parts))
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".part-*.tmp"):  # a part being written when a run was killed: its rows are redone
@@ -291,7 +283,6 @@ def score(
         raise XRError("--device cuda: the Ray cluster has no GPU")
     dev = "cuda" if gpus else ("cpu" if device in ("auto", "cuda") else resolve_device(device).type)
     cpus = max(1, int(resources.get("CPU", os.cpu_count() or 1)))
-    max_bytes = int(max_file_mb * 1024 * 1024)
     ds = ray.data.from_items(
         [{"path": p} for p in todo], override_num_blocks=max(1, min(len(todo) // batch_size, 16 * cpus))
     )
@@ -308,7 +299,7 @@ def score(
             decode_batch,
             batch_size=batch_size,
             num_cpus=decode_cpus,
-            fn_kwargs={"preset": preset, "max_bytes": max_bytes, "scope": scope},
+            fn_kwargs={"preset": preset, "limits": limits},
         )
         ds = ds.map_batches(
             Scorer, batch_size=batch_size, concurrency=gpus, num_gpus=1, num_cpus=1, fn_constructor_kwargs=kwargs
@@ -321,7 +312,7 @@ def score(
             batch_size=batch_size,
             concurrency=cpus,
             num_cpus=1,
-            fn_constructor_kwargs=kwargs | {"max_bytes": max_bytes, "scope": scope},
+            fn_constructor_kwargs=kwargs | {"limits": limits},
         )
     rows: list[dict[str, Any]] = []
     files = errors = 0

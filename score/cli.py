@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="checkpoint (default: daemon.model, else the shipped model)")
     p.add_argument(
         "--config",
-        help="config.yaml for daemon.model and the DICOM scope (default: $XR_CONFIG, else the packaged defaults)",
+        help="config.yaml for daemon.model and the decode limits: max_file_mb, max_pixels, dicom.* (default: $XR_CONFIG, else the packaged defaults)",
     )
     p.add_argument(
         "--calibration", type=Path, help="a site's calibration file (default: the one beside the checkpoint)"
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = settings_for(args.config)
         checkpoint = model_path(cfg, args.model)
+        from xr.core.intake import DecodeLimits
         from xr.score.bulk import score
 
         s = score(
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             args.batch_size,
             args.device,
             part_rows=args.part_rows,
-            scope=(tuple(cfg.dicom.modalities), tuple(cfg.dicom.body_parts)),
+            limits=DecodeLimits.from_settings(cfg),  # the daemon's: the same film scores the same
         )
     except XRError as exc:
         print(f"xr-score: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from xr.core.imaging import load_image
+from xr.core.intake import DEFAULT_LIMITS
 from xr.core.model import load_checkpoint
 from xr.core.predict import CALIBRATION_FILE, Calibration, Predictor
 from xr.core.preprocessing import Preset
@@ -52,8 +53,8 @@ def main() -> None:
     if args.draft:
         preset = predictor.preset
 
-        def load(source, name=None, _p=preset):
-            return load_image(source, max_pixels=_p.max_pixels, draft_size=(args.draft, args.draft), name=name)
+        def load(source, limits=DEFAULT_LIMITS, *, name=None):
+            return load_image(source, limits, draft_size=(args.draft, args.draft), name=name)
 
         object.__setattr__(preset, "load", load)  # this run only; Preset is frozen
     print(f"model {args.model} (T {predictor.temperature:.3f}, threshold {predictor.threshold:.3f})")

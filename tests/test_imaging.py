@@ -15,6 +15,7 @@ from PIL import Image
 
 from xr.core.errors import ImageError
 from xr.core.imaging import decode_image, load_image, to_grayscale
+from xr.core.intake import DecodeLimits
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -282,9 +283,9 @@ def test_not_an_image(tmp_path):
 
 
 def test_over_the_pixel_limit(xray_path):
-    exc = _expect_image_error(xray_path, None, "over the limit", max_pixels=10_000)
+    exc = _expect_image_error(xray_path, None, "over the limit", limits=DecodeLimits(max_pixels=10_000))
     assert "224x224" in exc.reason
-    load_image(xray_path, max_pixels=224 * 224)  # exactly at the limit is fine
+    load_image(xray_path, DecodeLimits(max_pixels=224 * 224))  # exactly at the limit is fine
 
 
 @pytest.mark.parametrize("fmt", ["TIFF", "GIF", "BMP"])

@@ -358,3 +358,21 @@ def test_cpu_trace_needs_the_cpu(scored_checkpoint):
     with pytest.raises(RuntimeError, match="for the CPU, not cuda"):
         predictor.trace_forward(4)
     assert predictor.has_trace is False
+
+
+def test_a_checkpoint_that_stored_decode_limits_in_its_preset_loads_and_decodes_with_the_limits_given(
+    tiny_checkpoint, tmp_path, images
+):
+    """Checkpoints made before DecodeLimits (the shipped model among them) carry max_pixels and
+    dicom_window in their preset: they load, and those stored values no longer decide anything."""
+    from xr.core.intake import DecodeLimits
+
+    raw = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    raw["meta"]["preprocess"].update(max_pixels=10**9, dicom_window=3)
+    old = tmp_path / "old.pt"
+    torch.save(raw, old)
+    predictor = Predictor.from_checkpoint(old, device="cpu")
+    assert predictor.preset == Predictor.from_checkpoint(tiny_checkpoint, device="cpu").preset
+    with pytest.raises(ImageError, match="over the limit of 1,000"):
+        predictor.pixels(images[0].read_bytes(), DecodeLimits(max_pixels=1000), name=images[0].name)
+    assert predictor.pixels(images[0]).shape == predictor.pixel_shape  # DecodeLimits() by default

@@ -211,10 +211,27 @@ def test_preset_dict_round_trip(preset):
     d = preset.to_dict()
     assert json.loads(json.dumps(d)) == d  # plain JSON-able data, as stored in a checkpoint
     assert Preset.from_dict(d) == preset
-    custom = Preset(
-        img_size=160, resize_size=184, resize_mode="shorter_side", mean=(0.5,) * 3, std=(0.25,) * 3, max_pixels=123
-    )
+    custom = Preset(img_size=160, resize_size=184, resize_mode="shorter_side", mean=(0.5,) * 3, std=(0.25,) * 3)
     assert Preset.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
+
+
+def test_a_preset_holds_only_what_defines_the_model(preset):
+    """The operator's decode limits are not the model's: older checkpoints stored two of them in their
+    preset; they load, and the limits come from DecodeLimits (config.yaml) instead."""
+    assert not {"max_pixels", "dicom_window"} & set(preset.to_dict())
+    old = preset.to_dict() | {"max_pixels": 123, "dicom_window": 1}
+    assert Preset.from_dict(old) == preset
+
+
+def test_the_pixel_limit_and_window_come_from_the_limits_passed(preset, xray_paths):
+    from xr.core.errors import ImageError
+    from xr.core.intake import DecodeLimits
+
+    with pytest.raises(ImageError, match="over the limit of 1,000"):
+        preset.load(xray_paths[0], DecodeLimits(max_pixels=1000))
+    with pytest.raises(ImageError, match="over the limit of 1,000"):
+        preset(xray_paths[0], DecodeLimits(max_pixels=1000))
+    assert preset.load(xray_paths[0]).size == (224, 224)  # DecodeLimits() by default
 
 
 # -- the key property: training evaluation and the daemon see identical tensors -------------------

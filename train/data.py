@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from xr.core.config import DataConfig
 from xr.core.errors import XRError
-from xr.core.imaging import is_image_name
+from xr.core.intake import DEFAULT_LIMITS, DecodeLimits, is_image_name
 from xr.core.model import CLASS_NAMES
 from xr.core.preprocessing import Preset
 
@@ -247,19 +247,22 @@ def make_splits(root: str | Path, cfg: DataConfig) -> Splits:
 
 
 class XRDataset(Dataset):
-    """(tensor, label) pairs through the shared :class:`Preset` decode and a transform."""
+    """(tensor, label) pairs through the shared :class:`Preset` decode and a transform.
 
-    def __init__(self, items: list[Item], preset: Preset, transform: Callable):
+    ``limits``: the decode limits; training has no operator config, so config.yaml's defaults."""
+
+    def __init__(self, items: list[Item], preset: Preset, transform: Callable, limits: DecodeLimits = DEFAULT_LIMITS):
         self.items = items
         self.preset = preset
         self.transform = transform
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         it = self.items[i]
-        return self.transform(self.preset.load(it.path)), it.label
+        return self.transform(self.preset.load(it.path, self.limits)), it.label
 
     def labels(self) -> list[int]:
         return [it.label for it in self.items]
