@@ -201,7 +201,14 @@ class CalibrationConfig(Section):
 
 # -- config.yaml: xr-daemon, xr-results ---------------------------------------------------------------
 class DaemonConfig(Section):
-    ALSO_READ_BY = {"output": "xr-results", "db": "xr-results"}
+    # The decode limits (core/intake.py DecodeLimits) are read by every program that decodes for the site.
+    ALSO_READ_BY = {
+        "output": "xr-results",
+        "db": "xr-results",
+        "model": "xr-score",
+        "max_file_mb": "xr-score",
+        "max_pixels": "xr-score, xr-review",
+    }
 
     watch: StrictStr | None = Field(None, description="inbox folder to watch; null: --watch is required")
     output: StrictStr | None = Field(
@@ -283,6 +290,8 @@ class DaemonConfig(Section):
 
 class DicomConfig(Section):
     """Which DICOM objects are scored; anything else gets a ``skipped`` row with the reason."""
+
+    ALSO_READ_BY = {"modalities": "xr-score", "body_parts": "xr-score", "window": "xr-score, xr-review"}
 
     modalities: list[StrictStr] = Field(
         ["CR", "DX"], min_length=1, description="Modality values scored (chest radiographs: CR, DX)"
