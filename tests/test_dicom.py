@@ -11,8 +11,10 @@ import pytest
 from xr.core.dicom import IDENTIFIERS, decode_dicom, is_dicom, read_header
 from xr.core.errors import ImageError
 from xr.core.imaging import load_image
-from xr.core.intake import DecodeLimits
+from xr.core.intake import DEFAULT_LIMITS, DecodeLimits
 from xr.core.predict import Predictor
+
+DEFAULT_SCOPE = (DEFAULT_LIMITS.dicom_modalities, DEFAULT_LIMITS.dicom_body_parts)  # config.yaml's defaults
 
 
 def _picture(path) -> np.ndarray:
@@ -91,7 +93,7 @@ def test_identifiers_come_from_the_header_and_never_the_patients_name(dicom_dir)
     assert ids["modality"] == "CR" and ids["body_part"] == "CHEST" and ids["view_position"] == "PA"
     assert ids["sop_instance_uid"].startswith("1.") and ids["study_date"] == "20040826"
     assert dicom_films.PATIENT_NAME not in repr(header) and "Doe" not in repr(header)
-    assert header.out_of_scope(("CR", "DX"), ("CHEST",)) is None
+    assert header.out_of_scope(*DEFAULT_SCOPE) is None
 
 
 @pytest.mark.parametrize(
@@ -103,7 +105,7 @@ def test_identifiers_come_from_the_header_and_never_the_patients_name(dicom_dir)
     ],
 )
 def test_objects_out_of_scope_say_why(dicom_dir, key, reason):
-    assert read_header(dicom_dir[key].read_bytes()).out_of_scope(("CR", "DX"), ("CHEST",)) == reason
+    assert read_header(dicom_dir[key].read_bytes()).out_of_scope(*DEFAULT_SCOPE) == reason
     assert read_header(dicom_dir["knee"].read_bytes()).out_of_scope(("CR",), ("CHEST", "KNEE")) is None  # configurable
 
 
