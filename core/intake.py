@@ -1,4 +1,4 @@
-"""One way in for a film, shared by xr-daemon, xr-score, xr-review and the heatmaps.
+"""One way in for a film, shared by xr-daemon, xr-score and xr-review.
 
 - :class:`DecodeLimits`: the operator's decode settings (file size, pixel count, DICOM window and the DICOM
   objects in scope), built once from ``config.yaml`` (:meth:`DecodeLimits.from_settings`). They belong to
@@ -133,9 +133,6 @@ class InputError(ImageError):
     """A file that cannot be taken in; ``reason`` (without the path) is what its error row says.
 
     A subclass of :class:`ImageError`, so code that reports bad films reports these too."""
-
-    def __init__(self, path: str | os.PathLike | None, reason: str | None = None, incomplete: bool = False):
-        super().__init__(path, reason, incomplete)
 
 
 class InputVanished(InputError):
