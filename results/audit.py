@@ -8,7 +8,6 @@ the change it audits; ``xr-results audit`` reads it.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from typing import Any
 
 from sqlalchemy import select
@@ -85,17 +84,3 @@ def query(
         stmt = stmt.limit(limit)
     rows = [{c: getattr(e, c) for c in AUDIT_COLUMNS} for e in s.scalars(stmt)]
     return rows[::-1]
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """A value for a terminal: control characters (escape sequences) shown as ``\\xNN``, never sent raw."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def spreadsheet_safe(text: str) -> str:
-    """A CSV cell a spreadsheet shows as text: one starting with ``= + - @``, a tab or CR gets a leading ``'``
-    (OWASP CSV injection); attempted user names in the trail come from anyone who reaches the login page."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

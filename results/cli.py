@@ -97,11 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(stats, False)
     reviews = sub.add_parser("reviews", help="the readers' decisions from xr-review, with their films")
     common(reviews, False)
+    aud = sub.add_parser("audit", help="xr-review's audit trail: sign-ins, who looked at which case, decisions")
+    common(aud, False)
+    aud.add_argument("--user", help="only this user's events")
+    aud.add_argument("--action", help="only this action (login, login_failed, view_case, view_image, review, ...)")
     imp = sub.add_parser(
         "import", help="load an xr-score output folder into the database (the one command that writes)"
     )
     common(imp, False)
     imp.add_argument("run", type=Path, help="the xr-score --out folder")
+    bk = sub.add_parser(
+        "backup", help="copy the SQLite database to DEST, safe while the daemon runs (PostgreSQL: prints pg_dump)"
+    )
+    common(bk, False)
+    bk.add_argument("dest", type=Path, help="the backup file to write (private, 0600)")
+    bk.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
     return p
 
 
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
 def _main(argv: list[str] | None, out) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("stats", "reviews"):
+    if args.command in ("stats", "reviews", "audit"):
         ignored = [
             flag
             for flag, value in (
@@ -293,6 +303,10 @@ def _main(argv: list[str] | None, out) -> int:
             parser.error(f"{args.command} takes only --since and --format; {', '.join(ignored)} only apply to list")
     if args.command == "import":
         return _import(args, out)
+    if args.command == "audit":
+        return _audit(args, out)
+    if args.command == "backup":
+        return _backup(args, out)
     try:
         engine = open_db(args)
     except XRError as exc:
@@ -343,6 +357,35 @@ def _main(argv: list[str] | None, out) -> int:
         engine.dispose()
 
 
+def _audit(args: argparse.Namespace, out) -> int:
+    """``xr-results audit``: the audit trail, oldest first; names typed at the login page are anyone's text,
+    so the table escapes control characters and the CSV defuses formulas like every other output."""
+    from xr.results import audit
+    from xr.results.schema import AUDIT_COLUMNS
+
+    try:
+        engine = open_db(args)
+    except XRError as exc:
+        print(f"xr-results: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with session_factory(engine)() as s:
+            rows = audit.query(s, since=args.since, user=args.user, action=args.action)
+    finally:
+        engine.dispose()
+    if args.format == "json":
+        json.dump([{c: _jsonable(r[c]) for c in AUDIT_COLUMNS} for r in rows], out, indent=2)
+        print(file=out)
+    elif args.format == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(AUDIT_COLUMNS)
+        for r in rows:
+            w.writerow([csv_cell(r[c]) for c in AUDIT_COLUMNS])
+    else:
+        print_table(rows, AUDIT_COLUMNS, out)
+    return 0
+
+
 def _import(args: argparse.Namespace, out) -> int:
     """``xr-results import RUN``: an xr-score run into the results database (created or upgraded if need be)."""
     try:
@@ -357,6 +400,26 @@ def _import(args: argparse.Namespace, out) -> int:
         print(f"xr-results: {exc}", file=sys.stderr)
         return 2
     print(f"imported {n} rows from {args.run} ({skipped} already there)", file=out)
+    return 0
+
+
+def _backup(args: argparse.Namespace, out) -> int:
+    """``xr-results backup DEST``: the database, then what else a restore needs."""
+    from xr.core.paths import model_path, output_dir
+    from xr.results.backup import also_keep, backup
+
+    try:
+        cfg = _settings(args)
+        output = output_dir(cfg, args.output)
+        done = backup(db_location(args), args.dest, force=args.force)
+    except XRError as exc:  # PostgreSQL too: the message gives the pg_dump command
+        print(f"xr-results: {exc}", file=sys.stderr)
+        return 2
+    print(f"backed up the results database to {done.dest} ({done.bytes} bytes, integrity ok)", file=out)
+    calibration = Path(cfg.daemon.calibration).expanduser() if cfg.daemon.calibration else None
+    print("the database does not hold these; keep them too:", file=out)
+    for line in also_keep(output, model_path(cfg), calibration, args.config or os.environ.get("XR_CONFIG")):
+        print(f"  {line}", file=out)
     return 0
 
 
