@@ -13,12 +13,24 @@ import os
 import re
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from xr.core.dicom import IDENTIFIERS
 
-SCHEMA_VERSION = 6  # the head revision of results/migrations (0006)
+SCHEMA_VERSION = 7  # the head revision of results/migrations (0007)
 
 
 class Status(str, enum.Enum):
@@ -242,6 +254,56 @@ AUDIT_COLUMNS = (
     "study_instance_uid",
     "remote_addr",
     "detail",
+)
+
+
+OUTBOX_KINDS = ("sr", "sc")  # a Structured Report for every scored DICOM film; a Secondary Capture for flagged ones
+OUTBOX_STATUSES = ("pending", "sent", "failed")
+
+
+class OutboxItem(Base):
+    """One DICOM object for one destination (results/outbox.py): committed before it is sent, so neither a
+    crash nor a PACS that is down loses it; its SOP Instance UID is derived from the result, so a re-send is
+    the same instance to the PACS."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"))
+    kind: Mapped[str] = mapped_column(String(8))  # one of OUTBOX_KINDS
+    destination: Mapped[str] = mapped_column(String(200))  # AET@HOST:PORT
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)  # the encoded object; cleared once sent
+    status: Mapped[str] = mapped_column(String(16))  # one of OUTBOX_STATUSES
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[float] = mapped_column(Float)  # the database's clock, epoch seconds
+    give_up_at: Mapped[float] = mapped_column(Float)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime]
+    sent_at: Mapped[dt.datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("destination", "sop_instance_uid", name="ux_outbox_destination_uid"),
+        Index("ix_outbox_result", "result_id"),
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+    )
+
+
+OUTBOX_COLUMNS = (
+    "id",
+    "result_id",
+    "kind",
+    "destination",
+    "status",
+    "attempts",
+    "last_error",
+    "created_at",
+    "sent_at",
+    "sop_instance_uid",
+    "study_instance_uid",
 )
 
 
