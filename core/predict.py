@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +25,7 @@ from xr.core.intake import DEFAULT_LIMITS, DecodeLimits
 from xr.core.model import file_sha256, load_checkpoint
 from xr.core.preprocessing import Preset
 
-__all__ = ["CALIBRATION_FILE", "Calibration", "Prediction", "Predictor"]
+__all__ = ["CALIBRATION_FILE", "Calibration", "Prediction", "Predictor", "normalize_cams"]
 
 
 # -- device and numeric fast paths --------------------------------------------------------------------
@@ -122,6 +124,7 @@ class _CudaGraph:
 
     def __init__(self, predictor: Predictor, batch_size: int):
         self.batch_size, self.shape = batch_size, predictor.pixel_shape
+        self.lock = threading.Lock()
         self.input = torch.zeros((batch_size, *self.shape), dtype=torch.uint8, device=predictor.device)
         side = torch.cuda.Stream(predictor.device)
         side.wait_stream(torch.cuda.current_stream(predictor.device))
@@ -131,13 +134,14 @@ class _CudaGraph:
         torch.cuda.current_stream(predictor.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.output = predictor._forward(self.input, cache=False)
+            self.logits, self.cams = predictor._forward(self.input, cache=False)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, cams: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = batch.shape[0]
-        self.input[:n].copy_(batch, non_blocking=True)
-        self.graph.replay()
-        return self.output[:n].cpu()
+        with self.lock:  # one input and output buffer: a second thread (the heatmap fallback) waits its turn
+            self.input[:n].copy_(batch, non_blocking=True)
+            self.graph.replay()
+            return self.logits[:n].cpu(), self.cams[:n].cpu() if cams else None
 
 
 class _TracedForward(nn.Module):
@@ -154,7 +158,7 @@ class _TracedForward(nn.Module):
         self.model, self.normalize = predictor.model, predictor._normalize  # registered, so traced as weights
         self._forward = predictor._forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._forward(x, cache=False)
 
 
@@ -164,6 +168,17 @@ class Prediction:
     probability: float  # calibrated: sigmoid(logit / T + shift)
     label: str
     flagged: bool
+    # The class activation map at feature resolution (e.g. 7x7 float32 in [0, 1]) when asked for: where
+    # the film raised the logit (:func:`normalize_cams`).
+    cam: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+def normalize_cams(raw: torch.Tensor) -> torch.Tensor:
+    """Raw class activation maps [B, h, w] -> ReLU, then min-max to [0, 1] per map, as torchcam normalises
+    Grad-CAM (same epsilon), so the two agree to float rounding (tests/test_heatmap.py)."""
+    cams = raw.float().relu()
+    cams = cams - cams.amin(dim=(-2, -1), keepdim=True)
+    return cams / (cams.amax(dim=(-2, -1), keepdim=True) + 1e-8)
 
 
 def load_calibration(checkpoint: Path, model_sha256: str, calibration: str | Path | None = None) -> Calibration:
@@ -175,7 +190,8 @@ def load_calibration(checkpoint: Path, model_sha256: str, calibration: str | Pat
 
 
 class Predictor:
-    """A loaded model with its preset and calibration; thread-safe for sequential batch calls."""
+    """A loaded model with its preset and calibration. Several threads may score at once (the inferer and
+    the heatmap fallback): the eager and traced forwards share only read-only weights, the CUDA graph locks."""
 
     def __init__(
         self,
@@ -279,9 +295,14 @@ class Predictor:
         return self._pixels(self.preset.load(source, limits, name=name))
 
     # -- inference -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Raw logits of a batch of eval tensors [B, 3, S, S] or uint8 pixels [B, 1, S, S]."""
+        return self.scores(batch)[0]
+
+    @torch.inference_mode()
+    def scores(self, batch: torch.Tensor, cams: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B] of a batch, and with ``cams`` the raw class activation maps [B, h, w] of the same
+        forward (None without): eager, traced or CUDA graph alike."""
         g = self._graph
         if (
             g is not None
@@ -289,20 +310,32 @@ class Predictor:
             and batch.shape[0] <= g.batch_size
             and batch.shape[1:] == g.shape
         ):
-            return g(batch)
+            return g(batch, cams)
         t = self._traced
         if t is not None and batch.dtype == torch.uint8 and batch.shape[1:] == self.pixel_shape:
-            return t(batch)
-        return self._forward(batch.to(self.device, non_blocking=True)).cpu()
+            logits, raw = t(batch)
+        else:
+            logits, raw = self._forward(batch.to(self.device, non_blocking=True))
+        return logits.cpu(), raw.cpu() if cams else None
 
-    def _forward(self, x: torch.Tensor, cache: bool = True) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B] and raw class activation maps [B, h, w] of one forward.
+
+        ``forward_head(forward_features(x))`` is what ``model(x)`` runs (timm), so the logits are the
+        plain forward's to the bit. The head pools the feature map A (bn2's output) by its mean and applies
+        one linear layer, so ``w . A`` is Grad-CAM at bn2 up to a positive factor (1/(h*w)) that
+        normalisation removes: no backward. It costs ~C*h*w multiply-adds per film, ~0.02% of the forward.
+        """
         if x.dtype == torch.uint8:
             x = self._normalize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.bf16, cache):
-            out = self.model(x)
-        return out.float().reshape(-1)
+            features = self.model.forward_features(x)
+            out = self.model.forward_head(features)
+        weight = self.model.get_classifier().weight[0]  # the one logit's weights over the channels
+        raw = torch.einsum("bchw,c->bhw", features.float(), weight.float())
+        return out.float().reshape(-1), raw
 
     @property
     def has_cuda_graph(self) -> bool:
@@ -352,22 +385,29 @@ class Predictor:
                 want = self._forward(x, cache=False)
                 for _ in range(3):  # the profiling executor optimises the graph after its first runs
                     got = traced(x)
-                    if not torch.equal(got, want):
-                        diff = (got - want).abs().max().item()
-                        raise RuntimeError(f"traced forward differs from eager by up to {diff:.3g} (batch {len(x)})")
+                    for g, w in zip(got, want):  # the logits and the class activation maps
+                        if not torch.equal(g, w):
+                            diff = (g - w).abs().max().item()
+                            raise RuntimeError(
+                                f"traced forward differs from eager by up to {diff:.3g} (batch {len(x)})"
+                            )
         self._traced = traced
 
     def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
         return self.calibration.probability(logits)
 
-    def predict_batch(self, batch: torch.Tensor) -> list[Prediction]:
-        logits = self.logits(batch)
+    def predict_batch(self, batch: torch.Tensor, cams: bool = False) -> list[Prediction]:
+        """Calibrated predictions; with ``cams`` each carries its class activation map (``Prediction.cam``)
+        from the same forward, for a heatmap without a second pass."""
+        logits, raw = self.scores(batch, cams)
         probs = self.calibrate(logits)
-        return [self._prediction(float(z), float(p)) for z, p in zip(logits, probs)]
+        maps = list(normalize_cams(raw).numpy()) if raw is not None else [None] * len(logits)
+        return [self._prediction(float(z), float(p), m) for z, p, m in zip(logits, probs, maps)]
 
-    def _prediction(self, logit: float, prob: float) -> Prediction:
+    def _prediction(self, logit: float, prob: float, cam: np.ndarray | None = None) -> Prediction:
         flagged = prob >= self.threshold
-        return Prediction(logit=logit, probability=prob, label=self.class_names[int(flagged)], flagged=flagged)
+        label = self.class_names[int(flagged)]
+        return Prediction(logit=logit, probability=prob, label=label, flagged=flagged, cam=cam)
 
     def predict_paths(
         self, paths: Sequence[str | Path], batch_size: int = 32, limits: DecodeLimits = DEFAULT_LIMITS

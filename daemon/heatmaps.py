@@ -1,123 +1,249 @@
-"""Heatmaps for the reading list, off the scoring path: thread ``xr-heatmap``.
+"""Stage ``xr-heatmap``: heatmaps for the reading list, drawn off the scoring path.
 
-The database is the queue: every ``daemon.heatmap_every_s`` the worker takes committed rows that should
-have a heatmap (``daemon.heatmaps``: flagged ones, all, or none) and do not, whose file has reached its
-final place, and draws one with a private copy of the model that scored the row (core/heatmap.py), reading
-the film back from ``processed/``. So a heatmap never delays a batch, and a crash loses none: a restart
-finds the rows still without one. A duplicate gets its first result's heatmap. A row whose model is no
-longer loaded (scored before a reload or a restart with another model) gets none: only the model that
-scored a film may say where it looked.
+After a batch commits, the inferer hands over each film that gets one (``daemon.heatmaps``: flagged ones, or
+all) with the pixels it scored and the class activation map of that same forward (:meth:`HeatmapStage.submit`).
+The stage draws it (core/heatmap.py: no decode, no forward) and records ``results.heatmap_path``; a duplicate
+gets its first result's. The queue is bounded: when drawing falls behind, a film is left to the database.
+
+The database stays the record of what is owed. Every ``daemon.heatmap_every_s`` a pass looks for committed
+rows that should have a heatmap and have none (a job dropped from a full queue, a crash or a restart, another
+worker that died) and whose film has reached its final place, and draws them the slow way: decode the film
+again and one forward with class activation maps, no backward. Only the model that scored a row may say where
+it looked: a row scored by another model (before a reload) gets none.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import os
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+import numpy as np
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from xr.core.errors import ImageError
-from xr.core.heatmap import OVERLAY_SIDE, gradcam, heatmap_model, write_heatmap
-from xr.core.imaging import load_image
-from xr.daemon.pipeline import POLL_S, Context, Stage
+from xr.core.heatmap import write_heatmap
+from xr.core.intake import DEFAULT_LIMITS, DecodeLimits
+from xr.daemon.stage import Stage
+from xr.results.journal import update_rows
 from xr.results.schema import Result, Status, fs_path, utcnow
 
-PER_PASS = 4  # films per pass, so a stop is seen within a few seconds
+PER_STEP = 16  # queued films drawn per step, recorded in one transaction
+PER_PASS = 4  # films per database pass (each a decode and a forward), so a stop is seen within a second
+MAX_QUEUED = 128  # ~50 KB of pixels each: a few MB at most however far drawing falls behind
+SETTLE_S = 2.0  # a pass leaves rows younger than this to the queue: the inferer submits them just after commit
 
 
-class HeatmapWorker(Stage):
+@dataclass(frozen=True)
+class HeatmapJob:
+    row_id: int
+    pixels: torch.Tensor  # uint8 [1, S, S] or [3, S, S]: what the model saw
+    cam: np.ndarray  # the class activation map of the forward that scored it, in [0, 1]
+    model_id: str
+
+
+class HeatmapStage(Stage):
     name = "xr-heatmap"
 
-    def __init__(self, ctx: Context, mode: str, every_s: float):
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        folder: Path,
+        mode: str,
+        *,
+        worker_id: str,
+        exclusive: bool,
+        lease_s: float,
+        log: Any,
+        predictor: Callable[[], Any],
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        every_s: float = 1.0,
+        max_queued: int = MAX_QUEUED,
+    ):
+        """``folder``: where the PNGs go (``<output>/heatmaps``); ``mode``: ``flagged`` or ``all``;
+        ``exclusive``: the only worker on its database (else it draws its own rows and those a worker that
+        stopped 2 leases ago left); ``predictor``: returns the model scoring now (the fallback's);
+        ``limits``: the operator's decode limits, for the fallback's decode."""
         super().__init__()
-        self.ctx, self.mode, self.every_s = ctx, mode, every_s
-        self.folder = ctx.output / "heatmaps"
-        self._models: dict[str, tuple[Any, Any]] = {}  # model_id -> (predictor, private model copy)
-        self._failed: set[int] = set()  # rows whose film could not be read: tried once per run
+        if mode not in ("flagged", "all"):
+            raise ValueError(f"heatmap mode {mode!r}: flagged or all (none: no stage)")
+        self.sessions, self.folder, self.mode = sessions, Path(folder), mode
+        self.worker_id, self.exclusive, self.lease_s = worker_id, exclusive, lease_s
+        self.log, self.predictor, self.limits = log, predictor, limits
+        self.every_s, self.max_queued = every_s, max_queued
+        self._jobs: collections.deque[HeatmapJob] = collections.deque()
+        self._lock = threading.Lock()  # submit runs on the inferer's thread
+        self._in_hand = 0  # taken from the queue, not yet recorded
+        self._failed: set[int] = set()  # rows whose film could not be drawn: tried once per run
+        self._next_pass = 0.0  # the first step looks for rows an earlier run left
+        self._owed = 0  # rows the last pass found still owed (not yet moved, or more than it drew)
+        self._drops_seen = -1  # self.dropped when the last pass began: -1, none yet
         self.written = 0
-        self.caught_up = False  # the last pass found nothing left to draw
+        self.dropped = 0
         self.passes = 0
 
-    def run(self) -> None:
-        next_pass = 0.0
-        while not self.halt.wait(POLL_S):
-            if time.monotonic() < next_pass:
-                continue
-            done = self.pass_once()
-            next_pass = 0.0 if done == PER_PASS else time.monotonic() + self.every_s  # more waiting: go on
+    @classmethod
+    def from_runtime(cls, rt: Any, model: Any) -> HeatmapStage:
+        """The daemon's stage: settings from ``rt`` (daemon/runtime.py), the predictor from ``model``."""
+        d = rt.daemon
+        return cls(
+            rt.sessions,
+            rt.output / "heatmaps",
+            d.heatmaps,
+            worker_id=rt.worker_id,
+            exclusive=rt.exclusive,
+            lease_s=d.lease_s,
+            log=rt.log,
+            predictor=lambda: model.predictor,
+            limits=rt.limits,
+            every_s=d.heatmap_every_s,
+        )
 
-    def _known(self) -> dict[str, tuple[Any, Any]]:
-        pred = self.ctx.predictor
-        if pred.model_id not in self._models:
-            self._models[pred.model_id] = (pred, heatmap_model(pred.model))
-        return self._models
+    # -- from the inferer ---------------------------------------------------------------------------------
+    def submit(self, row_id: int, pixels: torch.Tensor, cam: np.ndarray | None, model_id: str) -> bool:
+        """Queue the heatmap of a committed film. False when the queue is full (or there is no map): a
+        database pass draws it later."""
+        with self._lock:
+            if cam is None or len(self._jobs) >= self.max_queued:
+                self.dropped += 1
+                return False
+            self._jobs.append(HeatmapJob(row_id, pixels, cam, model_id))
+            return True
 
-    def pass_once(self) -> int:
-        """Draw up to :data:`PER_PASS` heatmaps; returns how many rows were handled."""
-        models = self._known()
-        with self.ctx.sessions() as s:
-            want = [Result.status == Status.OK, Result.heatmap_path.is_(None), Result.model_id.in_(list(models))]
-            if self.mode == "flagged":
-                want.append(Result.flagged.is_(True))
-            moved_or_left = (Result.moved_at.is_not(None)) | (Result.moved_to.is_(None))
-            want.append(Result.id.not_in(self._failed or {-1}))
-            if not self.ctx.exclusive:  # several workers: each draws its own films, and those a stopped one left
-                orphaned = utcnow() - dt.timedelta(seconds=2 * self.ctx.lease_s)
-                want.append((Result.worker_id == self.ctx.worker_id) | (Result.processed_at < orphaned))
+    def outstanding(self) -> int:
+        """Heatmaps still owed, as far as this stage knows: queued, being drawn, found owed by the last
+        database pass, plus one while jobs were dropped since the last pass began (``--once`` waits for 0)."""
+        with self._lock:
+            queued = len(self._jobs) + self._in_hand
+            unseen = self.dropped != self._drops_seen
+        return queued + self._owed + int(unseen)
+
+    # -- the stage ----------------------------------------------------------------------------------------
+    def step(self, now: float) -> bool:
+        if self.draw_queued():
+            return True
+        if now < self._next_pass:
+            return False
+        drawn = self.database_pass()
+        self._next_pass = now if drawn == PER_PASS else now + self.every_s  # more may wait: go on
+        return drawn > 0
+
+    def draw_queued(self) -> int:
+        """Draw up to :data:`PER_STEP` queued films and record them in one transaction; returns how many."""
+        with self._lock:
+            jobs = [self._jobs.popleft() for _ in range(min(PER_STEP, len(self._jobs)))]
+            self._in_hand = len(jobs)
+        try:
+            if jobs:
+                self._record({j.row_id: self._draw(j.row_id, j.pixels, j.cam, "forward") for j in jobs})
+        finally:
+            with self._lock:
+                self._in_hand = 0
+        return len(jobs)
+
+    def close(self) -> None:
+        """Draw what is queued: cheap, and a stop (``--once`` included) then leaves no map it holds."""
+        try:
+            while self.draw_queued():
+                pass
+        except Exception as exc:  # noqa: BLE001 - the database pass on the next start draws them
+            self.log.warning("heatmaps_left", reason=f"{exc.__class__.__name__}: {exc}", queued=len(self._jobs))
+
+    # -- the database pass --------------------------------------------------------------------------------
+    def _owed_rows(self, predictor: Any) -> list[Any]:
+        """Conditions of a row that should have a heatmap from ``predictor`` and has none."""
+        want = [
+            Result.status == Status.OK,
+            Result.heatmap_path.is_(None),
+            Result.model_id == predictor.model_id,
+        ]
+        if self.mode == "flagged":
+            want.append(Result.flagged.is_(True))
+        if self._failed:
+            want.append(Result.id.not_in(self._failed))
+        if not self.exclusive:  # several workers: each draws its own films, and those a stopped one left
+            orphaned = utcnow() - dt.timedelta(seconds=2 * self.lease_s)
+            want.append((Result.worker_id == self.worker_id) | (Result.processed_at < orphaned))
+        return want
+
+    def database_pass(self) -> int:
+        """Draw up to :data:`PER_PASS` owed heatmaps the queue did not bring; returns how many were drawn."""
+        with self._lock:
+            drops = self.dropped
+            queued = {j.row_id for j in self._jobs}
+        pred = self.predictor()
+        want = self._owed_rows(pred)
+        in_place = Result.moved_at.is_not(None) | Result.moved_to.is_(None)
+        settled = Result.processed_at < utcnow() - dt.timedelta(seconds=SETTLE_S)
+        with self.sessions() as s:
             rows = s.execute(
-                select(Result.id, Result.path, Result.moved_to, Result.model_id)
-                .where(*want, moved_or_left)
+                select(Result.id, Result.path, Result.moved_to)
+                .where(*want, in_place, settled, Result.id.not_in(queued or {-1}))
                 .order_by(Result.id)
                 .limit(PER_PASS)
             ).all()
-            waiting = rows or s.execute(select(Result.id).where(*want).limit(1)).first()  # not moved yet
-        written: dict[int, str] = {}
-        for row in rows:
-            if self.halt.is_set():
-                break
-            path = self._draw(row, *models[row.model_id])
-            if path is not None:
-                written[row.id] = path
-        with self.ctx.sessions.begin() as s:
-            for rid, path in written.items():  # the film and its duplicates
-                s.execute(update(Result).where(Result.id == rid).values(heatmap_path=path))
-            firsts = select(Result.id, Result.heatmap_path).where(Result.heatmap_path.is_not(None)).subquery()
-            for dup_id, path in s.execute(
-                select(Result.id, firsts.c.heatmap_path)
-                .join(firsts, Result.duplicate_of == firsts.c.id)
-                .where(Result.status == Status.DUPLICATE, Result.heatmap_path.is_(None))
-            ).all():
-                s.execute(update(Result).where(Result.id == dup_id).values(heatmap_path=path))
-        self.written += len(written)
-        self.caught_up = not waiting
+        written = self._fallback(rows, pred) if rows else {}
+        self._record(written, all_duplicates=True)
+        with self.sessions() as s:  # owed after this pass: queued ones, not yet moved, or more than PER_PASS
+            self._owed = s.execute(select(func.count()).select_from(Result).where(*want)).scalar_one()
+        with self._lock:
+            self._drops_seen = drops
         self.passes += 1
         return len(rows)
 
-    def done_since(self, passes: int) -> bool:
-        """A pass that began after ``passes`` found nothing left to draw (``--once`` waits for that)."""
-        return self.passes > passes + 1 and self.caught_up
+    def _fallback(self, rows: list[Any], pred: Any) -> dict[int, str | None]:
+        """Decode the moved films again and score them in one forward with class activation maps."""
+        pixels: dict[int, torch.Tensor] = {}
+        for row in rows:
+            source = fs_path(row.moved_to or row.path)
+            try:
+                pixels[row.id] = pred.pixels(Path(source).read_bytes(), self.limits, name=source)
+            except (OSError, ImageError) as exc:
+                self._failed.add(row.id)
+                reason = str(getattr(exc, "reason", None) or exc)
+                self.log.warning("heatmap_failed", id=row.id, file=source, reason=reason)
+        if not pixels:
+            return {}
+        preds = pred.predict_batch(torch.stack(list(pixels.values())), cams=True)
+        return {rid: self._draw(rid, px, p.cam, "fallback") for (rid, px), p in zip(pixels.items(), preds)}
 
-    def _draw(self, row: Any, predictor: Any, model: Any) -> str | None:
-        source = fs_path(row.moved_to or row.path)
+    # -- drawing and recording ----------------------------------------------------------------------------
+    def _draw(self, row_id: int, pixels: torch.Tensor, cam: np.ndarray, source: str) -> str | None:
         t0 = time.perf_counter()
         try:
-            data = Path(source).read_bytes()
-            pixels = predictor.pixels(data, name=source)
-            film = load_image(
-                data,
-                max_pixels=predictor.preset.max_pixels,
-                draft_size=(OVERLAY_SIDE, OVERLAY_SIDE),
-                name=source,
-                dicom_window=predictor.preset.dicom_window,
-            )
-            cam = gradcam(model, predictor.preset, pixels)
-            out = write_heatmap(self.folder, str(row.id), film, cam, predictor.preset)
-        except (OSError, ImageError) as exc:
-            self._failed.add(row.id)
-            self.ctx.log.warning("heatmap_failed", id=row.id, file=source, reason=str(getattr(exc, "reason", exc)))
+            out = write_heatmap(self.folder, str(row_id), pixels, cam)
+        except (OSError, ValueError) as exc:
+            self._failed.add(row_id)
+            self.log.warning("heatmap_failed", id=row_id, reason=f"{exc.__class__.__name__}: {exc}")
             return None
-        self.ctx.log.info("heatmap", id=row.id, path=str(out), ms=round((time.perf_counter() - t0) * 1000, 1))
+        ms = round((time.perf_counter() - t0) * 1000, 1)
+        self.log.info("heatmap", id=row_id, path=str(out), ms=ms, source=source)
         return os.fspath(out)
+
+    def _record(self, written: dict[int, str | None], all_duplicates: bool = False) -> None:
+        """``results.heatmap_path`` of the films drawn and of their duplicates; with ``all_duplicates``, of
+        every duplicate whose first has one (a duplicate committed after its first's heatmap)."""
+        paths = {rid: p for rid, p in written.items() if p is not None}
+        if not paths and not all_duplicates:
+            return
+        with self.sessions.begin() as s:
+            update_rows(s, [{"id": rid, "heatmap_path": p} for rid, p in paths.items()])
+            firsts = select(Result.id, Result.heatmap_path).where(Result.heatmap_path.is_not(None))
+            if not all_duplicates:
+                firsts = firsts.where(Result.id.in_(list(paths)))
+            sub = firsts.subquery()
+            dups = s.execute(
+                select(Result.id, sub.c.heatmap_path)
+                .join(sub, Result.duplicate_of == sub.c.id)
+                .where(Result.status == Status.DUPLICATE, Result.heatmap_path.is_(None))
+            ).all()
+            update_rows(s, [{"id": dup_id, "heatmap_path": path} for dup_id, path in dups])
+        self.written += len(paths)

@@ -1,58 +1,207 @@
-"""core/heatmap.py: a Grad-CAM map that says something about the film, drawn by the model that scored it."""
+"""Heatmaps from the scoring forward: the class activation map equals torchcam's Grad-CAM at ``bn2``
+(core/predict.py), the overlay over the pixels the model saw (core/heatmap.py), and the ``xr-heatmap`` stage
+(daemon/heatmaps.py) drawing submitted maps without a decode, and owed ones from the database."""
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
+import io
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from xr.core.heatmap import gradcam, heatmap_model, overlay, write_heatmap
+from xr.core.heatmap import overlay, upsample, write_heatmap
 from xr.core.predict import Predictor
+from xr.daemon.heatmaps import HeatmapStage
+from xr.results.engine import make_engine, session_factory
+from xr.results.schema import Result, Status, utcnow
 
 
-def _setup(tiny_checkpoint):
-    pred = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", amp="off")
-    return pred, heatmap_model(pred.model)
+@pytest.fixture(scope="module")
+def pred(tiny_checkpoint) -> Predictor:
+    return Predictor.from_checkpoint(tiny_checkpoint, device="cpu", amp="off")
 
 
-def test_the_map_is_not_constant_and_follows_the_film(tiny_checkpoint, xray_paths):
-    pred, model = _setup(tiny_checkpoint)
-    maps = [gradcam(model, pred.preset, pred.pixels(p.read_bytes())) for p in (xray_paths[0], xray_paths[-1])]
-    for m in maps:
-        assert m.shape == (224, 224) and 0.0 <= m.min() and m.max() <= 1.0
-        assert m.std() > 0.05, "a flat map says nothing"
-    assert np.abs(maps[0] - maps[1]).mean() > 0.05  # another film, another map
-    again = gradcam(model, pred.preset, pred.pixels(xray_paths[0].read_bytes()))
-    assert np.allclose(again, maps[0], atol=1e-5)  # the same film, the same map
+@pytest.fixture(scope="module")
+def films(pred, xray_paths) -> torch.Tensor:
+    """uint8 pixels of 3 films, NORMAL and PNEUMONIA."""
+    return torch.stack([pred.pixels(p.read_bytes()) for p in (xray_paths[0], *xray_paths[-2:])])
 
 
-def test_the_map_is_the_scoring_models_own(tiny_checkpoint, xray_paths):
-    """Another head on the same backbone looks elsewhere: a map is only meaningful for its own model."""
-    pred, model = _setup(tiny_checkpoint)
-    other = heatmap_model(pred.model)
-    with torch.no_grad():
-        other.get_classifier().weight.mul_(-1)
-    pixels = pred.pixels(xray_paths[3].read_bytes())
-    a, b = gradcam(model, pred.preset, pixels), gradcam(other, pred.preset, pixels)
-    assert np.abs(a - b).mean() > 0.05
-    # and the private copy leaves the scoring model untouched: no hooks, same scores
-    before = pred.logits(pixels[None])
-    gradcam(model, pred.preset, pixels)
-    assert not pred.model._forward_hooks and torch.equal(pred.logits(pixels[None]), before)
+@pytest.fixture(scope="module")
+def grad_cams(pred, films) -> np.ndarray:
+    """torchcam's Grad-CAM of the logit at ``bn2`` for each film (one forward and backward of the batch on a
+    private fp32 copy), at feature resolution and normalised as torchcam does."""
+    from torchcam.methods import GradCAM
+
+    model = copy.deepcopy(pred.model).float().eval().to(memory_format=torch.contiguous_format)
+    x = pred._normalize(films).requires_grad_(True)
+    cam = GradCAM(model, target_layer="bn2")
+    try:
+        with torch.enable_grad():
+            (coarse,) = cam(class_idx=0, scores=model(x))
+    finally:
+        cam.remove_hooks()
+    return coarse.detach().numpy()
 
 
-def test_overlay_and_files(tiny_checkpoint, xray_paths, fullres_paths, tmp_path):
-    pred, model = _setup(tiny_checkpoint)
-    data = fullres_paths[0].read_bytes()
-    cam = gradcam(model, pred.preset, pred.pixels(data))
-    film = Image.open(fullres_paths[0]).convert("L")
-    out = write_heatmap(tmp_path / "heatmaps", "7", film, cam, pred.preset)
-    assert out == tmp_path / "heatmaps" / "7.png" and (tmp_path / "heatmaps" / "7.map.png").is_file()
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_the_scoring_forwards_map_is_grad_cam_at_bn2(pred, tiny_checkpoint, films, grad_cams, traced):
+    if traced:
+        pred = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", amp="off")
+        pred.trace_forward(len(films))
+        assert pred.has_trace
+    got = pred.predict_batch(films, cams=True)
+    for p, want in zip(got, grad_cams):
+        assert p.cam.shape == (7, 7) and p.cam.dtype == np.float32
+        assert p.cam.min() == 0.0 and abs(p.cam.max() - 1.0) < 1e-6 and p.cam.std() > 0.05
+        np.testing.assert_allclose(p.cam, want, atol=1e-5, rtol=0)
+    assert np.abs(got[0].cam - got[-1].cam).mean() > 0.05  # another film, another map
+    # without cams the same logits, to the bit, and no maps
+    plain = pred.predict_batch(films)
+    assert [p.logit for p in plain] == [p.logit for p in got] and all(p.cam is None for p in plain)
+
+
+def test_upsample_is_torchs_bilinear():
+    cam = np.random.default_rng(0).random((7, 7), dtype=np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=(224, 224), mode="bilinear")
+    np.testing.assert_allclose(upsample(cam, 224), want[0, 0].numpy(), atol=1e-6)
+
+
+def test_overlay_and_files(pred, films, tmp_path):
+    cam = pred.predict_batch(films[2:], cams=True)[0].cam
+    out = write_heatmap(tmp_path / "heatmaps", "7", films[2], cam)
+    assert out == tmp_path / "heatmaps" / "7.png"
     with Image.open(out) as im:
-        assert im.mode == "RGB" and max(im.size) == 768  # a readable size
+        assert im.mode == "RGB" and im.size == (224, 224)  # the model's view; the review page scales it
         rgb = np.asarray(im, dtype=np.int64)
+    assert np.array_equal(rgb, overlay(films[2], cam))  # the PNG holds the overlay exactly
     assert (np.abs(rgb[..., 0] - rgb[..., 2]) > 30).mean() > 0.01  # colour where the model looked
-    plain = overlay(film, np.zeros_like(cam), pred.preset)
-    grey = np.asarray(plain, dtype=np.int64)
-    assert np.abs(grey[..., 0] - grey[..., 2]).max() <= 1  # no map, no colour: just the film
+    with Image.open(tmp_path / "heatmaps" / "7.map.png") as im:
+        assert np.array_equal(np.asarray(im), np.rint(cam * 255).astype(np.uint8))  # the map as computed
+    plain = overlay(films[2], np.zeros_like(cam)).astype(np.int64)
+    assert np.array_equal(plain, np.repeat(films[2].numpy().transpose(1, 2, 0), 3, axis=2))  # no map: the film
+    three = overlay(films[2].expand(3, -1, -1), cam)  # [3, S, S] pixels draw the same
+    assert np.array_equal(three, rgb)
     assert not list((tmp_path / "heatmaps").glob(".*"))  # no temp file left
+    with pytest.raises(ValueError, match="uint8"):
+        overlay(films[2].float(), cam)
+    Image.open(io.BytesIO(out.read_bytes())).verify()
+
+
+# -- the xr-heatmap stage --------------------------------------------------------------------------------
+class Log:
+    def __init__(self):
+        self.events: list[tuple[str, dict]] = []
+
+    def info(self, event, **kw):
+        self.events.append((event, kw))
+
+    warning = info
+
+
+def _db(tmp_path):
+    engine = make_engine(tmp_path / "results.sqlite")
+    return engine, session_factory(engine)
+
+
+def _row(s, path, model_id, *, flagged=True, status=Status.OK, moved_to=None, moved=True, age_s=60.0, **extra) -> int:
+    now = utcnow()
+    row = Result(
+        path=str(path),
+        filename=path.name,
+        size_bytes=1,
+        mtime_ns=0,
+        status=status,
+        flagged=flagged,
+        model_id=model_id,
+        received_at=now,
+        claimed_at=now,
+        processed_at=now - dt.timedelta(seconds=age_s),
+        moved_to=None if moved_to is None else str(moved_to),
+        moved_at=now if moved_to is not None and moved else None,
+        **extra,
+    )
+    s.add(row)
+    s.flush()
+    return row.id
+
+
+def _stage(sessions, tmp_path, pred, log, **kw) -> HeatmapStage:
+    return HeatmapStage(
+        sessions,
+        tmp_path / "heatmaps",
+        "flagged",
+        worker_id="w1",
+        exclusive=True,
+        lease_s=60.0,
+        log=log,
+        predictor=lambda: pred,
+        **kw,
+    )
+
+
+def test_the_stage_draws_a_submitted_map_without_the_film(pred, films, tmp_path):
+    engine, sessions = _db(tmp_path)
+    gone = tmp_path / "inbox" / "gone.jpeg"  # never written: the stage must not read the film
+    with sessions.begin() as s:
+        rid = _row(s, gone, pred.model_id, moved_to=tmp_path / "processed" / "gone.jpeg", age_s=0.0)
+        dup = _row(s, tmp_path / "inbox" / "again.jpeg", pred.model_id, status=Status.DUPLICATE, duplicate_of=rid)
+    log = Log()
+    stage = _stage(sessions, tmp_path, pred, log)
+    cam = pred.predict_batch(films[2:], cams=True)[0].cam
+    assert stage.submit(rid, films[2], cam, pred.model_id)
+    assert stage.outstanding() >= 1
+    assert stage.step(0.0) is True
+    want = str(tmp_path / "heatmaps" / f"{rid}.png")
+    with sessions() as s:
+        assert s.get(Result, rid).heatmap_path == want
+        assert s.get(Result, dup).heatmap_path == want  # a duplicate shares its first's
+    with Image.open(want) as im:
+        assert np.array_equal(np.asarray(im), overlay(films[2], cam))
+    assert [kw["source"] for e, kw in log.events if e == "heatmap"] == ["forward"]
+    assert not any(e == "heatmap_failed" for e, _ in log.events)
+    stage.step(10.0)  # a database pass: nothing owed, so --once may stop
+    assert stage.outstanding() == 0 and stage.written == 1
+    engine.dispose()
+
+
+def test_a_full_queue_drops_to_the_database_and_the_fallback_draws_it(pred, films, xray_paths, tmp_path):
+    engine, sessions = _db(tmp_path)
+    moved = tmp_path / "processed" / "film.jpeg"
+    moved.parent.mkdir()
+    moved.write_bytes(xray_paths[-1].read_bytes())
+    with sessions.begin() as s:
+        owed = _row(s, tmp_path / "inbox" / "film.jpeg", pred.model_id, moved_to=moved)
+        _row(s, tmp_path / "inbox" / "normal.jpeg", pred.model_id, flagged=False, moved_to=moved)  # none wanted
+        _row(s, tmp_path / "inbox" / "other.jpeg", "another-model", moved_to=moved)  # not this model's to draw
+        _row(s, tmp_path / "inbox" / "late.jpeg", pred.model_id, moved_to=tmp_path / "late.jpeg", moved=False)
+    log = Log()
+    stage = _stage(sessions, tmp_path, pred, log, max_queued=0)
+    assert not stage.submit(owed, films[2], np.zeros((7, 7), np.float32), pred.model_id)  # full: dropped
+    assert stage.outstanding() >= 1
+    assert stage.step(0.0) is True  # the database pass draws the owed row: one decode, one forward
+    with sessions() as s:
+        assert s.get(Result, owed).heatmap_path == str(tmp_path / "heatmaps" / f"{owed}.png")
+        assert {r.id for r in s.query(Result).filter(Result.heatmap_path.is_not(None))} == {owed}
+    want = pred.predict_batch(pred.pixels(moved.read_bytes())[None], cams=True)[0].cam
+    with Image.open(tmp_path / "heatmaps" / f"{owed}.map.png") as im:
+        assert np.array_equal(np.asarray(im), np.rint(want * 255).astype(np.uint8))
+    assert [kw["source"] for e, kw in log.events if e == "heatmap"] == ["fallback"]
+    assert stage.outstanding() == 1  # the film not yet moved is still owed: --once waits for it
+    engine.dispose()
+
+
+def test_a_film_that_cannot_be_read_is_tried_once(pred, tmp_path):
+    engine, sessions = _db(tmp_path)
+    with sessions.begin() as s:
+        rid = _row(s, tmp_path / "inbox" / "x.jpeg", pred.model_id, moved_to=tmp_path / "processed" / "x.jpeg")
+    log = Log()
+    stage = _stage(sessions, tmp_path, pred, log)
+    assert stage.step(0.0) is True and stage.step(10.0) is False
+    assert [kw["id"] for e, kw in log.events if e == "heatmap_failed"] == [rid]
+    assert stage.outstanding() == 0
+    engine.dispose()

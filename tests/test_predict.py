@@ -18,6 +18,7 @@ from xr.core.predict import (
     Calibration,
     Prediction,
     Predictor,
+    autocast,
     cpu_has_fast_bf16,
     resolve_device,
     use_bf16,
@@ -315,6 +316,16 @@ def test_cpu_trace_scores_like_eager(scored_checkpoint, images, amp):
     pixels = torch.stack([eager.pixels(p) for p in images])  # 12 images, more than the traced batch
     for n in (1, 3, 4, 12):
         assert torch.equal(traced.logits(pixels[:n]), eager.logits(pixels[:n])), n
+    # the forward that also gives the class activation maps leaves the logits of the plain model(x) as they
+    # were, to the bit, with maps asked for or not
+    with torch.inference_mode():
+        x = eager._normalize(pixels[:4]).contiguous(memory_format=torch.channels_last)
+        with autocast(eager.device, eager.bf16):
+            plain = eager.model(x).float().reshape(-1)
+    for p in (eager, traced):
+        for cams in (False, True):
+            preds = p.predict_batch(pixels[:4], cams=cams)
+            assert [q.logit for q in preds] == plain.tolist() and all((q.cam is not None) == cams for q in preds)
 
     def eager_forward(*args, **kwargs):
         raise AssertionError("eager forward called")
@@ -336,7 +347,7 @@ def test_cpu_trace_that_fails_or_scores_differently_is_refused(scored_checkpoint
         if fault == "fails":
             raise TypeError("this model cannot be traced")
         traced = real_trace(module, example, **kwargs)
-        return lambda x: traced(x) + 1e-6
+        return lambda x: tuple(t + 1e-6 for t in traced(x))
 
     monkeypatch.setattr(torch.jit, "trace", faulty)
     message = (
