@@ -210,8 +210,9 @@ def render_launchd(
     if metrics_port:
         argv += ["--metrics-port", str(int(metrics_port))]
     argv += ["--log-format", "json"]
-    # ~/Library/Logs and /Library/Logs exist on every Mac; launchd creates the file, not a folder
-    log = "/Library/Logs/xr-daemon.log" if user else str(Path("~/Library/Logs/xr-daemon.log").expanduser())
+    # launchd creates the log file, not its folder: ~/Library/Logs exists; the daemon's account needs its own
+    # folder in /Library/Logs (docs/operations.md, "Run as a service")
+    log = "/Library/Logs/xr-triage/xr-daemon.log" if user else str(Path("~/Library/Logs/xr-daemon.log").expanduser())
     plist: dict = {
         "Label": LABEL,
         "ProgramArguments": argv,

@@ -87,7 +87,7 @@ def test_launchd_agent_and_daemon(tmp_path):
     assert plist["Umask"] == 0o077 and "UserName" not in plist and plist["RunAtLoad"] is True
     (daemon,) = install_units("/in", "/out", fmt="launchd", user="_xr", dest=tmp_path / "d", bin_dir="/opt/xr/bin")
     plist = plistlib.loads(daemon.read_bytes())
-    assert plist["UserName"] == "_xr" and plist["StandardErrorPath"] == "/Library/Logs/xr-daemon.log"
+    assert plist["UserName"] == "_xr" and plist["StandardErrorPath"] == "/Library/Logs/xr-triage/xr-daemon.log"
 
 
 def test_the_shipped_examples_are_what_install_units_writes(tmp_path):
