@@ -20,6 +20,7 @@ from xr.results.engine import make_engine, open_existing, session_factory
 from xr.results.export import csv_cell, csv_columns, format_value
 from xr.results.schema import (
     FINAL_STATUSES,
+    OUTBOX_STATUSES,
     SCORED,
     STATUSES,
     CalibrationRecord,
@@ -106,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(imp, False)
     imp.add_argument("run", type=Path, help="the xr-score --out folder")
+    ob = sub.add_parser(
+        "outbox", help="DICOM results for the PACS: counts by destination and status, then the items (newest first)"
+    )
+    common(ob, False)
+    ob.add_argument("--status", dest="outbox_status", choices=OUTBOX_STATUSES, help="only items with this status")
+    ob.add_argument("--limit", dest="outbox_limit", type=positive_int, default=50, help="at most N items (default 50)")
+    ob.add_argument(
+        "--retry-failed", action="store_true", help="put the failed items back in the queue (the daemon sends them)"
+    )
     bk = sub.add_parser(
         "backup", help="copy the SQLite database to DEST, safe while the daemon runs (PostgreSQL: prints pg_dump)"
     )
@@ -307,6 +317,8 @@ def _main(argv: list[str] | None, out) -> int:
         return _audit(args, out)
     if args.command == "backup":
         return _backup(args, out)
+    if args.command == "outbox":
+        return _outbox(args, out)
     try:
         engine = open_db(args)
     except XRError as exc:
@@ -384,6 +396,72 @@ def _audit(args: argparse.Namespace, out) -> int:
     else:
         print_table(rows, AUDIT_COLUMNS, out)
     return 0
+
+
+def _outbox(args: argparse.Namespace, out) -> int:
+    """``xr-results outbox``: what the daemon owes the PACS. Failed items (given up after
+    dicom_send.give_up_after_s) are listed with their last error; ``--retry-failed`` queues them again."""
+    from xr.results import outbox
+    from xr.results.schema import OUTBOX_COLUMNS
+
+    try:
+        engine = open_db(args)
+    except XRError as exc:
+        print(f"xr-results: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sessions = session_factory(engine)
+        if args.retry_failed:
+            give_up = _settings(args).dicom_send.give_up_after_s
+            with sessions.begin() as s:
+                n = outbox.retry_failed(s, give_up)
+            print(f"xr-results: {n} failed item(s) queued again", file=sys.stderr)
+        with sessions() as s:
+            counts = outbox.counts(s)
+            items = outbox.items(s, args.outbox_status, args.outbox_limit)
+            rows = [{c: getattr(i, c) for c in OUTBOX_COLUMNS} for i in items]
+    finally:
+        engine.dispose()
+    if args.since is not None:
+        rows = [r for r in rows if r["created_at"] >= args.since]
+    if args.format == "json":
+        summary = [{"destination": d, "status": st, "items": n} for (d, st), n in sorted(counts.items())]
+        items_out = [{c: _jsonable(r[c]) for c in OUTBOX_COLUMNS} for r in rows]
+        json.dump({"counts": summary, "items": items_out}, out, indent=2)
+        print(file=out)
+    elif args.format == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(OUTBOX_COLUMNS)
+        for r in rows:
+            w.writerow([csv_cell(r[c]) for c in OUTBOX_COLUMNS])
+    else:
+        for (d, st), n in sorted(counts.items()):
+            print(f"{d:<40} {st:<8} {n}", file=out)
+        if not counts:
+            print("outbox empty (no dicom_send.destinations / --send-results, or no DICOM film scored yet)", file=out)
+        if rows:
+            print(file=out)
+            print_table(rows, OUTBOX_TABLE_COLUMNS, out)
+    failed = sum(n for (_, st), n in counts.items() if st == "failed")
+    if failed and not args.retry_failed:
+        print(
+            f"xr-results: {failed} object(s) did not reach the PACS; fix the cause, then xr-results outbox --retry-failed",
+            file=sys.stderr,
+        )
+    return 0
+
+
+OUTBOX_TABLE_COLUMNS = (
+    "id",
+    "result_id",
+    "kind",
+    "destination",
+    "status",
+    "attempts",
+    "created_at",
+    "sent_at",
+    "last_error",
+)
 
 
 def _import(args: argparse.Namespace, out) -> int:

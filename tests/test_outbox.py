@@ -3,6 +3,8 @@ given up after the configured time, each sent once; the PACS is a real Orthanc."
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 
 import pydicom
@@ -12,7 +14,7 @@ from dicom_net import Orthanc, free_port
 from xr.core import dicom_results as dr
 from xr.core.config import DicomSendConfig
 from xr.daemon.send import SendStage
-from xr.results import outbox
+from xr.results import cli, outbox
 from xr.results.engine import make_engine, session_factory
 from xr.results.schema import OutboxItem, Result, Status, utcnow
 
@@ -248,7 +250,7 @@ def test_pacs_down_then_back_every_object_once(tmp_path, sessions, dicom_dir):
     assert len(sent) == len(set(sent)) == 2
 
 
-def test_given_up_after_the_configured_time(tmp_path, sessions, dicom_dir):
+def test_given_up_after_the_configured_time(tmp_path, sessions, dicom_dir, any_db, capsys):
     log = Log()
     add_result(sessions, dicom_dir["native"], probability=0.3, flagged=False)
     stage = stage_for(sessions, f"NOBODY@127.0.0.1:{free_port()}", log, give_up_after_s=0.5)
@@ -258,3 +260,13 @@ def test_given_up_after_the_configured_time(tmp_path, sessions, dicom_dir):
     with sessions() as s:
         (item,) = outbox.items(s)
         assert item.status == "failed" and item.data is not None  # kept: xr-results outbox retry can resend it
+
+    out = io.StringIO()
+    assert cli.main(["--db", any_db, "outbox"], out=out) == 0
+    text = out.getvalue()
+    assert "NOBODY@127.0.0.1" in text and "failed" in text and "no association" in text
+    assert "did not reach the PACS" in capsys.readouterr().err
+    out = io.StringIO()
+    assert cli.main(["--db", any_db, "outbox", "--retry-failed", "--format", "json"], out=out) == 0
+    got = json.loads(out.getvalue())
+    assert [c["status"] for c in got["counts"]] == ["pending"] and got["items"][0]["attempts"] == 0
