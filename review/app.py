@@ -207,11 +207,15 @@ def create_app(
 
     # -- every request: Host allowlist, same-origin POSTs, security headers ---------------------------
     def same_origin(request: Request) -> bool:
+        """False for a request a page of another site made. Sec-Fetch-Site, which no page can set, decides
+        where the browser sends it; else a real Origin must be this site. Under ``Referrer-Policy: no-referrer``
+        browsers send ``Origin: null`` with their own form posts: that, or no Origin at all (older clients),
+        leaves the decision to the CSRF token."""
         site = request.headers.get("sec-fetch-site")
-        if site is not None and site != "same-origin":
-            return False
+        if site is not None:
+            return site == "same-origin"
         origin = request.headers.get("origin")
-        if origin is None:  # an older client: the CSRF token alone decides
+        if origin is None or origin == "null":
             return True
         parts = urlsplit(origin)
         return parts.scheme in ("http", "https") and parts.netloc.lower() == request.headers.get("host", "").lower()

@@ -359,7 +359,8 @@ def test_a_forged_cross_site_review_is_refused_and_the_case_stays_in_the_queue(s
         ({"decision": "dismiss"}, {}),  # no token: what a page of another site can send
         ({"decision": "dismiss", "csrf": "guessed"}, {}),
         ({"decision": "dismiss", "csrf": csrf}, {"Origin": "http://attacker.example"}),
-        ({"decision": "dismiss", "csrf": csrf}, {"Origin": "null"}),
+        ({"decision": "dismiss", "csrf": csrf}, {"Origin": "null", "Sec-Fetch-Site": "cross-site"}),  # sandboxed
+        ({"decision": "dismiss", "csrf": csrf}, {"Origin": "http://localhost", "Sec-Fetch-Site": "cross-site"}),
         ({"decision": "dismiss", "csrf": csrf}, {"Sec-Fetch-Site": "cross-site"}),
         ({"decision": "dismiss", "csrf": csrf}, {"Sec-Fetch-Site": "same-site"}),
     ]

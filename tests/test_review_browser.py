@@ -59,6 +59,9 @@ def browser():  # per test: Playwright's thread ends with it (the leaked-thread 
         b.close()
 
 
+PASSWORD = "correct horse battery"
+
+
 def _seed(out: Path, xray_paths: list[Path]) -> None:
     """Four flagged films as the daemon leaves them (moved to processed/, a 512-pixel heatmap each), written
     straight to the database as tests/test_review_app.py does: the page under test reads only these."""
@@ -107,6 +110,15 @@ def served(tmp_path, xray_paths):
     """Four flagged films with their heatmaps, and the real xr-review process serving them."""
     out = tmp_path / "out"
     _seed(out, xray_paths)
+    made = subprocess.run(  # the login step, as an admin does it
+        [Path(sys.executable).parent / "xr-review", "users", "add", "rita", "--role", "reader", "--password-stdin"]
+        + ["--output", out],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
     port = _free_port()
     server = subprocess.Popen(
         [Path(sys.executable).parent / "xr-review", "--output", out, "--port", str(port)],
@@ -132,30 +144,51 @@ def served(tmp_path, xray_paths):
         server.wait(30)
 
 
-def test_a_reader_opens_the_queue_a_case_sees_the_heatmap_and_dismisses_it(browser, served, tmp_path):
+def _wait_loaded(page, selector: str, timeout_s: float = 30) -> None:
+    """Until every image ``selector`` finds has loaded. Not wait_for_function: the page's CSP forbids the
+    eval it uses, as it should."""
+    deadline = time.monotonic() + timeout_s
+    while not page.eval_on_selector_all(
+        selector, "imgs => imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)"
+    ):
+        assert time.monotonic() < deadline, f"{selector} never loaded"
+        time.sleep(0.1)
+
+
+def test_a_reader_signs_in_opens_a_case_sees_the_heatmap_dismisses_it_and_signs_out(browser, served, tmp_path):
     shots = Path(os.environ.get("XR_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1280, "height": 860})
     page.goto(served + "/")
+    page.wait_for_url(served + "/login?next=%2F")  # no login, no reading list
+    page.fill("input[name=username]", "rita")
+    page.fill("input[name=password]", "not her password")
+    page.click("button[type=submit]")
+    assert "Wrong user name or password." in page.content()
+    page.fill("input[name=username]", "rita")
+    page.fill("input[name=password]", PASSWORD)
+    page.screenshot(path=str(shots / "login.png"), full_page=True)
+    page.click("button[type=submit]")
+    page.wait_for_url(served + "/")
     rows = page.locator("table.queue tbody tr")
-    assert rows.count() == 4
-    page.wait_for_function(
-        "[...document.querySelectorAll('td.thumb img')].every(i => i.complete && i.naturalWidth > 0)"
-    )
+    assert rows.count() == 4 and "rita" in page.locator("header .who").inner_text()
+    _wait_loaded(page, "td.thumb img")
     page.screenshot(path=str(shots / "queue.png"), full_page=True)
     page.locator("a.case-link").first.click()
     page.wait_for_selector("#heatmap")
-    page.wait_for_function(
-        "document.querySelector('#heatmap').complete && document.querySelector('#heatmap').naturalWidth > 0"
-    )
-    page.wait_for_function(
-        "document.querySelector('#film').complete && document.querySelector('#film').naturalWidth > 0"
-    )
+    _wait_loaded(page, "#heatmap, #film")
     assert page.locator("#heatmap").evaluate("i => i.naturalWidth") >= 256
+    assert page.locator("input[name=reviewer]").count() == 0  # the reader is the signed-in user, not a field
     page.screenshot(path=str(shots / "case.png"), full_page=True)
-    page.fill("input[name=reviewer]", "Dr. Test")
-    page.click("button.dismiss")
+    page.fill("textarea[name=note]", "old scar")
+    page.click("button.dismiss")  # the browser's own POST: same origin, with the form's token
     page.wait_for_url(served + "/")
     assert page.locator("table.queue tbody tr").count() == 3
     assert "1 review recorded" in page.content()
+    reviews = (tmp_path / "out" / "csv" / "reviews.csv").read_text().splitlines()
+    assert len(reviews) == 2 and reviews[1].split(",")[3:5] == ["old scar", "rita"]
+    page.click("form.logout button")
+    page.wait_for_url(served + "/login")
+    page.goto(served + "/cases/1")
+    page.wait_for_url(served + "/login?next=%2Fcases%2F1")  # signed out: the session is gone
     page.close()
