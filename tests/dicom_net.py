@@ -57,7 +57,15 @@ class Orthanc:
     """An Orthanc of the test's own: REST on ``http_port``, DICOM on ``dicom_port`` (AE ``ORTHANC``); it
     takes C-STOREs only from the AE titles in ``modalities`` (name -> AET)."""
 
-    def __init__(self, folder: Path, modalities: dict[str, str], aet: str = "ORTHANC"):
+    def __init__(
+        self,
+        folder: Path,
+        modalities: dict[str, str],
+        aet: str = "ORTHANC",
+        *,
+        ports: dict[str, int] | None = None,
+        lua: list[Path] = (),
+    ):
         need("Orthanc")
         self.folder, self.aet = Path(folder), aet
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -76,7 +84,10 @@ class Orthanc:
                     "AuthenticationEnabled": False,
                     "DicomCheckCalledAet": True,
                     "DicomAlwaysAllowStore": False,  # only the modalities below may store
-                    "DicomModalities": {name: [title, "127.0.0.1", 104] for name, title in modalities.items()},
+                    "DicomModalities": {
+                        name: [title, "127.0.0.1", (ports or {}).get(name, 104)] for name, title in modalities.items()
+                    },
+                    "LuaScripts": [str(p) for p in lua],
                     "Plugins": [],
                     "ConcurrentJobs": 1,
                     "HttpThreadsCount": 4,

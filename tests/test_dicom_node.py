@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import types
 from pathlib import Path
 
@@ -198,3 +199,26 @@ def test_safe_names():
     assert dn.safe_name("../../etc/passwd") == "_.._etc_passwd.dcm"
     assert dn.safe_name("") == "instance.dcm" and dn.safe_name(None) == "instance.dcm"
     assert not dn.safe_name(".hidden").startswith(".")
+
+
+def test_orthanc_routes_chest_films_to_the_node(node, dicom_dir, tmp_path):
+    """deploy/orthanc/route-to-xr-triage.lua in a real Orthanc: a CR film stored into Orthanc reaches the node;
+    a Secondary Capture does not."""
+    need("Orthanc", "storescu")
+    import dicom_films
+    from dicom_net import Orthanc
+
+    n, inbox, _ = node(allowed_callers=["ORTHANC"])
+    lua = Path(__file__).resolve().parent.parent / "deploy" / "orthanc" / "route-to-xr-triage.lua"
+    sc = dicom_films.cr_from_picture(dicom_dir["export8"])
+    sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    sc_path = dicom_films.write(sc, tmp_path / "sc.dcm")
+    with Orthanc(
+        tmp_path / "orthanc", {"xr-triage": "XRTRIAGE", "modality": "MODALITY"}, ports={"xr-triage": n.port}, lua=[lua]
+    ) as pacs:
+        r = storescu(pacs.dicom_port, [dicom_dir["native"], sc_path], aec="ORTHANC")
+        assert r.returncode == 0, r.stderr
+        uid = pydicom.dcmread(dicom_dir["native"]).SOPInstanceUID
+        pacs.wait_for(lambda: (inbox / f"{uid}.dcm").exists(), timeout=60)
+        time.sleep(1)
+    assert visible(inbox) == [f"{uid}.dcm"]
