@@ -29,6 +29,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from xr.core.dicom import DICM_OFFSET, is_dicom
 from xr.core.imaging import IMAGE_SUFFIXES, is_image_name
+from xr.daemon.stage import Stage
 from xr.results.schema import storable
 
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
@@ -126,11 +127,13 @@ class DiscoveryStats:
     handed: int = 0
 
 
-class Discovery:
-    """Owns the thread ``xr-discovery`` (and the watchdog observer); feeds ``out`` with ready files.
+class Discovery(Stage):
+    """The stage ``xr-discovery`` (and the watchdog observer it starts); feeds ``out`` with ready files.
 
     ``out`` is bounded: when the pipeline is busy, ready files wait here as names only.
     """
+
+    name = "xr-discovery"
 
     def __init__(
         self,
@@ -145,9 +148,11 @@ class Discovery:
         clock: Callable[[], float] = time.monotonic,
         log=None,
     ):
+        super().__init__()
         self.inbox = Path(inbox).resolve()
         self.out = out
         self.stable_s = stable_ms / 1000.0
+        self.idle_s = max(0.01, min(0.05, self.stable_s / 5))  # a step's pause: a fraction of stable_ms
         self.rescan_s = rescan_s
         self.poll = poll
         self.watch = watch
@@ -165,31 +170,27 @@ class Discovery:
         self._ignored: set[str] = set()  # reported once as a name the daemon does not read
         self.log = log
         self.available = True  # the inbox was there at the last scan
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._observer = None
         self._next_scan = 0.0
         self.first_scan_done = threading.Event()
-        self.error: BaseException | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> str | None:
-        """Start watching and the discovery thread. Returns why file events fell back to polling, if they did."""
-        fallback = None
-        if self.watch:
-            from watchdog.observers import Observer
-            from watchdog.observers.polling import PollingObserver
+    def watch_events(self) -> str | None:
+        """Start the file-event observer (before the stage runs). Returns why file events fell back to
+        polling, if they did."""
+        if not self.watch:
+            return None
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
 
-            try:
-                self._observer = self._start_observer(PollingObserver if self.poll else Observer)
-            except OSError as exc:
-                # inotify's per-user watch or instance limit (ENOSPC, EMFILE) is a host setting, not a
-                # reason to stop: polling sees the same files, later
-                fallback = f"file events unavailable ({exc.strerror or exc}); polling instead"
-                self._observer = self._start_observer(PollingObserver)
-        self._thread = threading.Thread(target=self._guarded_run, name="xr-discovery", daemon=True)
-        self._thread.start()
-        return fallback
+        try:
+            self._observer = self._start_observer(PollingObserver if self.poll else Observer)
+        except OSError as exc:
+            # inotify's per-user watch or instance limit (ENOSPC, EMFILE) is a host setting, not a
+            # reason to stop: polling sees the same files, later
+            self._observer = self._start_observer(PollingObserver)
+            return f"file events unavailable ({exc.strerror or exc}); polling instead"
+        return None
 
     def _start_observer(self, cls):
         obs = cls(timeout=0.2)
@@ -202,19 +203,11 @@ class Discovery:
             raise
         return obs
 
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float = 5.0) -> None:
+    def close(self) -> None:
         if self._observer is not None:
             self._observer.stop()
-            self._observer.join(timeout)
+            self._observer.join(5.0)
             self._observer = None
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     # -- bookkeeping the pipeline reports back --------------------------------------------------------
     def release(self, path: str, settled: tuple[int, int] | None = None) -> None:
@@ -248,28 +241,19 @@ class Discovery:
         with self._lock:
             return len(self._pending) + len(self._ready) + len(self._handed) + len(self._deferred)
 
-    # -- the loop ---------------------------------------------------------------------------------------
-    def _guarded_run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:
-            self.error = exc
-            raise
-
-    def _run(self) -> None:
-        tick = max(0.01, min(0.05, self.stable_s / 5))
-        while not self._stop.is_set():
-            now = self.clock()
-            self._drain_events()
-            if now >= self._next_scan:
-                if self._inbox_there():
-                    self.scan()
-                self._next_scan = self.clock() + self.rescan_s
-                self.first_scan_done.set()
-            self._check_deferred()
-            self._check_pending()
-            self._push_ready()
-            self._stop.wait(tick)
+    # -- the stage -------------------------------------------------------------------------------------
+    def step(self, now: float) -> bool:
+        """Events in, a scan when one is due, then hand on what is ready; always pauses ``idle_s`` after."""
+        self._drain_events()
+        if self.clock() >= self._next_scan:
+            if self._inbox_there():
+                self.scan()
+            self._next_scan = self.clock() + self.rescan_s
+            self.first_scan_done.set()
+        self._check_deferred()
+        self._check_pending()
+        self._push_ready()
+        return False
 
     def _inbox_there(self) -> bool:
         """Whether the inbox can be read now. A network share can go away and come back: that is logged,
@@ -463,7 +447,7 @@ class Discovery:
             self._ready_paths.update(i.path for i in ready)
 
     def _push_ready(self) -> None:
-        while not self._stop.is_set():
+        while not self.halt.is_set():
             # Recorded as handed before it is queued: the pipeline may take and release it before put()
             # returns, and a release that came first would leave it outstanding for ever.
             with self._lock:

@@ -1,4 +1,5 @@
-"""Wiring: open the DB, load and warm the model, reconcile, start the stages, run until told to stop."""
+"""Wiring: open the DB, load and warm the model, reconcile, start the stages on one supervisor, watch them,
+and stop them all when told to."""
 
 from __future__ import annotations
 
@@ -15,24 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from xr.core.calibration import CALIBRATION_FILE
 from xr.core.config import DaemonConfig, Settings
 from xr.core.errors import XRError
+from xr.core.intake import DecodeLimits
 from xr.core.logs import get_logger
 from xr.core.paths import model_path, output_dir, results_db
 from xr.core.predict import Predictor
+from xr.daemon.claim import Claimer
 from xr.daemon.discovery import Discovery, inside
-from xr.daemon.heatmaps import HeatmapWorker
+from xr.daemon.finish import Finisher, PendingMove
+from xr.daemon.heatmaps import HeatmapStage
+from xr.daemon.infer import Inferer
 from xr.daemon.leases import LeaseKeeper, default_worker_id
-from xr.daemon.loading import ModelReloader, apply_limits, open_predictor, prepare
 from xr.daemon.metrics import Metrics, MetricsServer, sd_notify, watchdog_interval
-from xr.daemon.pipeline import Claimer, Context, Done, Finisher, Inferer
+from xr.daemon.moves import Destinations
+from xr.daemon.reload import ModelReloader, open_predictor, prepare
+from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
+from xr.daemon.stage import Supervisor
+from xr.results import journal
 from xr.results.engine import db_url, make_engine, session_factory, sqlite_file
 from xr.results.export import CsvExporter, csv_columns
-from xr.results.journal import db_time, delete_rows, record_calibration, settle_claim, take_over
-from xr.results.schema import Meta, Result, Status, fs_path, utcnow
+from xr.results.schema import Meta, utcnow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,16 +146,17 @@ class Service:
         self.exclusive = "://" not in str(self.db) or str(self.db).startswith("sqlite")  # the URL is checked at start
         self.worker_id = d.worker_id or default_worker_id()
         self.once = once
-        self.max_file_bytes = int(d.max_file_mb * 1024 * 1024)
         self.log = log or get_logger()
         self._predictor = predictor
         self._stop = threading.Event()
         self.signals = 0
         self.exit_code = 0
-        self.stages: list = []
-        self.heatmaps = None
+        self.supervisor: Supervisor | None = None
+        self._stop_order: list = []
+        self.heatmaps: HeatmapStage | None = None
+        self.inferer: Inferer | None = None
         self.exporter: CsvExporter | None = None
-        self.discovery: Discovery | None = None
+        self.discovery: Discovery | None = None  # set once every stage runs
         self.metrics_server: MetricsServer | None = None
         self.sessions = None
         self._lock_fds: list[int] = []
@@ -209,11 +217,7 @@ class Service:
 
     def _load_predictor(self) -> Predictor:
         d = self.cfg.daemon
-        pred = (
-            apply_limits(self._predictor, self.cfg)
-            if self._predictor
-            else open_predictor(self.cfg, self.model_path, self.calibration)
-        )
+        pred = self._predictor or open_predictor(self.cfg, self.model_path, self.calibration)
         self.plan = plan_run(d, pred.device.type, bf16=pred.bf16)
         if pred.device.type == "cpu":
             torch.set_num_threads(self.plan.torch_threads)
@@ -248,60 +252,25 @@ class Service:
         )
         return pred
 
-    def reconcile(self, ctx: Context, finisher: Finisher) -> dict[str, int]:
+    def reconcile(self, rt: Runtime, discovery: Discovery, destinations: Destinations, finisher: Finisher) -> dict:
         """Before watching: settle what a previous run left (docs/operations.md, "Crash safety"). With
         several workers on one database, only rows this worker held or whose lease has run out."""
-        stats = {"claimed_redo": 0, "claimed_gone": 0, "claimed_released": 0, "moves_finished": 0}
-        released = []
-        now = utcnow()
-        with ctx.sessions.begin() as s:
-            clock = db_time(s)
-            mine = (
-                Result.id.is_not(None)
-                if ctx.exclusive
-                else (
-                    (Result.lease_holder == ctx.worker_id)
-                    | (Result.lease_expires_at.is_(None))
-                    | (Result.lease_expires_at < clock)
-                )
-            )
-            for row in s.scalars(
-                select(Result).where(Result.status == Status.CLAIMED, mine).with_for_update(skip_locked=True)
-            ):
-                outcome, _ = settle_claim(row, ctx.discovery, now)
-                if outcome == "redo":
-                    stats["claimed_redo"] += 1  # the scan finds it again and the claim reuses this row
-                elif outcome == "release":
-                    released.append(row.id)
-                    stats["claimed_released"] += 1
-                else:
-                    stats["claimed_gone"] += 1
-            delete_rows(s, released)
-            pending = s.scalars(
-                select(Result)
-                .where(Result.status != Status.CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None), mine)
-                .with_for_update(skip_locked=True)
-            ).all()
-            tokens = {r.id: r.lease_token for r in pending}  # read before the takeover updates the loaded rows
-            jobs = [
-                Done(r.id, fs_path(r.path), (r.size_bytes, r.mtime_ns), r.moved_to, tokens[r.id] + 1)
-                for r in pending
-                if take_over(s, r.id, tokens[r.id], ctx.worker_id, clock + ctx.lease_s)
-            ]
-        for d in jobs:
-            with ctx.reserved_lock:
-                ctx.reserved.add(d.moved_to)
-        if jobs:
-            finisher.handle(jobs)
-            stats["moves_finished"] = len(jobs)
-        ctx.exporter.export()
+        with rt.sessions.begin() as s:
+            settled, left = journal.settle_at_start(s, discovery.would_read, rt.lease, utcnow())
+        stats = {"claimed_redo": 0, "claimed_gone": 0, "claimed_released": 0, "moves_finished": len(left)}
+        for x in settled:  # redo: the scan finds the file again and its claim reuses the row
+            stats[f"claimed_{'released' if x.outcome == 'release' else x.outcome}"] += 1
+        for m in left:
+            destinations.hold(m.moved_to)
+        if left:
+            finisher.move([PendingMove(m.row_id, m.path, m.identity, m.moved_to, m.token) for m in left])
+        finisher.export()
         return stats
 
     # -- run ------------------------------------------------------------------------------------------------
     def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> int:
         d = self.cfg.daemon
         engine = None
-        discovery = None
         try:
             if self.inbox is None:
                 raise XRError("no watch folder: pass --watch DIR or set daemon.watch in config.yaml")
@@ -315,7 +284,6 @@ class Service:
             ready_q: queue.Queue = queue.Queue(maxsize=max(4, 2 * plan.batch_size))
             decoded_q: queue.Queue = queue.Queue()
             finish_q: queue.Queue = queue.Queue()
-            slots = threading.Semaphore(2 * plan.batch_size + plan.decode_workers)
             discovery = Discovery(
                 self.inbox,
                 ready_q,
@@ -326,7 +294,20 @@ class Service:
                 exclude=excluded_dirs(self.inbox, self.output),
                 log=self.log,
             )
-            exporter = CsvExporter(
+            rt = Runtime(
+                cfg=self.cfg,
+                inbox=self.inbox,
+                output=self.output,
+                sessions=sessions,
+                log=self.log,
+                limits=DecodeLimits.from_settings(self.cfg),
+                worker_id=self.worker_id,
+                exclusive=self.exclusive,
+                batch_size=plan.batch_size,
+                decode_workers=plan.decode_workers,
+                metrics=Metrics(backlog=discovery.outstanding) if d.metrics_port else None,
+            )
+            self.exporter = CsvExporter(
                 self.output / "csv",
                 sessions,
                 self.cfg.csv.rotation,
@@ -334,53 +315,33 @@ class Service:
                 csv_columns(self.cfg.csv.dicom_identifiers),
                 elect=not self.exclusive,
             )
-            self.exporter = exporter
-            ctx = Context(
-                inbox=self.inbox,
-                output=self.output,
-                sessions=sessions,
-                predictor=predictor,
-                discovery=discovery,
-                exporter=exporter,
-                log=self.log,
-                batch_size=plan.batch_size,
-                max_wait_ms=d.max_wait_ms,
-                decode_workers=plan.decode_workers,
-                on_success=d.on_success,
-                on_error=d.on_error,
-                dedupe=d.dedupe,
-                max_file_bytes=self.max_file_bytes,
-                incomplete_grace_s=d.incomplete_grace_s,
-                on_skipped=d.on_skipped,
-                worker_id=self.worker_id,
-                lease_s=d.lease_s,
-                exclusive=self.exclusive,
-                dicom_modalities=tuple(self.cfg.dicom.modalities),
-                dicom_body_parts=tuple(self.cfg.dicom.body_parts),
-            )
-            finisher = Finisher(ctx, finish_q)
-            inferer = Inferer(ctx, decoded_q, finish_q, slots)
-            if max_batches is not None:
-
-                def on_batch(n: int) -> None:
-                    if n >= max_batches:
-                        inferer.halt.set()  # exactly max_batches batches are committed
-                        self.request_stop("max_batches")
-
-                ctx.on_batch = on_batch
-            claimer = Claimer(ctx, ready_q, decoded_q, finish_q, slots)
-            self.stages = [claimer, inferer, finisher]
+            model = CurrentModel(predictor)
+            slots = WorkSlots(2 * plan.batch_size + plan.decode_workers)
+            destinations = Destinations(self.inbox, self.output, d.on_success, d.on_error, d.on_skipped)
+            reloader = None
             if not self.once and self._predictor is None:
-                ctx.reloader = ModelReloader(
+                reloader = ModelReloader(
                     self.cfg, self.model_path, self.calibration, predictor, plan.batch_size, self.log
                 )
-                self.stages.append(ctx.reloader)
-            if not self.exclusive:
-                self.stages.append(LeaseKeeper(ctx))
-            self.heatmaps = HeatmapWorker(ctx, d.heatmaps, d.heatmap_every_s) if d.heatmaps != "none" else None
-            if self.heatmaps is not None:
-                self.stages.append(self.heatmaps)
-            rec = self.reconcile(ctx, finisher)
+            if d.heatmaps != "none":
+                self.heatmaps = HeatmapStage.from_runtime(rt, model)
+            finisher = Finisher(rt, discovery, destinations, self.exporter, finish_q)
+            inferer = Inferer(
+                rt,
+                discovery,
+                model,
+                slots,
+                destinations,
+                decoded_q,
+                finish_q,
+                reloader=reloader,
+                heatmaps=self.heatmaps,
+                on_batch=self._stop_after(max_batches),
+            )
+            claimer = Claimer(rt, discovery, model, slots, ready_q, decoded_q, finish_q)
+            leases = LeaseKeeper(rt, discovery) if not self.exclusive else None
+            self.inferer = inferer
+            rec = self.reconcile(rt, discovery, destinations, finisher)
             self.log.info(
                 "daemon_started",
                 watch=str(self.inbox),
@@ -395,23 +356,28 @@ class Service:
                 **rec,
             )
             with sessions.begin() as s:
-                record_calibration(s, predictor)
-            if d.metrics_port:
-                ctx.metrics = Metrics(backlog=discovery.outstanding)
-                ctx.metrics.model_in_use(predictor.model_id, predictor.calibration_id)
+                journal.record_calibration(s, predictor)
+            if rt.metrics is not None:
+                rt.metrics.model_in_use(predictor.model_id, predictor.calibration_id)
                 try:
-                    self.metrics_server = MetricsServer(ctx.metrics, self.health, d.metrics_host, d.metrics_port)
+                    self.metrics_server = MetricsServer(rt.metrics, self.health, d.metrics_host, d.metrics_port)
                 except OSError as exc:
                     raise XRError(
                         f"cannot serve metrics on {d.metrics_host}:{d.metrics_port}: {exc.strerror or exc}"
                     ) from None
                 self.metrics_server.start()
-            for st in (finisher, inferer, claimer, *self.stages[3:]):
-                st.start()
-            fallback = discovery.start()
+            fallback = discovery.watch_events()
             if fallback:
                 self.log.warning("watch_polling", reason=fallback)
-            self.inferer, self.discovery = inferer, discovery
+            # Started downstream first; stopped upstream first, so each stage finishes what is in flight
+            # (the inferer its batch, the finisher its moves), and the leases are kept to the end.
+            started = [leases, finisher, self.heatmaps, inferer, claimer, reloader, discovery]
+            self.supervisor = Supervisor(st for st in started if st is not None)
+            self._stop_order = [
+                st for st in (discovery, reloader, claimer, inferer, self.heatmaps, finisher, leases) if st is not None
+            ]
+            self.supervisor.start()
+            self.discovery = discovery
             self.log.debug("threads", native_ids={t.name: t.native_id for t in threading.enumerate()})
             sd_notify("READY=1\nSTATUS=watching " + str(self.inbox))
             self._wait(discovery, idle_timeout)
@@ -422,7 +388,7 @@ class Service:
             self.log.exception("daemon_crashed", reason=f"{exc.__class__.__name__}: {exc}")
             self.exit_code = 1
         finally:
-            self._shutdown(discovery)
+            self._shutdown()
             if self.exporter is not None:
                 self.exporter.release()
             if engine is not None:
@@ -432,27 +398,35 @@ class Service:
             self._lock_fds = []
         return self.exit_code
 
+    def _stop_after(self, max_batches: int | None):
+        if max_batches is None:
+            return None
+
+        def on_batch(n: int) -> None:
+            if n >= max_batches:
+                self.inferer.halt.set()  # exactly max_batches batches are committed
+                self.request_stop("max_batches")
+
+        return on_batch
+
     def _wait(self, discovery: Discovery, idle_timeout: float | None) -> None:
         idle_since = time.monotonic()
         beat = Heartbeat(self.log, self.cfg.daemon.heartbeat_s, discovery, self.inferer)
         watchdog, last_pet = watchdog_interval(), 0.0
-        mark = None  # heatmap passes when the inbox was last found done
         while not self._stop.wait(0.05):
             beat.tick()
-            if watchdog is not None and time.monotonic() - last_pet >= watchdog and self.threads_alive() is None:
-                sd_notify("WATCHDOG=1")  # only while the pipeline runs: a stuck daemon is restarted
-                last_pet = time.monotonic()
-            failed = [(st.name, st.error) for st in self.stages if st.error is not None]
-            if discovery.error is not None or not discovery.is_alive():
-                failed.append(("xr-discovery", discovery.error or RuntimeError("thread ended")))
+            failed = self.supervisor.failed()
+            if watchdog is not None and time.monotonic() - last_pet >= watchdog and self.supervisor.dead() is None:
+                if not failed:
+                    sd_notify("WATCHDOG=1")  # only while every stage runs: a stuck daemon is restarted
+                    last_pet = time.monotonic()
             for name, err in failed:
                 self.log.error("stage_failed", stage=name, reason=f"{err.__class__.__name__}: {err}")
                 self.exit_code = 1
                 self.request_stop(f"{name} failed")
             busy = discovery.outstanding() > 0 or not discovery.first_scan_done.is_set()
             if self.once and self.heatmaps is not None:  # --once draws the heatmaps too
-                mark = None if busy else (self.heatmaps.passes if mark is None else mark)
-                busy = busy or not self.heatmaps.done_since(mark)
+                busy = busy or self.heatmaps.outstanding() > 0
             if busy:
                 idle_since = time.monotonic()
             if self.once and not busy:
@@ -462,20 +436,11 @@ class Service:
         if self._signal_reason:
             self.log.info("stopping", reason=self._signal_reason)
 
-    def threads_alive(self) -> str | None:
-        """None while every pipeline thread runs; else which one stopped."""
-        for st in self.stages:
-            if not st.is_alive():
-                return f"thread {st.name} is not running"
-        if self.discovery is None or not self.discovery.is_alive():
-            return "thread xr-discovery is not running"
-        return None
-
     def health(self) -> tuple[bool, str]:
-        """For /healthz: the pipeline's threads are alive and the database takes a write."""
+        """For /healthz: every stage runs and the database takes a write."""
         if self._stop.is_set():
             return False, "stopping"
-        dead = self.threads_alive()
+        dead = self.supervisor.dead() if self.supervisor is not None else "not started"
         if dead:
             return False, dead
         try:
@@ -485,24 +450,18 @@ class Service:
             return False, f"database not writable: {type(exc).__name__}: {exc}"
         return True, "pipeline running, database writable"
 
-    def _shutdown(self, discovery: Discovery | None) -> None:
+    def _shutdown(self) -> None:
         t0 = time.perf_counter()
         sd_notify("STOPPING=1")
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        if discovery is not None:
-            discovery.stop()
-            discovery.join()
-        claimer, inferer, finisher = (self.stages + [None, None, None])[:3]
-        for st in (*self.stages[3:], claimer, inferer, finisher):  # upstream first; the inferer finishes its batch
-            if st is not None:
-                st.halt.set()
-                st.join()
-        if inferer is not None:
+        if self.supervisor is not None:
+            self.supervisor.stop(self._stop_order)
+        if self.inferer is not None:
             self.log.info(
                 "daemon_stopped",
-                batches=inferer.batches,
-                files=inferer.files,
+                batches=self.inferer.batches,
+                files=self.inferer.files,
                 shutdown_ms=round((time.perf_counter() - t0) * 1000, 1),
                 exit_code=self.exit_code,
             )

@@ -1,24 +1,31 @@
-"""The journal: the claim/lease state machine of results rows, and the row writes the pipeline makes.
+"""The journal: the claim/lease state machine of results rows, in one module.
 
-A row is written ``claimed`` before a file is decoded, the batch commit turns it final in one
-transaction, and only then is the file moved (``moved_to`` is chosen in that commit, ``moved_at`` set after
-the move). With several workers on one database each claim carries a lease (holder, fencing token, expiry
-on the database's clock); every later write re-checks the token (``still_held``).
+A row is written ``claimed`` before a file is decoded (:func:`claim_files`: insert, or take over what a
+stopped worker left), the batch commit turns it final in one transaction (:func:`commit_batch`), and only
+then is the file moved (``moved_to`` is chosen in that commit, ``moved_at`` set after the move:
+:func:`record_moves`). With several workers on one database each claim carries a lease (holder, fencing
+token, expiry on the database's clock); every later write re-checks the token (:func:`still_held`). What a
+stopped run left is settled at start (:func:`settle_at_start`) and, with several workers, while running
+(:func:`sweep`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
 import os
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
-from xr.results.schema import CalibrationRecord, Result, Status, fs_path, utcnow
+from xr.results.schema import Batch, CalibrationRecord, Result, Status, fs_path, storable, utcnow
 
 Identity = tuple[str, int, int]  # (path, size_bytes, mtime_ns) of a file in the inbox
 
@@ -207,17 +214,251 @@ def renew_leases(s: Session, worker: str, expires: float) -> int:
     return res.rowcount
 
 
+# -- the state machine: a row's life from claim to move ------------------------------------------------------
+@dataclass(frozen=True)
+class Lease:
+    """Who claims, and for how long: ``worker``'s id, ``seconds`` a lease lasts, and whether this worker is
+    the only one on its database (SQLite: every claim left by another run is a dead run's)."""
+
+    worker: str
+    seconds: float
+    exclusive: bool = True
+
+    def may_take(self, holder: str | None, expires_at: float | None, clock: float) -> bool:
+        """Whether this worker may take over a row held by ``holder`` until ``expires_at`` (database clock)."""
+        return self.exclusive or holder == self.worker or (expires_at or 0.0) < clock
+
+    def left_rows(self, clock: float):
+        """The rows a start settles: all (the only worker), else this worker's and those whose lease ran out."""
+        if self.exclusive:
+            return Result.id.is_not(None)
+        return (
+            (Result.lease_holder == self.worker) | Result.lease_expires_at.is_(None) | (Result.lease_expires_at < clock)
+        )
+
+
+class Claim(str, enum.Enum):
+    """What claiming a file came to."""
+
+    NEW = "new"  # a new claimed row: read and score the file
+    REDO = "redo"  # a claim a stopped run left on this very file, taken over: read and score it again
+    COMMITTED = "committed"  # a final row whose file was not moved yet, taken over: only the move is left
+    HELD = "held"  # another worker holds the file: look again when its lease would have run out
+    MOVED_AWAY = "moved_away"  # read before another worker scored and moved it: the result is that worker's
+
+
+@dataclass(frozen=True)
+class FileClaim:
+    """A file to claim: its identity as the rows hold it, when it was first seen, the facts read from it
+    (sha256, DICOM identifiers), and whether it is still in the inbox as read (asked after the insert)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    received_at: dt.datetime
+    facts: dict[str, Any]
+    still_there: Callable[[], bool] = lambda: True
+
+
+@dataclass(frozen=True)
+class Claimed:
+    outcome: Claim
+    row_id: int | None = None
+    token: int = 0  # the fencing token every later write of this row checks (``still_held``)
+    received_at: dt.datetime | None = None
+    moved_to: str | None = None  # COMMITTED: where the commit placed the file
+    retry_in_s: float = 0.0  # HELD: until the holder's lease would have run out
+    taken_from: str | None = None  # a takeover from another live-lease worker: which one
+    overdue_s: float = 0.0  # ...and how long its lease had run out
+
+
+def claim_files(s: Session, files: list[FileClaim], lease: Lease, now: dt.datetime) -> list[Claimed]:
+    """Claim each file, in the order given (sort them: every worker locks in one order, so two claim
+    batches never deadlock): insert its ``claimed`` row, or take over the row a stopped worker left (a new
+    fencing token), or say who holds it. Holds the claim fence (PostgreSQL) for the transaction."""
+    claim_fence(s)
+    clock = db_time(s)
+    expires = clock + lease.seconds
+    out = []
+    for f in files:
+        fields = {"claimed_at": now, "lease_holder": lease.worker, "lease_expires_at": expires, **f.facts}
+        new = {
+            "path": f.path,
+            "filename": os.path.basename(f.path),
+            "size_bytes": f.size,
+            "mtime_ns": f.mtime_ns,
+            "status": Status.CLAIMED,
+            "received_at": f.received_at,
+            "lease_token": 0,
+            **fields,
+        }
+        row_id = try_claim(s, new)
+        if row_id is not None:
+            if not lease.exclusive and not f.still_there():
+                # Read before another worker scored and moved it (this one was frozen in between): the
+                # claim is of a file that is gone.
+                delete_rows(s, [row_id])
+                out.append(Claimed(Claim.MOVED_AWAY))
+            else:
+                out.append(Claimed(Claim.NEW, row_id, 0, f.received_at))
+            continue
+        owner = owner_of(s, (f.path, f.size, f.mtime_ns))  # another row owns the file: a dead run's, or a worker's
+        if (
+            owner is None
+            or not lease.may_take(owner.lease_holder, owner.lease_expires_at, clock)
+            or not take_over(s, owner.id, owner.lease_token, lease.worker, expires)
+        ):
+            wait = (owner.lease_expires_at or clock) - clock if owner is not None else 0.0
+            out.append(Claimed(Claim.HELD, retry_in_s=max(wait, 0.0) + lease.seconds / 10))
+            continue
+        taken = owner.lease_holder != lease.worker and not lease.exclusive
+        done = owner.status != Status.CLAIMED
+        if not done:
+            update_rows(s, [{"id": owner.id, **fields}])  # redo it
+        out.append(
+            Claimed(
+                Claim.COMMITTED if done else Claim.REDO,
+                owner.id,
+                owner.lease_token + 1,
+                owner.received_at,
+                moved_to=owner.moved_to,
+                taken_from=owner.lease_holder if taken else None,
+                overdue_s=clock - (owner.lease_expires_at or clock),
+            )
+        )
+    return out
+
+
+def give_back(s: Session, tokens: dict[int, int], worker: str) -> None:
+    """Delete the claims (id -> token) this worker still holds: their files are new work again."""
+    delete_rows(s, list(still_held(s, tokens, worker)))
+
+
+def final_row(
+    status: Status,
+    *,
+    now: dt.datetime,
+    received_at: dt.datetime,
+    model: Any = None,
+    score: Any = None,
+    error: str | None = None,
+    duplicate_of: int | None = None,
+    worker: str | None = None,
+    batch_id: int | None = None,
+) -> dict[str, Any]:
+    """The columns a row gets when it turns final: the one place results rows are built (the daemon's
+    batch commit, a claim settled as gone, xr-score's import). ``model``: the predictor that scored it
+    (model_id, threshold, temperature, calibration_id); ``score``: a prediction or a row with logit,
+    probability, label and flagged (an ``ok`` row's, or a duplicate's first)."""
+    row: dict[str, Any] = {
+        "status": status,
+        "error": None if error is None else storable(error),
+        "duplicate_of": duplicate_of,
+        "processed_at": now,
+        "latency_ms": max(0.0, (now - received_at).total_seconds() * 1000),
+        "worker_id": worker,
+        "batch_id": batch_id,
+    }
+    for col in ("model_id", "threshold", "temperature", "calibration_id"):
+        row[col] = getattr(model, col, None)
+    for col in SCORE_COLUMNS:
+        row[col] = None if score is None else (score[col] if isinstance(score, dict) else getattr(score, col))
+    return row
+
+
+SCORE_COLUMNS = ("logit", "probability", "label", "flagged")
+
+
+@dataclass
+class Outcome:
+    """A file's result, ready to commit: ``score`` for ``ok``, ``duplicate_of`` for ``duplicate``, ``error``
+    for ``error`` and ``skipped``."""
+
+    row_id: int
+    token: int
+    status: Status
+    received_at: dt.datetime
+    error: str | None = None
+    duplicate_of: int | None = None
+    score: Any = None
+
+
+@dataclass
+class Committed:
+    batch_id: int
+    rows: dict[int, dict[str, Any]]  # row id -> the columns written (``moved_to`` included)
+    lost: list[Outcome]  # taken over by another worker meanwhile: not written, the result is that worker's
+
+
+def commit_batch(
+    s: Session,
+    outcomes: list[Outcome],
+    *,
+    worker: str,
+    model: Any,
+    wait_ms: float,
+    model_ms: float,
+    place: Callable[[Outcome], str | None],
+    now: dt.datetime,
+) -> Committed:
+    """Turn a batch's claims final in this transaction, with its ``batches`` row. Fencing: rows whose lease
+    another worker took (this one was presumed dead) are not written, nor duplicates of them. ``place``
+    chooses each written row's destination (None: the file stays in the inbox)."""
+    held = still_held(s, {o.row_id: o.token for o in outcomes}, worker)
+    b = Batch(created_at=now, size=len(held), wait_ms=wait_ms, model_ms=model_ms, model_id=model.model_id)
+    s.add(b)
+    s.flush()
+    # Plain dicts in one executemany, not loaded ORM objects: less GIL held per file, which a GPU host's
+    # decode threads need (docs/benchmarks.md).
+    firsts = scores_by_id(s, [o.duplicate_of for o in outcomes if o.duplicate_of is not None])
+    rows: dict[int, dict[str, Any]] = {}
+    lost: list[Outcome] = []
+    for o in outcomes:
+        first = None if o.duplicate_of is None else rows.get(o.duplicate_of) or firsts.get(o.duplicate_of)
+        if o.row_id not in held or (o.duplicate_of is not None and first is None):
+            lost.append(o)
+            continue
+        row = final_row(
+            o.status,
+            now=now,
+            received_at=o.received_at,
+            model=model,
+            score=first if o.duplicate_of is not None else o.score,
+            error=o.error,
+            duplicate_of=o.duplicate_of,
+            worker=worker,
+            batch_id=b.id,
+        )
+        row["id"], row["moved_to"] = o.row_id, place(o)
+        rows[o.row_id] = row
+    update_rows(s, list(rows.values()))
+    counts = Counter(r["status"] for r in rows.values())
+    b.n_ok, b.n_error, b.n_duplicate = counts[Status.OK], counts[Status.ERROR], counts[Status.DUPLICATE]
+    return Committed(b.id, rows, lost)
+
+
+def record_moves(s: Session, moves: dict[int, tuple[int, str | None, dt.datetime]], worker: str) -> set[int]:
+    """Record where files went (row id -> (token, where or None when gone, when)), for the rows this worker
+    still holds; returns those ids."""
+    mine = still_held(s, {rid: token for rid, (token, _, _) in moves.items()}, worker)
+    update_rows(
+        s, [{"id": rid, "moved_to": where, "moved_at": when} for rid, (_, where, when) in moves.items() if rid in mine]
+    )
+    return mine
+
+
+# -- what a stopped worker left ---------------------------------------------------------------------------------
 GONE = "file left the inbox before it was processed"
 
 
-def settle_claim(row: Result, discovery, now: dt.datetime) -> tuple[str, str]:
+def settle_claim(row: Result, would_read: Callable[[str], bool], now: dt.datetime) -> tuple[str, str]:
     """What to do with a claim its worker left, and why: ``redo`` (the file is there as claimed: a scan
     finds it and the claim takes this row over), ``release`` (delete the row: the file is not this daemon's
     to read, or was written on since, and the file as it is now is new work) or ``gone`` (the file left the
     inbox: the row becomes an error, here). A claimed row left as it is would hold back every later row
     from the CSVs, so none is left."""
     path = fs_path(row.path)
-    if not discovery.would_read(path):
+    if not would_read(path):
         return "release", "not a file this daemon reads (claimed by a run with another watch folder or suffixes)"
     try:
         st = os.lstat(path)
@@ -227,7 +468,103 @@ def settle_claim(row: Result, discovery, now: dt.datetime) -> tuple[str, str]:
         if (st.st_size, st.st_mtime_ns) == (row.size_bytes, row.mtime_ns):
             return "redo", "the file is there as claimed"
         return "release", "the file changed since it was claimed"
-    row.status, row.error = Status.ERROR, GONE
-    row.processed_at, row.moved_at = now, now
-    row.latency_ms = max(0.0, (now - row.received_at).total_seconds() * 1000)
+    for col, value in final_row(Status.ERROR, now=now, received_at=row.received_at, error=GONE).items():
+        setattr(row, col, value)
+    row.moved_at = now  # final with nothing to move: no later row waits for it in the CSVs
     return "gone", GONE
+
+
+@dataclass(frozen=True)
+class Settled:
+    row_id: int
+    path: str
+    holder: str | None
+    outcome: str  # redo | release | gone (settle_claim), or moved (a move recorded)
+    reason: str
+
+
+def _settle(s: Session, rows: list[Result], would_read: Callable[[str], bool], now: dt.datetime) -> list[Settled]:
+    out, released = [], []
+    for row in rows:
+        outcome, reason = settle_claim(row, would_read, now)
+        if outcome == "release":
+            released.append(row.id)
+        out.append(Settled(row.id, row.path, row.lease_holder, outcome, reason))
+    delete_rows(s, released)
+    return out
+
+
+@dataclass(frozen=True)
+class LeftMove:
+    """A committed row whose file a stopped run did not move, taken over by this worker (a new token)."""
+
+    row_id: int
+    path: str  # in the inbox, as the file system names it
+    identity: tuple[int, int]  # (size, mtime_ns) of the file as scored
+    moved_to: str
+    token: int
+
+
+def settle_at_start(
+    s: Session, would_read: Callable[[str], bool], lease: Lease, now: dt.datetime
+) -> tuple[list[Settled], list[LeftMove]]:
+    """Before a worker watches: settle the claims a previous run left (all of them on a database of its own;
+    with several workers, this worker's and those whose lease ran out), and take over the committed rows
+    whose move it did not finish."""
+    clock = db_time(s)
+    left = lease.left_rows(clock)
+    claims = s.scalars(
+        select(Result)
+        .where(Result.status == Status.CLAIMED, left)
+        .order_by(Result.id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    settled = _settle(s, list(claims), would_read, now)
+    pending = s.scalars(
+        select(Result)
+        .where(Result.status != Status.CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None), left)
+        .order_by(Result.id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    tokens = {r.id: r.lease_token for r in pending}  # read before the takeover updates the loaded rows
+    moves = [
+        LeftMove(r.id, fs_path(r.path), (r.size_bytes, r.mtime_ns), r.moved_to, tokens[r.id] + 1)
+        for r in pending
+        if take_over(s, r.id, tokens[r.id], lease.worker, clock + lease.seconds)
+    ]
+    return settled, moves
+
+
+def sweep(s: Session, would_read: Callable[[str], bool], lease: Lease, now: dt.datetime) -> list[Settled]:
+    """While running, with several workers: settle the claims whose lease ran out a whole lease ago and whose
+    file is no longer there as claimed (one still there is left to a claim, which takes it over), and record
+    the moves a stopped worker made but did not record. Returns what it did, ``redo`` rows left out."""
+    stale = db_time(s) - lease.seconds
+    claims = s.scalars(
+        select(Result)
+        .where(Result.status == Status.CLAIMED, Result.lease_expires_at < stale)
+        .order_by(Result.id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    done = [x for x in _settle(s, list(claims), would_read, now) if x.outcome != "redo"]
+    unrecorded = s.scalars(
+        select(Result)
+        .where(
+            Result.status != Status.CLAIMED,
+            Result.moved_at.is_(None),
+            Result.moved_to.is_not(None),
+            Result.lease_expires_at < stale,
+        )
+        .order_by(Result.id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for row in unrecorded:
+        if os.path.lexists(fs_path(row.path)):
+            continue  # still in the inbox: a claim takes it over and moves it
+        done.append(Settled(row.id, row.path, row.lease_holder, "moved", MOVED_UNRECORDED))
+        row.moved_to = row.moved_to if os.path.lexists(row.moved_to) else None
+        row.moved_at, row.lease_holder, row.lease_token = now, lease.worker, row.lease_token + 1
+    return done
+
+
+MOVED_UNRECORDED = "its worker moved the file and stopped before recording it"

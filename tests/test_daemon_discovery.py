@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from xr.daemon.discovery import Discovery, is_candidate_name
+from xr.daemon.stage import Supervisor
 
 
 class Clock:
@@ -173,7 +174,9 @@ def test_full_queue_keeps_the_file_first_in_line_and_not_handed(tmp_path):
 def test_watchdog_thread_sees_renamed_file(tmp_path):
     q = queue.Queue(maxsize=10)
     d = Discovery(tmp_path, q, stable_ms=60_000, rescan_s=3600)
-    d.start()
+    d.watch_events()
+    runner = Supervisor([d])
+    runner.start()
     try:
         assert d.first_scan_done.wait(10)
         (tmp_path / ".late.png.part").write_bytes(b"x")
@@ -181,8 +184,7 @@ def test_watchdog_thread_sees_renamed_file(tmp_path):
         item = q.get(timeout=20)  # hang guard; ready at once because it was renamed in
         assert item.path.endswith("late.png")
     finally:
-        d.stop()
-        d.join()
+        runner.stop()
 
 
 def test_inotify_limit_falls_back_to_polling(tmp_path, monkeypatch):
@@ -198,15 +200,16 @@ def test_inotify_limit_falls_back_to_polling(tmp_path, monkeypatch):
     monkeypatch.setattr(watchdog.observers, "Observer", NoInotify)
     q = queue.Queue(maxsize=10)
     d = Discovery(tmp_path, q, stable_ms=0, rescan_s=3600)
-    reason = d.start()
+    reason = d.watch_events()
+    runner = Supervisor([d])
+    runner.start()
     try:
         assert reason and "inotify watch limit reached" in reason and "polling" in reason
         assert d.first_scan_done.wait(10)
         (tmp_path / "late.png").write_bytes(b"x")  # after the only scan: polling must see it
         assert q.get(timeout=20).path.endswith("late.png")
     finally:
-        d.stop()
-        d.join()
+        runner.stop()
 
 
 class _Log:

@@ -1,4 +1,4 @@
-"""daemon/leases.py: renewing this worker's leases, settling claims a stopped worker left."""
+"""daemon/leases.py: the lease keeper stage renews this worker's leases and settles what a stopped worker left."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import types
 
 from sqlalchemy import select
 
+from xr.core.config import load_settings
+from xr.core.intake import DecodeLimits
 from xr.daemon.leases import LeaseKeeper
-from xr.daemon.pipeline import Context
+from xr.daemon.runtime import Runtime
 from xr.results import journal
 from xr.results.engine import make_engine, session_factory
 from xr.results.journal import GONE, settle_claim
@@ -42,6 +44,16 @@ def _claim(s, path, size, mtime, holder, expires):
     )
 
 
+def _runtime(tmp_path, sessions, log, lease_s=5):
+    cfg = load_settings(overrides={"daemon.lease_s": lease_s})
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    return Runtime(cfg, inbox, out, sessions, log, DecodeLimits(), worker_id="me", exclusive=False)
+
+
+def _reads_all():
+    return types.SimpleNamespace(would_read=lambda p: True)
+
+
 def test_claims_of_a_dead_worker_on_files_gone_or_changed_are_settled(tmp_path, any_db):
     eng = make_engine(any_db)
     sessions = session_factory(eng)
@@ -60,19 +72,7 @@ def test_claims_of_a_dead_worker_on_files_gone_or_changed_are_settled(tmp_path, 
             "live": _claim(s, inbox / "live.png", 5, 1, "alive", journal.db_time(s) + 1000),  # a live worker's
         }
     log = _Log()
-    ctx = Context(
-        inbox=inbox,
-        output=tmp_path / "out",
-        sessions=sessions,
-        predictor=None,
-        exporter=None,
-        log=log,
-        discovery=types.SimpleNamespace(would_read=lambda p: True),
-        worker_id="me",
-        lease_s=5,
-        exclusive=False,
-    )
-    LeaseKeeper(ctx).sweep()
+    LeaseKeeper(_runtime(tmp_path, sessions, log), _reads_all()).sweep()
     with sessions() as s:
         rows = {r.id: r for r in s.scalars(select(Result))}
     assert rows[ids["there"]].status == Status.CLAIMED
@@ -87,7 +87,7 @@ def test_claims_of_a_dead_worker_on_files_gone_or_changed_are_settled(tmp_path, 
 
 def test_a_file_another_folder_watches_is_released(tmp_path):
     row = Result(path=str(tmp_path / "a.png"), size_bytes=1, mtime_ns=1, received_at=dt.datetime(2026, 1, 1))
-    outcome, reason = settle_claim(row, types.SimpleNamespace(would_read=lambda p: False), dt.datetime(2026, 1, 2))
+    outcome, reason = settle_claim(row, lambda p: False, dt.datetime(2026, 1, 2))
     assert outcome == "release" and reason.startswith("not a file this daemon reads")
 
 
@@ -97,19 +97,7 @@ def test_renewal_extends_only_this_workers_leases(tmp_path, any_db):
     with sessions.begin() as s:
         mine = _claim(s, tmp_path / "a.png", 1, 1, "me", 10.0)
         theirs = _claim(s, tmp_path / "b.png", 1, 1, "other", 10.0)
-    ctx = Context(
-        inbox=tmp_path,
-        output=tmp_path,
-        sessions=sessions,
-        predictor=None,
-        exporter=None,
-        log=_Log(),
-        discovery=None,
-        worker_id="me",
-        lease_s=30,
-        exclusive=False,
-    )
-    keeper = LeaseKeeper(ctx)
+    keeper = LeaseKeeper(_runtime(tmp_path, sessions, _Log(), lease_s=30), _reads_all())
     keeper.renew()
     with sessions() as s:
         assert s.get(Result, mine).lease_expires_at > journal.db_time(s) + 20
@@ -128,19 +116,7 @@ def test_a_move_a_dead_worker_made_but_did_not_record_is_recorded(tmp_path, any_
         rid = _claim(s, tmp_path / "inbox" / "a.png", 1, 1, "dead", journal.db_time(s) - 1000)
         s.get(Result, rid).status, s.get(Result, rid).moved_to = Status.OK, str(dest)
     log = _Log()
-    ctx = Context(
-        inbox=tmp_path / "inbox",
-        output=tmp_path / "out",
-        sessions=sessions,
-        predictor=None,
-        exporter=None,
-        log=log,
-        discovery=types.SimpleNamespace(would_read=lambda p: True),
-        worker_id="me",
-        lease_s=5,
-        exclusive=False,
-    )
-    LeaseKeeper(ctx).sweep()
+    LeaseKeeper(_runtime(tmp_path, sessions, log), _reads_all()).sweep()
     with sessions() as s:
         row = s.get(Result, rid)
         assert row.moved_at is not None and row.moved_to == str(dest) and row.lease_token == 1

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from xr.core.config import SHIPPED_MODEL, load_settings
-from xr.core.errors import XRError
 from xr.core.logs import configure_logging
 from xr.core.paths import model_path
 from xr.core.predict import Predictor
@@ -37,7 +36,12 @@ def restore_globals():
 
 
 def _cfg(**kw):
-    ov = {"daemon.stable_ms": 100, "daemon.rescan_s": 0.3, "daemon.device": "cpu", "daemon.batch_size": 4}
+    ov = {
+        "daemon.stable_ms": 100,
+        "daemon.rescan_s": 0.3,
+        "daemon.device": "cpu",
+        "daemon.batch_size": 4,
+    }
     ov.update({f"daemon.{k}": v for k, v in kw.items()})
     return load_settings(overrides=ov)
 
@@ -234,8 +238,6 @@ def test_helpers(tmp_path):
         log=configure_logging("json", stream=open(os.devnull, "w")),
     )
     assert svc.run() == 2  # a missing inbox is a clear error, not a traceback
-    with pytest.raises(XRError):
-        raise XRError("x")
 
 
 @pytest.mark.parametrize(
@@ -347,14 +349,14 @@ def test_fifo_and_dangling_symlink_become_error_rows(tmp_path, predictor, xray_p
 
 def test_file_over_the_size_limit_is_an_error_row(tmp_path, predictor, xray_paths):
     inbox = _inbox(tmp_path, xray_paths[:2])
-    svc = _svc(tmp_path, predictor, once=True)
     small = min(os.path.getsize(inbox / p.name) for p in xray_paths[:2])
     big = max(os.path.getsize(inbox / p.name) for p in xray_paths[:2])
-    svc.max_file_bytes = (small + big) // 2
+    limit_mb = (small + big) / 2 / (1024 * 1024)
+    svc = _svc(tmp_path, predictor, cfg=_cfg(max_file_mb=limit_mb), once=True)
     assert small < big and svc.run() == 0
     rows = sorted(_rows(tmp_path), key=lambda r: r["size_bytes"])
     assert [r["status"] for r in rows] == ["ok", "error"]
-    assert f"over the limit of {svc.max_file_bytes:,}" in rows[1]["error"]
+    assert f"over the limit of {int(limit_mb * 1024 * 1024):,}" in rows[1]["error"]
 
 
 def test_new_file_under_a_moved_name_is_not_moved_under_the_old_row(tmp_path, predictor, xray_paths):

@@ -1,10 +1,11 @@
-"""daemon/pipeline.py: moving without overwriting, resuming a half-done move, destinations, CSV pacing."""
+"""daemon/moves.py: moving without overwriting, resuming a half-done move, choosing and reserving destinations."""
 
 from __future__ import annotations
 
 import os
 
-from xr.daemon.pipeline import free_name, move_no_overwrite
+from xr.daemon.moves import Destinations, free_name, move_no_overwrite
+from xr.results.schema import Status
 
 
 def test_move_never_overwrites(tmp_path):
@@ -42,50 +43,20 @@ def test_free_name_respects_reserved(tmp_path):
     assert free_name(tmp_path / "a.png", {str(tmp_path / "a.png")}).name == "a-1.png"
 
 
-def test_finisher_batches_csv_rewrites_under_a_stream(tmp_path):
-    """Each CSV update rewrites the day's file, so a backlog of finished batches is exported once it is
-    handled, not once per batch; and the last state is always exported."""
-    import queue
-    import threading
-
-    from xr.daemon.pipeline import Context, Done, Finisher
-
-    class Exporter:
-        elect = False  # the only daemon on its database
-
-        def __init__(self):
-            self.calls = []
-
-        def export(self):
-            self.calls.append(handled[:])
-
-    class Discovery:
-        def release(self, path, settled=None):
-            handled.append(path)
-
-    handled: list[str] = []
-    exporter = Exporter()
-    ctx = Context(
-        inbox=tmp_path,
-        output=tmp_path,
-        sessions=None,
-        predictor=None,
-        discovery=Discovery(),
-        exporter=exporter,
-        log=None,
-    )
-    q: queue.Queue = queue.Queue()
-    for i in range(200):  # 200 finished batches waiting (files left in place: no move, no DB)
-        q.put([Done(i, f"/in/{i}.png", (1, 1), None)])
-    fin = Finisher(ctx, q)
-    fin.start()
-    while not q.empty():
-        threading.Event().wait(0.01)
-    fin.halt.set()
-    fin.join(10)
-    assert len(handled) == 200
-    assert len(exporter.calls) <= 4, len(exporter.calls)  # not 200
-    assert exporter.calls[-1] == handled  # everything handled reached the CSVs
+def test_destinations_by_status_keep_subfolders_and_never_hand_out_a_name_twice(tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    dest = Destinations(inbox, out, on_success="move", on_error="move", on_skipped="leave")
+    first = dest.reserve(str(inbox / "ward" / "a.png"), Status.OK)
+    second = dest.reserve(str(inbox / "ward" / "a.png"), Status.DUPLICATE)  # same name, not moved yet
+    assert first == str(out / "processed" / "ward" / "a.png")
+    assert second == str(out / "processed" / "ward" / "a-1.png")
+    assert dest.reserve(str(inbox / "b.png"), Status.ERROR) == str(out / "failed" / "b.png")
+    assert dest.reserve(str(inbox / "c.dcm"), Status.SKIPPED) is None  # left in place
+    assert dest.reserve("/elsewhere/d.png", Status.OK) == str(out / "processed" / "d.png")  # outside the inbox
+    dest.release(first)  # moved (or given up): the name is free again unless a file took it
+    assert dest.reserve(str(inbox / "ward" / "a.png"), Status.OK) == first
+    dest.hold(str(out / "processed" / "e.png"))  # a row a stopped run left names it
+    assert dest.reserve(str(inbox / "e.png"), Status.OK) == str(out / "processed" / "e-1.png")
 
 
 def test_move_copies_when_the_kernel_refuses_the_link(tmp_path, monkeypatch):

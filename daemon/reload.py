@@ -1,9 +1,9 @@
 """The model and calibration the daemon scores with: loading them ready to run, and picking up new files.
 
-``ModelReloader`` (thread ``xr-reload``) checks the checkpoint and the calibration file every
+``ModelReloader`` (stage ``xr-reload``) checks the checkpoint and the calibration file every
 ``daemon.reload_s``. When one has changed and then stayed the same for one more check (a file still being
 copied is not read), it loads it off the pipeline's threads: a new calibration alone, or a new model with
-its fast forward prepared. The inferer adopts what is offered between two batches, so every row is scored
+its fast forward prepared. The inferer switches to it between two batches, so every row is scored
 by exactly one model and calibration and no file is lost or scored twice. A file that fails to load (half
 written, corrupt, a calibration fitted for another model) is logged and the current model stays.
 """
@@ -21,20 +21,14 @@ from xr.core.calibration import CALIBRATION_FILE, Calibration
 from xr.core.config import DaemonConfig, Settings
 from xr.core.errors import XRError
 from xr.core.predict import Predictor, load_calibration, trim_malloc
-from xr.daemon.pipeline import POLL_S, Stage
+from xr.daemon.stage import Stage
 
 
 def open_predictor(cfg: Settings, model: Path, calibration: Path | None) -> Predictor:
     """Load ``model`` with ``calibration`` (None: the file beside it) for the daemon's device."""
     if not model.exists():
         raise XRError(f"model checkpoint not found: {model} (set --model or daemon.model)")
-    return apply_limits(Predictor.from_checkpoint(model, calibration, device=cfg.daemon.device), cfg)
-
-
-def apply_limits(pred: Predictor, cfg: Settings) -> Predictor:
-    """The operator's decode settings (pixel limit, DICOM window) in place of the ones stored with the model."""
-    pred.preset = dataclasses.replace(pred.preset, max_pixels=cfg.daemon.max_pixels, dicom_window=cfg.dicom.window)
-    return pred
+    return Predictor.from_checkpoint(model, calibration, device=cfg.daemon.device)
 
 
 def prepare(pred: Predictor, d: DaemonConfig, batch_size: int, log: Any) -> bool:
@@ -67,9 +61,9 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-@dataclasses.dataclass
-class Offer:
-    """What the reloader hands the inferer: a new predictor, or a new calibration for the current one."""
+@dataclasses.dataclass(frozen=True)
+class ModelUpdate:
+    """What the reloader has ready for the inferer: a new predictor, or a new calibration for the current one."""
 
     predictor: Predictor | None = None
     calibration: Calibration | None = None
@@ -83,11 +77,12 @@ class ModelReloader(Stage):
     ):
         """``calibration``: an explicit calibration file, or None for the one beside ``model``."""
         super().__init__()
+        self.idle_s = cfg.daemon.reload_s  # one check per step
         self.cfg, self.d, self.model, self.calibration = cfg, cfg.daemon, model, calibration
         self.batch_size, self.log = batch_size, log
         self.model_sha256 = current.model_sha256
         self._lock = threading.Lock()
-        self._offer: Offer | None = None
+        self._update: ModelUpdate | None = None
         self._model_sig, self._cal_sig = self._last = self._signatures()  # in use now; seen by the last check
         self._failed: tuple | None = None  # files that failed to load: tried again once they change
 
@@ -95,18 +90,15 @@ class ModelReloader(Stage):
         cal = self.calibration or self.model.parent / CALIBRATION_FILE
         return _signature(self.model), _signature(cal)
 
-    def take(self) -> Offer | None:
-        """The pending offer, once (the inferer calls this between batches)."""
+    def take_update(self) -> ModelUpdate | None:
+        """The update ready, once (the inferer calls this between batches)."""
         with self._lock:
-            offer, self._offer = self._offer, None
-            return offer
+            update, self._update = self._update, None
+            return update
 
-    def run(self) -> None:
-        next_check = time.monotonic() + self.d.reload_s
-        while not self.halt.wait(POLL_S):
-            if time.monotonic() >= next_check:
-                self.check()
-                next_check = time.monotonic() + self.d.reload_s
+    def step(self, now: float) -> bool:
+        self.check()
+        return False
 
     def check(self) -> None:
         now = self._signatures()
@@ -115,9 +107,9 @@ class ModelReloader(Stage):
             return  # still being written (look again next time), known bad, or nothing new
         try:
             if now[0] != self._model_sig:  # a new model, with the calibration that goes with it
-                offer = Offer(predictor=self._load_model())
+                update = ModelUpdate(predictor=self._load_model())
             else:
-                offer = Offer(calibration=load_calibration(self.model, self.model_sha256, self.calibration))
+                update = ModelUpdate(calibration=load_calibration(self.model, self.model_sha256, self.calibration))
         except Exception as exc:  # noqa: BLE001 - a bad file must never stop the daemon: the current one stays
             self._failed = now
             self.log.error(
@@ -130,7 +122,7 @@ class ModelReloader(Stage):
         self._model_sig, self._cal_sig = now
         self._failed = None
         with self._lock:
-            self._offer = offer
+            self._update = update
 
     def _load_model(self) -> Predictor:
         t0 = time.perf_counter()

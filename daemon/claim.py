@@ -1,0 +1,239 @@
+"""Stage ``xr-claim``: read each ready file once (core/intake.py), claim its row in the journal, and hand it
+to the decoders (threads ``xr-decode-N``), which put it on the inferer's queue.
+
+A file's bytes are read and hashed before its claim's transaction (whose locks hold the other writers up),
+and kept until the batch commit: a new model with another preset decodes the same bytes again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import os
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from xr.core.errors import ImageError
+from xr.core.intake import DecodeLimits, Input, InputError, InputUnavailable, InputVanished, read_input
+from xr.daemon.discovery import Discovery, FileItem
+from xr.daemon.finish import PendingMove
+from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
+from xr.daemon.stage import POLL_S, Stage
+from xr.results import journal
+from xr.results.journal import Claim, Claimed, FileClaim
+from xr.results.schema import DICOM_COLUMNS, storable, utcnow
+
+UNAVAILABLE_RETRY_S = 5.0  # a file on a share that went away is read again this much later
+
+
+@dataclass
+class ClaimedFile:
+    """A file between its claim and its batch commit: its row and fencing token, what was read, what the
+    decode made of it, and why it gets no score (``error``, ``skip``) or someone else's (``duplicate_of``)."""
+
+    row_id: int
+    token: int
+    item: FileItem
+    received_at: dt.datetime
+    data: bytes | None = None  # the bytes read, kept until the commit (a new preset decodes them again)
+    sha256: str | None = None
+    sop: str | None = None  # a DICOM instance's SOPInstanceUID: the same instance is a duplicate whatever its bytes
+    error: str | None = None
+    incomplete: bool = False  # the bytes read end too early (``error`` says how)
+    skip: str | None = None  # a DICOM object out of scope: why
+    duplicate_of: int | None = None
+    pixels: torch.Tensor | None = None  # uint8 pixels, decoded with ``preset``
+    preset: Any = None
+    decode_ms: float = 0.0
+
+
+def decode(f: ClaimedFile, predictor: Any, limits: DecodeLimits) -> None:
+    """``f``'s bytes to pixels with ``predictor``'s preset, within the operator's ``limits``; a bad file sets
+    ``f.error``, never raises."""
+    t0 = time.perf_counter()
+    try:
+        f.pixels, f.preset = predictor.pixels(f.data, limits, name=f.item.path), predictor.preset
+    except ImageError as exc:
+        f.error, f.incomplete = exc.reason, exc.incomplete
+    except Exception as exc:  # noqa: BLE001 - a bad file must never stop the daemon
+        f.error = f"cannot decode image: {exc.__class__.__name__}: {exc}"
+    f.decode_ms = (time.perf_counter() - t0) * 1000
+
+
+def still_there(item: FileItem) -> bool:
+    """Whether the inbox still holds ``item`` as it was listed."""
+    try:
+        st = os.lstat(item.path)
+    except OSError:
+        return False
+    return item.is_symlink or (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
+
+
+class Claimer(Stage):
+    """Takes up to a batch of ready files per step, one work slot each; reads, claims, submits the decode."""
+
+    name = "xr-claim"
+    idle_s = 0.0  # a step waits on the ready queue itself
+
+    def __init__(
+        self,
+        rt: Runtime,
+        discovery: Discovery,
+        model: CurrentModel,
+        slots: WorkSlots,
+        ready: queue.Queue[FileItem],
+        decoded: queue.Queue[ClaimedFile],
+        finish: queue.Queue[list[PendingMove]],
+    ):
+        super().__init__()
+        self.rt, self.discovery, self.model, self.slots = rt, discovery, model, slots
+        self.ready, self.decoded, self.finish = ready, decoded, finish
+        self._carry: FileItem | None = None  # taken from the queue while no slot was free: it goes first
+        self.pool = cf.ThreadPoolExecutor(max_workers=max(1, rt.decode_workers), thread_name_prefix="xr-decode")
+
+    def step(self, now: float) -> bool:
+        items = self.take_ready()
+        if items:
+            self.claim(items)
+        return self._carry is not None or bool(items)
+
+    def close(self) -> None:
+        if self._carry is not None:
+            self.discovery.release(self._carry.path)
+            self._carry = None
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def take_ready(self) -> list[FileItem]:
+        """Up to a batch of ready files, each holding a work slot."""
+        if self._carry is not None:
+            first, self._carry = self._carry, None
+        else:
+            try:
+                first = self.ready.get(timeout=POLL_S)
+            except queue.Empty:
+                return []
+        if not self.slots.take():
+            self._carry = first  # no room downstream yet
+            return []
+        items = [first]
+        while len(items) < self.rt.batch_size:
+            try:
+                nxt = self.ready.get_nowait()
+            except queue.Empty:
+                break
+            if not self.slots.take_now():
+                self._carry = nxt
+                break
+            items.append(nxt)
+        return items
+
+    def claim(self, items: list[FileItem]) -> None:
+        """Claim ``items`` (each holding a work slot); the slots of files that go no further are given back
+        here, the others' when their batch leaves the inferer."""
+        admitted: list[ClaimedFile] = []
+        try:
+            admitted = self._claim(items)
+        finally:
+            self.slots.give_back(len(items) - len(admitted))
+        for f in admitted:
+            if f.error is not None or f.skip is not None or f.duplicate_of is not None:
+                self.decoded.put(f)
+            else:
+                self.pool.submit(self._decode, f).add_done_callback(lambda fut, f=f: self._decoded(fut, f))
+
+    def _claim(self, items: list[FileItem]) -> list[ClaimedFile]:
+        rt, log = self.rt, self.rt.log
+        reads: list[tuple[FileItem, Input | None, str | None]] = []
+        for item in items:
+            try:
+                film = read_input(item.path, rt.limits, inbox=rt.inbox, is_symlink=item.is_symlink)
+            except InputVanished:
+                self.discovery.release(item.path)
+                continue
+            except InputUnavailable:  # a share that went away: no row, try again once it may be back
+                self.discovery.retry_later(item, time.monotonic() + UNAVAILABLE_RETRY_S)
+                continue
+            except InputError as exc:
+                reads.append((item, None, exc.reason))
+                continue
+            if film.changed((item.size, item.mtime_ns)):
+                # written again after it looked complete: back to discovery to settle again
+                self.discovery.release(item.path)
+                self.discovery.note(item.path)
+                continue
+            reads.append((item, film, None))
+        if not reads:
+            return []
+        reads.sort(key=lambda r: r[0].path)  # every worker claims in one order: two claim batches never deadlock
+        requests = [
+            FileClaim(
+                storable(item.path),
+                item.size,
+                item.mtime_ns,
+                item.received_at,
+                {
+                    "sha256": film.sha256 if film else None,
+                    **(film.identifiers if film else dict.fromkeys(DICOM_COLUMNS)),
+                },
+                still_there=lambda item=item: still_there(item),
+            )
+            for item, film, _ in reads
+        ]
+        with rt.sessions.begin() as s:
+            claims = journal.claim_files(s, requests, rt.lease, utcnow())
+            admitted = [
+                self._admit(item, film, err, c)
+                for (item, film, err), c in zip(reads, claims)
+                if c.outcome in (Claim.NEW, Claim.REDO)
+            ]
+            scorable = [f for f in admitted if f.error is None and f.skip is None]
+            if rt.daemon.dedupe and scorable:
+                by_sha = journal.first_ok_by_sha(s, [f.sha256 for f in scorable if f.sha256])
+                by_sop = journal.first_ok_by_sop(s, [f.sop for f in scorable if f.sop])
+                for f in scorable:
+                    f.duplicate_of = by_sha.get(f.sha256) or by_sop.get(f.sop)
+        for (item, _, _), c in zip(reads, claims):
+            self._route(item, c, log)
+        return admitted
+
+    def _admit(self, item: FileItem, film: Input | None, err: str | None, c: Claimed) -> ClaimedFile:
+        # an image without pixels waits out the grace period like any file cut short, then is skipped
+        f = ClaimedFile(c.row_id, c.token, item, c.received_at, error=err)
+        if film is not None:
+            f.data, f.sha256, f.sop = film.data, film.sha256, film.identifiers.get("sop_instance_uid")
+            f.skip, f.incomplete = film.out_of_scope, film.maybe_cut
+        return f
+
+    def _route(self, item: FileItem, c: Claimed, log: Any) -> None:
+        """What a claim that is not scored now comes to; and the takeover warning."""
+        if c.taken_from is not None:
+            log.warning(
+                "lease_taken_over",
+                file=storable(item.path),
+                id=c.row_id,
+                from_worker=c.taken_from,
+                reason=f"its lease ran out {c.overdue_s:.1f} s ago",
+            )
+        if c.outcome == Claim.MOVED_AWAY:
+            log.info(
+                "claim_dropped", file=storable(item.path), reason="another worker moved the file since it was read"
+            )
+            self.discovery.release(item.path)
+        elif c.outcome == Claim.HELD:  # held by a live worker: look again when its lease runs out
+            self.discovery.retry_later(item, time.monotonic() + c.retry_in_s)
+        elif c.outcome == Claim.COMMITTED:  # scored before: only the move is left
+            self.finish.put([PendingMove(c.row_id, item.path, (item.size, item.mtime_ns), c.moved_to, c.token)])
+
+    def _decode(self, f: ClaimedFile) -> None:
+        decode(f, self.model.predictor, self.rt.limits)
+
+    def _decoded(self, fut: cf.Future, f: ClaimedFile) -> None:
+        if fut.cancelled():
+            return  # shutting down: the row stays claimed and is redone on the next start
+        if fut.exception() is not None and f.error is None:
+            f.error = f"cannot decode image: {fut.exception()}"
+        self.decoded.put(f)
