@@ -254,17 +254,92 @@ def test_one_exporter_is_elected_and_another_takes_over_when_it_goes(tmp_path, p
     eng.dispose()
 
 
+def _lock_holders(eng) -> list[int]:
+    """Backend pids holding the exporter's advisory lock in this database (other tests on the server hold their
+    own), read from pg_locks (a bigint key is classid:objid)."""
+    from sqlalchemy import text
+
+    from xr.results.export import EXPORTER_LOCK
+
+    with eng.connect() as c:
+        return list(
+            c.execute(
+                text(
+                    "select pid from pg_locks where locktype = 'advisory' and granted"
+                    " and database = (select oid from pg_database where datname = current_database())"
+                    " and ((classid::bigint << 32) | objid::bigint) = :key"
+                ),
+                {"key": EXPORTER_LOCK},
+            ).scalars()
+        )
+
+
+def _wait(pred, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while not pred():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def _end_session(eng, pid: int) -> None:
+    """The server ends one backend (a restart, a cut connection, an idle timeout): its locks go with it."""
+    from sqlalchemy import text
+
+    with eng.connect() as c:
+        assert c.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+    _wait(lambda: pid not in _lock_holders(eng), f"backend {pid} to end")
+
+
+def test_an_exporter_whose_session_the_server_ended_notices_and_is_elected_again(tmp_path, pg_url):
+    """No patching: the server ends the elected exporter's session; at its next export it finds the lock gone,
+    is elected again on a new session while no one else holds it, and stands aside while another does."""
+    eng, sessions, first, second = _two_workers_exported_two_rows(tmp_path, pg_url)
+    (holder,) = _lock_holders(eng)
+    _end_session(eng, holder)
+    assert _lock_holders(eng) == []
+    _add(sessions, 1)
+    assert first.export() == 1  # noticed, elected again, wrote row 3
+    (again,) = _lock_holders(eng)
+    assert again != holder  # a new session holds the lock ...
+    assert second.export() == 0 and not second.elected()  # ... and it is the first worker's
+    _end_session(eng, again)
+    _add(sessions, 2)
+    assert second.export() == 2  # the lock is free: the second worker takes over, rows 4-5
+    assert first.export() == 0 and not first.elected()  # the first notices it lost it and stands aside
+    assert len(_lock_holders(eng)) == 1
+    second.release()
+    _add(sessions, 1)
+    assert first.export() == 1  # the second went: the first is elected again
+    assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [1, 2, 3, 4, 5, 6]
+    first.release()
+    _wait(lambda: _lock_holders(eng) == [], "the released lock to go")  # the server ends the session after we close it
+    eng.dispose()
+
+
 def test_an_exporter_that_lost_its_lock_after_checking_it_writes_nothing_twice(tmp_path, pg_url, monkeypatch):
-    """A worker checks it is the exporter, then loses the lock (a server restart, a cut connection) while
-    another is elected and writes: its update, arriving late, must not append those rows again."""
+    """A worker checks it is the exporter (the real check, on the real lock), then the server ends its session
+    while another is elected and writes: its update, arriving late, must not append those rows again."""
     from sqlalchemy import select
 
     eng, sessions, first, second = _two_workers_exported_two_rows(tmp_path, pg_url)
-    first.release()
-    monkeypatch.setattr(first, "elected", lambda: True)  # it checked before the lock went
+    check = first.elected
+    wrote_meanwhile = []
+
+    def checked_then_lost() -> bool:
+        ok = check()  # holds the lock: True
+        (holder,) = _lock_holders(eng)
+        _end_session(eng, holder)  # ... lost right after the check
+        wrote_meanwhile.append(second.export())  # another worker is elected and exports meanwhile
+        return ok
+
     _add(sessions, 3)
-    assert second.export() == 3
-    assert first.export() == 0
+    monkeypatch.setattr(first, "elected", checked_then_lost)
+    assert first.export() == 0  # its late update finds the rows written
+    assert wrote_meanwhile == [3]
+    monkeypatch.setattr(first, "elected", check)
+    assert first.export() == 0 and not first.elected()  # the real check: the lock is the second's now
     _add(sessions, 1, flagged=True)
     with sessions.begin() as s:  # one exporter in the middle of an update holds the mark ...
         s.execute(select(schema.Meta).where(schema.Meta.key == "last_exported_id").with_for_update())
@@ -315,4 +390,43 @@ def test_a_claim_in_flight_with_a_lower_id_holds_back_later_rows(tmp_path, pg_ur
     assert ex.export() == 2
     assert _ids(next((tmp_path / "csv").glob("results-*.csv"))) == [low, high]
     ex.release()
+    eng.dispose()
+
+
+# -- reviews.csv ---------------------------------------------------------------------------------------------
+def _review(sessions, result_id: int, decision: str = "confirm") -> int:
+    with sessions.begin() as s:
+        r = schema.Review(result_id=result_id, decision=decision, reviewed_at=dt.datetime(2026, 1, 1, 13))
+        s.add(r)
+        s.flush()
+        return r.id
+
+
+def test_a_reviews_csv_write_that_fails_after_the_commit_is_caught_up_once(tmp_path, monkeypatch):
+    """xr-review commits a review, then appends it to reviews.csv. When that write fails (a full disk), the
+    review stands in the database and the next export writes it, once, with the ones after it: a caller that
+    answers the reader normally need not (and must not) record the review again."""
+    import pytest
+
+    import xr.results.export as export
+
+    eng, sessions = _setup(tmp_path)
+    _add(sessions, 1, flagged=True)
+    csv_dir = tmp_path / "csv"
+    assert _review(sessions, 1) == 1 and export.export_reviews(csv_dir, sessions) == 1
+
+    def full_disk(path, text, header=""):
+        raise OSError(28, "No space left on device")
+
+    _review(sessions, 1, "dismiss")
+    real = export.append_csv
+    monkeypatch.setattr(export, "append_csv", full_disk)
+    with pytest.raises(OSError):
+        export.export_reviews(csv_dir, sessions)
+    monkeypatch.setattr(export, "append_csv", real)
+    assert _ids(csv_dir / "reviews.csv") == [1]  # the file as before the failed write
+    _review(sessions, 1)
+    assert export.export_reviews(csv_dir, sessions) == 2
+    assert export.export_reviews(csv_dir, sessions) == 0
+    assert _ids(csv_dir / "reviews.csv") == [1, 2, 3]
     eng.dispose()
