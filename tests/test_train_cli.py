@@ -91,6 +91,21 @@ def test_all_writes_every_output(run_dir):
     assert "Not for diagnostic use" in (run_dir / "MODEL_CARD.md").read_text()
 
 
+def test_all_resume_of_a_finished_run_keeps_its_splits_and_epochs(run_dir, fixtures_dir, tmp_path):
+    """--resume takes the run's splits and checkpoint_last.pt; a run that reached its last epoch trains no
+    more and goes on to calibrate, evaluate and write the card."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    epochs = (run / "epochs.csv").read_text()
+    splits = (run / "splits" / "test.csv").read_text()
+    flags = ["--epochs", 3, "--head-epochs", 1, "--max-steps", 2, "--batch-size", 8]
+    r = xr_train("all", "--data", fixtures_dir / "chest_xray", "--out", run, "--resume", *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming after epoch 3 (full)" in r.stdout and "split:" not in r.stdout and "all: done" in r.stdout
+    assert (run / "epochs.csv").read_text() == epochs and (run / "splits" / "test.csv").read_text() == splits
+    assert "--resume" in json.loads((run / "model_card.json").read_text())["command"]
+
+
 def test_predictor_reads_the_run_calibration(run_dir):
     cal = json.loads((run_dir / "calibration_threshold.json").read_text())
     p = Predictor.from_checkpoint(run_dir / "xr_mvp_best.pt")
@@ -199,6 +214,17 @@ def test_a_stage_failing_on_its_inputs_writes_no_run_folder_or_recipe(tmp_path, 
     assert rc == 2 and "val_logits.csv not found" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_resume_without_a_checkpoint_is_one_clear_line(fixtures_dir, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    rc, err = _main(capsys, monkeypatch, "split", "--data", fixtures_dir / "chest_xray", "--out", run)
+    assert rc == 0, err
+    rc, err = _main(capsys, monkeypatch, "train", "--out", run, "--resume")
+    errors = [line for line in err.splitlines() if line.startswith("xr-train: error:")]
+    assert rc == 2 and errors == [
+        f"xr-train: error: nothing to resume: {run / 'checkpoint_last.pt'} not found (start the run without --resume)"
+    ], err
 
 
 def test_evaluate_of_a_file_that_is_not_a_checkpoint_is_one_clear_line(fixtures_dir, tmp_path, capsys, monkeypatch):

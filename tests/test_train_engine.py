@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -83,7 +85,7 @@ def test_prior_correction_undoes_the_training_odds():
     assert prior_correction(with_(True, True), labels) == 2 * math.log(3)
 
 
-def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), **train):
+def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), workers=0, resume_run=False, **train):
     """fit() on 6 fixture images (2 NORMAL, 4 PNEUMONIA) with 4 for val, one step per epoch, on CPU."""
     normal = [p for p in xray_paths if p.parent.name == "NORMAL"]
     pneumonia = [p for p in xray_paths if p.parent.name == "PNEUMONIA"]
@@ -92,12 +94,12 @@ def _tiny_fit(tmp_path, xray_paths, val_labels=(0, 0, 1, 1), **train):
     val_items = [Item(str(p), y, p.stem) for y in val_labels for p in [next(pools[y])]]
     overrides = {
         "model.pretrained": False,
-        "data.num_workers": 0,
+        "data.num_workers": workers,
         "train.batch_size": 4,
         "train.max_steps_per_epoch": 1,
     }
     cfg = load_recipe(overrides=overrides | {f"train.{k}": v for k, v in train.items()})
-    return fit(cfg, Splits(train_items, val_items, [], []), tmp_path, torch.device("cpu"))
+    return fit(cfg, Splits(train_items, val_items, [], []), tmp_path, torch.device("cpu"), resume_run=resume_run)
 
 
 def test_epochs_is_the_total_head_epochs_included(tmp_path, xray_paths):
@@ -136,3 +138,93 @@ def test_nan_val_auroc_is_an_error_not_a_run_without_checkpoint(tmp_path, xray_p
     monkeypatch.setattr(engine, "predict_logits", diverged)
     with pytest.raises(XRError, match=r"epoch 1: val AUROC is undefined .*non-finite logits"):
         _tiny_fit(tmp_path, xray_paths, epochs=1, head_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, xray_paths):
+    """One uninterrupted run per loader-worker count, shared by the kill points: (result, run folder)."""
+    runs = {}
+
+    def run(workers, **budget):
+        if workers not in runs:
+            out = tmp_path_factory.mktemp(f"whole-{workers}")
+            runs[workers] = (_tiny_fit(out, xray_paths, workers=workers, **budget), out)
+        return runs[workers]
+
+    return run
+
+
+class _Killed(Exception):
+    """Stands for a kill: raised where the run would die."""
+
+
+def _outputs(run) -> dict:
+    """What a run leaves, less its timings."""
+    timed = ("seconds", "train_images_per_s")
+    last = torch.load(run / "checkpoint_last.pt", weights_only=True)
+    return {
+        "epochs.csv": [
+            {k: v for k, v in r.items() if k not in timed} for r in csv.DictReader(open(run / "epochs.csv"))
+        ],
+        "val_logits.csv": (run / "val_logits.csv").read_text(),
+        "best": torch.load(run / "xr_mvp_best.pt", weights_only=True)["model"],
+        "last": last["model"],
+        "trained": last["state"]["model"],
+        "optimizer": last["optimizer"]["state"],
+        "epoch": last["epoch"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("killed_at", "workers"),
+    [(2, 0), (4, 0), (4, 1)],
+    ids=["head-epoch", "full-epoch", "full-epoch-loader-worker"],
+)
+def test_a_resumed_run_ends_as_the_uninterrupted_one(
+    tmp_path, xray_paths, monkeypatch, killed_at, workers, uninterrupted
+):
+    """Killed while saving epoch ``killed_at`` (its log row and best checkpoint written, checkpoint_last
+    not), then resumed: the same epochs, logs, weights and optimizer state as a run never stopped.
+    The default recipe's augmentations, EMA and plateau scheduler all draw or carry state."""
+    budget = {"epochs": 5, "head_epochs": 2}
+    whole, whole_dir = uninterrupted(workers, **budget)
+
+    real, saves = engine.resume.rng_state, []
+
+    def dies_at_epoch(*args):
+        saves.append(1)
+        if len(saves) == killed_at:
+            raise _Killed
+        return real(*args)
+
+    monkeypatch.setattr(engine.resume, "rng_state", dies_at_epoch)
+    with pytest.raises(_Killed):
+        _tiny_fit(tmp_path / "cut", xray_paths, workers=workers, **budget)
+    monkeypatch.setattr(engine.resume, "rng_state", real)
+    assert torch.load(tmp_path / "cut" / "checkpoint_last.pt", weights_only=True)["epoch"] == killed_at - 1
+    resumed = _tiny_fit(tmp_path / "cut", xray_paths, workers=workers, resume_run=True, **budget)
+
+    assert {k: v for k, v in resumed.items() if k != "history"} == {k: v for k, v in whole.items() if k != "history"}
+    got, want = _outputs(tmp_path / "cut"), _outputs(whole_dir)
+    assert [r["epoch"] for r in got["epochs.csv"]] == ["1", "2", "3", "4", "5"]
+    assert got["epochs.csv"] == want["epochs.csv"] and got["val_logits.csv"] == want["val_logits.csv"]
+    assert got["epoch"] == want["epoch"] == 5
+    for part in ("best", "last", "trained", "optimizer"):
+        flat_got, flat_want = _flatten(got[part]), _flatten(want[part])
+        assert flat_got.keys() == flat_want.keys(), part
+        for key, value in flat_want.items():
+            assert torch.equal(flat_got[key], value), f"{part} {key}"
+
+
+def _flatten(tree, prefix="") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix: torch.as_tensor(tree)}
+
+
+def test_resume_needs_the_run_s_checkpoint_and_recipe(tmp_path, xray_paths):
+    with pytest.raises(XRError, match=r"nothing to resume: .*checkpoint_last.pt not found"):
+        _tiny_fit(tmp_path, xray_paths, resume_run=True, epochs=2, head_epochs=1)
+    _tiny_fit(tmp_path, xray_paths, epochs=1, head_epochs=1)
+    with pytest.raises(XRError, match=r"trained with another recipe \(train.epochs 1 -> 2\)"):
+        _tiny_fit(tmp_path, xray_paths, resume_run=True, epochs=2, head_epochs=1)

@@ -4,7 +4,8 @@ Each stage starts from the files the previous one wrote in the run folder, so on
 
     RUN/recipe.yaml                 resolved recipe (flags applied)
     RUN/splits/{train,val,test}.csv file lists, grouped by patient; RUN/splits/summary.json
-    RUN/xr_mvp_best.pt              best-val-AUROC checkpoint; RUN/checkpoint_last.pt (+ optimizer, scheduler)
+    RUN/xr_mvp_best.pt              best-val-AUROC checkpoint
+    RUN/checkpoint_last.pt          the last epoch's, with what --resume carries on from
     RUN/epochs.csv, RUN/val_logits.csv
     RUN/calibration_threshold.json  T, threshold, objective, val metrics, NLL/ECE before and after
     RUN/eval/                       predictions.csv, metrics.json, plots (test split)
@@ -28,10 +29,11 @@ from xr.core.errors import XRError
 from xr.core.model import file_sha256
 from xr.core.predict import Predictor, resolve_device, tune_malloc
 from xr.train import calibrate as cal
+from xr.train import resume
 from xr.train.analysis import compute_metrics, evaluate_items
 from xr.train.card import write_model_card
 from xr.train.data import Splits, discover, make_splits
-from xr.train.engine import BEST_CHECKPOINT, VAL_LOGITS, fit
+from xr.train.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, VAL_LOGITS, fit
 
 RECIPE_FILE = "recipe.yaml"
 SITE_OBJECTIVE = "f1"  # cross-validated on a 200-film site sample it kept both recalls highest (docs/training.md)
@@ -63,16 +65,19 @@ def run_recipe(args: argparse.Namespace, out: Path) -> Recipe:
     cfg = load_recipe(path, _overrides(args))
     # A stage that is going to fail on its inputs must leave no run folder or recipe behind: a later
     # run in that folder would take the saved recipe instead of the default.
-    check_stage_inputs(args, out)
+    check_stage_inputs(args, out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, saved)
     return cfg
 
 
-def check_stage_inputs(args: argparse.Namespace, out: Path) -> None:
+def check_stage_inputs(args: argparse.Namespace, out: Path, cfg: Recipe) -> None:
     """Raise the stage's own error if the files it starts from are missing; writes nothing."""
     command = args.command
-    if command in ("split", "all"):
+    if getattr(args, "resume", False):
+        Splits.load(out / "splits")  # a resumed run trains on the splits it started with
+        resume.load(out / LAST_CHECKPOINT, cfg)  # missing, foreign, or another recipe
+    elif command in ("split", "all"):
         discover(args.data)  # data folder not found / no images found
     elif command == "train":
         Splits.load(out / "splits")  # split file missing: ... (run `xr-train split` first)
@@ -100,11 +105,11 @@ def stage_split(cfg: Recipe, data: Path, out: Path) -> Splits:
     return splits
 
 
-def stage_train(cfg: Recipe, out: Path, device: str) -> dict:
+def stage_train(cfg: Recipe, out: Path, device: str, resume_run: bool = False) -> dict:
     splits = Splits.load(out / "splits")
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    result = fit(cfg, splits, out, dev)
+    result = fit(cfg, splits, out, dev, resume_run=resume_run)
     result["seconds"] = time.perf_counter() - t0
     print(
         f"train: best val AUROC {result['best_val_auroc']:.4f} at epoch {result['best_epoch']} ({result['seconds']:.0f} s on {dev})"
@@ -208,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke runs)")
         p.add_argument("--seed", type=int, help="override train.seed")
         p.add_argument("--num-workers", type=int, help="override data.num_workers")
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="carry on an interrupted run from RUN/checkpoint_last.pt, with the splits and recipe it started "
+            "with, to the end it would have reached",
+        )
 
     def split_flags(p):
         p.add_argument(
@@ -324,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "split":
             stage_split(cfg, args.data, out)
         elif args.command == "train":
-            stage_train(cfg, out, args.device)
+            stage_train(cfg, out, args.device, args.resume)
         elif args.command == "calibrate":
             stage_calibrate(cfg, out)
         elif args.command == "evaluate":
@@ -338,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "all":
             t0 = time.perf_counter()
-            splits = stage_split(cfg, args.data, out)
-            train_result = stage_train(cfg, out, args.device)
+            splits = Splits.load(out / "splits") if args.resume else stage_split(cfg, args.data, out)
+            train_result = stage_train(cfg, out, args.device, args.resume)
             calib = stage_calibrate(cfg, out)
             metrics = stage_evaluate(cfg, out / BEST_CHECKPOINT, splits.test, out / "eval", args.device, title="test")
             seconds = time.perf_counter() - t0

@@ -1,8 +1,8 @@
 """The training stage: head-only epochs on cached features, then fine-tuning, with early stopping.
 
 Shaped like torchvision/timm ``train.py``: ``train_one_epoch`` and ``evaluate`` return metric dicts,
-``fit`` writes one summary row per epoch and checkpoints holding model, optimizer, scheduler, epoch
-and config.
+``fit`` writes one summary row per epoch and, after each epoch, ``checkpoint_last.pt`` with all it
+takes to resume (train/resume.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from xr.core.errors import XRError
 from xr.core.model import CLASS_NAMES, checkpoint_meta, create_model, save_checkpoint
 from xr.core.predict import autocast, use_bf16
 from xr.core.preprocessing import Preset
+from xr.train import resume
 from xr.train.data import Splits, XRDataset
 
 BEST_CHECKPOINT = "xr_mvp_best.pt"
@@ -72,7 +73,9 @@ def make_loader(
         generator=generator if sampler is None else None,
         num_workers=num_workers,
         worker_init_fn=_seed_worker,
-        persistent_workers=num_workers > 0,
+        # A loader that draws (order, augmentations) starts its workers afresh each epoch, seeded from the
+        # generator: a resumed run then draws what the uninterrupted one would have.
+        persistent_workers=num_workers > 0 and not (balanced or shuffle),
         pin_memory=False,
     )
 
@@ -276,8 +279,11 @@ def save_val_logits(path: Path, items, logits: np.ndarray, labels: np.ndarray) -
             w.writerow([it.path, int(y), repr(float(z))])
 
 
-def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) -> dict[str, Any]:
-    """Train on ``splits.train``, select on ``splits.val`` AUROC; write the best checkpoint and logs."""
+def fit(
+    cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device, *, resume_run: bool = False
+) -> dict[str, Any]:
+    """Train on ``splits.train``, select on ``splits.val`` AUROC; write the best checkpoint and logs.
+    ``resume_run``: carry on from ``checkpoint_last.pt`` after its epoch, to the same end."""
     out_dir = Path(out_dir)
     val_classes = sorted({it.label for it in splits.val})
     if len(val_classes) < 2:
@@ -286,9 +292,11 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
             f"the val split holds {held}: selecting the best epoch needs val AUROC, "
             "which needs both NORMAL and PNEUMONIA; re-run `xr-train split`"
         )
+    saved = resume.load(out_dir / LAST_CHECKPOINT, cfg) if resume_run else None
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
-    gen = seed_everything(tc.seed)
+    train_gen = seed_everything(tc.seed)  # the training loader's order and its workers' seeds
+    eval_gen = torch.Generator().manual_seed(tc.seed)  # loaders that draw nothing but worker seeds
     bf16 = use_bf16(device, tc.amp)  # forward-only passes: cached features, evaluation
     bf16_step = use_bf16(device, tc.amp, training=True)
     cl = tc.channels_last
@@ -297,21 +305,60 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
     train_eval_ds = XRDataset(splits.train, preset, preset.eval_transform())
     val_ds = XRDataset(splits.val, preset, preset.eval_transform())
     nw = cfg.data.num_workers
-    val_loader = make_loader(val_ds, tc.batch_size, nw, gen)
+    val_loader = make_loader(val_ds, tc.batch_size, nw, eval_gen)
 
     model = create_model(cfg.model.arch, cfg.model.pretrained, cfg.model.weights_path, cfg.model.drop_rate).to(device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = make_loss(cfg, train_ds.labels(), device)
-    meta = checkpoint_meta(cfg.model.arch, preset, cfg.to_dict(), splits.summary())
     shift = prior_correction(cfg, train_ds.labels())
-    meta["prior_correction"] = shift
     log_path = out_dir / EPOCH_LOG
-    log_path.unlink(missing_ok=True)
-    best = {"auroc": -math.inf, "epoch": -1}
-    history = []
+    if saved is None:
+        meta = checkpoint_meta(cfg.model.arch, preset, cfg.to_dict(), splits.summary())
+        meta["prior_correction"] = shift
+        epoch, best, since_best, history = 0, {"auroc": -math.inf, "epoch": -1}, 0, []
+        log_path.unlink(missing_ok=True)
+    else:
+        meta, epoch, state = saved.meta, saved.epoch, saved.state
+        best, since_best, history = state["best"], state["since_best"], state["history"]
+        model.load_state_dict(state["model"])
+        log_path.unlink(missing_ok=True)  # rows of an epoch cut short go; it runs again
+        for row in history:
+            _write_epoch_row(log_path, row)
+        tqdm.write(f"resuming after epoch {epoch} ({saved.phase}) from {out_dir / LAST_CHECKPOINT}")
+    pending_rng = saved.state["rng"] if saved else None
 
-    def finish_epoch(epoch: int, phase: str, train_stats: dict, val: dict, lr: float, eval_model: nn.Module) -> bool:
+    def start_epoch() -> None:
+        """The first epoch after a resume starts from the random state the interrupted run was in."""
+        nonlocal pending_rng
+        if pending_rng is not None:
+            resume.restore_rng(pending_rng, train_gen)
+            pending_rng = None
+
+    def save_last(phase: str, eval_model: nn.Module, optimizer, scheduler=None, ema=None) -> None:
+        state = {
+            "model": resume.weights(model),
+            "ema": resume.weights(ema.module) if ema is not None else None,
+            "best": dict(best),
+            "since_best": since_best,
+            "history": list(history),
+            "rng": resume.rng_state(train_gen, device),
+        }
+        # Shifted like the best checkpoint, as meta["prior_correction"] says of both.
+        with _BiasShift(eval_model, shift):
+            save_checkpoint(
+                out_dir / LAST_CHECKPOINT,
+                eval_model,
+                meta,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                epoch=epoch,
+                phase=phase,
+                config=cfg.to_dict(),
+                state=state,
+            )
+
+    def finish_epoch(phase: str, train_stats: dict, val: dict, lr: float, eval_model: nn.Module) -> bool:
         # NaN > best is always False: without this check no epoch would ever be saved, silently.
         if math.isnan(val["auroc"]):
             raise XRError(
@@ -346,18 +393,22 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
         return improved
 
     # -- phase 1: head only, on cached features ------------------------------------------------------
-    epoch = 0
     head_epochs = min(tc.head_epochs, tc.epochs)  # train.epochs is the total, head epochs included
-    if head_epochs > 0:
+    if epoch < head_epochs:
         set_trainable(model, head_only=True, freeze_stages=tc.freeze_stages)
         feat_kw = {"bf16": bf16, "channels_last": cl}
-        train_feats = extract_features(model, make_loader(train_eval_ds, tc.batch_size, nw, gen), device, **feat_kw)
+        train_feats = extract_features(
+            model, make_loader(train_eval_ds, tc.batch_size, nw, eval_gen), device, **feat_kw
+        )
         val_feats = extract_features(model, val_loader, device, **feat_kw)
         head = _HeadOnFeatures(model)
         head_opt = torch.optim.AdamW(model.get_classifier().parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        feat_loader = make_loader(train_feats, tc.batch_size, 0, gen, balanced=tc.weighted_sampler, shuffle=True)
-        val_feat_loader = make_loader(val_feats, 256, 0, gen)
-        for _ in range(head_epochs):
+        if saved is not None:
+            head_opt.load_state_dict(saved.optimizer)
+        feat_loader = make_loader(train_feats, tc.batch_size, 0, train_gen, balanced=tc.weighted_sampler, shuffle=True)
+        val_feat_loader = make_loader(val_feats, 256, 0, eval_gen)
+        while epoch < head_epochs:
+            start_epoch()
             epoch += 1
             stats = train_one_epoch(
                 head,
@@ -371,18 +422,9 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
                 desc=f"head {epoch}",
             )
             val = evaluate(head, val_feat_loader, device, channels_last=False)
-            finish_epoch(epoch, "head", stats, val, head_opt.param_groups[0]["lr"], model)
+            finish_epoch("head", stats, val, head_opt.param_groups[0]["lr"], model)
+            save_last("head", model, head_opt)
         del train_feats, val_feats
-        if epoch >= tc.epochs:  # no fine-tuning epoch follows: the head-only model is also the last one
-            with _BiasShift(model, shift):
-                save_checkpoint(
-                    out_dir / LAST_CHECKPOINT,
-                    model,
-                    meta,
-                    optimizer=head_opt.state_dict(),
-                    epoch=epoch,
-                    config=cfg.to_dict(),
-                )
 
     # -- phase 2: fine-tune all but the frozen stem stages ------------------------------------------
     frozen = set_trainable(model, head_only=False, freeze_stages=tc.freeze_stages)
@@ -402,9 +444,14 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=tc.ema_decay)
-    train_loader = make_loader(train_ds, tc.batch_size, nw, gen, balanced=tc.weighted_sampler, shuffle=True)
-    since_best = 0
-    while epoch < tc.epochs:
+    if saved is not None and saved.phase == "full":
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        if ema is not None:
+            ema.module.load_state_dict(saved.state["ema"])
+    train_loader = make_loader(train_ds, tc.batch_size, nw, train_gen, balanced=tc.weighted_sampler, shuffle=True)
+    while epoch < tc.epochs and since_best < tc.early_stopping_patience:
+        start_epoch()
         epoch += 1
         stats = train_one_epoch(
             model,
@@ -422,21 +469,10 @@ def fit(cfg: Recipe, splits: Splits, out_dir: str | Path, device: torch.device) 
         )
         eval_model = ema.module if ema is not None else model
         val = evaluate(eval_model, val_loader, device, bf16=bf16, channels_last=cl)
-        improved = finish_epoch(epoch, "full", stats, val, optimizer.param_groups[1]["lr"], eval_model)
+        improved = finish_epoch("full", stats, val, optimizer.param_groups[1]["lr"], eval_model)
         scheduler.step(val["auroc"])
-        # Shifted like the best checkpoint, as meta["prior_correction"] says of both.
-        with _BiasShift(eval_model, shift):
-            save_checkpoint(
-                out_dir / LAST_CHECKPOINT,
-                eval_model,
-                meta,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                epoch=epoch,
-                config=cfg.to_dict(),
-            )
         since_best = 0 if improved else since_best + 1
-        if since_best >= tc.early_stopping_patience:
-            tqdm.write(f"early stopping: no val AUROC gain for {since_best} epochs")
-            break
+        save_last("full", eval_model, optimizer, scheduler, ema)
+    if since_best >= tc.early_stopping_patience:
+        tqdm.write(f"early stopping: no val AUROC gain for {since_best} epochs")
     return {"best_epoch": best["epoch"], "best_val_auroc": best["auroc"], "epochs_run": epoch, "history": history}
