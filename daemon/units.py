@@ -162,7 +162,6 @@ def render_systemd(
         daemon_args.append("--poll")
     if metrics_port:
         daemon_args += ["--metrics-port", str(int(metrics_port))]
-    daemon_args += ["--log-format", "json"]
     review_args = list(common)
     if db:
         review_args += ["--db", db]
@@ -209,7 +208,6 @@ def render_launchd(
         argv.append("--poll")
     if metrics_port:
         argv += ["--metrics-port", str(int(metrics_port))]
-    argv += ["--log-format", "json"]
     # launchd creates the log file, not its folder: ~/Library/Logs exists; the daemon's account needs its own
     # folder in /Library/Logs (docs/operations.md, "Run as a service")
     log = "/Library/Logs/xr-triage/xr-daemon.log" if user else str(Path("~/Library/Logs/xr-daemon.log").expanduser())
@@ -290,26 +288,31 @@ def install_units(
 
 
 def next_steps(fmt: str, user: str | None, written: list[Path]) -> str:
+    folder = written[0].parent.resolve()
     if fmt == "systemd":
-        here = shlex.quote(str(written[0].parent))
-        return (
-            "next (as root):\n"
-            f"  cp -r {here}/xr-daemon.service {here}/xr-daemon.service.d {here}/xr-review.service "
-            f"{here}/xr-review.service.d /etc/systemd/system/\n"
-            "  systemctl daemon-reload && systemctl enable --now xr-daemon xr-review"
-        )
-    plist = shlex.quote(str(written[0]))
+        steps = ["next (as root):"]
+        if folder != Path("/etc/systemd/system"):
+            here = shlex.quote(str(folder))
+            steps.append(
+                f"  cp -r {here}/xr-daemon.service {here}/xr-daemon.service.d {here}/xr-review.service "
+                f"{here}/xr-review.service.d /etc/systemd/system/"
+            )
+        steps.append("  systemctl daemon-reload && systemctl enable --now xr-daemon xr-review")
+        return "\n".join(steps)
+    name = f"{LABEL}.plist"
     if user:
-        return (
-            "next (LaunchDaemon, as root):\n"
-            f"  cp {plist} /Library/LaunchDaemons/ && chown root:wheel /Library/LaunchDaemons/{LABEL}.plist\n"
-            f"  launchctl bootstrap system /Library/LaunchDaemons/{LABEL}.plist"
-        )
-    return (
-        "next (LaunchAgent, as the user):\n"
-        f"  cp {plist} ~/Library/LaunchAgents/\n"
-        f'  launchctl bootstrap gui/"$(id -u)" ~/Library/LaunchAgents/{LABEL}.plist'
-    )
+        steps = ["next (a LaunchDaemon, as root):", "  install -d -o " + shlex.quote(user) + " /Library/Logs/xr-triage"]
+        if folder != Path("/Library/LaunchDaemons"):
+            steps.append(f"  cp {shlex.quote(str(written[0]))} /Library/LaunchDaemons/")
+        steps.append(f"  chown root:wheel /Library/LaunchDaemons/{name}")
+        steps.append(f"  launchctl bootstrap system /Library/LaunchDaemons/{name}")
+        return "\n".join(steps)
+    steps = ["next (a LaunchAgent, as the user):"]
+    agents = Path("~/Library/LaunchAgents").expanduser()
+    if folder != agents:
+        steps.append(f"  cp {shlex.quote(str(written[0]))} ~/Library/LaunchAgents/")
+    steps.append(f'  launchctl bootstrap gui/"$(id -u)" ~/Library/LaunchAgents/{name}')
+    return "\n".join(steps)
 
 
 # -- reading a unit back: what systemd would run (tests, and a check an operator can script) -----------------
