@@ -23,7 +23,7 @@ from xr.daemon.discovery import Discovery, FileItem
 from xr.daemon.finish import PendingMove
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.stage import POLL_S, Stage
-from xr.results import journal
+from xr.results import journal, rows
 from xr.results.journal import Claim, Claimed, FileClaim
 from xr.results.schema import DICOM_COLUMNS, storable, utcnow
 
@@ -192,8 +192,8 @@ class Claimer(Stage):
             ]
             scorable = [f for f in admitted if f.error is None and f.skip is None]
             if rt.daemon.dedupe and scorable:
-                by_sha = journal.first_ok_by_sha(s, [f.sha256 for f in scorable if f.sha256])
-                by_sop = journal.first_ok_by_sop(s, [f.sop for f in scorable if f.sop])
+                by_sha = rows.first_ok_by_sha(s, [f.sha256 for f in scorable if f.sha256])
+                by_sop = rows.first_ok_by_sop(s, [f.sop for f in scorable if f.sop])
                 for f in scorable:
                     f.duplicate_of = by_sha.get(f.sha256) or by_sop.get(f.sop)
         for (item, _, _), c in zip(reads, claims):

@@ -23,7 +23,7 @@ from xr.daemon.moves import Destinations
 from xr.daemon.reload import ModelReloader
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.stage import POLL_S, Stage
-from xr.results import journal
+from xr.results import journal, rows
 from xr.results.journal import Outcome
 from xr.results.schema import FINAL_STATUSES, Status, storable, utcnow
 
@@ -94,7 +94,7 @@ class Inferer(Stage):
             old.with_calibration(update.calibration)
         pred = self.model.predictor
         with rt.sessions.begin() as s:
-            journal.record_calibration(s, pred)
+            rows.record_calibration(s, pred)
         if rt.metrics is not None:
             rt.metrics.model_in_use(pred.model_id, pred.calibration_id)
         rt.log.info(
@@ -208,8 +208,8 @@ class Inferer(Stage):
         only sees content it has not scored."""
         fresh = [f for f in batch if f.pixels is not None and f.sha256]
         with self.rt.sessions() as s:
-            known = journal.first_ok_by_sha(s, [f.sha256 for f in fresh])
-            known_sops = journal.first_ok_by_sop(s, [f.sop for f in fresh if f.sop])
+            known = rows.first_ok_by_sha(s, [f.sha256 for f in fresh])
+            known_sops = rows.first_ok_by_sop(s, [f.sop for f in fresh if f.sop])
         seen: dict[str, ClaimedFile] = {}
         for f in fresh:
             keys = [f.sha256] + ([f"sop:{f.sop}"] if f.sop else [])  # the same bytes, or the same DICOM instance

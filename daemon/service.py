@@ -36,7 +36,7 @@ from xr.daemon.moves import Destinations
 from xr.daemon.reload import ModelReloader, open_predictor, prepare
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.stage import Supervisor
-from xr.results import journal
+from xr.results import journal, rows
 from xr.results.engine import db_url, make_engine, session_factory, sqlite_file
 from xr.results.export import CsvExporter, csv_columns
 from xr.results.schema import Meta, utcnow
@@ -356,7 +356,7 @@ class Service:
                 **rec,
             )
             with sessions.begin() as s:
-                journal.record_calibration(s, predictor)
+                rows.record_calibration(s, predictor)
             if rt.metrics is not None:
                 rt.metrics.model_in_use(predictor.model_id, predictor.calibration_id)
                 try:

@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from xr.core.files import fsync_dir, make_dirs, open_append, write_private
 from xr.results.engine import get_meta, set_meta
-from xr.results.journal import insert_or_ignore, settled_horizon
+from xr.results.journal import settled_horizon
+from xr.results.rows import insert_or_ignore
 from xr.results.schema import (
     DICOM_COLUMNS,
     EXPORT_COLUMNS,

@@ -351,10 +351,12 @@ def import_run(out: Path, sessions) -> tuple[int, int]:
     """Load a scoring run into the results database under its model and calibration ids: one final row per
     file (moved_at set, moved_to empty: the archive stays where it is). Rows already imported for the same
     model and calibration are skipped. Returns (imported, skipped)."""
+    from types import SimpleNamespace
+
     from sqlalchemy import select
 
     from xr.core.predict import Predictor
-    from xr.results.journal import insert_rows, record_calibration
+    from xr.results.rows import final_row, insert_rows, record_calibration
     from xr.results.schema import Result, Status, utcnow
 
     table, run = read_run(out)
@@ -386,6 +388,21 @@ def import_run(out: Path, sessions) -> tuple[int, int]:
             except OSError:
                 size, mtime = 0, 0
             ok = r["error"] is None
+            scored_by = SimpleNamespace(
+                model_id=r["model_id"],
+                threshold=r["threshold"],
+                temperature=pred.temperature,
+                calibration_id=r["calibration_id"],
+            )
+            score = None
+            if ok:
+                label = pred.class_names[int(bool(r["flagged"]))]
+                score = {
+                    "logit": r["logit"],
+                    "probability": r["probability"],
+                    "label": label,
+                    "flagged": bool(r["flagged"]),
+                }
             new.append(
                 {
                     "path": r["path"],
@@ -393,22 +410,18 @@ def import_run(out: Path, sessions) -> tuple[int, int]:
                     "size_bytes": size,
                     "mtime_ns": mtime,
                     "sha256": r["sha256"],
-                    "status": Status.OK if ok else Status.ERROR,
-                    "error": r["error"],
-                    "logit": r["logit"],
-                    "probability": r["probability"],
-                    "threshold": r["threshold"],
-                    "flagged": bool(r["flagged"]) if ok else None,
-                    "label": pred.class_names[int(bool(r["flagged"]))] if ok else None,
-                    "model_id": r["model_id"],
-                    "temperature": pred.temperature,
-                    "calibration_id": r["calibration_id"],
                     "received_at": now,
                     "claimed_at": now,
-                    "processed_at": now,
-                    "latency_ms": 0.0,
-                    "moved_at": now,
-                    "worker_id": IMPORTER,
+                    "moved_at": now,  # the archive stays where it is
+                    **final_row(
+                        Status.OK if ok else Status.ERROR,
+                        now=now,
+                        received_at=now,
+                        model=scored_by,
+                        score=score,
+                        error=r["error"],
+                        worker=IMPORTER,
+                    ),
                 }
             )
         insert_rows(s, new)

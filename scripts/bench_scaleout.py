@@ -125,7 +125,7 @@ def run_burst(files: list[Path], ckpt: Path, db: str, workers: int, work: Path, 
 
 def journal_cost(db: str, n: int, batch: int) -> dict[str, float]:
     """ms per file of the daemon's three journal transactions, without a model: claim, commit, move."""
-    from xr.results import journal
+    from xr.results import journal, rows
     from xr.results.engine import make_engine, session_factory
     from xr.results.schema import Status, utcnow
 
@@ -160,8 +160,8 @@ def journal_cost(db: str, n: int, batch: int) -> dict[str, float]:
         t1 = time.perf_counter()
         with sessions.begin() as s:
             held = journal.still_held(s, dict.fromkeys(ids, 0), "bench")
-            journal.first_ok_by_sha(s, [f"{i:064x}" for i in range(start, start + batch)])
-            journal.update_rows(
+            rows.first_ok_by_sha(s, [f"{i:064x}" for i in range(start, start + batch)])
+            rows.update_rows(
                 s,
                 [
                     {
@@ -180,7 +180,7 @@ def journal_cost(db: str, n: int, batch: int) -> dict[str, float]:
         t2 = time.perf_counter()
         with sessions.begin() as s:
             held = journal.still_held(s, dict.fromkeys(ids, 0), "bench")
-            journal.update_rows(s, [{"id": r, "moved_at": dt.datetime.now()} for r in held])
+            rows.update_rows(s, [{"id": r, "moved_at": dt.datetime.now()} for r in held])
         t3 = time.perf_counter()
         t["claim"] += t1 - t0
         t["commit"] += t2 - t1

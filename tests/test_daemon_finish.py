@@ -12,7 +12,7 @@ from daemon_parts import film
 
 from xr.daemon.finish import Finisher, PendingMove
 from xr.daemon.stage import Supervisor
-from xr.results import journal
+from xr.results import journal, rows
 from xr.results.schema import Result, Status, utcnow
 
 
@@ -42,7 +42,7 @@ def _committed(p, path, moved_to):
         [c] = journal.claim_files(
             s, [journal.FileClaim(str(path), st.st_size, st.st_mtime_ns, utcnow(), {})], lease, utcnow()
         )
-        journal.update_rows(s, [{"id": c.row_id, "status": Status.OK, "moved_to": str(moved_to)}])
+        rows.update_rows(s, [{"id": c.row_id, "status": Status.OK, "moved_to": str(moved_to)}])
     p.destinations.hold(str(moved_to))
     return PendingMove(c.row_id, str(path), (st.st_size, st.st_mtime_ns), str(moved_to), c.token)
 
