@@ -71,7 +71,7 @@ def test_balanced_sampler_draws_classes_evenly():
 def test_prior_correction_undoes_the_training_odds():
     import math
 
-    from xr.train.engine import prior_correction
+    from xr.train.prior import prior_correction
 
     cfg = load_recipe()
     labels = [0] * 100 + [1] * 300  # true odds 3:1

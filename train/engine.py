@@ -29,6 +29,7 @@ from xr.core.predict import autocast, use_bf16
 from xr.core.preprocessing import Preset
 from xr.train import resume
 from xr.train.data import Splits, XRDataset
+from xr.train.prior import BiasShift, prior_correction
 
 BEST_CHECKPOINT = "xr_mvp_best.pt"
 LAST_CHECKPOINT = "checkpoint_last.pt"
@@ -87,39 +88,6 @@ def make_loss(cfg: Recipe, labels: list[int], device: torch.device) -> nn.Module
         n_neg = max(1, len(labels) - sum(labels))
         pos_weight = torch.tensor([n_neg / n_pos], device=device)
     return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-
-
-def prior_correction(cfg: Recipe, labels: list[int]) -> float:
-    """Logit offset that turns the training objective's posterior back into the data's.
-
-    A class-balanced sampler trains the model as if PNEUMONIA had odds 1:1, and pos_weight w multiplies
-    the odds it learns by w; on this data the true odds are ~2.9:1. A single temperature cannot undo such
-    a shift (it only scales), so the offset log(true odds) - log(trained odds) is added to the classifier
-    bias of the saved model (logit adjustment, Menon et al. 2021); docs/benchmarks.md has its effect.
-    """
-    n_pos = max(1, sum(labels))
-    n_neg = max(1, len(labels) - n_pos)
-    true_log_odds = math.log(n_pos / n_neg)
-    trained_log_odds = 0.0 if cfg.train.weighted_sampler else true_log_odds
-    if cfg.train.pos_weight:
-        trained_log_odds += math.log(n_neg / n_pos)
-    return true_log_odds - trained_log_odds
-
-
-class _BiasShift:
-    """Temporarily add ``shift`` to the classifier bias (to save the prior-corrected model)."""
-
-    def __init__(self, model: nn.Module, shift: float):
-        self.bias, self.shift = model.get_classifier().bias, shift
-
-    def __enter__(self):
-        self.saved = self.bias.detach().clone()
-        with torch.no_grad():
-            self.bias += self.shift
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            self.bias.copy_(self.saved)
 
 
 def _targets(y: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -345,7 +313,7 @@ def fit(
             "rng": resume.rng_state(train_gen, device),
         }
         # Shifted like the best checkpoint, as meta["prior_correction"] says of both.
-        with _BiasShift(eval_model, shift):
+        with BiasShift(eval_model, shift):
             save_checkpoint(
                 out_dir / LAST_CHECKPOINT,
                 eval_model,
@@ -368,7 +336,7 @@ def fit(
         improved = val["auroc"] > best["auroc"]
         if improved:
             best.update(auroc=val["auroc"], epoch=epoch)
-            with _BiasShift(eval_model, shift):
+            with BiasShift(eval_model, shift):
                 save_checkpoint(out_dir / BEST_CHECKPOINT, eval_model, meta)
             save_val_logits(out_dir / VAL_LOGITS, splits.val, val["logits"] + shift, val["labels"])
         row = {
