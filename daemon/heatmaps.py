@@ -27,16 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from xr.core.errors import ImageError
 from xr.core.heatmap import write_heatmap
 from xr.core.intake import DEFAULT_LIMITS, DecodeLimits
 from xr.daemon.stage import Stage
-from xr.results.journal import update_rows
+from xr.results.rows import update_rows
 from xr.results.schema import Result, Status, fs_path, utcnow
 
 PER_STEP = 16  # queued films drawn per step, recorded in one transaction
+LINGER_S = 0.5  # a step waits this long for PER_STEP films to queue up: fewer commits, a heatmap is not urgent
 PER_PASS = 4  # films per database pass (each a decode and a forward), so a stop is seen within a second
 MAX_QUEUED = 128  # ~50 KB of pixels each: a few MB at most however far drawing falls behind
 SETTLE_S = 2.0  # a pass leaves rows younger than this to the queue: the inferer submits them just after commit
@@ -48,6 +49,7 @@ class HeatmapJob:
     pixels: torch.Tensor  # uint8 [1, S, S] or [3, S, S]: what the model saw
     cam: np.ndarray  # the class activation map of the forward that scored it, in [0, 1]
     model_id: str
+    queued_at: float  # time.monotonic()
 
 
 class HeatmapStage(Stage):
@@ -89,6 +91,7 @@ class HeatmapStage(Stage):
         self.written = 0
         self.dropped = 0
         self.passes = 0
+        self.cpu_s = 0.0  # this stage's thread CPU time: what heatmaps cost the host (heatmaps_stopped)
 
     @classmethod
     def from_runtime(cls, rt: Any, model: Any) -> HeatmapStage:
@@ -115,7 +118,7 @@ class HeatmapStage(Stage):
             if cam is None or len(self._jobs) >= self.max_queued:
                 self.dropped += 1
                 return False
-            self._jobs.append(HeatmapJob(row_id, pixels, cam, model_id))
+            self._jobs.append(HeatmapJob(row_id, pixels, cam, model_id, time.monotonic()))
             return True
 
     def outstanding(self) -> int:
@@ -128,13 +131,19 @@ class HeatmapStage(Stage):
 
     # -- the stage ----------------------------------------------------------------------------------------
     def step(self, now: float) -> bool:
-        if self.draw_queued():
-            return True
-        if now < self._next_pass:
-            return False
-        drawn = self.database_pass()
-        self._next_pass = now if drawn == PER_PASS else now + self.every_s  # more may wait: go on
-        return drawn > 0
+        t0 = time.thread_time()
+        try:
+            with self._lock:
+                due = len(self._jobs) >= PER_STEP or (self._jobs and now - self._jobs[0].queued_at >= LINGER_S)
+            if due and self.draw_queued():
+                return True
+            if now < self._next_pass:
+                return False
+            drawn = self.database_pass()
+            self._next_pass = now if drawn == PER_PASS else now + self.every_s  # more may wait: go on
+            return drawn > 0
+        finally:
+            self.cpu_s += time.thread_time() - t0
 
     def draw_queued(self) -> int:
         """Draw up to :data:`PER_STEP` queued films and record them in one transaction; returns how many."""
@@ -156,6 +165,13 @@ class HeatmapStage(Stage):
                 pass
         except Exception as exc:  # noqa: BLE001 - the database pass on the next start draws them
             self.log.warning("heatmaps_left", reason=f"{exc.__class__.__name__}: {exc}", queued=len(self._jobs))
+        self.log.info(
+            "heatmaps_stopped",
+            written=self.written,
+            dropped=self.dropped,
+            passes=self.passes,
+            cpu_ms=round(self.cpu_s * 1000, 1),
+        )
 
     # -- the database pass --------------------------------------------------------------------------------
     def _owed_rows(self, predictor: Any) -> list[Any]:
@@ -236,14 +252,13 @@ class HeatmapStage(Stage):
             return
         with self.sessions.begin() as s:
             update_rows(s, [{"id": rid, "heatmap_path": p} for rid, p in paths.items()])
-            firsts = select(Result.id, Result.heatmap_path).where(Result.heatmap_path.is_not(None))
-            if not all_duplicates:
-                firsts = firsts.where(Result.id.in_(list(paths)))
-            sub = firsts.subquery()
-            dups = s.execute(
-                select(Result.id, sub.c.heatmap_path)
-                .join(sub, Result.duplicate_of == sub.c.id)
-                .where(Result.status == Status.DUPLICATE, Result.heatmap_path.is_(None))
-            ).all()
+            owed = (Result.status == Status.DUPLICATE, Result.heatmap_path.is_(None))  # few rows: status is indexed
+            if all_duplicates:
+                first = aliased(Result)
+                stmt = select(Result.id, first.heatmap_path).join(first, Result.duplicate_of == first.id)
+                dups = s.execute(stmt.where(*owed, first.heatmap_path.is_not(None))).all()
+            else:
+                stmt = select(Result.id, Result.duplicate_of).where(*owed, Result.duplicate_of.in_(list(paths)))
+                dups = [(dup_id, paths[first_id]) for dup_id, first_id in s.execute(stmt)]
             update_rows(s, [{"id": dup_id, "heatmap_path": path} for dup_id, path in dups])
         self.written += len(paths)

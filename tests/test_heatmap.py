@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import io
+import time
 
 import numpy as np
 import pytest
@@ -155,7 +156,8 @@ def test_the_stage_draws_a_submitted_map_without_the_film(pred, films, tmp_path)
     cam = pred.predict_batch(films[2:], cams=True)[0].cam
     assert stage.submit(rid, films[2], cam, pred.model_id)
     assert stage.outstanding() >= 1
-    assert stage.step(0.0) is True
+    assert stage.step(time.monotonic()) is False  # one film: it waits a moment for more to draw together
+    assert stage.step(time.monotonic() + 1.0) is True
     want = str(tmp_path / "heatmaps" / f"{rid}.png")
     with sessions() as s:
         assert s.get(Result, rid).heatmap_path == want
@@ -164,7 +166,7 @@ def test_the_stage_draws_a_submitted_map_without_the_film(pred, films, tmp_path)
         assert np.array_equal(np.asarray(im), overlay(films[2], cam))
     assert [kw["source"] for e, kw in log.events if e == "heatmap"] == ["forward"]
     assert not any(e == "heatmap_failed" for e, _ in log.events)
-    stage.step(10.0)  # a database pass: nothing owed, so --once may stop
+    stage.step(time.monotonic() + 10.0)  # a database pass: nothing owed, so --once may stop
     assert stage.outstanding() == 0 and stage.written == 1
     engine.dispose()
 
@@ -179,6 +181,10 @@ def test_a_full_queue_drops_to_the_database_and_the_fallback_draws_it(pred, film
         _row(s, tmp_path / "inbox" / "normal.jpeg", pred.model_id, flagged=False, moved_to=moved)  # none wanted
         _row(s, tmp_path / "inbox" / "other.jpeg", "another-model", moved_to=moved)  # not this model's to draw
         _row(s, tmp_path / "inbox" / "late.jpeg", pred.model_id, moved_to=tmp_path / "late.jpeg", moved=False)
+        earlier = _row(s, tmp_path / "inbox" / "earlier.jpeg", pred.model_id, heatmap_path="/h/earlier.png")
+        copy_of = _row(
+            s, tmp_path / "inbox" / "copy.jpeg", pred.model_id, status=Status.DUPLICATE, duplicate_of=earlier
+        )
     log = Log()
     stage = _stage(sessions, tmp_path, pred, log, max_queued=0)
     assert not stage.submit(owed, films[2], np.zeros((7, 7), np.float32), pred.model_id)  # full: dropped
@@ -186,7 +192,8 @@ def test_a_full_queue_drops_to_the_database_and_the_fallback_draws_it(pred, film
     assert stage.step(0.0) is True  # the database pass draws the owed row: one decode, one forward
     with sessions() as s:
         assert s.get(Result, owed).heatmap_path == str(tmp_path / "heatmaps" / f"{owed}.png")
-        assert {r.id for r in s.query(Result).filter(Result.heatmap_path.is_not(None))} == {owed}
+        assert {r.id for r in s.query(Result).filter(Result.heatmap_path.is_not(None))} == {owed, earlier, copy_of}
+        assert s.get(Result, copy_of).heatmap_path == "/h/earlier.png"  # a re-export after its first was drawn
     want = pred.predict_batch(pred.pixels(moved.read_bytes())[None], cams=True)[0].cam
     with Image.open(tmp_path / "heatmaps" / f"{owed}.map.png") as im:
         assert np.array_equal(np.asarray(im), np.rint(want * 255).astype(np.uint8))
