@@ -27,40 +27,17 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from xr.core.dicom import DICM_OFFSET, is_dicom
-from xr.core.imaging import IMAGE_SUFFIXES, is_image_name
+from xr.core.intake import (
+    IMAGE_SUFFIXES,
+    is_candidate_name,
+    is_extensionless,
+    is_hidden_or_temporary,
+    is_image_name,
+    is_read,
+    sniff_dicom,
+)
 from xr.daemon.stage import Stage
 from xr.results.schema import storable
-
-TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
-
-
-def is_hidden_or_temporary(name: str) -> bool:
-    """A name exporters use while writing (never read, never reported)."""
-    return not name or name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
-
-
-def is_candidate_name(name: str) -> bool:
-    """An image name the daemon reads: .png/.jpg/.jpeg in any case, not hidden, not a temporary name."""
-    return not is_hidden_or_temporary(name) and is_image_name(name)
-
-
-def sniff_dicom(path: str) -> bool | None:
-    """A file without an extension is read when it is DICOM (bytes 128-131 ``DICM``, as exporters often
-    write them); None while it is too short to tell."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(DICM_OFFSET + 4)
-    except OSError:
-        return False
-    return None if len(head) < DICM_OFFSET + 4 else is_dicom(head)
-
-
-def is_read(path: str) -> bool:
-    """Whether the daemon reads the file at ``path``, by its name: an image name, or an extensionless file
-    that is DICOM."""
-    name = os.path.basename(path)
-    return is_candidate_name(name) or bool(_extensionless(name) and sniff_dicom(path))
 
 
 def ignored_reason(name: str) -> str:
@@ -344,7 +321,7 @@ class Discovery(Stage):
         """A hint that ``path`` exists (event or scan). Returns True when it is newly pending."""
         if not self.would_read(path):
             name = os.path.basename(path)
-            undecided = _extensionless(name) and sniff_dicom(path) is None  # a DICOM file may still be arriving
+            undecided = is_extensionless(name) and sniff_dicom(path) is None  # a DICOM file may still be arriving
             if (
                 not is_hidden_or_temporary(name)
                 and not is_image_name(name)
@@ -465,10 +442,6 @@ class Discovery(Stage):
                     self._ready_paths.add(item.path)
                 return
             self.stats.handed += 1
-
-
-def _extensionless(name: str) -> bool:
-    return not is_hidden_or_temporary(name) and not os.path.splitext(name)[1]
 
 
 def inside(p: Path, root: Path) -> bool:

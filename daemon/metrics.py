@@ -5,11 +5,12 @@
 - ``GET /metrics``: Prometheus text (prometheus_client): ``xr_files_total{status}`` (one per final row),
   ``xr_flagged_total``, ``xr_batch_seconds`` (histogram, model and commit of a batch), ``xr_inbox_backlog``
   (files seen and not yet final), ``xr_model_info{model_id, calibration_id}``;
-- ``GET /healthz``: 200 while the pipeline's threads are alive and the database takes a write; 503 with
+- ``GET /healthz``: 200 while every stage runs and the database takes a write; 503 with
   the reason otherwise.
 
 Under systemd (``Type=notify``) the daemon says READY=1 once it watches the inbox, and WATCHDOG=1 from its
-main loop while healthy, so a stuck daemon is restarted.
+main loop while every stage runs, so a stuck daemon is restarted. A ``heartbeat`` log event every
+``daemon.heartbeat_s`` (:class:`Heartbeat`) shows an idle daemon alive and a stuck one stuck.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -134,3 +136,27 @@ def watchdog_interval() -> float | None:
     if not usec or (os.environ.get("WATCHDOG_PID") and os.environ["WATCHDOG_PID"] != str(os.getpid())):
         return None
     return int(usec) / 2e6
+
+
+class Heartbeat:
+    """A periodic ``heartbeat`` log event, so an idle daemon is seen to be alive and a stuck one to be stuck."""
+
+    def __init__(self, log: Any, interval_s: float, discovery: Any, inferer: Any):
+        self.log, self.interval_s, self.discovery, self.inferer = log, interval_s, discovery, inferer
+        self.started = self.last = time.monotonic()
+        self.files_at_last = inferer.files
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            return
+        files = self.inferer.files
+        self.log.info(
+            "heartbeat",
+            backlog=self.discovery.outstanding(),
+            waiting_incomplete=self.discovery.deferred(),
+            rows=files - self.files_at_last,
+            interval_s=round(now - self.last, 1),
+            uptime_s=round(now - self.started),
+        )
+        self.last, self.files_at_last = now, files

@@ -31,7 +31,7 @@ from xr.daemon.finish import Finisher, PendingMove
 from xr.daemon.heatmaps import HeatmapStage
 from xr.daemon.infer import Inferer
 from xr.daemon.leases import LeaseKeeper, default_worker_id
-from xr.daemon.metrics import Metrics, MetricsServer, sd_notify, watchdog_interval
+from xr.daemon.metrics import Heartbeat, Metrics, MetricsServer, sd_notify, watchdog_interval
 from xr.daemon.moves import Destinations
 from xr.daemon.reload import ModelReloader, open_predictor, prepare
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
@@ -90,30 +90,6 @@ def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
                 f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output"
             )
     return (output,) if output != inbox and inside(output, inbox) else own
-
-
-class Heartbeat:
-    """A periodic ``heartbeat`` log event, so an idle daemon is seen to be alive and a stuck one to be stuck."""
-
-    def __init__(self, log: Any, interval_s: float, discovery: Discovery, inferer: Any):
-        self.log, self.interval_s, self.discovery, self.inferer = log, interval_s, discovery, inferer
-        self.started = self.last = time.monotonic()
-        self.files_at_last = inferer.files
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval_s:
-            return
-        files = self.inferer.files
-        self.log.info(
-            "heartbeat",
-            backlog=self.discovery.outstanding(),
-            waiting_incomplete=self.discovery.deferred(),
-            rows=files - self.files_at_last,
-            interval_s=round(now - self.last, 1),
-            uptime_s=round(now - self.started),
-        )
-        self.last, self.files_at_last = now, files
 
 
 class Service:

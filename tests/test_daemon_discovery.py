@@ -7,7 +7,8 @@ import queue
 import time
 from pathlib import Path
 
-from xr.daemon.discovery import Discovery, is_candidate_name
+from xr.core.intake import is_candidate_name
+from xr.daemon.discovery import Discovery
 from xr.daemon.stage import Supervisor
 
 
