@@ -98,11 +98,12 @@ def series_uid(study_uid: str, kind: str) -> str:
     return _derived_uid(MANUFACTURER, "series", study_uid, kind)
 
 
-def read_film(data: bytes | Path):
-    """The film's dataset (pixels included: the SC draws them; the SR copies its header)."""
+def read_film(data: bytes | Path | str):
+    """The film's header: what the objects copy and reference (the SC draws the heatmap picture, not the
+    film's own pixels, so they are not read)."""
     import pydicom
 
-    return pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data)
+    return pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data, stop_before_pixels=True)
 
 
 def _stamp(ds: Any, finding: Finding) -> None:

@@ -354,6 +354,9 @@ def _main(argv: list[str] | None, out) -> int:
             rows, columns = query_reviews(sessions, args.since), REVIEW_LIST_COLUMNS
         else:
             rows = query_rows(sessions, args)
+        table = columns if args.command == "reviews" or args.all_columns else TABLE_COLUMNS
+        if args.command != "reviews" and _with_pacs_column(sessions, rows):  # results sent to a PACS
+            columns, table = (*columns, "pacs"), (*table, "pacs")
         if args.format == "json":
             json.dump([{c: _jsonable(r[c]) for c in columns} for r in rows], out, indent=2)
             print(file=out)
@@ -363,7 +366,7 @@ def _main(argv: list[str] | None, out) -> int:
             for r in rows:
                 w.writerow([csv_cell(r[c]) for c in columns])
         else:
-            print_table(rows, columns if args.command == "reviews" or args.all_columns else TABLE_COLUMNS, out)
+            print_table(rows, table, out)
         return 0
     finally:
         engine.dispose()
@@ -396,6 +399,20 @@ def _audit(args: argparse.Namespace, out) -> int:
     else:
         print_table(rows, AUDIT_COLUMNS, out)
     return 0
+
+
+def _with_pacs_column(sessions, rows: list[dict[str, Any]]) -> bool:
+    """Where the daemon sends results to a PACS: each row's ``pacs`` state (sent: every object reached every
+    destination; pending; failed; empty: nothing to send). False, and no column, where nothing was ever sent."""
+    from xr.results import outbox
+
+    with sessions() as s:
+        if not outbox.counts(s):
+            return False
+        states = outbox.state_by_result(s, [r["id"] for r in rows])
+    for r in rows:
+        r["pacs"] = states.get(r["id"])
+    return True
 
 
 def _outbox(args: argparse.Namespace, out) -> int:

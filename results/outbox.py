@@ -20,7 +20,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from xr.results.journal import db_time, insert_or_ignore
+from xr.results.journal import db_time
+from xr.results.rows import insert_or_ignore
 from xr.results.schema import OUTBOX_KINDS, OutboxItem, utcnow
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
@@ -190,8 +191,10 @@ def state_by_result(s: Session, result_ids: list[int]) -> dict[int, str]:
     if not result_ids:
         return {}
     out: dict[int, set[str]] = {}
-    for rid, st in s.execute(
-        select(OutboxItem.result_id, OutboxItem.status).where(OutboxItem.result_id.in_(result_ids))
-    ).all():
-        out.setdefault(rid, set()).add(st)
+    for i in range(0, len(result_ids), 500):  # bounded IN lists (SQLite caps bound parameters)
+        chunk = result_ids[i : i + 500]
+        for rid, st in s.execute(
+            select(OutboxItem.result_id, OutboxItem.status).where(OutboxItem.result_id.in_(chunk))
+        ).all():
+            out.setdefault(rid, set()).add(st)
     return {rid: FAILED if FAILED in sts else PENDING if PENDING in sts else SENT for rid, sts in out.items()}

@@ -179,6 +179,9 @@ def test_association_limit(node):
         assert first.send_c_echo().Status == 0x0000
     finally:
         first.release()
+    deadline = time.monotonic() + 10  # the node's side of a released association ends a moment later
+    while n.server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
     third = ae.associate("127.0.0.1", n.port, ae_title="XRTRIAGE")
     assert third.is_established
     third.release()

@@ -204,7 +204,7 @@ def run_until(stage: SendStage, done, timeout: float = 60) -> None:
             time.sleep(0.05)
 
 
-def test_sr_and_sc_reach_orthanc_in_the_films_study(tmp_path, sessions, dicom_dir):
+def test_sr_and_sc_reach_orthanc_in_the_films_study(tmp_path, sessions, dicom_dir, any_db):
     log = Log()
     film = pydicom.dcmread(dicom_dir["native"])
     flagged = add_result(sessions, dicom_dir["native"], probability=0.91, flagged=True)
@@ -230,6 +230,9 @@ def test_sr_and_sc_reach_orthanc_in_the_films_study(tmp_path, sessions, dicom_di
     with sessions() as s:
         assert outbox.state_by_result(s, [flagged, normal]) == {flagged: "sent", normal: "sent"}
     assert len(log.named("dicom_sent")) == 3
+    out = io.StringIO()
+    assert cli.main(["--db", any_db, "list", "--format", "json"], out=out) == 0
+    assert {r["id"]: r["pacs"] for r in json.loads(out.getvalue())} == {flagged: "sent", normal: "sent"}
 
 
 def test_pacs_down_then_back_every_object_once(tmp_path, sessions, dicom_dir):
