@@ -14,8 +14,15 @@ distinct content) into a running ``xr-daemon`` and prints, in one run:
   file, what the daemon would reach with every core busy all the time, as a share of the raw forward
 
 Files are delivered the recommended way: written under a hidden temporary name, then renamed into the inbox.
+The sources hold both classes, so the stream mixes films the model flags and films it does not; with
+heatmaps on, the burst ends when every film that gets one has it (the daemon's CPU counted to there).
+
+``--heatmaps-ab N`` measures what heatmaps cost instead: N rounds of two bursts of the same files, one with
+``daemon.heatmaps=flagged`` (the default) and one with ``none``, alternating, each into a fresh daemon and
+output folder (no raw forward, no single files).
 
     python scripts/bench_daemon.py --count 2000
+    python scripts/bench_daemon.py --count 600 --heatmaps-ab 2
 """
 
 from __future__ import annotations
@@ -157,6 +164,121 @@ def parse_ts(s: str) -> float:
     return dt.datetime.fromisoformat(s).replace(tzinfo=dt.timezone.utc).timestamp()
 
 
+def heatmaps_owed(db: Path, mode: str) -> int:
+    """Committed rows that should have a heatmap (``daemon.heatmaps`` ``mode``) and have none yet."""
+    if mode == "none":
+        return 0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        wanted = "status = 'ok'" + (" and flagged" if mode == "flagged" else "")
+        return con.execute(f"select count(*) from results where {wanted} and heatmap_path is null").fetchone()[0]
+    finally:
+        con.close()
+
+
+def start_daemon(cmd: list[str], log_path: Path) -> subprocess.Popen | None:
+    """Start ``xr-daemon`` and wait until it watches its inbox; None (its log printed) if it dies first."""
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    while b"daemon_started" not in log_path.read_bytes():
+        if proc.poll() is not None:
+            print(log_path.read_text()[-2000:])
+            return None
+        time.sleep(0.1)
+    return proc
+
+
+def run_burst(proc: subprocess.Popen, inbox: Path, db: Path, burst: list[Path], heatmaps: str, log_path: Path):
+    """Drop ``burst`` into the running daemon at once; wait until every file has its final row and, with
+    heatmaps on, every film that gets a heatmap has it. Returns (committed row times by file name, drop times,
+    the daemon's CPU seconds, the wall seconds from the first drop to the end), or None if the daemon died."""
+    # staged on the same file system, copied under hidden names, then renamed in
+    tmp_names = []
+    for p in burst:
+        tmp = inbox / f".{p.name}.part"
+        shutil.copyfile(p, tmp)
+        tmp_names.append((tmp, inbox / p.name))
+    drop_t: dict[str, float] = {}
+    daemon = psutil.Process(proc.pid)
+    cpu_start = daemon.cpu_times()
+    t_start = time.time()
+    for tmp, final in tmp_names:
+        os.rename(tmp, final)
+        drop_t[final.name] = time.time()
+    expected = set(drop_t)
+    while True:
+        rows = db_final(db)
+        if expected <= rows.keys() and heatmaps_owed(db, heatmaps) == 0:
+            cpu_end, t_end = daemon.cpu_times(), time.time()
+            break
+        if proc.poll() is not None:
+            print("daemon died:", log_path.read_text()[-2000:])
+            return None
+        time.sleep(0.05)
+    cpu_s = (cpu_end.user + cpu_end.system) - (cpu_start.user + cpu_start.system)
+    return {n: rows[n] for n in expected}, drop_t, cpu_s, t_end - t_start
+
+
+def heatmaps_ab(args, cmd: list[str], work: Path, burst: list[Path], ncpu: int) -> int:
+    """N rounds of one burst with heatmaps on and one with them off, alternating (see the module docstring)."""
+    runs = []
+    for r in range(args.heatmaps_ab):
+        for mode in ("flagged", "none"):
+            run = work / f"ab{r}-{mode}"
+            inbox, out = run / "inbox", run / "out"
+            inbox.mkdir(parents=True)
+            argv = [*cmd, "--watch", str(inbox), "--output", str(out), "--set", f"daemon.heatmaps={mode}"]
+            proc = start_daemon(argv, run / "daemon.log")
+            if proc is None:
+                return 1
+            got = run_burst(proc, inbox, out / "results.sqlite", burst, mode, run / "daemon.log")
+            if got is None:
+                return 1
+            rows, drop_t, cpu_s, wall_s = got
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(120)
+            con = sqlite3.connect(out / "results.sqlite")
+            flagged, ok, drawn = con.execute(
+                "select sum(flagged), sum(status = 'ok'), sum(heatmap_path is not null) from results"
+            ).fetchone()
+            con.close()
+            t_end = max(parse_ts(v) for v in rows.values())
+            stage = [json.loads(x) for x in (run / "daemon.log").read_text().splitlines() if "heatmaps_stopped" in x]
+            stage_ms = stage[-1]["cpu_ms"] if stage else None  # the xr-heatmap thread's CPU, drawing included
+            runs.append(
+                {
+                    "round": r + 1,
+                    "heatmaps": mode,
+                    "files": len(rows),
+                    "flagged": flagged,
+                    "ok": ok,
+                    "heatmaps_drawn": drawn,
+                    # committed: the last row's commit; done: the last heatmap too (the figure reported)
+                    "committed_img_s": round(len(rows) / (t_end - min(drop_t.values())), 1),
+                    "done_img_s": round(len(rows) / wall_s, 1),
+                    "daemon_cpu_ms_per_file": round(1000 * cpu_s / len(rows), 2),
+                    "daemon_cpu_busy": round(cpu_s / (ncpu * wall_s), 3),
+                    "heatmap_stage_cpu_ms_per_heatmap": round(stage_ms / drawn, 2) if stage_ms and drawn else None,
+                    "sigterm_exit_code": rc,
+                    "load_avg_1m": round(os.getloadavg()[0], 2),
+                }
+            )
+            print(json.dumps(runs[-1]), flush=True)
+    print("\n| round | daemon.heatmaps | flagged | heatmaps | films/s | CPU ms per film |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for x in runs:
+        print(
+            f"| {x['round']} | {x['heatmaps']} | {x['flagged']} of {x['files']} | {x['heatmaps_drawn']} |"
+            f" {x['done_img_s']} | {x['daemon_cpu_ms_per_file']} |"
+        )
+    on = [x for x in runs if x["heatmaps"] != "none"]
+    off = [x for x in runs if x["heatmaps"] == "none"]
+    rate = sum(x["done_img_s"] for x in on) / sum(x["done_img_s"] for x in off)
+    cpu = sum(x["daemon_cpu_ms_per_file"] for x in on) / sum(x["daemon_cpu_ms_per_file"] for x in off)
+    print(f"\nheatmaps on / off: films/s {rate:.3f}, CPU ms per film {cpu:.3f} (target within 5%)")
+    return 0 if all(x["ok"] == x["files"] for x in runs) else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=2000, help="files in the burst")
@@ -173,6 +295,12 @@ def main() -> int:
         "--raw-variant",
         help="measure the raw forward only as this variant (e.g. 1t+graph), "
         "not as the fastest of all eight: a shorter run where the reference is known",
+    )
+    ap.add_argument(
+        "--heatmaps-ab",
+        type=int,
+        metavar="N",
+        help="measure heatmaps on (flagged) against off (none): N rounds of the burst, alternating",
     )
     ap.add_argument(
         "--sources",
@@ -221,8 +349,19 @@ def main() -> int:
         print(f"sources: {len(sources)} full-resolution JPEGs from {src_dir}")
         t0 = time.perf_counter()
         burst = make_images(sources, staging, args.count, "burst-")
-        singles = make_images(sources, staging, args.singles, "single-", offset=args.count)
+        singles = make_images(sources, staging, 0 if args.heatmaps_ab else args.singles, "single-", offset=args.count)
         print(f"prepared {len(burst) + len(singles)} distinct images in {time.perf_counter() - t0:.1f} s")
+
+        cmd = [sys.executable, "-m", "xr.daemon.cli", "--model", str(ckpt), "--device", args.device]
+        cmd += ["--batch-size", str(bs)]
+        if args.decode_workers:
+            cmd += ["--set", f"daemon.decode_workers={args.decode_workers}"]
+        if args.torch_threads:
+            cmd += ["--set", f"daemon.torch_threads={args.torch_threads}"]
+        for kv in args.set:
+            cmd += ["--set", kv]
+        if args.heatmaps_ab:
+            return heatmaps_ab(args, cmd, work, burst, ncpu)
 
         fwd_threads = {
             k: raw_forward_rate(ckpt, bs, args.forward_seconds, args.device, *v) for k, v in variants.items()
@@ -235,37 +374,12 @@ def main() -> int:
             flush=True,
         )
 
-        cmd = [
-            sys.executable,
-            "-m",
-            "xr.daemon.cli",
-            "--watch",
-            str(inbox),
-            "--output",
-            str(out),
-            "--model",
-            str(ckpt),
-            "--device",
-            args.device,
-            "--batch-size",
-            str(bs),
-        ]
-        if args.decode_workers:
-            cmd += ["--set", f"daemon.decode_workers={args.decode_workers}"]
-        if args.torch_threads:
-            cmd += ["--set", f"daemon.torch_threads={args.torch_threads}"]
-        for kv in args.set:
-            cmd += ["--set", kv]
-        log = open(work / "daemon.log", "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        proc = start_daemon([*cmd, "--watch", str(inbox), "--output", str(out)], work / "daemon.log")
+        if proc is None:
+            return 1
         rss = RssSampler(proc.pid)
         rss.start()
         db = out / "results.sqlite"
-        while b"daemon_started" not in (work / "daemon.log").read_bytes():
-            if proc.poll() is not None:
-                print((work / "daemon.log").read_text()[-2000:])
-                return 1
-            time.sleep(0.1)
 
         def deliver(p: Path) -> float:
             tmp = inbox / f".{p.name}.part"
@@ -285,39 +399,21 @@ def main() -> int:
         rss_idle = rss.peak
         print(f"single files into the idle daemon: p50 {pct(single_lat, 0.5):.3f} s", flush=True)
 
-        # the burst: staged on the same file system, copied under hidden names, then renamed in
-        tmp_names = []
-        for p in burst:
-            tmp = inbox / f".{p.name}.part"
-            shutil.copyfile(p, tmp)
-            tmp_names.append((tmp, inbox / p.name))
-        drop_t: dict[str, float] = {}
-        daemon = psutil.Process(proc.pid)
-        cpu_start = daemon.cpu_times()
-        t_start = time.time()
-        for tmp, final in tmp_names:
-            os.rename(tmp, final)
-            drop_t[final.name] = time.time()
-        expected = set(drop_t)
-        while True:
-            rows = db_final(db)
-            if expected <= rows.keys():
-                cpu_end, t_cpu_end = daemon.cpu_times(), time.time()
-                break
-            if proc.poll() is not None:
-                print("daemon died:", (work / "daemon.log").read_text()[-2000:])
-                return 1
-            time.sleep(0.2)
+        heatmaps = cfg.daemon.heatmaps
+        got = run_burst(proc, inbox, db, burst, heatmaps, work / "daemon.log")
+        if got is None:
+            return 1
+        rows, drop_t, cpu_s, wall_s = got
+        expected = set(rows)
         done = {n: parse_ts(rows[n]) for n in expected}
         t_end = max(done.values())
-        e2e = len(expected) / (t_end - t_start)
+        e2e = len(expected) / (t_end - min(drop_t.values()))
         print(f"burst of {len(expected)}: {e2e:.1f} img/s end to end", flush=True)
         lat = [done[n] - drop_t[n] for n in expected]
-        # The daemon's own CPU per file (all its threads: decode, model, bookkeeping) bounds the rate on
-        # this many cores whatever the scheduling: the ceiling a better overlap of the stages could reach.
-        cpu_s = (cpu_end.user + cpu_end.system) - (cpu_start.user + cpu_start.system)
+        # The daemon's own CPU per file (all its threads: decode, model, bookkeeping, heatmaps) bounds the rate
+        # on this many cores whatever the scheduling: the ceiling a better overlap of the stages could reach.
         cpu_ms_per_file = 1000 * cpu_s / len(expected)
-        busy = cpu_s / (ncpu * (t_cpu_end - t_start))
+        busy = cpu_s / (ncpu * wall_s)
         ceiling = 1000 * ncpu / cpu_ms_per_file
 
         proc.send_signal(signal.SIGTERM)
