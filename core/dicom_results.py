@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 KINDS = ("sr", "sc")
 MANUFACTURER = "xr-triage"
-SERIES_NUMBERS = {"sr": 9901, "sc": 9902}  # high numbers: listed after the modality's own series
+SERIES_NUMBERS = {"sr": 9901, "sc": 9902}
+SC_SIDE = 768  # the secondary capture's long side: readable on a PACS screen  # high numbers: listed after the modality's own series
 DISCLAIMER = (
     "xr-triage is a triage aid that orders the reading list; it is not a diagnosis. Every film is read by a clinician."
 )
@@ -196,26 +197,41 @@ def legend(finding: Finding) -> list[str]:
     state = "FLAGGED for priority reading" if finding.flagged else "not flagged"
     return [
         f"xr-triage: pneumonia probability {finding.probability:.2f} ({state}, threshold {finding.threshold:.2f})",
-        f"model {finding.model_id}, calibration {finding.calibration_id[:16]}",
+        f"model {finding.model_id}, calibration {finding.calibration_id}",
         "Heatmap: where the model looked. Triage aid, NOT a diagnosis.",
     ]
 
 
 def burn_legend(picture: Image.Image, finding: Finding) -> Image.Image:
-    """``picture`` (the film with its heatmap) with a black band and the legend below it."""
+    """``picture`` (the film with its heatmap; the daemon draws it at the model's 224 pixels) brought to
+    :data:`SC_SIDE` on its long side, with a black band and the legend below it, wrapped to the width."""
     rgb = picture.convert("RGB")
-    size = max(12, rgb.width // 48)
+    scale = SC_SIDE / max(rgb.size)
+    if scale > 1:
+        rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BICUBIC)
+    size = max(12, rgb.width // 40)
     try:
         font = ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: one fixed bitmap size
         font = ImageFont.load_default()
-    lines = legend(finding)
-    band = (size + 6) * len(lines) + 8
-    out = Image.new("RGB", (rgb.width, rgb.height + band), (0, 0, 0))
+    measure = ImageDraw.Draw(rgb)
+    lines: list[str] = []
+    for text in legend(finding):
+        words, line = text.split(), ""
+        for word in words:
+            trial = f"{line} {word}".strip()
+            if line and measure.textlength(trial, font=font) > rgb.width - 12:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    step = size + 6
+    out = Image.new("RGB", (rgb.width, rgb.height + step * len(lines) + 8), (0, 0, 0))
     out.paste(rgb, (0, 0))
     draw = ImageDraw.Draw(out)
-    for i, line in enumerate(lines):
-        draw.text((6, rgb.height + 4 + i * (size + 6)), line, fill=(255, 255, 0), font=font)
+    for k, line in enumerate(lines):
+        draw.text((6, rgb.height + 4 + k * step), line, fill=(255, 255, 0), font=font)
     return out
 
 
