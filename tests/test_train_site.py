@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,19 +18,31 @@ from xr.core.model import file_sha256
 from xr.core.predict import Predictor
 from xr.train.site import cross_validate, site_calibrate
 
+SEEN: dict[str, list] = {}  # what site_run's site_calibrate handed its cross-validation
+
 
 @pytest.fixture(scope="module")
 def site_run(tiny_checkpoint, fixtures_dir, tmp_path_factory):
+    from xr.train import site
+
     out = tmp_path_factory.mktemp("site")
-    report = site_calibrate(
-        tiny_checkpoint,
-        fixtures_dir / "chest_xray" / "train",
-        out,
-        n_boot=200,
-        cv_repeats=5,
-        device="cpu",
-        num_workers=0,
-    )
+    real = site.cross_validate
+
+    def spy(logits, labels, groups, *a, **kw):
+        SEEN["cross_validate"] = [list(logits), list(labels), list(groups)]
+        return real(logits, labels, groups, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(site, "cross_validate", spy)
+        report = site_calibrate(
+            tiny_checkpoint,
+            fixtures_dir / "chest_xray" / "train",
+            out,
+            n_boot=200,
+            cv_repeats=5,
+            device="cpu",
+            num_workers=0,
+        )
     return out, report
 
 
@@ -162,3 +175,90 @@ def test_cli_site_calibrate_then_evaluate_with_it(tiny_checkpoint, fixtures_dir,
         == 2
     )
     assert "needs films of both classes" in capsys.readouterr().err
+
+
+# -- patient-grouped folds -------------------------------------------------------------------------------
+def _partition(names, groups) -> set[frozenset]:
+    by: dict = {}
+    for n, g in zip(names, groups):
+        by.setdefault(g, set()).add(n)
+    return {frozenset(v) for v in by.values()}
+
+
+def test_the_site_films_are_grouped_by_patient(site_run):
+    """The fixtures hold four patients with two films each (Kaggle names: personN_..., IM-NNNN-...): those
+    pairs, and only they, share a group in the cross-validation site_calibrate runs."""
+    out, _ = site_run
+    names = [Path(r["path"]).name for r in csv.DictReader(open(out / "predictions.csv"))]
+    _, _, groups = SEEN["cross_validate"]
+    assert len(groups) == len(names) == 27
+    expected = {frozenset(n for n in names if n.startswith(f"person{k}_")) for k in (1, 1000, 1003, 1004)}
+    assert all(len(pair) == 2 for pair in expected)
+    expected |= {frozenset([n]) for n in names if not any(n in pair for pair in expected)}
+    assert _partition(names, groups) == expected
+
+
+def test_no_patient_is_on_both_sides_of_a_cross_validation_split(monkeypatch):
+    """30 patients with 3 films each: every fit sees some patients whole and is scored on the others whole."""
+    from xr.train import site
+
+    rng = np.random.default_rng(1)
+    patient_label = np.array([0] * 14 + [1] * 16)
+    groups = np.repeat(np.arange(30), 3)
+    y = patient_label[groups]
+    z = np.where(y == 1, 1.5, -1.0) + rng.normal(0, 1.2, len(y)) + np.arange(len(y)) * 1e-6  # each logit unique
+    patient_of = dict(zip(z.tolist(), groups.tolist()))
+    fits = []
+    real = site.fit_site
+
+    def spy(logits, labels, *a, **kw):
+        fits.append({patient_of[v] for v in np.asarray(logits).tolist()})
+        return real(logits, labels, *a, **kw)
+
+    monkeypatch.setattr(site, "fit_site", spy)
+    cross_validate(z, y, groups, Calibration(temperature=1.0), "f1", repeats=4)
+    assert len(fits) == 8  # 4 repeats x 2 folds
+    for a, b in zip(fits[::2], fits[1::2]):  # the two folds of one repeat: each other's evaluation half
+        assert a and b and not a & b and a | b == set(range(30))
+    for fitted in fits:  # a fit saw a patient's films all or none
+        seen = [v for v in z.tolist() if patient_of[v] in fitted]
+        assert len(seen) == 3 * len(fitted)
+
+
+# -- the cost objective ----------------------------------------------------------------------------------
+def _cost(probs, labels, thr, fn_cost, fp_cost) -> float:
+    pred = np.asarray(probs) >= thr
+    y = np.asarray(labels).astype(bool)
+    return float(fn_cost * (~pred & y).sum() + fp_cost * (pred & ~y).sum())
+
+
+@pytest.mark.parametrize(("fn_cost", "fp_cost"), [(10.0, 1.0), (1.0, 10.0)])
+def test_the_cost_objective_takes_the_cheapest_threshold(
+    site_run, tiny_checkpoint, fixtures_dir, tmp_path, monkeypatch, fn_cost, fp_cost
+):
+    """objective cost: the threshold minimises fn_cost x missed pneumonia + fp_cost x false alarms on the
+    site's recalibrated films (checked against every distinct cut of those films), and the file says the costs."""
+    from xr.train import site
+
+    out, _ = site_run
+    logits, labels, _ = SEEN["cross_validate"]
+    monkeypatch.setattr(site, "score_items", lambda *a, **kw: np.asarray(logits))  # the films, already scored
+    report = site_calibrate(
+        tiny_checkpoint,
+        fixtures_dir / "chest_xray" / "train",
+        tmp_path,
+        objective="cost",
+        fn_cost=fn_cost,
+        fp_cost=fp_cost,
+        n_boot=20,
+        cv_repeats=2,
+        device="cpu",
+        num_workers=0,
+    )
+    probs = 1 / (1 + np.exp(-(report["scale"] * np.asarray(logits) + report["shift"])))
+    cuts = np.concatenate([[0.0], np.sort(probs) + 1e-12, [1.0 + 1e-9]])  # every distinct prediction of the films
+    best = min(_cost(probs, labels, t, fn_cost, fp_cost) for t in cuts)
+    assert _cost(probs, labels, report["threshold"], fn_cost, fp_cost) == best
+    data = json.loads((tmp_path / CALIBRATION_FILE).read_text())
+    assert data["objective"] == "cost" and (data["fn_cost"], data["fp_cost"]) == (fn_cost, fp_cost)
+    assert data["threshold"] == pytest.approx(report["threshold"])
