@@ -93,3 +93,31 @@ def test_build_names_what_is_missing(film):
         dr.build("sc", film, FINDING)
     with pytest.raises(ValueError, match="'pdf'"):
         dr.build("pdf", film, FINDING)
+
+
+def test_xr_score_dicom_out_writes_the_daemons_objects(dicom_dir, tmp_path):
+    """score/dicom_out.py: an SR per scored DICOM film, an SC per flagged one, with the UIDs the daemon would
+    send; PNG/JPEG and error rows give nothing; a second run writes nothing new."""
+    pa = pytest.importorskip("pyarrow")
+    from xr.score.dicom_out import write_objects
+
+    rows = [
+        {"path": str(dicom_dir["native"]), "probability": 0.9, "threshold": 0.5, "flagged": True},
+        {"path": str(dicom_dir["rle"]), "probability": 0.2, "threshold": 0.5, "flagged": False},
+        {"path": str(dicom_dir["export8"]), "probability": 0.7, "threshold": 0.5, "flagged": True},
+        {"path": str(dicom_dir["mono2"]), "probability": None, "threshold": None, "flagged": None, "error": "bad"},
+    ]
+    for r in rows:
+        r.update(model_id="m-1", calibration_id="c-1", error=r.get("error"))
+    table = pa.Table.from_pylist(rows)
+    got = write_objects(table, tmp_path / "objects", FINDING.processed_at)
+    assert (got.sr, got.sc, got.not_dicom, got.failed) == (2, 1, 1, 0)
+    native = dr.read_film(dicom_dir["native"])
+    finding = dr.Finding(0.9, 0.5, True, "m-1", "c-1")
+    files = {p.name for p in (tmp_path / "objects").iterdir()}
+    assert f"{dr.object_uid(native.SOPInstanceUID, finding, 'sr')}.dcm" in files
+    assert f"{dr.object_uid(native.SOPInstanceUID, finding, 'sc')}.dcm" in files and len(files) == 3
+    sr = dr.read_sr((tmp_path / "objects" / f"{dr.object_uid(native.SOPInstanceUID, finding, 'sr')}.dcm").read_bytes())
+    assert sr["probability"] == pytest.approx(0.9) and sr["study_instance_uid"] == native.StudyInstanceUID
+    again = write_objects(table, tmp_path / "objects", FINDING.processed_at)
+    assert (again.sr, again.sc, again.kept) == (0, 0, 3)
