@@ -237,9 +237,19 @@ def test_exif_orientation_is_applied():
     assert a[:15].mean() > 240 and a[-15:].mean() < 15  # the white half is on top
 
 
-def test_cmyk_jpeg(gray):
-    out = decode_image(_jpeg(Image.fromarray(gray, "L").convert("CMYK")), name="cmyk.jpg")
+@pytest.mark.parametrize("ink", ["cmy", "k"])
+def test_cmyk_jpeg_gives_the_films_grey_levels(gray, ink):
+    """A CMYK JPEG of the film, printed with cyan, magenta and yellow (K 0) or with black ink only: each
+    channel's ink is 255 - grey, so the decoded picture is the film again within JPEG noise (inverted CMYK,
+    as Adobe stores it, would be the film's negative)."""
+    ink_ = 255 - gray
+    zero = np.zeros_like(gray)
+    planes = [ink_, ink_, ink_, zero] if ink == "cmy" else [zero, zero, zero, ink_]
+    cmyk = Image.merge("CMYK", [Image.fromarray(c, "L") for c in planes])
+    out = decode_image(_jpeg(cmyk), name="cmyk.jpg")
     assert out.mode == "L" and out.size == (224, 224)
+    diff = np.abs(_arr(out) - gray.astype(np.int64))
+    assert diff.mean() < 1.5 and diff.max() <= 16, (diff.mean(), diff.max())
 
 
 def test_path_and_bytes_give_the_same_image(xray_path):
