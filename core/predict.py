@@ -324,7 +324,7 @@ class Predictor:
         ``forward_head(forward_features(x))`` is what ``model(x)`` runs (timm), so the logits are the
         plain forward's to the bit. The head pools the feature map A (bn2's output) by its mean and applies
         one linear layer, so ``w . A`` is Grad-CAM at bn2 up to a positive factor (1/(h*w)) that
-        normalisation removes: no backward. It costs ~C*h*w multiply-adds per film, ~0.02% of the forward.
+        normalisation removes: no backward. C*h*w multiply-adds per film: ~0.1% of the forward's CPU time.
         """
         if x.dtype == torch.uint8:
             x = self._normalize(x)
