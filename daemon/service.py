@@ -129,6 +129,7 @@ class Service:
         self.exit_code = 0
         self.supervisor: Supervisor | None = None
         self._stop_order: list = []
+        self._reported: set[str] = set()  # stages whose failure is logged
         self.heatmaps: HeatmapStage | None = None
         self.inferer: Inferer | None = None
         self.exporter: CsvExporter | None = None
@@ -391,14 +392,11 @@ class Service:
         watchdog, last_pet = watchdog_interval(), 0.0
         while not self._stop.wait(0.05):
             beat.tick()
-            failed = self.supervisor.failed()
-            if watchdog is not None and time.monotonic() - last_pet >= watchdog and self.supervisor.dead() is None:
-                if not failed:
-                    sd_notify("WATCHDOG=1")  # only while every stage runs: a stuck daemon is restarted
-                    last_pet = time.monotonic()
-            for name, err in failed:
-                self.log.error("stage_failed", stage=name, reason=f"{err.__class__.__name__}: {err}")
-                self.exit_code = 1
+            running = self.supervisor.dead() is None and not self.supervisor.failed()
+            if watchdog is not None and time.monotonic() - last_pet >= watchdog and running:
+                sd_notify("WATCHDOG=1")  # only while every stage runs: a stuck daemon is restarted
+                last_pet = time.monotonic()
+            for name in self._report_failures():
                 self.request_stop(f"{name} failed")
             busy = discovery.outstanding() > 0 or not discovery.first_scan_done.is_set()
             if self.once and self.heatmaps is not None:  # --once draws the heatmaps too
@@ -426,6 +424,15 @@ class Service:
             return False, f"database not writable: {type(exc).__name__}: {exc}"
         return True, "pipeline running, database writable"
 
+    def _report_failures(self) -> list[str]:
+        """Log each stage that ended with an error, once; any makes the exit code 1."""
+        new = [(name, err) for name, err in self.supervisor.failed() if name not in self._reported]
+        for name, err in new:
+            self._reported.add(name)
+            self.log.error("stage_failed", stage=name, reason=f"{err.__class__.__name__}: {err}")
+            self.exit_code = 1
+        return [name for name, _ in new]
+
     def _shutdown(self) -> None:
         t0 = time.perf_counter()
         sd_notify("STOPPING=1")
@@ -433,6 +440,7 @@ class Service:
             self.metrics_server.stop()
         if self.supervisor is not None:
             self.supervisor.stop(self._stop_order)
+            self._report_failures()  # a stage that failed while finishing its work (its last moves, the CSVs)
         if self.inferer is not None:
             self.log.info(
                 "daemon_stopped",

@@ -42,7 +42,10 @@ class Stage:
         except BaseException as exc:  # noqa: BLE001 - kept for the supervisor, which stops the daemon
             self.error = exc
         finally:
-            self.close()
+            try:
+                self.close()
+            except BaseException as exc:  # noqa: BLE001 - a failed close is reported like a failed step
+                self.error = self.error or exc
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
