@@ -198,3 +198,54 @@ def with_modality(src: Path, dst: Path, **tags) -> Path:
         setattr(ds, key, value)
     ds.PatientName = PATIENT_NAME
     return write(ds, dst)
+
+
+# -- the display pipeline's other inputs: LUT sequences, Presentation LUT Shape, signed pixels, YBR ----------
+def _lut_item(first: int, bits: int, table: np.ndarray) -> Dataset:
+    """A LUT sequence item: descriptor (entries, first stored value mapped, bits per entry) and its data."""
+    item = Dataset()
+    item.LUTDescriptor = [len(table), first, bits]
+    item["LUTDescriptor"].VR = "US"
+    item.LUTData = [int(v) for v in table]
+    item["LUTData"].VR = "US"
+    return item
+
+
+def with_modality_lut(picture: Path, table: np.ndarray, bits: int) -> Dataset:
+    """The 8-bit film with a Modality LUT Sequence mapping each stored value v to ``table[v]`` (``bits`` deep)."""
+    ds = cr_from_picture(picture)
+    item = _lut_item(0, bits, table)
+    item.ModalityLUTType = "US"  # unspecified units
+    ds.ModalityLUTSequence = [item]
+    return ds
+
+
+def with_voi_lut(picture: Path, first: int, table: np.ndarray, bits: int) -> Dataset:
+    """A 12-bit film (stored = first + 4 x grey) with a VOI LUT Sequence whose first entry maps ``first``."""
+    grey = np.asarray(Image.open(picture).convert("L"), dtype=np.uint16)
+    ds = _minimal(first + 4 * grey, 12)
+    item = _lut_item(first, bits, table)
+    item.LUTExplanation = "test curve"
+    ds.VOILUTSequence = [item]
+    return ds
+
+
+def signed(picture: Path, offset: int, **tags) -> Dataset:
+    """A 12-bit film with signed stored values (PixelRepresentation 1): stored = offset + 4 x grey."""
+    grey = np.asarray(Image.open(picture).convert("L"), dtype=np.int16)
+    ds = _minimal(np.zeros(grey.shape, np.uint16), 12)
+    ds.PixelRepresentation = 1
+    ds.PixelData = (offset + 4 * grey).astype("<i2").tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def ybr_full(rgb: np.ndarray) -> Dataset:
+    """A colour secondary capture stored as YBR_FULL (the RGB picture converted by the standard's equations)."""
+    from pydicom.pixels import convert_color_space
+
+    ds = _minimal(rgb, 8)
+    ds.PhotometricInterpretation = "YBR_FULL"
+    ds.PixelData = convert_color_space(rgb, "RGB", "YBR_FULL").astype(np.uint8).tobytes()
+    return ds

@@ -121,17 +121,20 @@ def test_a_syntax_without_a_decoder_is_an_error_that_names_it():
 
 
 def test_a_missing_plugin_for_jpeg_ls_is_named(dicom_dir, monkeypatch):
-    import pydicom.pixels
+    """pydicom's own error, as it words it, when no installed plugin decodes JPEG-LS (each one's
+    dependencies made missing): the reason names the syntax."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
 
-    def missing(*a, **kw):
-        raise RuntimeError(
-            "Unable to decompress 'JPEG-LS Lossless Image Compression' pixel data because all plugins "
-            "are missing dependencies:\n    pyjpegls - requires numpy and pyjpegls"
-        )
-
-    monkeypatch.setattr(pydicom.pixels, "pixel_array", missing)
-    with pytest.raises(ImageError, match=r"compressed with JPEG-LS Lossless Image Compression: decoder not installed"):
+    decoder = get_decoder(JPEGLSLossless)
+    assert decoder._available  # installed here: the plugins are taken away for this test only
+    unavailable = {**decoder._unavailable, **{name: ("a missing package",) for name in decoder._available}}
+    monkeypatch.setattr(decoder, "_unavailable", unavailable)
+    monkeypatch.setattr(decoder, "_available", {})
+    with pytest.raises(ImageError) as info:
         decode_dicom(dicom_dir["jpegls"].read_bytes(), window=0, max_pixels=10**8)
+    assert info.value.reason == "compressed with JPEG-LS Lossless Image Compression: decoder not installed"
+    assert not info.value.incomplete
 
 
 def test_a_cut_dicom_file_is_incomplete_and_a_wrong_one_is_not(dicom_dir, tmp_path):
@@ -154,3 +157,97 @@ def test_the_lookup_table_gives_the_per_pixel_pipelines_picture(dicom_dir):
         ds = pydicom.dcmread(dicom_dir[key])
         arr = ds.pixel_array
         assert np.array_equal(np.asarray(to_display(arr, ds)), _display(arr, ds, 0)), key
+
+
+# -- the display pipeline's other inputs (films from tests/dicom_films.py; expectations by numpy) ---------------
+def _decode(ds, tmp_path, name: str, **limits) -> np.ndarray:
+    path = dicom_films.write(ds, tmp_path / name)
+    return np.asarray(load_image(path, DecodeLimits(**limits) if limits else DEFAULT_LIMITS), dtype=np.int64)
+
+
+def _grey(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("L"), dtype=np.int64)
+
+
+def test_a_modality_lut_sequence_maps_each_stored_value(dicom_dir, tmp_path):
+    """A non-linear 16-bit Modality LUT and no VOI: each pixel is table[stored], scaled from the table's
+    16-bit range to 8 bits."""
+    grey = _grey(dicom_dir["export8"])
+    table = np.rint(65535 * (np.arange(256) / 255.0) ** 2).astype(np.int64)  # a square law: not the identity
+    got = _decode(dicom_films.with_modality_lut(dicom_dir["export8"], table, 16), tmp_path, "mlut.dcm")
+    want = np.rint(table[grey] * 255 / 65535)
+    assert np.abs(got - want).max() <= 1 and np.abs(got - grey).mean() > 20  # the LUT was applied
+
+
+def test_a_voi_lut_sequence_maps_from_its_first_entry(dicom_dir, tmp_path):
+    """A 10-bit VOI LUT whose first entry maps stored value 1000 (stored = 1000 + 4 x grey): each pixel is
+    table[stored - 1000], scaled from 10 bits to 8."""
+    grey = _grey(dicom_dir["export8"])
+    table = np.rint(1023 * (np.arange(1021) / 1020.0) ** 0.5).astype(np.int64)  # a gamma curve
+    ds = dicom_films.with_voi_lut(dicom_dir["export8"], 1000, table, 10)
+    ds.WindowCenter, ds.WindowWidth = 1500, 100  # a window beside the LUT: the LUT comes first
+    got = _decode(ds, tmp_path, "voilut.dcm")
+    want = np.rint(table[4 * grey] * 255 / 1023)
+    assert np.abs(got - want).max() <= 1 and np.abs(got - grey).mean() > 10
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_presentation_lut_shape_inverse_inverts_once(dicom_dir, tmp_path, photometric):
+    """Presentation LUT Shape INVERSE shows the film as its negative; on a MONOCHROME1 film it is how that
+    film is shown anyway (one inversion, not two)."""
+    grey = _grey(dicom_dir["export8"])
+    ds = dicom_films.cr_from_picture(dicom_dir["export8"], PhotometricInterpretation=photometric)
+    ds.PresentationLUTShape = "INVERSE"
+    assert np.array_equal(_decode(ds, tmp_path, "inverse.dcm"), 255 - grey)
+    ds.PresentationLUTShape = "IDENTITY"
+    assert np.array_equal(_decode(ds, tmp_path, "identity.dcm"), grey if photometric == "MONOCHROME2" else 255 - grey)
+
+
+def test_signed_pixels_are_read_as_twos_complement(dicom_dir, tmp_path):
+    """12-bit signed stored values (stored = -600 + 4 x grey, so most are negative): through a window that
+    covers them the film comes back; without one, 8 bits over the signed 12-bit range [-2048, 2047]."""
+    grey = _grey(dicom_dir["export8"])
+    windowed = dicom_films.signed(dicom_dir["export8"], -600, WindowCenter=-600 + 510 + 0.5, WindowWidth=1021)
+    assert np.abs(_decode(windowed, tmp_path, "signed-w.dcm") - grey).max() <= 1
+    plain = dicom_films.signed(dicom_dir["export8"], -600)
+    want = np.rint((-600 + 4 * grey + 2048) * 255 / 4095)
+    assert np.abs(_decode(plain, tmp_path, "signed.dcm") - want).max() <= 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core/dicom.py converts YBR to RGB a second time: pydicom 3's pixel_array already returns RGB "
+    "(as_rgb=True); fix: drop the convert_color_space call in decode_dicom (owner: core/dicom.py)",
+)
+def test_a_ybr_full_colour_film_reads_as_its_luminance(dicom_dir, tmp_path):
+    """A tinted colour capture stored as YBR_FULL: the picture is the RGB original's luminance (ITU-R 601)."""
+    from PIL import Image
+
+    grey = _grey(dicom_dir["export8"]).astype(np.uint8)
+    rgb = np.stack([grey, grey // 2, 255 - grey], axis=-1)
+    want = np.asarray(Image.fromarray(rgb, "RGB").convert("L"), dtype=np.int64)
+    got = _decode(dicom_films.ybr_full(rgb), tmp_path, "ybr.dcm")
+    assert np.abs(got - want).max() <= 2
+
+
+def test_the_pixel_limit_refuses_a_film_before_decoding_it(dicom_dir, monkeypatch):
+    """Rows x Columns over daemon.max_pixels: an error that says so, before any pixel is decoded (a huge
+    film would take the memory first); at the limit it decodes."""
+    import pydicom.pixels
+
+    ds = pydicom.dcmread(dicom_dir["native"], stop_before_pixels=True)
+    n = int(ds.Rows) * int(ds.Columns)
+    assert np.asarray(load_image(dicom_dir["native"], DecodeLimits(max_pixels=n))).shape == (ds.Rows, ds.Columns)
+
+    def no_decode(*a, **kw):
+        raise AssertionError("pixels decoded for a film over the limit")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", no_decode)
+    with pytest.raises(ImageError) as info:
+        load_image(dicom_dir["native"], DecodeLimits(max_pixels=n - 1))
+    assert (
+        info.value.reason == (f"image is {ds.Columns}x{ds.Rows} = {n:,} pixels, over the limit of {n - 1:,}")
+        and not info.value.incomplete
+    )
