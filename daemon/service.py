@@ -3,7 +3,6 @@ and stop them all when told to."""
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import math
@@ -19,7 +18,7 @@ import torch
 from sqlalchemy import update
 
 from xr.core.calibration import CALIBRATION_FILE
-from xr.core.config import DaemonConfig, Settings
+from xr.core.config import Settings
 from xr.core.errors import XRError
 from xr.core.intake import DecodeLimits
 from xr.core.logs import get_logger
@@ -33,6 +32,7 @@ from xr.daemon.infer import Inferer
 from xr.daemon.leases import LeaseKeeper, default_worker_id
 from xr.daemon.metrics import Heartbeat, Metrics, MetricsServer, sd_notify, watchdog_interval
 from xr.daemon.moves import Destinations
+from xr.daemon.plan import plan_run
 from xr.daemon.reload import ModelReloader, open_predictor, prepare
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.stage import Supervisor
@@ -40,41 +40,6 @@ from xr.results import journal, rows
 from xr.results.engine import db_url, make_engine, session_factory, sqlite_file
 from xr.results.export import CsvExporter, csv_columns
 from xr.results.schema import Meta, utcnow
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    decode_workers: int
-    torch_threads: int
-    batch_size: int
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-GRAPH_DECODERS_MAX = 14  # the largest host measured had 16 cores (docs/benchmarks.md)
-
-
-def plan_run(
-    d: DaemonConfig, device_type: str, cpus: int | None = None, bf16: bool = False, cuda_graph: bool | None = None
-) -> RunPlan:
-    """Decode threads, torch threads and batch size; 0 in config means "choose" (docs/design.md, "Thread plan").
-
-    CPU model: one decoder per 4 cores; in fp32 the model also gets every core, in bf16 (``bf16``: a CPU
-    with native bf16) only the cores the decoders do not have. Batches of 4 in fp32 and 8 in bf16 keep the
-    forward's working set near 110 MB. GPU: the CPU is the decoders'; up to 8 beside an eager forward (each
-    kernel launch must win the GIL back from them), all but 2 cores (at most 14) and batches of 32 where a
-    CUDA graph replays the forward in one call (``cuda_graph``: it was captured; default ``d.cuda_graphs``).
-    """
-    cpus = cpus or usable_cpus()
-    if device_type != "cpu":
-        graph = device_type == "cuda" and (d.cuda_graphs if cuda_graph is None else cuda_graph)
-        workers = d.decode_workers or (max(1, min(cpus - 2, GRAPH_DECODERS_MAX)) if graph else min(cpus, 8))
-        return RunPlan(workers, d.torch_threads or cpus, d.batch_size or (32 if graph else 8))
-    workers = d.decode_workers or max(1, cpus // 4)
-    torch_threads = d.torch_threads or (max(1, cpus - workers) if bf16 else cpus)
-    return RunPlan(workers, torch_threads, d.batch_size or (8 if bf16 else 4))
 
 
 def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
@@ -156,7 +121,7 @@ class Service:
         self._stop.set()
 
     # -- set-up -------------------------------------------------------------------------------------------
-    def _lock(self) -> None:
+    def take_locks(self) -> None:
         """One daemon per output folder, per results database and per inbox: two on one database would
         roll back each other's claims, two on one inbox would score every file twice."""
         try:
@@ -192,7 +157,13 @@ class Service:
                 continue
             self._lock_fds.append(fd)
 
-    def _load_predictor(self) -> Predictor:
+    def release_locks(self) -> None:
+        for fd in self._lock_fds:
+            os.close(fd)
+        self._lock_fds = []
+
+    def load_predictor(self) -> Predictor:
+        """The predictor to score with, warmed up, and ``self.plan`` (threads, batch size) for it."""
         d = self.cfg.daemon
         pred = self._predictor or open_predictor(self.cfg, self.model_path, self.calibration)
         self.plan = plan_run(d, pred.device.type, bf16=pred.bf16)
@@ -253,10 +224,10 @@ class Service:
                 raise XRError("no watch folder: pass --watch DIR or set daemon.watch in config.yaml")
             if not self.inbox.is_dir():
                 raise XRError(f"watch folder not found: {self.inbox}")
-            self._lock()
+            self.take_locks()
             engine = make_engine(self.db)
             sessions = self.sessions = session_factory(engine)
-            predictor = self._load_predictor()
+            predictor = self.load_predictor()
             plan = self.plan
             ready_q: queue.Queue = queue.Queue(maxsize=max(4, 2 * plan.batch_size))
             decoded_q: queue.Queue = queue.Queue()
@@ -370,9 +341,7 @@ class Service:
                 self.exporter.release()
             if engine is not None:
                 engine.dispose()
-            for fd in self._lock_fds:
-                os.close(fd)
-            self._lock_fds = []
+            self.release_locks()
         return self.exit_code
 
     def _stop_after(self, max_batches: int | None):

@@ -313,7 +313,7 @@ def main() -> int:
     from xr.core.config import load_settings
     from xr.core.predict import resolve_device, use_bf16
     from xr.daemon.cli import build_parser, parse_overrides
-    from xr.daemon.service import plan_run, usable_cpus
+    from xr.daemon.plan import plan_run, usable_cpus
 
     # the daemon's own reading of --set, so the raw forward runs at the batch size the daemon will use
     cfg = load_settings(

@@ -48,7 +48,7 @@ def main() -> int:
 
     from xr.core.config import load_settings
     from xr.core.predict import resolve_device, use_bf16
-    from xr.daemon.service import plan_run, usable_cpus
+    from xr.daemon.plan import plan_run, usable_cpus
 
     work = Path(tempfile.mkdtemp(prefix="xr-bench-score-"))
     try:

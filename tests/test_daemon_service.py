@@ -18,7 +18,8 @@ from xr.core.config import SHIPPED_MODEL, load_settings
 from xr.core.logs import configure_logging
 from xr.core.paths import model_path
 from xr.core.predict import Predictor
-from xr.daemon.service import RunPlan, Service, plan_run
+from xr.daemon.plan import RunPlan, plan_run
+from xr.daemon.service import Service
 from xr.results.engine import make_engine, session_factory
 from xr.results.schema import Result, Status
 
@@ -263,7 +264,7 @@ def test_compiled_forward_failure_falls_back_to_eager(tmp_path, predictor, devic
     svc = Service(
         _cfg(), watch=tmp_path, output=tmp_path / "out", predictor=fake, log=configure_logging("json", stream=stream)
     )
-    assert svc._load_predictor() is fake and not fake.has_cuda_graph and not fake.has_trace
+    assert svc.load_predictor() is fake and not fake.has_cuda_graph and not fake.has_trace
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     warn = next(e for e in events if e["event"] == event)
     assert warn["level"] == "warning" and "refused on this device" in warn["reason"]
@@ -274,12 +275,12 @@ def test_compiled_forward_failure_falls_back_to_eager(tmp_path, predictor, devic
 def test_cpu_thread_plan_follows_the_model_precision(tmp_path, predictor, monkeypatch, bf16):
     """Beside a bf16 model the decoder keeps a core: torch runs on the cores the decoders leave, and the
     batch doubles (half-size activations, the same working set)."""
-    monkeypatch.setattr("xr.daemon.service.usable_cpus", lambda: 2)
+    monkeypatch.setattr("xr.daemon.plan.usable_cpus", lambda: 2)
     pred = Predictor(predictor.model, predictor.meta, predictor.calibration, device="cpu", amp="off")
     pred.bf16 = bf16
     pred.warmup = lambda batch_size=1: None  # the plan, not the forward, is under test
     svc = _svc(tmp_path, pred, cfg=_cfg(decode_workers=0, torch_threads=0, batch_size=0, cpu_trace=False))
-    svc._load_predictor()
+    svc.load_predictor()
     assert svc.plan == RunPlan(decode_workers=1, torch_threads=1 if bf16 else 2, batch_size=8 if bf16 else 4)
     assert torch.get_num_threads() == svc.plan.torch_threads
 
@@ -466,7 +467,7 @@ def test_second_daemon_on_the_same_database_or_inbox_is_refused(tmp_path, predic
     first = Service(
         _cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", db=shared_db, predictor=predictor, log=log
     )
-    first._lock()  # as a running daemon holds it
+    first.take_locks()  # as a running daemon holds them
     try:
         (tmp_path / "inbox2").mkdir()
         same_db = Service(
@@ -476,8 +477,7 @@ def test_second_daemon_on_the_same_database_or_inbox_is_refused(tmp_path, predic
         same_inbox = Service(_cfg(), watch=tmp_path / "inbox", output=tmp_path / "out3", predictor=predictor, log=log)
         assert same_inbox.run(idle_timeout=0.3) == 2
     finally:
-        for fd in first._lock_fds:
-            os.close(fd)
+        first.release_locks()
     assert not (tmp_path / "out2" / "results.sqlite").exists()
 
 
@@ -528,7 +528,7 @@ def test_uncalibrated_checkpoint_is_a_warning(tmp_path, tiny_checkpoint):
 def test_decoder_count_follows_whether_the_cuda_graph_was_captured(tmp_path, predictor, monkeypatch, captured):
     """Eager kernel launches need the GIL between them: a failed capture must not leave the daemon with the
     many decoders and the large batch planned for a graph."""
-    monkeypatch.setattr("xr.daemon.service.usable_cpus", lambda: 16)
+    monkeypatch.setattr("xr.daemon.plan.usable_cpus", lambda: 16)
 
     def capture(self, batch_size):
         if not captured:
@@ -538,5 +538,5 @@ def test_decoder_count_follows_whether_the_cuda_graph_was_captured(tmp_path, pre
     fake = Gpu(predictor.model, predictor.meta, predictor.calibration, device="cpu")
     fake.device = torch.device("cuda")  # only its type is read before the first batch
     svc = _svc(tmp_path, fake, cfg=_cfg(decode_workers=0, torch_threads=0, batch_size=0))
-    svc._load_predictor()
+    svc.load_predictor()
     assert svc.plan == RunPlan(decode_workers=14 if captured else 8, torch_threads=16, batch_size=32 if captured else 8)
