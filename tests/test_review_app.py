@@ -523,9 +523,10 @@ def test_xr_review_refuses_a_database_that_is_not_there(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::", "xr.example.org"])
-def test_a_wide_bind_without_tls_or_a_proxy_is_refused(tmp_path, capsys, host):
+def test_a_wide_bind_without_tls_or_a_proxy_is_refused(tmp_path, capsys, monkeypatch, host):
     from xr.review.cli import bind_refusal, build_parser, main
 
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail(f"xr-review served plain HTTP on {host}"))
     db = tmp_path / "results.sqlite"
     make_engine(db).dispose()
     assert main(["--db", str(db), "--output", str(tmp_path), "--host", host]) == 2
