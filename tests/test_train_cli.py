@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,20 @@ pytestmark = pytest.mark.slow
 
 
 def xr_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xr.train.cli", *map(str, args)], capture_output=True, text=True, timeout=900
-    )
+    """xr-train in this process (no process boundary is under test: a torch import saved per call), its
+    output captured as a subprocess's would be."""
+    from unittest import mock
+
+    from xr.train import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with mock.patch.object(cli, "tune_malloc", lambda: False):  # not this test process's malloc settings
+            try:
+                rc = cli.main([str(a) for a in args])
+            except SystemExit as exc:  # argparse
+                rc = exc.code
+    return subprocess.CompletedProcess(["xr-train", *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
