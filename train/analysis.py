@@ -157,8 +157,8 @@ def save_plots(out: Path, labels, probs, threshold: float, title: str = "", n_bi
 
 def score_items(predictor: Predictor, items: list[Item], batch_size: int = 32, num_workers: int = 1) -> np.ndarray:
     """Logits through the predictor's own preset and model (the daemon's path)."""
-    ds = XRDataset(items, predictor.preset, predictor.preset.eval_transform())
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    dataset = XRDataset(items, predictor.preset, predictor.preset.eval_transform())
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     return np.concatenate([predictor.logits(x).numpy() for x, _ in loader]).astype(np.float64)
 
 
@@ -173,14 +173,14 @@ def fullres_pairs(shared: Path) -> tuple[list[Path], list[Path]]:
 def pair_agreement(predictor: Predictor, first: list[Path], second: list[Path]) -> dict[str, Any]:
     """How alike ``predictor`` scores two renderings of the same films: per pair the logit gap (first minus
     second), the absolute calibrated-probability difference, and the indices whose triage decision differs."""
-    a, b = predictor.predict_paths(first), predictor.predict_paths(second)
-    za, zb = np.array([x.logit for x in a]), np.array([y.logit for y in b])
+    first_scores, second_scores = predictor.predict_paths(first), predictor.predict_paths(second)
+    first_logits, second_logits = np.array([x.logit for x in first_scores]), np.array([y.logit for y in second_scores])
     return {
-        "logit_gap": za - zb,
-        "prob_diff": np.abs(np.array([x.probability - y.probability for x, y in zip(a, b)])),
-        "flips": [i for i, (x, y) in enumerate(zip(a, b)) if x.flagged != y.flagged],
-        "first_logit": za,
-        "second_logit": zb,
+        "logit_gap": first_logits - second_logits,
+        "prob_diff": np.abs(np.array([x.probability - y.probability for x, y in zip(first_scores, second_scores)])),
+        "flips": [i for i, (x, y) in enumerate(zip(first_scores, second_scores)) if x.flagged != y.flagged],
+        "first_logit": first_logits,
+        "second_logit": second_logits,
     }
 
 

@@ -82,18 +82,18 @@ def fit_logistic(
     log_a0 = np.log(scale0)
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        la, b = theta
-        a = np.exp(la)
+        log_a, b = theta
+        a = np.exp(log_a)
         s = a * z + b
         p = sigmoid(s)
         nll = float((np.logaddexp(0.0, s) - y * s).sum())
-        prior = 0.5 * strength * ((la - log_a0) ** 2 + (b - shift0) ** 2)
+        prior = 0.5 * strength * ((log_a - log_a0) ** 2 + (b - shift0) ** 2)
         grad_s = p - y
-        grad = np.array([(grad_s * z).sum() * a + strength * (la - log_a0), grad_s.sum() + strength * (b - shift0)])
+        grad = np.array([(grad_s * z).sum() * a + strength * (log_a - log_a0), grad_s.sum() + strength * (b - shift0)])
         return nll + prior, grad
 
-    res = minimize(objective, x0=np.array([log_a0, shift0]), jac=True, method="L-BFGS-B")
-    a, b = float(np.exp(res.x[0])), float(res.x[1])
+    solution = minimize(objective, x0=np.array([log_a0, shift0]), jac=True, method="L-BFGS-B")
+    a, b = float(np.exp(solution.x[0])), float(solution.x[1])
     if not (np.isfinite(a) and np.isfinite(b)):
         raise XRError("logistic recalibration diverged (do the site's logits separate the classes perfectly?)")
     return a, b

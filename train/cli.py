@@ -40,7 +40,7 @@ SITE_OBJECTIVE = "f1"  # cross-validated on a 200-film site sample it kept both 
 DEVICE_HELP = "auto (cuda, mps, cpu) | cuda | mps | cpu"
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def _recipe_overrides(args: argparse.Namespace) -> dict:
     """Recipe overrides from the flags given; an unset flag overrides nothing."""
     flags = {
         "train.epochs": getattr(args, "epochs", None),
@@ -62,7 +62,7 @@ def run_recipe(args: argparse.Namespace, out: Path) -> Recipe:
     if path == saved and not args.recipe:
         # a re-run keeps its run's recipe, which later edits of the default recipe do not reach
         print(f"recipe: {path} (saved by an earlier run in this folder; --recipe FILE to use another)", file=sys.stderr)
-    cfg = load_recipe(path, _overrides(args))
+    cfg = load_recipe(path, _recipe_overrides(args))
     # A stage that is going to fail on its inputs must leave no run folder or recipe behind: a later
     # run in that folder would take the saved recipe instead of the default.
     check_stage_inputs(args, out, cfg)
@@ -96,11 +96,13 @@ def val_logits_path(out: Path) -> Path:
 def stage_split(cfg: Recipe, data: Path, out: Path) -> Splits:
     splits = make_splits(data, cfg.data)
     splits.save(out / "splits")
-    s = splits.summary()
+    summary = splits.summary()
     print(
         "split: "
-        + ", ".join(f"{k} {s[k]['images']} images / {s[k]['patients']} patients" for k in ("train", "val", "test"))
-        + (f" ({'; '.join(s['notes'])})" if s["notes"] else "")
+        + ", ".join(
+            f"{k} {summary[k]['images']} images / {summary[k]['patients']} patients" for k in ("train", "val", "test")
+        )
+        + (f" ({'; '.join(summary['notes'])})" if summary["notes"] else "")
     )
     return splits
 
@@ -123,34 +125,40 @@ def stage_calibrate(cfg: Recipe, out: Path) -> dict:
         rows = list(csv.DictReader(f))
     logits = np.array([float(r["logit"]) for r in rows])
     labels = np.array([int(r["label"]) for r in rows])
-    cc = cfg.calibration
-    t = cal.fit_temperature(logits, labels)
-    probs = cal.sigmoid(logits / t)
+    calib_cfg = cfg.calibration
+    temperature = cal.fit_temperature(logits, labels)
+    probs = cal.sigmoid(logits / temperature)
     threshold, score = cal.choose_threshold(
-        probs, labels, cc.objective, cc.fn_cost, cc.fp_cost, cc.threshold_grid, cc.target_sensitivity
+        probs,
+        labels,
+        calib_cfg.objective,
+        calib_cfg.fn_cost,
+        calib_cfg.fp_cost,
+        calib_cfg.threshold_grid,
+        calib_cfg.target_sensitivity,
     )
-    report = cal.calibration_report(logits, labels, t, cc.ece_bins)
+    report = cal.calibration_report(logits, labels, temperature, calib_cfg.ece_bins)
     checkpoint = out / BEST_CHECKPOINT
     calibration = Calibration(
-        temperature=t,
+        temperature=temperature,
         threshold=threshold,
         kind="validation",
         model_sha256=file_sha256(checkpoint) if checkpoint.exists() else None,
         reference=reference(probs, threshold),
         extra={
-            "objective": cc.objective,
+            "objective": calib_cfg.objective,
             "objective_score": score,
-            **({"fn_cost": cc.fn_cost, "fp_cost": cc.fp_cost} if cc.objective == "cost" else {}),
-            **({"target_sensitivity": cc.target_sensitivity} if cc.objective == "sensitivity" else {}),
+            **({"fn_cost": calib_cfg.fn_cost, "fp_cost": calib_cfg.fp_cost} if calib_cfg.objective == "cost" else {}),
+            **({"target_sensitivity": calib_cfg.target_sensitivity} if calib_cfg.objective == "sensitivity" else {}),
             "n_val": int(len(labels)),
             "calibration": report,
-            "val_metrics": compute_metrics(labels, probs, threshold, cc.ece_bins),
+            "val_metrics": compute_metrics(labels, probs, threshold, calib_cfg.ece_bins),
         },
     )
     calibration.write(out / CALIBRATION_FILE)
     result = calibration.to_dict()
     print(
-        f"calibrate: T {t:.3f}, threshold {threshold:.3f} ({cc.objective}); val NLL {report['nll_before']:.4f} -> "
+        f"calibrate: T {temperature:.3f}, threshold {threshold:.3f} ({calib_cfg.objective}); val NLL {report['nll_before']:.4f} -> "
         f"{report['nll_after']:.4f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}"
     )
     return result
@@ -162,7 +170,7 @@ def stage_evaluate(
     predictor = Predictor.from_checkpoint(model, calibration, device=device, amp=cfg.train.amp)
     if not predictor.calibration.calibrated:
         print(f"warning: no {CALIBRATION_FILE} beside {model}; using T=1 and threshold 0.5", file=sys.stderr)
-    m = evaluate_items(
+    metrics = evaluate_items(
         predictor,
         items,
         out,
@@ -171,15 +179,15 @@ def stage_evaluate(
         title=title,
         n_bins=cfg.calibration.ece_bins,
     )
-    pc = m["per_class"]
+    per_class = metrics["per_class"]
     print(
-        f"evaluate ({m['n']} images): AUROC {m['auroc'] or float('nan'):.4f}, accuracy {m['accuracy']:.4f}, F1 {m['f1']:.4f}, "
-        f"recall NORMAL {pc['NORMAL']['recall']:.4f} PNEUMONIA {pc['PNEUMONIA']['recall']:.4f}, ECE {m['ece']:.4f} -> {out}"
+        f"evaluate ({metrics['n']} images): AUROC {metrics['auroc'] or float('nan'):.4f}, accuracy {metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f}, "
+        f"recall NORMAL {per_class['NORMAL']['recall']:.4f} PNEUMONIA {per_class['PNEUMONIA']['recall']:.4f}, ECE {metrics['ece']:.4f} -> {out}"
     )
-    return m
+    return metrics
 
 
-def _eval_items(data: Path):
+def _items_to_evaluate(data: Path):
     found = discover(data)
     if found.get("test"):
         return found["test"]
@@ -302,7 +310,7 @@ def _site_calibrate(args: argparse.Namespace) -> int:
         raise XRError(f"--target-sensitivity: {args.target_sensitivity} must be between 0 and 1")
     if args.prior_strength < 0:
         raise XRError(f"--prior-strength: {args.prior_strength} must be >= 0")
-    r = site_calibrate(
+    report = site_calibrate(
         args.model or SHIPPED_MODEL,
         args.data,
         args.out,
@@ -313,10 +321,10 @@ def _site_calibrate(args: argparse.Namespace) -> int:
         fp_cost=args.fp_cost,
         device=args.device,
     )
-    after, cv = r["after"], r["cross_validated"]
+    after, cv = report["after"], report["cross_validated"]
     print(
-        f"site-calibrate ({r['n']} films): p = sigmoid({r['scale']:.3f} z {r['shift']:+.3f}), threshold "
-        f"{r['threshold']:.3f} ({r['objective']}); on these films accuracy {after['accuracy']['value']:.3f}, "
+        f"site-calibrate ({report['n']} films): p = sigmoid({report['scale']:.3f} z {report['shift']:+.3f}), threshold "
+        f"{report['threshold']:.3f} ({report['objective']}); on these films accuracy {after['accuracy']['value']:.3f}, "
         f"recall PNEUMONIA {after['sensitivity']['value']:.3f} NORMAL {after['specificity']['value']:.3f}; "
         f"cross-validated accuracy {cv['accuracy']['mean']:.3f} ({cv['accuracy']['p05']:.3f}-{cv['accuracy']['p95']:.3f}) "
         f"-> {args.out / CALIBRATION_FILE}"
@@ -345,17 +353,23 @@ def main(argv: list[str] | None = None) -> int:
                     "evaluate needs --data: a labelled folder (NORMAL/ and PNEUMONIA/) or a Kaggle-layout root"
                 )
             stage_evaluate(
-                cfg, model, _eval_items(args.data), out, args.device, title=args.data.name, calibration=args.calibration
+                cfg,
+                model,
+                _items_to_evaluate(args.data),
+                out,
+                args.device,
+                title=args.data.name,
+                calibration=args.calibration,
             )
         elif args.command == "all":
             t0 = time.perf_counter()
             splits = Splits.load(out / "splits") if args.resume else stage_split(cfg, args.data, out)
             train_result = stage_train(cfg, out, args.device, args.resume)
-            calib = stage_calibrate(cfg, out)
+            calibration = stage_calibrate(cfg, out)
             metrics = stage_evaluate(cfg, out / BEST_CHECKPOINT, splits.test, out / "eval", args.device, title="test")
             seconds = time.perf_counter() - t0
             command = "xr-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-            write_model_card(out, cfg, splits, train_result, calib, metrics, command, seconds)
+            write_model_card(out, cfg, splits, train_result, calibration, metrics, command, seconds)
             print(f"all: done in {seconds / 60:.1f} min -> {out}")
     except XRError as exc:
         print(f"xr-train: error: {exc}", file=sys.stderr)

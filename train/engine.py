@@ -90,7 +90,7 @@ def make_loss(cfg: Recipe, labels: list[int], device: torch.device) -> nn.Module
     return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
 
-def _targets(y: torch.Tensor, smoothing: float) -> torch.Tensor:
+def _smoothed_targets(y: torch.Tensor, smoothing: float) -> torch.Tensor:
     y = y.float()
     return y * (1.0 - smoothing) + 0.5 * smoothing if smoothing > 0 else y
 
@@ -148,7 +148,7 @@ def train_one_epoch(
         with autocast(device, bf16):
             out = model(x)
         out = out.float().reshape(-1, 1)
-        loss = loss_fn(out, _targets(y, smoothing))
+        loss = loss_fn(out, _smoothed_targets(y, smoothing))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -262,21 +262,21 @@ def fit(
         )
     saved = resume.load(out_dir / LAST_CHECKPOINT, cfg) if resume_run else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    tc = cfg.train
-    train_gen = seed_everything(tc.seed)  # the training loader's order and its workers' seeds
-    eval_gen = torch.Generator().manual_seed(tc.seed)  # loaders that draw nothing but worker seeds
-    bf16 = use_bf16(device, tc.amp)  # forward-only passes: cached features, evaluation
-    bf16_step = use_bf16(device, tc.amp, training=True)
-    cl = tc.channels_last
+    train_cfg = cfg.train
+    train_gen = seed_everything(train_cfg.seed)  # the training loader's order and its workers' seeds
+    eval_gen = torch.Generator().manual_seed(train_cfg.seed)  # loaders that draw nothing but worker seeds
+    bf16 = use_bf16(device, train_cfg.amp)  # forward-only passes: cached features, evaluation
+    bf16_step = use_bf16(device, train_cfg.amp, training=True)
+    channels_last = train_cfg.channels_last
     preset = Preset.from_config(cfg.preprocess)
     train_ds = XRDataset(splits.train, preset, preset.train_transform(cfg.augment))
     train_eval_ds = XRDataset(splits.train, preset, preset.eval_transform())
     val_ds = XRDataset(splits.val, preset, preset.eval_transform())
-    nw = cfg.data.num_workers
-    val_loader = make_loader(val_ds, tc.batch_size, nw, eval_gen)
+    workers = cfg.data.num_workers
+    val_loader = make_loader(val_ds, train_cfg.batch_size, workers, eval_gen)
 
     model = create_model(cfg.model.arch, cfg.model.pretrained, cfg.model.weights_path, cfg.model.drop_rate).to(device)
-    if cl:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = make_loss(cfg, train_ds.labels(), device)
     shift = prior_correction(cfg, train_ds.labels())
@@ -331,7 +331,7 @@ def fit(
         if math.isnan(val["auroc"]):
             raise XRError(
                 f"epoch {epoch}: val AUROC is undefined (NaN): the model output non-finite logits "
-                f"(training diverged; try a lower train.lr than {tc.lr}); no checkpoint saved"
+                f"(training diverged; try a lower train.lr than {train_cfg.lr}); no checkpoint saved"
             )
         improved = val["auroc"] > best["auroc"]
         if improved:
@@ -361,19 +361,23 @@ def fit(
         return improved
 
     # -- phase 1: head only, on cached features ------------------------------------------------------
-    head_epochs = min(tc.head_epochs, tc.epochs)  # train.epochs is the total, head epochs included
+    head_epochs = min(train_cfg.head_epochs, train_cfg.epochs)  # train.epochs is the total, head epochs included
     if epoch < head_epochs:
-        set_trainable(model, head_only=True, freeze_stages=tc.freeze_stages)
-        feat_kw = {"bf16": bf16, "channels_last": cl}
+        set_trainable(model, head_only=True, freeze_stages=train_cfg.freeze_stages)
+        feature_opts = {"bf16": bf16, "channels_last": channels_last}
         train_feats = extract_features(
-            model, make_loader(train_eval_ds, tc.batch_size, nw, eval_gen), device, **feat_kw
+            model, make_loader(train_eval_ds, train_cfg.batch_size, workers, eval_gen), device, **feature_opts
         )
-        val_feats = extract_features(model, val_loader, device, **feat_kw)
+        val_feats = extract_features(model, val_loader, device, **feature_opts)
         head = _HeadOnFeatures(model)
-        head_opt = torch.optim.AdamW(model.get_classifier().parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        head_opt = torch.optim.AdamW(
+            model.get_classifier().parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+        )
         if saved is not None:
             head_opt.load_state_dict(saved.optimizer)
-        feat_loader = make_loader(train_feats, tc.batch_size, 0, train_gen, balanced=tc.weighted_sampler, shuffle=True)
+        feat_loader = make_loader(
+            train_feats, train_cfg.batch_size, 0, train_gen, balanced=train_cfg.weighted_sampler, shuffle=True
+        )
         val_feat_loader = make_loader(val_feats, 256, 0, eval_gen)
         while epoch < head_epochs:
             start_epoch()
@@ -386,7 +390,7 @@ def fit(
                 device,
                 bf16=False,
                 channels_last=False,
-                smoothing=tc.label_smoothing,
+                smoothing=train_cfg.label_smoothing,
                 desc=f"head {epoch}",
             )
             val = evaluate(head, val_feat_loader, device, channels_last=False)
@@ -395,30 +399,35 @@ def fit(
         del train_feats, val_feats
 
     # -- phase 2: fine-tune all but the frozen stem stages ------------------------------------------
-    frozen = set_trainable(model, head_only=False, freeze_stages=tc.freeze_stages)
+    frozen = set_trainable(model, head_only=False, freeze_stages=train_cfg.freeze_stages)
     head_params = list(model.get_classifier().parameters())
     head_ids = {id(p) for p in head_params}
     body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     optimizer = torch.optim.AdamW(
-        [{"params": body_params, "lr": tc.lr * tc.backbone_lr_mult}, {"params": head_params, "lr": tc.lr}],
-        lr=tc.lr,
-        weight_decay=tc.weight_decay,
+        [
+            {"params": body_params, "lr": train_cfg.lr * train_cfg.backbone_lr_mult},
+            {"params": head_params, "lr": train_cfg.lr},
+        ],
+        lr=train_cfg.lr,
+        weight_decay=train_cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=tc.plateau_factor, patience=tc.plateau_patience
+        optimizer, mode="max", factor=train_cfg.plateau_factor, patience=train_cfg.plateau_patience
     )
     ema = None
-    if tc.ema_decay > 0:
+    if train_cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=tc.ema_decay)
+        ema = ModelEmaV3(model, decay=train_cfg.ema_decay)
     if saved is not None and saved.phase == "full":
         optimizer.load_state_dict(saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
         if ema is not None:
             ema.module.load_state_dict(saved.state["ema"])
-    train_loader = make_loader(train_ds, tc.batch_size, nw, train_gen, balanced=tc.weighted_sampler, shuffle=True)
-    while epoch < tc.epochs and since_best < tc.early_stopping_patience:
+    train_loader = make_loader(
+        train_ds, train_cfg.batch_size, workers, train_gen, balanced=train_cfg.weighted_sampler, shuffle=True
+    )
+    while epoch < train_cfg.epochs and since_best < train_cfg.early_stopping_patience:
         start_epoch()
         epoch += 1
         stats = train_one_epoch(
@@ -429,18 +438,18 @@ def fit(
             device,
             frozen=frozen,
             bf16=bf16_step,
-            channels_last=cl,
-            smoothing=tc.label_smoothing,
-            max_steps=tc.max_steps_per_epoch,
+            channels_last=channels_last,
+            smoothing=train_cfg.label_smoothing,
+            max_steps=train_cfg.max_steps_per_epoch,
             ema=ema,
             desc=f"epoch {epoch}",
         )
         eval_model = ema.module if ema is not None else model
-        val = evaluate(eval_model, val_loader, device, bf16=bf16, channels_last=cl)
+        val = evaluate(eval_model, val_loader, device, bf16=bf16, channels_last=channels_last)
         improved = finish_epoch("full", stats, val, optimizer.param_groups[1]["lr"], eval_model)
         scheduler.step(val["auroc"])
         since_best = 0 if improved else since_best + 1
         save_last("full", eval_model, optimizer, scheduler, ema)
-    if since_best >= tc.early_stopping_patience:
+    if since_best >= train_cfg.early_stopping_patience:
         tqdm.write(f"early stopping: no val AUROC gain for {since_best} epochs")
     return {"best_epoch": best["epoch"], "best_val_auroc": best["auroc"], "epochs_run": epoch, "history": history}
