@@ -31,6 +31,18 @@ from PIL import Image, ImageDraw, ImageFont
 KINDS = ("sr", "sc")
 MANUFACTURER = "xr-triage"
 SERIES_NUMBERS = {"sr": 9901, "sc": 9902}
+# Patient and study attributes the objects copy from the film (type 2 in both): a film without one gets it empty
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 SC_SIDE = 768  # the secondary capture's long side: readable on a PACS screen  # high numbers: listed after the modality's own series
 DISCLAIMER = (
     "xr-triage is a triage aid that orders the reading list; it is not a diagnosis. Every film is read by a clinician."
@@ -104,7 +116,11 @@ def read_film(data: bytes | Path | str):
     film's own pixels, so they are not read)."""
     import pydicom
 
-    return pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data, stop_before_pixels=True)
+    ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data, stop_before_pixels=True)
+    for keyword in TYPE2_COPIED:  # type 2: present, maybe empty; highdicom copies them and needs them there
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+    return ds
 
 
 def _stamp(ds: Any, finding: Finding) -> None:

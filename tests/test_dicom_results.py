@@ -121,3 +121,17 @@ def test_xr_score_dicom_out_writes_the_daemons_objects(dicom_dir, tmp_path):
     assert sr["probability"] == pytest.approx(0.9) and sr["study_instance_uid"] == native.StudyInstanceUID
     again = write_objects(table, tmp_path / "objects", FINDING.processed_at)
     assert (again.sr, again.sc, again.kept) == (0, 0, 3)
+
+
+def test_a_film_without_the_optional_patient_and_study_attributes(dicom_dir, tmp_path):
+    import dicom_films
+
+    ds = dicom_films.cr_from_picture(dicom_dir["export8"])
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyTime", "ReferringPhysicianName", "StudyID"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    film = dr.read_film(dicom_films.write(ds, tmp_path / "bare.dcm"))
+    got = dr.read_sr(dr.encode(dr.build_sr(film, FINDING)))
+    assert got["study_instance_uid"] == ds.StudyInstanceUID and got["patient_id"] == ds.PatientID
+    sc = dr.build_sc(film, FINDING, Image.new("RGB", (64, 64)))
+    assert sc.StudyInstanceUID == ds.StudyInstanceUID and sc.PatientBirthDate in ("", None)
