@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         user_header=args.user_header,
         tls=bool(args.certfile),
     )
+    if is_wildcard(args.host) and not options.allowed_hosts:
+        print(
+            "xr-review: only loopback Host names are answered: add --allowed-host NAME for the name browsers use",
+            file=sys.stderr,
+        )
     scheme = "https" if args.certfile else "http"
     print(f"xr-review: {scheme}://{args.host}:{args.port}/ (database {db}, films from {output})", file=sys.stderr)
     uvicorn.run(

@@ -171,7 +171,8 @@ def test_xr_results_and_the_review_app_read_postgresql(tmp_path, pg_url, tiny_ch
 
     from fastapi.testclient import TestClient
 
-    from xr.results.engine import make_engine
+    from xr.results.engine import make_engine, session_factory
+    from xr.review import users
     from xr.review.app import create_app
 
     inbox = tmp_path / "inbox"
@@ -189,11 +190,22 @@ def test_xr_results_and_the_review_app_read_postgresql(tmp_path, pg_url, tiny_ch
     assert len(listed) == 6 and all(r["worker_id"] for r in listed)
     eng = make_engine(pg_url, create=False)
     try:
-        with TestClient(create_app(eng, tmp_path / "out")) as client:
+        with session_factory(eng).begin() as s:
+            users.add(s, "rita", "reader", "correct horse battery", by="test")
+        with TestClient(create_app(eng, tmp_path / "out"), base_url="http://localhost") as client:
             assert client.get("/healthz").status_code == 200
+            form = client.get("/login").text
+            nonce = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+            signed_in = client.post(
+                "/login", data={"username": "rita", "password": "correct horse battery", "csrf": nonce}
+            )
+            assert signed_in.status_code == 200
             page = client.get(f"/cases/{listed[0]['id']}")
             assert page.status_code == 200 and listed[0]["filename"] in page.text
-            posted = client.post(f"/cases/{listed[0]['id']}/review", data={"decision": "dismiss", "note": "on pg"})
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            posted = client.post(
+                f"/cases/{listed[0]['id']}/review", data={"decision": "dismiss", "note": "on pg", "csrf": csrf}
+            )
             assert posted.status_code in (200, 303)
     finally:
         eng.dispose()
