@@ -27,6 +27,10 @@ SKIP = shutil.ignore_patterns(
 )
 
 
+# the daemon's CPU forward, eager, and no heatmaps: what this file tests is the install, not those features
+QUICK = ("--device", "cpu", "--set", "daemon.heatmaps=none", "--set", "daemon.cpu_trace=false")
+
+
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kw)
     assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
@@ -95,7 +99,7 @@ def test_daemon_and_results_work_from_an_unrelated_folder(fresh_venv, tmp_path, 
     cwd.mkdir()
     env = _env(tmp_path)
     bin_ = fresh_venv / "bin"
-    r = _run([bin_ / "xr-daemon", "--watch", inbox, "--output", output, "--once", "--device", "cpu"], cwd=cwd, env=env)
+    r = _run([bin_ / "xr-daemon", "--watch", inbox, "--output", output, "--once", *QUICK], cwd=cwd, env=env)
     ready = next(json.loads(line) for line in r.stderr.splitlines() if '"model_ready"' in line)
     assert ready["model"].startswith(str(fresh_venv)) and ready["model"].endswith("xr_mvp_best.pt")  # the shipped model
     assert (output / "processed" / film.name).is_file()
@@ -110,7 +114,7 @@ def test_daemon_and_results_work_from_an_unrelated_folder(fresh_venv, tmp_path, 
     second = tmp_path / "in2"
     second.mkdir()
     shutil.copy(xray_paths[0], second / xray_paths[0].name)
-    _run([bin_ / "xr-daemon", "--watch", second, "--once", "--device", "cpu"], cwd=cwd, env=env)
+    _run([bin_ / "xr-daemon", "--watch", second, "--once", *QUICK], cwd=cwd, env=env)
     assert (tmp_path / "data" / "xr-triage" / "output" / "results.sqlite").is_file()
     rows = json.loads(_run([bin_ / "xr-results", "list", "--format", "json"], cwd=tmp_path, env=env).stdout)
     assert [r["filename"] for r in rows] == [xray_paths[0].name]
