@@ -127,9 +127,14 @@ class Throttle:
                 or self._count("addr:" + addr, now) >= 4 * self.limit
             )
 
+    MAX_KEYS = 10_000  # names sprayed at the login page: old ones are dropped rather than kept forever
+
     def failed(self, name: str, addr: str) -> None:
         now = self.clock()
         with self._lock:
+            if len(self._failures) >= self.MAX_KEYS:
+                for key in list(self._failures):
+                    self._count(key, now)  # drops the keys whose failures are all older than the window
             self._failures["user:" + name.lower()].append(now)
             self._failures["addr:" + addr].append(now)
 

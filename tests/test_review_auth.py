@@ -93,6 +93,16 @@ def test_a_success_clears_the_name_but_not_the_address():
     assert not t.blocked("rita", "10.0.0.1")
 
 
+def test_names_sprayed_at_the_login_page_do_not_pile_up():
+    clock = Clock()
+    t = auth.Throttle(limit=5, window_s=60, clock=clock)
+    for i in range(t.MAX_KEYS):
+        t.failed(f"user{i}", "10.0.0.1")
+    clock.t += 61
+    t.failed("one-more", "10.0.0.2")
+    assert len(t._failures) == 2  # the expired ones are gone
+
+
 @pytest.mark.parametrize(
     "header, name",
     [
