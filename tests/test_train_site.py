@@ -108,9 +108,13 @@ def test_cross_validation_recovers_a_separable_shifted_site():
 
 
 def test_cli_site_calibrate_then_evaluate_with_it(tiny_checkpoint, fixtures_dir, tmp_path, capsys, monkeypatch):
-    from xr.train import cli
+    import functools
+
+    from xr.train import cli, site
 
     monkeypatch.setattr(cli, "tune_malloc", lambda: False)
+    # the report's bootstrap and cross-validation at a test's size (the module fixture checks the report)
+    monkeypatch.setattr(site, "site_calibrate", functools.partial(site.site_calibrate, n_boot=100, cv_repeats=4))
     data = fixtures_dir / "chest_xray" / "train"
     assert (
         cli.main(
