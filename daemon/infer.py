@@ -24,7 +24,7 @@ from xr.daemon.reload import ModelReloader
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.stage import POLL_S, Stage
 from xr.results import journal, rows
-from xr.results.journal import Outcome
+from xr.results.journal import Committed, Outcome
 from xr.results.schema import FINAL_STATUSES, Status, storable, utcnow
 
 
@@ -108,86 +108,85 @@ class Inferer(Stage):
     # -- one batch ------------------------------------------------------------------------------------------
     def process(self, batch: list[ClaimedFile], wait_ms: float) -> None:
         self.switch_model()
-        rt, pred = self.rt, self.model.predictor
-        for f in batch:  # decoded before a new model with another preset came in: decode again
-            if f.pixels is not None and f.preset != pred.preset:
-                f.pixels = None
-                decode(f, pred, rt.limits)
-        waiting = [f for f in batch if self.still_writing(f)]
-        if waiting:
-            self.defer(waiting)
-            batch = [f for f in batch if f not in waiting]
-            if not batch:
-                return
-        if rt.daemon.dedupe:
-            self.mark_duplicates(batch)
+        pred = self.model.predictor
+        batch = self.ready_to_score(batch, pred)
+        if not batch:
+            return
         to_score = [f for f in batch if f.pixels is not None]
         t0 = time.perf_counter()
-        cams = self.heatmaps is not None
+        cams = self.heatmaps is not None  # the maps come from this same forward
         preds = pred.predict_batch(torch.stack([f.pixels for f in to_score]), cams=cams) if to_score else []
         model_ms = (time.perf_counter() - t0) * 1000
         scored = {f.row_id: p for f, p in zip(to_score, preds)}
         files = {f.row_id: f for f in batch}
         t1 = time.perf_counter()
-        with rt.sessions.begin() as s:
+        with self.rt.sessions.begin() as s:
             committed = journal.commit_batch(
                 s,
                 [self.outcome(f, scored.get(f.row_id)) for f in batch],
-                worker=rt.worker_id,
+                worker=self.rt.worker_id,
                 model=pred,
                 wait_ms=wait_ms,
                 model_ms=model_ms,
                 place=lambda o: self.destinations.reserve(files[o.row_id].item.path, o.status),
                 now=utcnow(),
             )
-        commit_ms = (time.perf_counter() - t1) * 1000
+        timings = {"wait_ms": wait_ms, "model_ms": model_ms, "commit_ms": (time.perf_counter() - t1) * 1000}
+        self.report(committed, files, len(to_score), timings)
+        moves = []
+        for rid, row in committed.rows.items():
+            f = files[rid]
+            moves.append(PendingMove(rid, f.item.path, (f.item.size, f.item.mtime_ns), row["moved_to"], f.token))
+        self.finish.put(moves)
+        if self.heatmaps is not None:
+            self.submit_heatmaps(committed.rows, files, scored, pred.model_id)
+        if self.on_batch is not None:
+            self.on_batch(self.batches)
+
+    def ready_to_score(self, batch: list[ClaimedFile], pred: Any) -> list[ClaimedFile]:
+        """The batch as the current model scores it: decoded with its preset, cut-short files still being
+        written handed back, duplicates marked."""
+        for f in batch:  # decoded before a new model with another preset came in: decode again
+            if f.pixels is not None and f.preset != pred.preset:
+                f.pixels = None
+                decode(f, pred, self.rt.limits)
+        waiting = [f for f in batch if self.still_writing(f)]
+        if waiting:
+            self.defer(waiting)
+            batch = [f for f in batch if f not in waiting]
+        if batch and self.rt.daemon.dedupe:
+            self.mark_duplicates(batch)
+        return batch
+
+    def report(self, committed: Committed, files: dict[int, ClaimedFile], n_scored: int, timings: dict) -> None:
+        """Log each row and the batch, count them in the metrics, give back files another worker took."""
+        rt = self.rt
         for o in committed.lost:
-            rt.log.warning(
-                "lease_lost",
-                file=storable(files[o.row_id].item.path),
-                id=o.row_id,
-                reason="another worker took this file over: its result is that worker's",
-            )
-            self.discovery.release(files[o.row_id].item.path)
+            path = files[o.row_id].item.path
+            reason = "another worker took this file over: its result is that worker's"
+            rt.log.warning("lease_lost", file=storable(path), id=o.row_id, reason=reason)
+            self.discovery.release(path)
         counts = dict.fromkeys(FINAL_STATUSES, 0)
         for row in committed.rows.values():
             counts[row["status"]] += 1
             self._log_row(row, files[row["id"]].item.path)
         if rt.metrics is not None:
             n_flagged = sum(bool(r["flagged"]) for r in committed.rows.values())
-            rt.metrics.batch(counts, n_flagged, (model_ms + commit_ms) / 1000)
+            rt.metrics.batch(counts, n_flagged, (timings["model_ms"] + timings["commit_ms"]) / 1000)
         self.batches += 1
-        self.files += len(batch)
+        self.files += len(files)
         rt.log.info(
             "batch",
             batch_id=committed.batch_id,
-            size=len(batch),
-            scored=len(to_score),
+            size=len(files),
+            scored=n_scored,
             ok=counts[Status.OK],
             errors=counts[Status.ERROR],
             duplicates=counts[Status.DUPLICATE],
             skipped=counts[Status.SKIPPED],
-            wait_ms=round(wait_ms, 1),
-            decode_ms_mean=round(sum(f.decode_ms for f in batch) / len(batch), 1),
-            model_ms=round(model_ms, 1),
-            commit_ms=round(commit_ms, 1),
+            decode_ms_mean=round(sum(f.decode_ms for f in files.values()) / len(files), 1),
+            **{k: round(v, 1) for k, v in timings.items()},
         )
-        self.finish.put(
-            [
-                PendingMove(
-                    rid,
-                    files[rid].item.path,
-                    (files[rid].item.size, files[rid].item.mtime_ns),
-                    r["moved_to"],
-                    files[rid].token,
-                )
-                for rid, r in committed.rows.items()
-            ]
-        )
-        if self.heatmaps is not None:
-            self.submit_heatmaps(committed.rows, files, scored, pred.model_id)
-        if self.on_batch is not None:
-            self.on_batch(self.batches)
 
     def outcome(self, f: ClaimedFile, score: Any) -> Outcome:
         """What ``f``'s row becomes in the commit."""
