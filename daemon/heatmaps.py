@@ -5,17 +5,20 @@ all) with the pixels it scored and the class activation map of that same forward
 The stage draws it (core/heatmap.py: no decode, no forward) and records ``results.heatmap_path``; a duplicate
 gets its first result's. The queue is bounded: when drawing falls behind, a film is left to the database.
 
-The database stays the record of what is owed. Every ``daemon.heatmap_every_s`` a pass looks for committed
-rows that should have a heatmap and have none (a job dropped from a full queue, a crash or a restart, another
-worker that died) and whose film has reached its final place, and draws them the slow way: decode the film
-again and one forward with class activation maps, no backward. Only the model that scored a row may say where
-it looked: a row scored by another model (before a reload) gets none.
+The database stays the record of what is owed. A pass looks for committed rows that should have a heatmap
+and have none (a job dropped from a full queue, a crash or a restart, another worker that died) and whose
+film has reached its final place, and draws them the slow way: decode the film again and one forward with
+class activation maps, no backward. It runs at start, then every ``daemon.heatmap_every_s`` while anything
+may be owed or other workers share the database, else every :data:`IDLE_PASS_S`: its query scans the
+results table. Only the model that scored a row may say where it looked: a row scored by another model
+(before a reload) gets none.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime as dt
+import math
 import os
 import threading
 import time
@@ -40,7 +43,10 @@ PER_STEP = 16  # queued films drawn per step, recorded in one transaction
 LINGER_S = 0.5  # a step waits this long for PER_STEP films to queue up: fewer commits, a heatmap is not urgent
 PER_PASS = 4  # films per database pass (each a decode and a forward), so a stop is seen within a second
 MAX_QUEUED = 128  # ~50 KB of pixels each: a few MB at most however far drawing falls behind
-SETTLE_S = 2.0  # a pass leaves rows younger than this to the queue: the inferer submits them just after commit
+SETTLE_S = 5.0  # a pass leaves rows younger than this to the queue: the inferer submits them just after commit
+DUPS_S = 5.0  # this often between passes, re-exports committed in the last RECENT_S get their first's heatmap
+RECENT_S = 60.0  # (a range of the processed_at index, not a scan of every duplicate)
+IDLE_PASS_S = 30.0  # the only worker and nothing owed: a full pass this often (a safety net)
 
 
 @dataclass(frozen=True)
@@ -85,9 +91,12 @@ class HeatmapStage(Stage):
         self._lock = threading.Lock()  # submit runs on the inferer's thread
         self._in_hand = 0  # taken from the queue, not yet recorded
         self._failed: set[int] = set()  # rows whose film could not be drawn: tried once per run
-        self._next_pass = 0.0  # the first step looks for rows an earlier run left
-        self._owed = 0  # rows the last pass found still owed (not yet moved, or more than it drew)
+        self._last_pass = -math.inf  # the first step looks for rows an earlier run left
+        self._more = False  # the last pass drew PER_PASS films: more may wait
+        self._owed = 0  # rows the last pass found owed that the queue does not hold (dropped, left, not moved)
         self._drops_seen = -1  # self.dropped when the last pass began: -1, none yet
+        self._last_drop = -math.inf  # time.monotonic() of the last dropped job
+        self._last_dups = -math.inf  # the last look for re-exports committed after their first was drawn
         self.written = 0
         self.dropped = 0
         self.passes = 0
@@ -117,17 +126,29 @@ class HeatmapStage(Stage):
         with self._lock:
             if cam is None or len(self._jobs) >= self.max_queued:
                 self.dropped += 1
+                self._last_drop = time.monotonic()
                 return False
             self._jobs.append(HeatmapJob(row_id, pixels, cam, model_id, time.monotonic()))
             return True
 
     def outstanding(self) -> int:
         """Heatmaps still owed, as far as this stage knows: queued, being drawn, found owed by the last
-        database pass, plus one while jobs were dropped since the last pass began (``--once`` waits for 0)."""
+        database pass, plus one while a dropped job may not have been seen by a pass (``--once`` waits for 0)."""
         with self._lock:
             queued = len(self._jobs) + self._in_hand
-            unseen = self.dropped != self._drops_seen
-        return queued + self._owed + int(unseen)
+        return queued + self._owed + int(self._drops_unseen(time.monotonic()))
+
+    def _drops_unseen(self, now: float) -> bool:
+        """A job was dropped since the last pass began, or so recently that its row is not yet settled."""
+        return self.dropped != self._drops_seen or now - self._last_drop < SETTLE_S + self.every_s
+
+    def _pass_due(self, now: float) -> bool:
+        """Every ``every_s`` while something may be owed (a drop, rows an earlier run or a dead worker left),
+        else every :data:`IDLE_PASS_S`: when the queue brings every film, a pass only costs database time."""
+        if self._more:
+            return True
+        recovering = self._owed > 0 or self._drops_unseen(now) or not self.exclusive
+        return now >= self._last_pass + (self.every_s if recovering else max(self.every_s, IDLE_PASS_S))
 
     # -- the stage ----------------------------------------------------------------------------------------
     def step(self, now: float) -> bool:
@@ -137,10 +158,14 @@ class HeatmapStage(Stage):
                 due = len(self._jobs) >= PER_STEP or (self._jobs and now - self._jobs[0].queued_at >= LINGER_S)
             if due and self.draw_queued():
                 return True
-            if now < self._next_pass:
+            if not self._pass_due(now):
+                if now >= self._last_dups + max(self.every_s, DUPS_S):  # re-exports of films drawn before
+                    self._last_dups = now
+                    self._record({}, dups_since=utcnow() - dt.timedelta(seconds=RECENT_S))
                 return False
+            self._last_pass = self._last_dups = now
             drawn = self.database_pass()
-            self._next_pass = now if drawn == PER_PASS else now + self.every_s  # more may wait: go on
+            self._more = drawn == PER_PASS
             return drawn > 0
         finally:
             self.cpu_s += time.thread_time() - t0
@@ -163,6 +188,7 @@ class HeatmapStage(Stage):
         try:
             while self.draw_queued():
                 pass
+            self._record({}, dups_since=True)  # re-exports committed after their first was drawn
         except Exception as exc:  # noqa: BLE001 - the database pass on the next start draws them
             self.log.warning("heatmaps_left", reason=f"{exc.__class__.__name__}: {exc}", queued=len(self._jobs))
         self.log.info(
@@ -196,19 +222,20 @@ class HeatmapStage(Stage):
             drops = self.dropped
             queued = {j.row_id for j in self._jobs}
         pred = self.predictor()
-        want = self._owed_rows(pred)
+        # rows the queue holds, or will (committed a moment ago), are the queue's
+        want = [*self._owed_rows(pred), Result.id.not_in(queued or {-1})]
+        want.append(Result.processed_at < utcnow() - dt.timedelta(seconds=SETTLE_S))
         in_place = Result.moved_at.is_not(None) | Result.moved_to.is_(None)
-        settled = Result.processed_at < utcnow() - dt.timedelta(seconds=SETTLE_S)
         with self.sessions() as s:
             rows = s.execute(
                 select(Result.id, Result.path, Result.moved_to)
-                .where(*want, in_place, settled, Result.id.not_in(queued or {-1}))
+                .where(*want, in_place)
                 .order_by(Result.id)
                 .limit(PER_PASS)
             ).all()
         written = self._fallback(rows, pred) if rows else {}
-        self._record(written, all_duplicates=True)
-        with self.sessions() as s:  # owed after this pass: queued ones, not yet moved, or more than PER_PASS
+        self._record(written, dups_since=True)
+        with self.sessions() as s:  # still owed: not yet moved, more than PER_PASS, or not drawable
             self._owed = s.execute(select(func.count()).select_from(Result).where(*want)).scalar_one()
         with self._lock:
             self._drops_seen = drops
@@ -244,21 +271,25 @@ class HeatmapStage(Stage):
         self.log.info("heatmap", id=row_id, path=str(out), ms=ms, source=source)
         return os.fspath(out)
 
-    def _record(self, written: dict[int, str | None], all_duplicates: bool = False) -> None:
-        """``results.heatmap_path`` of the films drawn and of their duplicates; with ``all_duplicates``, of
-        every duplicate whose first has one (a duplicate committed after its first's heatmap)."""
+    def _record(self, written: dict[int, str | None], dups_since: dt.datetime | bool = False) -> None:
+        """``results.heatmap_path`` of the films drawn and of their duplicates; with ``dups_since``, also of
+        the duplicates committed since then (True: ever) whose first has one: re-exports that came after
+        their first was drawn."""
         paths = {rid: p for rid, p in written.items() if p is not None}
-        if not paths and not all_duplicates:
+        if not paths and dups_since is False:
             return
         with self.sessions.begin() as s:
             update_rows(s, [{"id": rid, "heatmap_path": p} for rid, p in paths.items()])
-            owed = (Result.status == Status.DUPLICATE, Result.heatmap_path.is_(None))  # few rows: status is indexed
-            if all_duplicates:
-                first = aliased(Result)
-                stmt = select(Result.id, first.heatmap_path).join(first, Result.duplicate_of == first.id)
-                dups = s.execute(stmt.where(*owed, first.heatmap_path.is_not(None))).all()
-            else:
+            owed = [Result.status == Status.DUPLICATE, Result.heatmap_path.is_(None)]
+            dups = []
+            if paths:
                 stmt = select(Result.id, Result.duplicate_of).where(*owed, Result.duplicate_of.in_(list(paths)))
                 dups = [(dup_id, paths[first_id]) for dup_id, first_id in s.execute(stmt)]
+            if dups_since is not False:
+                if dups_since is not True:
+                    owed.append(Result.processed_at >= dups_since)
+                first = aliased(Result)
+                stmt = select(Result.id, first.heatmap_path).join(first, Result.duplicate_of == first.id)
+                dups += s.execute(stmt.where(*owed, first.heatmap_path.is_not(None))).all()
             update_rows(s, [{"id": dup_id, "heatmap_path": path} for dup_id, path in dups])
         self.written += len(paths)

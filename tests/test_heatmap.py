@@ -16,6 +16,7 @@ from PIL import Image
 
 from xr.core.heatmap import overlay, upsample, write_heatmap
 from xr.core.predict import Predictor
+from xr.daemon import heatmaps
 from xr.daemon.heatmaps import HeatmapStage
 from xr.results.engine import make_engine, session_factory
 from xr.results.schema import Result, Status, utcnow
@@ -166,12 +167,25 @@ def test_the_stage_draws_a_submitted_map_without_the_film(pred, films, tmp_path)
         assert np.array_equal(np.asarray(im), overlay(films[2], cam))
     assert [kw["source"] for e, kw in log.events if e == "heatmap"] == ["forward"]
     assert not any(e == "heatmap_failed" for e, _ in log.events)
-    stage.step(time.monotonic() + 10.0)  # a database pass: nothing owed, so --once may stop
-    assert stage.outstanding() == 0 and stage.written == 1
+    assert stage.outstanding() == 0 and stage.written == 1  # nothing owed: --once may stop
+    # the queue brought every film: the database is looked at only every IDLE_PASS_S, not every second;
+    # between passes a re-export that came after its first was drawn gets its heatmap all the same
+    with sessions.begin() as s:
+        later = _row(
+            s, tmp_path / "inbox" / "later.jpeg", pred.model_id, status=Status.DUPLICATE, duplicate_of=rid, age_s=0
+        )
+    now, passes = time.monotonic(), stage.passes
+    stage.step(now + 5.0)
+    assert stage.passes == passes
+    with sessions() as s:
+        assert s.get(Result, later).heatmap_path == want
+    stage.step(now + heatmaps.IDLE_PASS_S + 1.0)
+    assert stage.passes == passes + 1
     engine.dispose()
 
 
-def test_a_full_queue_drops_to_the_database_and_the_fallback_draws_it(pred, films, xray_paths, tmp_path):
+def test_a_full_queue_drops_to_the_database_and_the_fallback_draws_it(pred, films, xray_paths, tmp_path, monkeypatch):
+    monkeypatch.setattr(heatmaps, "SETTLE_S", 0.0)  # the rows here are old: no need to wait for them to settle
     engine, sessions = _db(tmp_path)
     moved = tmp_path / "processed" / "film.jpeg"
     moved.parent.mkdir()
@@ -180,13 +194,13 @@ def test_a_full_queue_drops_to_the_database_and_the_fallback_draws_it(pred, film
         owed = _row(s, tmp_path / "inbox" / "film.jpeg", pred.model_id, moved_to=moved)
         _row(s, tmp_path / "inbox" / "normal.jpeg", pred.model_id, flagged=False, moved_to=moved)  # none wanted
         _row(s, tmp_path / "inbox" / "other.jpeg", "another-model", moved_to=moved)  # not this model's to draw
-        _row(s, tmp_path / "inbox" / "late.jpeg", pred.model_id, moved_to=tmp_path / "late.jpeg", moved=False)
+        late = _row(s, tmp_path / "inbox" / "late.jpeg", pred.model_id, moved_to=moved, moved=False)
         earlier = _row(s, tmp_path / "inbox" / "earlier.jpeg", pred.model_id, heatmap_path="/h/earlier.png")
         copy_of = _row(
             s, tmp_path / "inbox" / "copy.jpeg", pred.model_id, status=Status.DUPLICATE, duplicate_of=earlier
         )
     log = Log()
-    stage = _stage(sessions, tmp_path, pred, log, max_queued=0)
+    stage = _stage(sessions, tmp_path, pred, log, max_queued=0, every_s=0.0)
     assert not stage.submit(owed, films[2], np.zeros((7, 7), np.float32), pred.model_id)  # full: dropped
     assert stage.outstanding() >= 1
     assert stage.step(0.0) is True  # the database pass draws the owed row: one decode, one forward
@@ -199,6 +213,10 @@ def test_a_full_queue_drops_to_the_database_and_the_fallback_draws_it(pred, film
         assert np.array_equal(np.asarray(im), np.rint(want * 255).astype(np.uint8))
     assert [kw["source"] for e, kw in log.events if e == "heatmap"] == ["fallback"]
     assert stage.outstanding() == 1  # the film not yet moved is still owed: --once waits for it
+    with sessions.begin() as s:
+        s.get(Result, late).moved_at = utcnow()
+    assert stage.step(time.monotonic()) is True  # the next pass draws it
+    assert stage.outstanding() == 0 and stage.step(time.monotonic()) is False
     engine.dispose()
 
 

@@ -272,6 +272,11 @@ def test_cuda_graph_scores_like_eager(scored_checkpoint, images):
     floats = torch.stack([eager.preprocess(p) for p in images[:3]])
     torch.testing.assert_close(graphed.logits(floats), eager.logits(floats), atol=1e-3, rtol=0)
     assert [p.label for p in graphed.predict_batch(pixels[:8])] == [p.label for p in eager.predict_batch(pixels[:8])]
+    # the graph's class activation maps: those of the eager forward, and its logits with maps or without
+    with_maps, without = graphed.predict_batch(pixels[:5], cams=True), graphed.predict_batch(pixels[:5])
+    assert [p.logit for p in with_maps] == [p.logit for p in without] and all(p.cam is None for p in without)
+    for g, e in zip(with_maps, eager.predict_batch(pixels[:5], cams=True)):
+        assert g.cam.shape == (7, 7) and abs(g.cam - e.cam).max() < 0.05  # bf16 on both: rounding only
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
