@@ -315,7 +315,7 @@ class CsvConfig(Section):
 
 
 class ReviewConfig(Section):
-    """xr-review's sign-in (docs/security.md); addresses and TLS are flags."""
+    """xr-review's sign-in (docs/security.md; addresses and TLS are flags) and the audit sample it reads."""
 
     ALSO_READ_BY = {
         "idle_timeout_min": "xr-review",
@@ -335,6 +335,11 @@ class ReviewConfig(Section):
     )
     allowed_hosts: list[StrictStr] = Field(
         [], description="xr-review: Host names served besides the loopback ones (as --allowed-host)"
+    )
+    audit_rate: Fraction = Field(
+        0.02,
+        description="xr-daemon: share of unflagged films drawn at random when scored for a blinded review "
+        "(audit cases: what the flag misses; xr-results performance)",
     )
 
 

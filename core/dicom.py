@@ -40,6 +40,8 @@ IDENTIFIERS = {
     "body_part": "BodyPartExamined",
     "view_position": "ViewPosition",
     "study_date": "StudyDate",
+    "manufacturer": "Manufacturer",  # the scanner, for performance and flag rates by scanner
+    "station_name": "StationName",
 }
 _HEADER_TAGS = [*IDENTIFIERS.values(), "SOPClassUID", "Rows", "PixelData"]
 

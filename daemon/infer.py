@@ -130,6 +130,7 @@ class Inferer(Stage):
                 model_ms=model_ms,
                 place=lambda o: self.destinations.reserve(files[o.row_id].item.path, o.status),
                 now=utcnow(),
+                audit_rate=self.rt.cfg.review.audit_rate,
             )
         timings = {"wait_ms": wait_ms, "model_ms": model_ms, "commit_ms": (time.perf_counter() - t1) * 1000}
         self.report(committed, files, len(to_score), timings)

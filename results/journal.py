@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -279,10 +280,14 @@ def commit_batch(
     model_ms: float,
     place: Callable[[Outcome], str | None],
     now: dt.datetime,
+    audit_rate: float = 0.0,
+    draw: Callable[[], float] = random.random,
 ) -> Committed:
     """Turn a batch's claims final in this transaction, with its ``batches`` row. Fencing: rows whose lease
     another worker took (this one was presumed dead) are not written, nor duplicates of them. ``place``
-    chooses each written row's destination (None: the file stays in the inbox)."""
+    chooses each written row's destination (None: the file stays in the inbox). Each unflagged ``ok`` row
+    is an audit case with probability ``audit_rate`` (``review.audit_rate``): drawn here, once, as it is
+    scored, so the sample is random whatever order films are read in."""
     held = still_held(s, {o.row_id: o.token for o in outcomes}, worker)
     b = Batch(created_at=now, size=len(held), wait_ms=wait_ms, model_ms=model_ms, model_id=model.model_id)
     s.add(b)
@@ -309,6 +314,7 @@ def commit_batch(
             batch_id=b.id,
         )
         row["id"], row["moved_to"] = o.row_id, place(o)
+        row["audit"] = o.status == Status.OK and not row["flagged"] and audit_rate > 0 and draw() < audit_rate
         rows[o.row_id] = row
     update_rows(s, list(rows.values()))
     counts = Counter(r["status"] for r in rows.values())

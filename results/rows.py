@@ -40,6 +40,7 @@ def final_row(
         "latency_ms": max(0.0, (now - received_at).total_seconds() * 1000),
         "worker_id": worker,
         "batch_id": batch_id,
+        "audit": False,  # commit_batch draws the audit sample among the unflagged ok rows
     }
     for col in ("model_id", "threshold", "temperature", "calibration_id"):
         row[col] = getattr(model, col, None)

@@ -30,7 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from xr.core.dicom import IDENTIFIERS
 
-SCHEMA_VERSION = 7  # the head revision of results/migrations (0007)
+SCHEMA_VERSION = 9  # the head revision of results/migrations (0009)
 
 
 class Status(str, enum.Enum):
@@ -80,6 +80,8 @@ class Result(Base):
     threshold: Mapped[float | None] = mapped_column(Float)
     label: Mapped[str | None] = mapped_column(String(32))
     flagged: Mapped[bool | None] = mapped_column(Boolean, index=True)
+    # an unflagged film drawn at scoring (review.audit_rate) for a blinded review: what the flag misses
+    audit: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"), index=True)
     model_id: Mapped[str | None] = mapped_column(Text)
     temperature: Mapped[float | None] = mapped_column(Float)
     calibration_id: Mapped[str | None] = mapped_column(String(64), index=True)  # -> calibrations.id
@@ -100,6 +102,8 @@ class Result(Base):
     body_part: Mapped[str | None] = mapped_column(String(64))
     view_position: Mapped[str | None] = mapped_column(String(64))
     study_date: Mapped[str | None] = mapped_column(String(16))
+    manufacturer: Mapped[str | None] = mapped_column(String(64))  # the scanner: performance by scanner
+    station_name: Mapped[str | None] = mapped_column(String(64))
     heatmap_path: Mapped[str | None] = mapped_column(Text)  # <output>/heatmaps/<id>.png: where the model looked
     # several workers on one database (docs/operations.md, "Several hosts"): the worker that scored the row;
     # the one that holds it until its file is moved, the lease's fencing token and when it runs out (the
@@ -108,6 +112,8 @@ class Result(Base):
     lease_holder: Mapped[str | None] = mapped_column(String(128))
     lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    # runs that died while this claimed file was being parsed or decoded; at 2 it is set aside (journal.py)
+    read_crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_results_identity", "path", "size_bytes", "mtime_ns"),
@@ -141,6 +147,7 @@ EXPORT_COLUMNS = (
     "threshold",
     "label",
     "flagged",
+    "audit",
     "model_id",
     "temperature",
     "calibration_id",
@@ -186,17 +193,17 @@ class CalibrationRecord(Base):
     first_used_at: Mapped[dt.datetime]
 
 
-DECISIONS = ("confirm", "dismiss")
+DECISIONS = ("pneumonia", "normal")  # what the reader saw on the film, flagged and audit cases alike
 
 
 class Review(Base):
-    """A reader's decision on a flagged case (xr-review); a case with one has left the queue."""
+    """A reader's decision on a flagged or audit case (xr-review); a case with one has left the queue."""
 
     __tablename__ = "reviews"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
-    decision: Mapped[str] = mapped_column(String(16))  # confirm | dismiss
+    decision: Mapped[str] = mapped_column(String(16))  # pneumonia | normal (DECISIONS)
     note: Mapped[str | None] = mapped_column(Text)
     reviewer: Mapped[str | None] = mapped_column(String(128))
     reviewed_at: Mapped[dt.datetime]

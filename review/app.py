@@ -1,9 +1,14 @@
 """``xr-review``: the reading list in a browser, over the results database (a process apart from the daemon).
 
-Routes: ``GET /`` the queue (flagged, not yet reviewed, highest probability first; filters by day and
-accession), ``GET /cases/{id}`` one case, ``GET /cases/{id}/image`` and ``/heatmap`` its pictures,
-``POST /cases/{id}/review`` a decision (``confirm`` or ``dismiss``, an optional note), ``GET /audit`` the
-audit trail, ``/admin/users`` the accounts, ``/login`` and ``POST /logout``, ``GET /healthz``.
+Routes: ``GET /`` the queue (flagged and audit cases not yet reviewed, in order of arrival, so an audit
+case cannot be told by its place; filters by day and accession), ``GET /cases/{id}`` one case,
+``GET /cases/{id}/image`` and ``/heatmap`` its pictures, ``POST /cases/{id}/review`` a decision
+(``pneumonia`` or ``normal``, an optional note), ``GET /performance`` the flag's performance at this site
+(review/routes_performance.py), ``GET /audit`` the audit trail, ``/admin/users`` the accounts, ``/login``
+and ``POST /logout``, ``GET /healthz``.
+
+An audit case (an unflagged film drawn for review, ``results.audit``) is blinded until it is reviewed: its
+page shows no probability, flag or heatmap, and its heatmap route answers as if it had none.
 
 Every route but ``/login``, ``/healthz`` and ``/static`` needs a signed-in account (review/auth.py): pages
 redirect to ``/login``, pictures answer 401. Readers decide; auditors look and read the audit trail;
@@ -32,7 +37,7 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import func, select, text
+from sqlalchemy import and_, func, or_, select, text
 
 from xr.core.errors import ImageError, XRError
 from xr.core.imaging import load_image
@@ -313,10 +318,15 @@ def create_app(
             raise HTTPException(404, f"no case {case_id}")
         return row
 
+    def blinded(s, row: Result) -> bool:
+        """An audit case nobody has decided yet: the reader must see the film as they would any other."""
+        return bool(row.audit) and s.scalar(select(Review.id).where(Review.result_id == row.id).limit(1)) is None
+
     @app.get("/")
     def queue(request: Request, who: SignedIn, day: str | None = None, accession: str | None = None) -> Response:
         reviewed = select(Review.result_id)
-        stmt = select(Result).where(Result.flagged.is_(True), Result.status.in_(SCORED), Result.id.not_in(reviewed))
+        to_read = or_(and_(Result.flagged.is_(True), Result.status.in_(SCORED)), Result.audit.is_(True))
+        stmt = select(Result).where(to_read, Result.id.not_in(reviewed))
         if day:
             try:
                 start = dt.datetime.fromisoformat(day)
@@ -326,7 +336,8 @@ def create_app(
         if accession:
             stmt = stmt.where(Result.accession_number == accession)
         with sessions.begin() as s:
-            rows = s.scalars(stmt.order_by(Result.probability.desc(), Result.id).limit(500)).all()
+            # by arrival: flagged and audit cases interleave, and nothing on the list tells them apart
+            rows = s.scalars(stmt.order_by(Result.received_at, Result.id).limit(500)).all()
             n_reviewed = s.scalar(select(func.count()).select_from(Review)) or 0
             filters = ", ".join(f"{k}={v}" for k, v in (("day", day), ("accession", accession)) if v)
             audit.record(
@@ -342,7 +353,13 @@ def create_app(
             row = case(s, case_id)
             reviews = s.scalars(select(Review).where(Review.result_id == case_id).order_by(Review.id)).all()
             audit.record(s, "view_case", user=who.name, case=row, remote_addr=remote(request))
-        context = {"row": row, "reviews": reviews, "decisions": DECISIONS, "may_decide": who.role == "reader"}
+        context = {
+            "row": row,
+            "reviews": reviews,
+            "decisions": DECISIONS,
+            "may_decide": who.role == "reader",
+            "blinded": bool(row.audit) and not reviews,
+        }
         return page(request, "case.html", who, context)
 
     @app.get("/cases/{case_id}/image")
@@ -373,7 +390,13 @@ def create_app(
     def heatmap(request: Request, who: SignedInPicture, case_id: int) -> Response:
         with sessions.begin() as s:
             row = case(s, case_id)
-            audit.record(s, "view_heatmap", user=who.name, case=row, remote_addr=remote(request))
+            hidden = blinded(s, row)
+            audit.record(
+                s, "view_heatmap", user=who.name, case=row, remote_addr=remote(request),
+                outcome="denied" if hidden else "ok", detail="audit case not yet reviewed" if hidden else None,
+            )  # fmt: skip
+        if hidden:  # the same answer as a film without one: the route tells nothing about the case
+            raise HTTPException(404, "no file for this case")
         return FileResponse(under_output(row.heatmap_path, "heatmaps"), media_type="image/png")
 
     @app.post("/cases/{case_id}/review")

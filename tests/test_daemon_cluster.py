@@ -210,11 +210,11 @@ def test_xr_results_and_the_review_app_read_postgresql(tmp_path, pg_url, tiny_ch
             assert page.status_code == 200 and listed[0]["filename"] in page.text
             csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
             posted = client.post(
-                f"/cases/{listed[0]['id']}/review", data={"decision": "dismiss", "note": "on pg", "csrf": csrf}
+                f"/cases/{listed[0]['id']}/review", data={"decision": "normal", "note": "on pg", "csrf": csrf}
             )
             assert posted.status_code in (200, 303)
     finally:
         eng.dispose()
     assert [(r["result_id"], r["decision"], r["note"]) for r in xr_results(capsys, "--db", pg_url, "reviews")] == [
-        (listed[0]["id"], "dismiss", "on pg")
+        (listed[0]["id"], "normal", "on pg")
     ]

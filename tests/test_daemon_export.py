@@ -394,7 +394,7 @@ def test_a_claim_in_flight_with_a_lower_id_holds_back_later_rows(tmp_path, pg_ur
 
 
 # -- reviews.csv ---------------------------------------------------------------------------------------------
-def _review(sessions, result_id: int, decision: str = "confirm") -> int:
+def _review(sessions, result_id: int, decision: str = "pneumonia") -> int:
     with sessions.begin() as s:
         r = schema.Review(result_id=result_id, decision=decision, reviewed_at=dt.datetime(2026, 1, 1, 13))
         s.add(r)
@@ -418,7 +418,7 @@ def test_a_reviews_csv_write_that_fails_after_the_commit_is_caught_up_once(tmp_p
     def full_disk(path, text, header=""):
         raise OSError(28, "No space left on device")
 
-    _review(sessions, 1, "dismiss")
+    _review(sessions, 1, "normal")
     real = export.append_csv
     monkeypatch.setattr(export, "append_csv", full_disk)
     with pytest.raises(OSError):

@@ -240,16 +240,16 @@ def test_reviews_are_listed_with_their_films(out_dir):
     with session_factory(eng).begin() as s:
         s.add(
             schema.Review(
-                result_id=2, decision="confirm", note="RLL", reviewer="Dr. A", reviewed_at=dt.datetime(2026, 1, 2)
+                result_id=2, decision="pneumonia", note="RLL", reviewer="Dr. A", reviewed_at=dt.datetime(2026, 1, 2)
             )
         )
-        s.add(schema.Review(result_id=6, decision="dismiss", reviewer=None, reviewed_at=dt.datetime(2026, 1, 3)))
+        s.add(schema.Review(result_id=6, decision="normal", reviewer=None, reviewed_at=dt.datetime(2026, 1, 3)))
     eng.dispose()
     rc, text = run("reviews", "--output", str(out_dir), "--format", "json")
     rows = json.loads(text)
     assert rc == 0 and [(r["filename"], r["decision"], r["reviewer"]) for r in rows] == [
-        ("1.png", "confirm", "Dr. A"),
-        ("5.png", "dismiss", None),
+        ("1.png", "pneumonia", "Dr. A"),
+        ("5.png", "normal", None),
     ]
     rc, text = run("reviews", "--output", str(out_dir), "--since", "2026-01-03T00:00:00Z")
     assert (

@@ -288,6 +288,8 @@ def test_a_0_2_0_database_upgrades_with_every_row_and_column(any_db):
                     have = got.get(row[KEYS[name]])
                     assert have is not None, f"{name} {key.name}={row[KEYS[name]]} is gone"
                     for col, value in row.items():
+                        if (name, col) == ("reviews", "decision"):  # 0008: one vocabulary
+                            value = {"confirm": "pneumonia", "dismiss": "normal"}[value]
                         assert have[col] == value, f"{name} {row[KEYS[name]]}.{col}: {have[col]!r} != {value!r}"
 
         # and the current models read them, every status among them
@@ -296,7 +298,8 @@ def test_a_0_2_0_database_upgrades_with_every_row_and_column(any_db):
             assert statuses == {st.value for st in Status}
             flagged = s.get(Result, 1)
             assert flagged.accession_number == "ACC-7781" and flagged.flagged is True
-            assert [r.decision for r in s.scalars(select(Review).order_by(Review.id))] == ["confirm", "dismiss"]
+            assert [r.decision for r in s.scalars(select(Review).order_by(Review.id))] == ["pneumonia", "normal"]
+            assert flagged.audit is False and flagged.manufacturer is None
             new = Result(
                 path="/srv/xr/inbox/new.png",
                 filename="new.png",
@@ -312,3 +315,41 @@ def test_a_0_2_0_database_upgrades_with_every_row_and_column(any_db):
     finally:
         engine.dispose()
     make_engine(any_db).dispose()  # a second start finds nothing left to do
+
+
+def test_0008_renames_old_decisions_and_adds_audit_and_scanner_columns(any_db):
+    """A 0007 database with confirm/dismiss reviews: 0008 makes them pneumonia/normal, every result row an
+    unsampled film (audit false), and its downgrade gives the old words back."""
+    from xr.results.engine import db_url
+
+    url = db_url(any_db)
+    engine = create_engine(url)
+    rows = _rows()
+    try:
+        with engine.begin() as conn:
+            command.upgrade(_alembic(conn), "0007")
+            tables = _tables(conn)
+            for name in ("calibrations", "batches", "results", "reviews"):
+                for row in rows[name]:  # one at a time: the rows set different columns
+                    conn.execute(tables[name].insert().values(**row))
+            conn.execute(tables["reviews"].insert().values(**{**rows["reviews"][1], "id": 3, "decision": "confirm"}))
+            conn.execute(tables["meta"].insert(), [{"key": "schema_version", "value": "7"}])
+            if conn.dialect.name == "postgresql":
+                for name in ("batches", "results", "reviews"):
+                    conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), 100)"))
+    finally:
+        engine.dispose()
+    engine = make_engine(any_db)
+    try:
+        with session_factory(engine)() as s:
+            decisions = [r.decision for r in s.scalars(select(Review).order_by(Review.id))]
+            assert decisions == ["pneumonia", "normal", "pneumonia"]
+            assert {r.audit for r in s.scalars(select(Result))} == {False}
+            assert {(r.manufacturer, r.station_name) for r in s.scalars(select(Result))} == {(None, None)}
+        with engine.begin() as conn:
+            command.downgrade(_alembic(conn), "0007")
+            back = conn.execute(text("SELECT decision FROM reviews ORDER BY id")).scalars().all()
+            assert back == ["confirm", "dismiss", "confirm"]
+            assert "audit" not in _tables(conn)["results"].c
+    finally:
+        engine.dispose()

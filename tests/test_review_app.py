@@ -162,20 +162,52 @@ def in_queue(client, case_id: int) -> bool:
 
 
 # -- the pages, signed in ----------------------------------------------------------------------------------
-def test_queue_is_flagged_unreviewed_highest_first_and_escaped(site):
+def test_queue_is_flagged_and_audit_unreviewed_by_arrival_and_escaped(site):
     client = site.client
     page = client.get("/")
     assert page.status_code == 200
     html = page.text
     assert "<img src=x onerror" not in html and "&lt;img src=x onerror=alert(1)&gt;.jpeg" in html
-    order = [html.index(f'/cases/{i}"') for i in (3, 1, 5, 2)]  # 0.99, 0.95, 0.90, 0.70; c.jpeg not flagged
-    assert order == sorted(order) and '/cases/4"' not in html
-    assert "4 flagged, not yet reviewed" in html
+    order = [html.index(f'/cases/{i}"') for i in (1, 2, 3, 5)]  # arrival order (one time: by id)
+    assert order == sorted(order) and '/cases/4"' not in html  # c.jpeg: neither flagged nor audit
+    assert "4 to read" in html and "%" not in html.split("<table", 1)[1]  # no probability on the list
+    _make_audit_case(site, 4)
+    html = client.get("/").text
+    order = [html.index(f'/cases/{i}"') for i in (1, 2, 3, 4, 5)]
+    assert order == sorted(order) and "5 to read" in html
     only = client.get("/", params={"accession": "ACC-2"}).text
     assert "b.jpeg" in only and "a.jpeg" not in only
     day = client.get("/", params={"day": "2026-12-02"}).text  # b.jpeg was scored on the second day
     assert "b.jpeg" in day and "a.jpeg" not in day
     assert client.get("/", params={"day": "yesterday"}).status_code == 400
+
+
+def _make_audit_case(site, case_id: int) -> None:
+    with session_factory(site.eng).begin() as s:
+        s.get(Result, case_id).audit = True
+
+
+def test_an_audit_case_is_blinded_until_the_reader_decides(site):
+    """Its page shows the film but no probability, flag or heatmap; its heatmap route answers as for a film
+    without one (and the refusal is in the audit trail); after the decision the page shows what the model
+    said, and the case leaves the list."""
+    _make_audit_case(site, 4)  # c.jpeg: p 0.20, unflagged, with a heatmap file on disk
+    client = site.client
+    page = client.get("/cases/4").text
+    assert "c.jpeg" in page and "20.0%" not in page and "Not flagged" not in page and "0.500" not in page
+    assert "/cases/4/heatmap" not in page and "pneumonia or normal" in page
+    assert client.get("/cases/4/image").status_code == 200  # the film itself
+    assert client.get("/cases/4/image", params={"size": "thumb"}).status_code == 200
+    hidden = client.get("/cases/4/heatmap")
+    assert hidden.status_code == 404 and hidden.json() == {"detail": "no file for this case"}  # as for none
+    assert [e.outcome for e in site.audit("view_heatmap")] == ["denied"]
+    auditor = site.signed_in("ann", "auditor")  # blinded for every role until a reader decides
+    assert "20.0%" not in auditor.get("/cases/4").text
+    r = client.post("/cases/4/review", data={"decision": "normal", "csrf": token(client, "/cases/4")})
+    assert r.status_code == 200 and not in_queue(client, 4)
+    page = client.get("/cases/4").text
+    assert "20.0%" in page and "audit case" in page and "/cases/4/heatmap" in page
+    assert client.get("/cases/4/heatmap").status_code == 200
 
 
 def test_case_page_and_pictures(site):
@@ -204,7 +236,7 @@ def test_a_review_is_recorded_under_the_signed_in_reader_whatever_the_form_says(
     client, out = site.client, site.out
     r = client.post(
         "/cases/1/review",
-        data={"decision": "dismiss", "note": "old scar <b>", "reviewer": "Dr. Someone Else", "csrf": token(client)},
+        data={"decision": "normal", "note": "old scar <b>", "reviewer": "Dr. Someone Else", "csrf": token(client)},
         follow_redirects=False,
     )
     assert r.status_code == 303 and r.headers["location"] == "/"
@@ -212,12 +244,12 @@ def test_a_review_is_recorded_under_the_signed_in_reader_whatever_the_form_says(
     assert "old scar &lt;b&gt;" in client.get("/cases/1").text
     rows = list(csv.DictReader(open(out / "csv" / "reviews.csv")))
     assert [(x["result_id"], x["decision"], x["note"], x["reviewer"]) for x in rows] == [
-        ("1", "dismiss", "old scar <b>", "rita")
+        ("1", "normal", "old scar <b>", "rita")
     ]
     assert [v.reviewer for v in site.reviews()] == ["rita"]
     csrf = token(client, "/cases/2")
     assert client.post("/cases/2/review", data={"decision": "maybe", "csrf": csrf}).status_code == 422
-    assert client.post("/cases/99/review", data={"decision": "confirm", "csrf": csrf}).status_code == 404
+    assert client.post("/cases/99/review", data={"decision": "pneumonia", "csrf": csrf}).status_code == 404
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
@@ -227,17 +259,17 @@ def test_a_retried_review_is_recorded_once_when_the_csv_cannot_be_written(site):
     (out / "csv").write_text("not a folder")  # reviews.csv cannot be written
     csrf = token(client)
     for _ in range(2):  # the reader's retry after the first answer
-        r = client.post("/cases/1/review", data={"decision": "confirm", "csrf": csrf}, follow_redirects=False)
+        r = client.post("/cases/1/review", data={"decision": "pneumonia", "csrf": csrf}, follow_redirects=False)
         assert r.status_code == 303
-    assert [(v.result_id, v.decision) for v in site.reviews()] == [(1, "confirm")]
+    assert [(v.result_id, v.decision) for v in site.reviews()] == [(1, "pneumonia")]
     # a different decision on a decided case is a conflict, not a second review
-    r = client.post("/cases/1/review", data={"decision": "dismiss", "csrf": csrf}, follow_redirects=False)
+    r = client.post("/cases/1/review", data={"decision": "normal", "csrf": csrf}, follow_redirects=False)
     assert r.status_code == 409 and "already reviewed" in r.text
     assert len(site.reviews()) == 1
     (out / "csv").unlink()
-    client.post("/cases/2/review", data={"decision": "dismiss", "csrf": csrf})
+    client.post("/cases/2/review", data={"decision": "normal", "csrf": csrf})
     rows = list(csv.DictReader(open(out / "csv" / "reviews.csv")))  # the first one caught up, once
-    assert [(x["result_id"], x["decision"]) for x in rows] == [("1", "confirm"), ("2", "dismiss")]
+    assert [(x["result_id"], x["decision"]) for x in rows] == [("1", "pneumonia"), ("2", "normal")]
 
 
 # -- without a login -----------------------------------------------------------------------------------
@@ -356,13 +388,13 @@ def test_a_forged_cross_site_review_is_refused_and_the_case_stays_in_the_queue(s
     client = site.client
     csrf = token(client)
     forged = [
-        ({"decision": "dismiss"}, {}),  # no token: what a page of another site can send
-        ({"decision": "dismiss", "csrf": "guessed"}, {}),
-        ({"decision": "dismiss", "csrf": csrf}, {"Origin": "http://attacker.example"}),
-        ({"decision": "dismiss", "csrf": csrf}, {"Origin": "null", "Sec-Fetch-Site": "cross-site"}),  # sandboxed
-        ({"decision": "dismiss", "csrf": csrf}, {"Origin": "http://localhost", "Sec-Fetch-Site": "cross-site"}),
-        ({"decision": "dismiss", "csrf": csrf}, {"Sec-Fetch-Site": "cross-site"}),
-        ({"decision": "dismiss", "csrf": csrf}, {"Sec-Fetch-Site": "same-site"}),
+        ({"decision": "normal"}, {}),  # no token: what a page of another site can send
+        ({"decision": "normal", "csrf": "guessed"}, {}),
+        ({"decision": "normal", "csrf": csrf}, {"Origin": "http://attacker.example"}),
+        ({"decision": "normal", "csrf": csrf}, {"Origin": "null", "Sec-Fetch-Site": "cross-site"}),  # sandboxed
+        ({"decision": "normal", "csrf": csrf}, {"Origin": "http://localhost", "Sec-Fetch-Site": "cross-site"}),
+        ({"decision": "normal", "csrf": csrf}, {"Sec-Fetch-Site": "cross-site"}),
+        ({"decision": "normal", "csrf": csrf}, {"Sec-Fetch-Site": "same-site"}),
     ]
     for data, headers in forged:
         r = client.post("/cases/1/review", data=data, headers=headers, follow_redirects=False)
@@ -370,11 +402,11 @@ def test_a_forged_cross_site_review_is_refused_and_the_case_stays_in_the_queue(s
     assert in_queue(client, 1) and site.reviews() == []
     assert (
         not (site.out / "csv" / "reviews.csv").exists()
-        or "dismiss" not in (site.out / "csv" / "reviews.csv").read_text()
+        or "normal" not in (site.out / "csv" / "reviews.csv").read_text()
     )
     ok = client.post(
         "/cases/1/review",
-        data={"decision": "dismiss", "csrf": csrf},
+        data={"decision": "normal", "csrf": csrf},
         headers={"Origin": BASE, "Sec-Fetch-Site": "same-origin"},
         follow_redirects=False,
     )
@@ -427,7 +459,7 @@ def test_an_auditor_sees_cases_and_the_trail_but_cannot_decide(site):
     assert "a.jpeg" in page and 'action="/cases/1/review"' not in page
     assert auditor.get("/cases/1/image").status_code == 200
     csrf = token(auditor, "/")
-    r = auditor.post("/cases/1/review", data={"decision": "dismiss", "csrf": csrf}, follow_redirects=False)
+    r = auditor.post("/cases/1/review", data={"decision": "normal", "csrf": csrf}, follow_redirects=False)
     assert r.status_code == 403
     assert in_queue(site.client, 1) and site.reviews() == []
     denied = site.audit("review")[-1]
@@ -478,13 +510,13 @@ def test_logins_looks_and_decisions_are_audited(site):
     client.get("/cases/1")
     client.get("/cases/1/image", params={"size": "thumb"})
     client.get("/cases/1/heatmap")
-    client.post("/cases/1/review", data={"decision": "confirm", "csrf": token(client)})
+    client.post("/cases/1/review", data={"decision": "pneumonia", "csrf": token(client)})
     rows = [(e.action, e.username, e.outcome, e.result_id) for e in site.audit()]
     assert ("login", "rita", "ok", None) in rows
     for action in ("view_case", "view_image", "view_heatmap", "review"):
         assert (action, "rita", "ok", 1) in rows, action
     review = site.audit("review")[-1]
-    assert (review.accession_number, review.patient_id, review.detail) == ("ACC-1", "PAT-1", "confirm")
+    assert (review.accession_number, review.patient_id, review.detail) == ("ACC-1", "PAT-1", "pneumonia")
     assert site.audit("view_image")[0].detail == "thumb"
     assert all(e.remote_addr == "testclient" and e.at is not None for e in site.audit() if e.username == "rita")
 
@@ -500,7 +532,7 @@ def test_a_trusted_proxy_names_the_user_and_no_one_else_can(tmp_path, xray_paths
         page = proxy.get("/", headers={"X-Forwarded-For": "192.0.2.7"})
         assert page.status_code == 200 and "sso-reader" in page.text
         csrf = token(proxy)
-        assert proxy.post("/cases/1/review", data={"decision": "confirm", "csrf": csrf}).status_code == 200
+        assert proxy.post("/cases/1/review", data={"decision": "pneumonia", "csrf": csrf}).status_code == 200
         assert [v.reviewer for v in site.reviews()] == ["sso-reader"]
         assert site.audit("view_queue")[0].remote_addr == "192.0.2.7"  # the client the proxy names
         elsewhere = site.new_client(client=("10.0.0.9", 40000), headers={"X-Forwarded-User": "sso-reader"})

@@ -155,7 +155,7 @@ def _wait_loaded(page, selector: str, timeout_s: float = 30) -> None:
         time.sleep(0.1)
 
 
-def test_a_reader_signs_in_opens_a_case_sees_the_heatmap_dismisses_it_and_signs_out(browser, served, tmp_path):
+def test_a_reader_signs_in_opens_a_case_sees_the_heatmap_reads_it_normal_and_signs_out(browser, served, tmp_path):
     shots = Path(os.environ.get("XR_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1280, "height": 860})
@@ -181,7 +181,7 @@ def test_a_reader_signs_in_opens_a_case_sees_the_heatmap_dismisses_it_and_signs_
     assert page.locator("input[name=reviewer]").count() == 0  # the reader is the signed-in user, not a field
     page.screenshot(path=str(shots / "case.png"), full_page=True)
     page.fill("textarea[name=note]", "old scar")
-    page.click("button.dismiss")  # the browser's own POST: same origin, with the form's token
+    page.click("button.normal")  # the browser's own POST: same origin, with the form's token
     page.wait_for_url(served + "/")
     assert page.locator("table.queue tbody tr").count() == 3
     assert "1 review recorded" in page.content()
