@@ -43,7 +43,7 @@ TYPE2_COPIED = (
     "StudyID",
     "AccessionNumber",
 )
-SC_SIDE = 768  # the secondary capture's long side: readable on a PACS screen  # high numbers: listed after the modality's own series
+SC_SIDE = 512  # the secondary capture's long side: the 224 px heatmap made readable, 0.8 MB uncompressed  # high numbers: listed after the modality's own series
 DISCLAIMER = (
     "xr-triage is a triage aid that orders the reading list; it is not a diagnosis. Every film is read by a clinician."
 )

@@ -1,12 +1,14 @@
-"""Results back to the PACS: thread ``xr-send`` (docs/dicom.md).
+"""Results back to the PACS: threads ``xr-dicom-objects`` and ``xr-send`` (docs/dicom.md).
 
-The database is the queue twice over. Each pass the stage (1) looks for scored DICOM films (rows with a
-SOP Instance UID, whether they came over the network or through the folder) that lack their objects for a
+The database is the queue twice over. :class:`ObjectStage` looks for scored DICOM films (rows with a SOP
+Instance UID, whether they came over the network or through the folder) that lack their objects for a
 destination, builds them (core/dicom_results.py: an SR for each, an SC with the heatmap for flagged ones
-once their heatmap is drawn) and commits them to the outbox; (2) claims the outbox items whose time has
-come and sends them by C-STORE (pynetdicom SCU), one association per destination and pass, marking each
-``sent`` on Success, to be retried with a growing backoff otherwise, ``failed`` once ``give_up_after_s``
-has passed (an ``dicom_send_failed`` error in the log, ``xr-results outbox``, ``xr_dicom_send_failed_total``).
+once their heatmap is drawn; reports first) and commits them to the outbox. :class:`SendStage` claims the
+outbox items whose time has come (SRs first) and sends them by C-STORE (pynetdicom SCU), one association
+per destination and pass, marking each ``sent`` on Success, to be retried with a growing backoff
+otherwise, ``failed`` once ``give_up_after_s`` has passed (a ``dicom_send_failed`` error in the log,
+``xr-results outbox``, ``xr_dicom_send_failed_total``). Two threads: building (CPU) overlaps the
+network and the PACS's own work.
 
 An object is committed before it is sent, and its UID is derived from the result: a crash before the mark
 re-sends the same instance, which a PACS stores once; a crash before the commit rebuilds the same object.
@@ -34,7 +36,7 @@ SC_CLASSES = ("1.2.840.10008.5.1.4.1.1.7",)  # Secondary Capture Image Storage
 SEND_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # explicit, then implicit VR little endian
 # C-STORE statuses that mean stored: Success, and the warnings (coercion, elements discarded, not checked)
 STORED = {0x0000, 0xB000, 0xB006, 0xB007}
-PER_PASS = 8  # films built per pass: a stop is seen within a few seconds
+PER_PASS = 16  # objects built per pass: a stop is seen within a second or two
 PER_SEND = 16  # items sent per pass
 BACKFILL_S = 3600.0  # films scored this long before sending was first enabled still get their objects
 SINCE_KEY = "dicom_send_since"
@@ -98,45 +100,33 @@ class DicomSender:
         return out
 
 
-class SendStage(Stage):
-    name = "xr-send"
-    idle_s = 0.2
+class ObjectStage(Stage):
+    """Builds the objects scored films lack and commits them to the outbox (thread ``xr-dicom-objects``)."""
+
+    name = "xr-dicom-objects"
+    idle_s = 0.5
 
     def __init__(
         self,
         sessions: Any,
         cfg: DicomSendConfig,
         *,
-        ae_title: str,
         worker_id: str,
         log: Any,
         heatmaps: str = "flagged",
         exclusive: bool = True,
         lease_s: float = 60.0,
-        metrics: Any = None,
-        scan_every_s: float = 0.5,
     ):
         super().__init__()
         self.sessions, self.cfg, self.log = sessions, cfg, log
         self.destinations = list(cfg.destinations)
         self.worker_id, self.heatmaps, self.exclusive, self.lease_s = worker_id, heatmaps, exclusive, lease_s
-        self.sender = DicomSender(ae_title, cfg.timeout_s)
-        self.scan_every_s = scan_every_s
-        self.hold_s = max(60.0, 4 * cfg.timeout_s)  # a claimed item is another sender's again after this
-        self._next_scan = 0.0
         self._skip: set[tuple[int, str]] = set()  # (result id, kind) that cannot be built: tried once per run
         self._since: dt.datetime | None = None
-        self.built = self.sent = self.retried = self.failed = 0
-        self._m = _metrics(metrics)
+        self.built = 0
 
-    # -- the pass --------------------------------------------------------------------------------------
     def step(self, now: float) -> bool:
-        work = False
-        if now >= self._next_scan:
-            n = self.enqueue_new()
-            work = n > 0
-            self._next_scan = now if n >= PER_PASS else now + self.scan_every_s
-        return self.send_due() > 0 or work
+        return self.enqueue_new() > 0
 
     def since(self) -> dt.datetime:
         """Films scored from here on get objects: when sending was first enabled on this database."""
@@ -179,10 +169,12 @@ class SendStage(Stage):
             return list(s.scalars(select(Result).where(*want).order_by(Result.id).limit(PER_PASS)))
 
     def enqueue_new(self) -> int:
-        """Build and commit the objects films lack; how many films were handled."""
-        kinds = ["sr", "sc"] if self.cfg.secondary_capture else ["sr"]
+        """Build and commit the objects films lack; how many were handled. Reports first: a pass builds
+        secondary captures only when no film waits for its SR."""
         handled = 0
-        for kind in kinds:
+        for kind in ("sr", "sc") if self.cfg.secondary_capture else ("sr",):
+            if handled >= PER_PASS:
+                break
             for row in self._wanted(kind):
                 if self.halt.is_set():
                     return handled
@@ -243,6 +235,26 @@ class SendStage(Stage):
         from xr.core.imaging import load_image
 
         return load_image(source).convert("RGB")  # heatmaps off: the film alone, with the legend
+
+
+class SendStage(Stage):
+    """Sends due outbox items by C-STORE and marks them (thread ``xr-send``)."""
+
+    name = "xr-send"
+    idle_s = 0.2
+
+    def __init__(
+        self, sessions: Any, cfg: DicomSendConfig, *, ae_title: str, worker_id: str, log: Any, metrics: Any = None
+    ):
+        super().__init__()
+        self.sessions, self.cfg, self.log, self.worker_id = sessions, cfg, log, worker_id
+        self.sender = DicomSender(ae_title, cfg.timeout_s)
+        self.hold_s = max(60.0, 4 * cfg.timeout_s)  # a claimed item is another sender's again after this
+        self.sent = self.retried = self.failed = 0
+        self._m = _metrics(metrics)
+
+    def step(self, now: float) -> bool:
+        return self.send_due() > 0
 
     def send_due(self) -> int:
         with self.sessions.begin() as s:

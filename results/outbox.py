@@ -83,13 +83,13 @@ def has_item(s: Session, result_id: int, kind: str, destination: str) -> bool:
 
 
 def claim_due(s: Session, worker_id: str, limit: int, hold_s: float) -> list[Claimed]:
-    """Up to ``limit`` pending items whose time has come, oldest first, held for this sender for ``hold_s``
+    """Up to ``limit`` pending items whose time has come, SRs first then oldest first, held for this sender for ``hold_s``
     (their ``next_attempt_at`` moves past it, so no other sender takes them meanwhile)."""
     now = db_time(s)
     rows = s.execute(
         select(OutboxItem.id, OutboxItem.attempts)
         .where(OutboxItem.status == PENDING, OutboxItem.next_attempt_at <= now)
-        .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
+        .order_by(OutboxItem.kind.desc(), OutboxItem.next_attempt_at, OutboxItem.id)  # reports (sr) first
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()

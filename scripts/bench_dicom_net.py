@@ -9,7 +9,8 @@ training fixtures), each its own study and SOP Instance UID, sent in one storesc
 
 Reports: films/s received (the node's first to last ``dicom_received``), films/s through to the PACS
 (first received to last SR stored), and per film the seconds from its C-STORE (``dicom_received``) to its SR
-stored in Orthanc (``dicom_sent`` of kind sr: Orthanc answered Success), p50, p95 and max.
+stored in Orthanc (``dicom_sent`` of kind sr: Orthanc answered Success), p50, p95 and max; the same to
+the SC of each flagged film.
 """
 
 from __future__ import annotations
@@ -135,7 +136,18 @@ def main() -> int:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 sys.exit(f"only {len(srs)} of {args.films} SRs reached Orthanc: see {logs}")
             time.sleep(0.5)
-        time.sleep(2)
+        db = args.db or f"sqlite:///{tmp / 'out' / 'results.sqlite'}"
+        engine = create_engine(db)
+        while True:  # then every flagged film's secondary capture
+            with engine.connect() as c:
+                flagged = c.execute(text("SELECT count(*) FROM results WHERE flagged")).scalar()
+            evs = [e for log in logs for e in events(log)]
+            if sum(1 for e in evs if e.get("event") == "dicom_sent" and e.get("kind") == "sc") >= flagged:
+                break
+            if time.monotonic() > deadline:
+                sys.exit(f"not every SC reached Orthanc: see {logs}")
+            time.sleep(0.5)
+        engine.dispose()
         evs = [e for log in logs for e in events(log)]
     finally:
         for p in procs:
@@ -148,14 +160,15 @@ def main() -> int:
                 p.kill()
         pacs.stop()
     received = {e["sop_instance_uid"]: when(e) for e in evs if e.get("event") == "dicom_received"}
-    db = args.db or f"sqlite:///{tmp / 'out' / 'results.sqlite'}"
     engine = create_engine(db)
     with engine.connect() as c:
         source = dict(c.execute(text("SELECT id, sop_instance_uid FROM results WHERE status = 'ok'")).all())
-        flagged = c.execute(text("SELECT count(*) FROM results WHERE flagged")).scalar()
     engine.dispose()
-    sr_at = {source[e["result_id"]]: when(e) for e in evs if e.get("event") == "dicom_sent" and e.get("kind") == "sr"}
+    sent = [e for e in evs if e.get("event") == "dicom_sent"]
+    sr_at = {source[e["result_id"]]: when(e) for e in sent if e.get("kind") == "sr"}
+    sc_at = {source[e["result_id"]]: when(e) for e in sent if e.get("kind") == "sc"}
     lat = [sr_at[u] - received[u] for u in received if u in sr_at]
+    lat_sc = [sc_at[u] - received[u] for u in received if u in sc_at]
     first, last_rx, last_sr = min(received.values()), max(received.values()), max(sr_at.values())
     out = {
         "films": args.films,
@@ -163,7 +176,7 @@ def main() -> int:
         "workers": args.workers,
         "db": "postgresql" if args.db else "sqlite",
         "flagged": flagged,
-        "sc_sent": sum(1 for e in evs if e.get("event") == "dicom_sent" and e.get("kind") == "sc"),
+        "sc_sent": len(sc_at),
         "storescu_s": round(t_sent - t0, 2),
         "received_per_s": round((len(received) - 1) / max(last_rx - first, 1e-9), 1),
         "through_per_s": round(len(sr_at) / max(last_sr - first, 1e-9), 2),
@@ -172,6 +185,9 @@ def main() -> int:
             "p95": round(pct(lat, 0.95), 2),
             "max": round(max(lat), 2),
         },
+        "cstore_to_sc_s": {"p50": round(statistics.median(lat_sc), 2), "p95": round(pct(lat_sc, 0.95), 2)}
+        if lat_sc
+        else None,
         "retries": sum(1 for e in evs if e.get("event") == "dicom_send_retry"),
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

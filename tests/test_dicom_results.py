@@ -81,9 +81,10 @@ def test_secondary_capture_with_legend(film):
     assert ds.SeriesInstanceUID != dr.build_sr(film, FINDING).SeriesInstanceUID
     assert ds.SOPInstanceUID == dr.object_uid(film.SOPInstanceUID, FINDING, "sc")
     assert ds.BurnedInAnnotation == "YES" and ds.PhotometricInterpretation == "RGB"
-    assert ds.Columns == round(240 * 768 / 300) and ds.Rows > 768  # brought to 768 px, the legend band below
+    side = dr.SC_SIDE
+    assert ds.Columns == round(240 * side / 300) and ds.Rows > side  # brought to SC_SIDE, the legend band below
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == film.SOPInstanceUID
-    band = ds.pixel_array[768:]
+    band = ds.pixel_array[side:]
     assert (band != 0).any()  # text drawn
     assert "0.87" in ds.ImageComments and "NOT a diagnosis" in ds.ImageComments
 

@@ -13,7 +13,7 @@ from dicom_net import Orthanc, free_port
 
 from xr.core import dicom_results as dr
 from xr.core.config import DicomSendConfig
-from xr.daemon.send import SendStage
+from xr.daemon.send import ObjectStage, SendStage
 from xr.results import cli, outbox
 from xr.results.engine import make_engine, session_factory
 from xr.results.schema import OutboxItem, Result, Status, utcnow
@@ -186,14 +186,27 @@ def test_two_senders_claim_each_item_once(any_db, dicom_dir):
 
 
 # -- the send stage against a real PACS -----------------------------------------------------------------
-def stage_for(sessions, destination: str, log: Log, **cfg) -> SendStage:
-    settings = {"destinations": [destination], "retry_initial_s": 0.2, "retry_max_s": 0.5, **cfg}
-    return SendStage(
-        sessions, DicomSendConfig(**settings), ae_title="XRTRIAGE", worker_id="w1", log=log, heatmaps="none"
-    )
+class Stages:
+    """The two send stages of the daemon, stepped here on the test's thread."""
+
+    def __init__(self, sessions, destination: str, log: Log, **cfg):
+        settings = DicomSendConfig(**{"destinations": [destination], "retry_initial_s": 0.2, "retry_max_s": 0.5, **cfg})
+        self.objects = ObjectStage(sessions, settings, worker_id="w1", log=log, heatmaps="none")
+        self.send = SendStage(sessions, settings, ae_title="XRTRIAGE", worker_id="w1", log=log)
+
+    def step(self, now: float) -> bool:
+        built = self.objects.step(now)
+        return self.send.step(now) or built
+
+    def __getattr__(self, name: str):  # built on the one, sent / retried / failed on the other
+        return getattr(self.objects if name == "built" else self.send, name)
 
 
-def run_until(stage: SendStage, done, timeout: float = 60) -> None:
+def stage_for(sessions, destination: str, log: Log, **cfg) -> Stages:
+    return Stages(sessions, destination, log, **cfg)
+
+
+def run_until(stage: Stages, done, timeout: float = 60) -> None:
     import time
 
     deadline = time.monotonic() + timeout
