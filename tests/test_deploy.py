@@ -28,7 +28,9 @@ def test_daemon_unit_is_notify_with_watchdog_restart_user_and_hardening():
     assert svc["Type"] == "notify" and int(svc["WatchdogSec"]) > 0
     assert svc["Restart"] == "on-failure" and svc["RestartPreventExitStatus"] == "2"  # exit 2: fix the config first
     assert svc["User"] == "xr" and svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
-    assert "ReadWritePaths" in svc and svc["KillSignal"] == "SIGTERM"
+    assert svc["KillSignal"] == "SIGTERM"
+    paths = _unit("xr-daemon.service.d/paths.conf")  # the operator's folders, in one drop-in
+    assert paths["Service"]["ReadWritePaths"].split() == paths["Unit"]["RequiresMountsFor"].split()
     argv = shlex.split(svc["ExecStart"])
     assert Path(argv[0]).name == "xr-daemon" and "--config" in argv and "--metrics-port" in argv
     assert unit["Install"]["WantedBy"] == "multi-user.target"
@@ -42,6 +44,8 @@ def test_systemd_accepts_the_units(tmp_path):
     for name in ("xr-daemon.service", "xr-review.service"):
         text = (DEPLOY / name).read_text().replace("/opt/xr-triage/bin/", f"{bin_}/")
         (tmp_path / name).write_text(text)
+        (tmp_path / f"{name}.d").mkdir()  # its drop-in, which verify reads beside it
+        (tmp_path / f"{name}.d" / "paths.conf").write_text((DEPLOY / f"{name}.d" / "paths.conf").read_text())
         r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)], capture_output=True, text=True)
         assert r.returncode == 0, (name, r.stderr)
         # warnings systemd-analyze does not count as errors: a key it ignores, a value it cannot parse
@@ -52,7 +56,7 @@ def test_launchd_plist_keeps_the_daemon_alive_and_logs():
     plist = plistlib.loads((DEPLOY / "org.xr-triage.daemon.plist").read_bytes())
     assert plist["Label"] == "org.xr-triage.daemon"
     assert Path(plist["ProgramArguments"][0]).name == "xr-daemon" and "--config" in plist["ProgramArguments"]
-    assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
+    assert plist["KeepAlive"] == {"Crashed": True} and plist["RunAtLoad"] is True  # no relaunch after exit 2
     assert plist["StandardErrorPath"].endswith(".log") and plist["ExitTimeOut"] >= 30
 
 
