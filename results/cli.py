@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(stats, False)
     reviews = sub.add_parser("reviews", help="the readers' decisions from xr-review, with their films")
     common(reviews, False)
+    perf = sub.add_parser(
+        "performance",
+        help="the flag's sensitivity, specificity, PPV and NPV at this site from the reviews, and turnaround times",
+    )
+    common(perf, False)
+    perf.add_argument("--by", choices=("scanner",), help="also per scanner (DICOM Manufacturer / StationName)")
     aud = sub.add_parser("audit", help="xr-review's audit trail: sign-ins, who looked at which case, decisions")
     common(aud, False)
     aud.add_argument("--user", help="only this user's events")
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
 def _main(argv: list[str] | None, out) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("stats", "reviews", "audit"):
+    if args.command in ("stats", "reviews", "audit", "performance"):
         ignored = [
             flag
             for flag, value in (
@@ -313,6 +319,10 @@ def _main(argv: list[str] | None, out) -> int:
             parser.error(f"{args.command} takes only --since and --format; {', '.join(ignored)} only apply to list")
     if args.command == "import":
         return _import(args, out)
+    if args.command == "performance":
+        from xr.results.cli_performance import run
+
+        return run(args, open_db, out)
     if args.command == "audit":
         return _audit(args, out)
     if args.command == "backup":
