@@ -41,15 +41,16 @@ def test_bootstrap_intervals_cover_the_population_value():
         p = np.where(correct == (y == 1), 0.9, 0.1)  # right with probability 0.85, at threshold 0.5
         return y, p
 
+    # 20 samples of 200 resamples each (the report uses 1000): each bootstrap computes an AUROC per resample
     covered, widths = 0, {}
-    for i in range(40):
+    for i in range(20):
         y, p = sample(200)
-        ci = bootstrap_metrics(y, p, 0.5, n_boot=400, seed=i)["accuracy"]
+        ci = bootstrap_metrics(y, p, 0.5, n_boot=200, seed=i)["accuracy"]
         covered += ci["low"] <= 0.85 <= ci["high"]
         widths.setdefault(200, []).append(ci["high"] - ci["low"])
-    assert covered >= 34, covered  # 85%+ of 40 (expected 38)
+    assert covered >= 17, covered  # 85%+ of 20 (expected 19)
     y, p = sample(2000)
-    wide = bootstrap_metrics(y, p, 0.5, n_boot=400)["accuracy"]
+    wide = bootstrap_metrics(y, p, 0.5, n_boot=200)["accuracy"]
     assert wide["high"] - wide["low"] < 0.5 * np.mean(widths[200])
 
 
