@@ -834,6 +834,7 @@ def test_metrics_health_and_systemd_notify(tmp_path, tiny_checkpoint, xray_paths
                 str(port),
                 "--stable-ms",
                 "300",
+                *QUICK,
             ],
             stdout=fh,
             stderr=fh,
