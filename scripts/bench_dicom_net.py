@@ -1,7 +1,7 @@
 """The DICOM round trip under load (a benchmark, not a test): storescu -> xr-daemon's node -> scored -> SR
 (and SC for flagged films) C-STOREd into Orthanc.
 
-    python scripts/bench_dicom_net.py [--films 200] [--kind fullres|small] [--db URL] [--workers 1]
+    python scripts/bench_dicom_net.py [--films 200] [--kind fullres|small] [--rate R] [--db URL] [--workers 1]
 
 Needs Orthanc and dcmtk (apt-get install orthanc dcmtk). Films: CR chest films made from the picture
 fixtures (``fullres``: tests/fixtures/fullres, 8-bit, about 1-2k pixels a side; ``small``: the 224-pixel
@@ -81,6 +81,9 @@ def main() -> int:
     ap.add_argument(
         "--workers", type=int, default=1, help="daemons on one database (needs --db postgresql+psycopg://...)"
     )
+    ap.add_argument(
+        "--rate", type=float, help="films per second, one association each (default: all at once, one association)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the run folder")
     args = ap.parse_args()
     for tool in ("Orthanc", "storescu"):
@@ -114,7 +117,15 @@ def main() -> int:
                 sys.exit(f"the daemon did not start: see {logs}")
             time.sleep(0.5)
         t0 = time.time()
-        senders = [
+        if args.rate:  # a steady stream: one association per film, paced
+            for i, film in enumerate(films):
+                port = ports[i % args.workers]
+                aet = f"XRTRIAGE{i % args.workers}"
+                subprocess.run(
+                    ["storescu", "-aet", "MODALITY", "-aec", aet, "127.0.0.1", str(port), str(film)], check=True
+                )
+                time.sleep(max(0.0, t0 + (i + 1) / args.rate - time.time()))
+        senders = [] if args.rate else [
             subprocess.Popen(
                 ["storescu", "-aet", "MODALITY", "-aec", f"XRTRIAGE{k}", "127.0.0.1", str(port), *map(str, films[k :: args.workers])],
                 stdout=subprocess.DEVNULL,
@@ -177,6 +188,7 @@ def main() -> int:
         "db": "postgresql" if args.db else "sqlite",
         "flagged": flagged,
         "sc_sent": len(sc_at),
+        "rate": args.rate,
         "storescu_s": round(t_sent - t0, 2),
         "received_per_s": round((len(received) - 1) / max(last_rx - first, 1e-9), 1),
         "through_per_s": round(len(sr_at) / max(last_sr - first, 1e-9), 2),
