@@ -56,6 +56,28 @@ OUT_OF_RESOURCES = 0xA700  # the inbox could not take the file (disk full, permi
 CANNOT_UNDERSTAND = 0xC000
 
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
+_OUR_TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.part")  # write_new's temp names
+STALE_TEMP_S = 3600.0  # a temp file this old is a write that a crash cut short (never acknowledged)
+
+
+def remove_stale_temps(folder: Path, now: float | None = None) -> int:
+    """Delete the temp files of writes a crash cut short (their films were never acknowledged, so their
+    senders still have them); only old ones: another node on a shared inbox may be writing its own."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if _OUR_TEMP.fullmatch(entry.name):
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_S:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+    return removed
 
 
 def safe_name(sop_instance_uid: str | None) -> str:
@@ -160,6 +182,7 @@ class DicomNode(Stage):
                 "(dicom_node.port / --dicom-port)"
             ) from None
         self.port = self.server.server_address[1]
+        stale = remove_stale_temps(self.inbox)
         self.log.info(
             "dicom_node_listening",
             ae_title=self.cfg.ae_title,
@@ -169,6 +192,7 @@ class DicomNode(Stage):
             allowed_callers=list(self.cfg.allowed_callers) or "any",
             allowed_addresses=list(self.cfg.allowed_addresses) or "any",
             max_associations=self.cfg.max_associations,
+            stale_temp_files_removed=stale,
         )
         return self.port
 

@@ -225,3 +225,15 @@ def test_orthanc_routes_chest_films_to_the_node(node, dicom_dir, tmp_path):
         pacs.wait_for(lambda: (inbox / f"{uid}.dcm").exists(), timeout=60)
         time.sleep(1)
     assert visible(inbox) == [f"{uid}.dcm"]
+
+
+def test_temp_files_of_cut_writes_are_removed_when_old(tmp_path):
+    old = tmp_path / ".1.2.3.dcm.0123456789ab.part"
+    fresh = tmp_path / ".1.2.4.dcm.0123456789ab.part"
+    theirs = tmp_path / ".export.part"  # not one of ours: left alone
+    for p in (old, fresh, theirs):
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * dn.STALE_TEMP_S,) * 2)
+    os.utime(theirs, (time.time() - 2 * dn.STALE_TEMP_S,) * 2)
+    assert dn.remove_stale_temps(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, theirs.name])
