@@ -27,6 +27,7 @@ UNKNOWN = "unknown"
 @dataclass(frozen=True)
 class Film:
     id: int
+    filename: str
     flagged: bool
     audit: bool
     logit: float | None
@@ -60,6 +61,7 @@ def films(s, since: dt.datetime | None = None, until: dt.datetime | None = None)
         cond.append(Result.processed_at < until)
     stmt = select(
         Result.id,
+        Result.filename,
         Result.flagged,
         Result.audit,
         Result.logit,
@@ -79,6 +81,7 @@ def films(s, since: dt.datetime | None = None, until: dt.datetime | None = None)
     return [
         Film(
             r.id,
+            r.filename,
             bool(r.flagged),
             bool(r.audit),
             r.logit,
@@ -159,9 +162,10 @@ class WeightedCases:
     counts: ReviewCounts
 
 
-def weighted_cases(window: list[Film], model_id: str | None = None) -> WeightedCases:
+def weighted_cases(window: list[Film], model_id: str | None = None, group=None) -> WeightedCases:
     """The counted reviews of films scored by ``model_id`` (their stored logits are that model's), weighted
-    by the inverse of the share of their group that was reviewed."""
+    by the inverse of the share of their group that was reviewed. ``group(film)``: its patient (default:
+    the DICOM PatientID, else the film itself)."""
     window = [f for f in window if f.logit is not None and (model_id is None or f.model_id == model_id)]
     counts = review_counts(window)
     w_f = counts.flagged / counts.flagged_reviewed if counts.flagged_reviewed else 0.0
@@ -172,6 +176,10 @@ def weighted_cases(window: list[Film], model_id: str | None = None) -> WeightedC
         logits=np.array([f.logit for f in read], dtype=np.float64),
         labels=np.array([int(f.decision == "pneumonia") for f in read], dtype=np.int64),
         weights=np.array([w_f if f.flagged else w_u for f in read], dtype=np.float64),
-        groups=np.array([f.patient_id or f"film-{f.id}" for f in read]),
+        groups=np.array([(group or _patient)(f) for f in read]),
         counts=counts,
     )
+
+
+def _patient(f: Film) -> str:
+    return f.patient_id or f"film-{f.id}"

@@ -73,13 +73,17 @@ def bootstrap_metrics(
     level: float = 0.95,
     seed: int = 0,
     n_bins: int = 15,
+    weights=None,
 ) -> dict[str, dict[str, float | None]]:
     """Each metric of :data:`CI_METRICS` with a percentile bootstrap interval: ``{"value", "low", "high"}``.
 
     Resamples whole patients (``groups``) with replacement where given, so two films of one patient
     never count as two independent cases. A resample without both classes has no AUROC and is skipped
-    for it.
+    for it. ``weights``: films of the stream each stands for (reviews: results/reviewed.py); None counts
+    each film once.
     """
+    if weights is not None:
+        return _weighted_bootstrap(labels, probs, threshold, groups, n_boot, level, seed, n_bins, weights)
     y = np.asarray(labels).astype(int)
     p = np.asarray(probs, dtype=np.float64)
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
@@ -99,6 +103,49 @@ def bootstrap_metrics(
             "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
             "auroc": float(roc_auc_score(yy, pp)) if 0 < yy.sum() < len(yy) else None,
             "ece": ece(pp, yy, n_bins),
+        }
+
+    value = point(np.arange(len(y)))
+    draws: dict[str, list[float]] = {k: [] for k in CI_METRICS}
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        for k, v in point(idx).items():
+            if v is not None:
+                draws[k].append(v)
+    tail = 100 * (1 - level) / 2
+    return {
+        k: {
+            "value": value[k],
+            "low": float(np.percentile(draws[k], tail)) if draws[k] else None,
+            "high": float(np.percentile(draws[k], 100 - tail)) if draws[k] else None,
+        }
+        for k in CI_METRICS
+    }
+
+
+def _weighted_bootstrap(labels, probs, threshold, groups, n_boot, level, seed, n_bins, weights) -> dict:
+    """:func:`bootstrap_metrics` with each film counted by its weight (the same resampling of patients)."""
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    names, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+
+    def point(idx: np.ndarray) -> dict[str, float | None]:
+        yy, pp, ww = y[idx] == 1, p[idx], w[idx]
+        pred = pp >= threshold
+        tp, fp = ww[pred & yy].sum(), ww[pred & ~yy].sum()
+        fn, tn = ww[~pred & yy].sum(), ww[~pred & ~yy].sum()
+        both = 0 < yy.sum() < len(yy)
+        return {
+            "accuracy": float((tp + tn) / ww.sum()) if ww.sum() > 0 else None,
+            "sensitivity": float(tp / (tp + fn)) if tp + fn > 0 else None,
+            "specificity": float(tn / (tn + fp)) if tn + fp > 0 else None,
+            "f1": float(2 * tp / (2 * tp + fp + fn)) if tp > 0 else 0.0,
+            "auroc": float(roc_auc_score(yy, pp, sample_weight=ww)) if both else None,
+            "ece": ece(pp, yy, n_bins, weights=ww) if ww.sum() > 0 else None,
         }
 
     value = point(np.arange(len(y)))

@@ -65,16 +65,29 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> float:
     return float(np.clip(t, 0.05, 20.0))
 
 
+def _weights(weights, n: int) -> np.ndarray:
+    """Per-film weights (None: 1 each): how many films of the stream a labelled film stands for (a site's
+    reviews: results/reviewed.py). Weights of 1 give exactly the unweighted figures."""
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size != n or not np.isfinite(w).all() or (w < 0).any():
+        raise XRError(f"need {n} finite weights >= 0, got {w.size}")
+    return w
+
+
 def fit_logistic(
-    logits, labels, scale0: float = 1.0, shift0: float = 0.0, strength: float = 1.0
+    logits, labels, scale0: float = 1.0, shift0: float = 0.0, strength: float = 1.0, weights=None
 ) -> tuple[float, float]:
-    """(a, b) of p = sigmoid(a z + b): the minimum of the summed NLL plus ``strength`` / 2 x
-    ((log a - log scale0)^2 + (b - shift0)^2), a Gaussian prior on the log-scale and the shift centred on
-    the calibration the model came with (``scale0`` = 1/T, ``shift0``). ``strength`` is the prior's weight
-    in units of the NLL's curvature of about one film: small next to 100 films, decisive next to 5."""
+    """(a, b) of p = sigmoid(a z + b): the minimum of the summed NLL (each film's term times its weight)
+    plus ``strength`` / 2 x ((log a - log scale0)^2 + (b - shift0)^2), a Gaussian prior on the log-scale
+    and the shift centred on the calibration the model came with (``scale0`` = 1/T, ``shift0``).
+    ``strength`` is the prior's weight in units of the NLL's curvature of about one film: small next to
+    100 films, decisive next to 5."""
     from scipy.optimize import minimize
 
     z, y = (t.numpy() for t in _as_tensors(logits, labels))
+    w = _weights(weights, z.size)
     if y.min() == y.max():
         raise XRError("a site calibration needs films of both classes (NORMAL and PNEUMONIA)")
     if not (scale0 > 0 and strength >= 0):
@@ -86,9 +99,9 @@ def fit_logistic(
         a = np.exp(log_a)
         s = a * z + b
         p = sigmoid(s)
-        nll = float((np.logaddexp(0.0, s) - y * s).sum())
+        nll = float((w * (np.logaddexp(0.0, s) - y * s)).sum())
         prior = 0.5 * strength * ((log_a - log_a0) ** 2 + (b - shift0) ** 2)
-        grad_s = p - y
+        grad_s = w * (p - y)
         grad = np.array([(grad_s * z).sum() * a + strength * (log_a - log_a0), grad_s.sum() + strength * (b - shift0)])
         return nll + prior, grad
 
@@ -99,17 +112,25 @@ def fit_logistic(
     return a, b
 
 
-def ece(probs, labels, n_bins: int = 15) -> float:
-    """Expected calibration error of P(PNEUMONIA), equal-width bins over [0, 1]."""
+def ece(probs, labels, n_bins: int = 15, weights=None) -> float:
+    """Expected calibration error of P(PNEUMONIA), equal-width bins over [0, 1] (films weighted by ``weights``)."""
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     y = np.asarray(labels, dtype=np.float64).reshape(-1)
     _check_finite(p, "probabilities")
     bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
     total = 0.0
+    if weights is None:
+        for b in range(n_bins):
+            mask = bins == b
+            if mask.any():
+                total += mask.mean() * abs(p[mask].mean() - y[mask].mean())
+        return float(total)
+    w = _weights(weights, p.size)
     for b in range(n_bins):
         mask = bins == b
-        if mask.any():
-            total += mask.mean() * abs(p[mask].mean() - y[mask].mean())
+        wb = w[mask].sum()
+        if wb > 0:
+            total += wb / w.sum() * abs((w[mask] * p[mask]).sum() / wb - (w[mask] * y[mask]).sum() / wb)
     return float(total)
 
 
@@ -125,6 +146,7 @@ def threshold_scores(
     fp_cost: float = 1.0,
     grid: int = 999,
     target_sensitivity: float = 0.97,
+    weights=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(thresholds, score) over an even grid in (0, 1); higher score is better for every objective.
     ``sensitivity``: the specificity of thresholds that keep sensitivity >= ``target_sensitivity`` (-1 for
@@ -135,10 +157,15 @@ def threshold_scores(
     y = np.asarray(labels).reshape(-1).astype(bool)
     thr = np.linspace(0.0, 1.0, grid + 2)[1:-1]
     pred = p[None, :] >= thr[:, None]
-    tp = (pred & y).sum(1).astype(float)
-    fp = (pred & ~y).sum(1).astype(float)
-    fn = (~pred & y).sum(1).astype(float)
-    tn = (~pred & ~y).sum(1).astype(float)
+    if weights is None:
+        tp = (pred & y).sum(1).astype(float)
+        fp = (pred & ~y).sum(1).astype(float)
+        fn = (~pred & y).sum(1).astype(float)
+        tn = (~pred & ~y).sum(1).astype(float)
+    else:  # films counted by their weights
+        w = _weights(weights, p.size)
+        tp, fp = (pred & y) @ w, (pred & ~y) @ w
+        fn, tn = (~pred & y) @ w, (~pred & ~y) @ w
     if objective == "f1":
         score = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
     elif objective in ("youden", "sensitivity"):
@@ -158,10 +185,11 @@ def choose_threshold(
     fp_cost: float = 1.0,
     grid: int = 999,
     target_sensitivity: float = 0.97,
+    weights=None,
 ) -> tuple[float, float]:
     """Best threshold and its score. Where a range of thresholds ties for best, take its middle:
     the validation set cannot tell them apart, and the middle is farthest from both error edges."""
-    thr, score = threshold_scores(probs, labels, objective, fn_cost, fp_cost, grid, target_sensitivity)
+    thr, score = threshold_scores(probs, labels, objective, fn_cost, fp_cost, grid, target_sensitivity, weights)
     best = np.flatnonzero(score >= score.max() - 1e-12)
     # Middle of the first contiguous run of best thresholds.
     run_end = best[0]

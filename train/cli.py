@@ -271,7 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a calibration file, e.g. a site's from site-calibrate (default: the one beside the checkpoint)",
     )
     p = sub.add_parser("site-calibrate", help="fit the model's calibration and threshold to a site's labelled films")
-    p.add_argument("--data", type=Path, required=True, help="the site's labelled films: NORMAL/ and PNEUMONIA/")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="the site's labelled films: NORMAL/ and PNEUMONIA/")
+    src.add_argument(
+        "--from-db",
+        nargs="?",
+        const="",
+        metavar="DB",
+        help="fit from the readers' reviews in the results database (a path or URL; without one, the "
+        "results.sqlite of --output), flagged and audit cases weighted by the films they stand for",
+    )
+    p.add_argument("--output", type=Path, help="with --from-db: the daemon's output folder holding results.sqlite")
+    p.add_argument("--since", help="with --from-db: only films scored since (ISO UTC time, or 30m / 12h / 30d)")
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--out", type=Path, required=True, help="folder for calibration_threshold.json and the report")
     p.add_argument(
@@ -310,17 +321,20 @@ def _site_calibrate(args: argparse.Namespace) -> int:
         raise XRError(f"--target-sensitivity: {args.target_sensitivity} must be between 0 and 1")
     if args.prior_strength < 0:
         raise XRError(f"--prior-strength: {args.prior_strength} must be >= 0")
-    report = site_calibrate(
-        args.model or SHIPPED_MODEL,
-        args.data,
-        args.out,
-        objective=args.objective,
-        target_sensitivity=args.target_sensitivity,
-        strength=args.prior_strength,
-        fn_cost=args.fn_cost,
-        fp_cost=args.fp_cost,
-        device=args.device,
-    )
+    fit_kw = {
+        "objective": args.objective,
+        "target_sensitivity": args.target_sensitivity,
+        "strength": args.prior_strength,
+        "fn_cost": args.fn_cost,
+        "fp_cost": args.fp_cost,
+        "device": args.device,
+    }
+    if args.from_db is not None:
+        report = _from_db(args, fit_kw)
+    else:
+        if args.since or args.output:
+            raise XRError("--since and --output go with --from-db")
+        report = site_calibrate(args.model or SHIPPED_MODEL, args.data, args.out, **fit_kw)
     after, cv = report["after"], report["cross_validated"]
     print(
         f"site-calibrate ({report['n']} films): p = sigmoid({report['scale']:.3f} z {report['shift']:+.3f}), threshold "
@@ -329,7 +343,23 @@ def _site_calibrate(args: argparse.Namespace) -> int:
         f"cross-validated accuracy {cv['accuracy']['mean']:.3f} ({cv['accuracy']['p05']:.3f}-{cv['accuracy']['p95']:.3f}) "
         f"-> {args.out / CALIBRATION_FILE}"
     )
+    if report.get("warning"):
+        print(f"xr-train: warning: {report['warning']}", file=sys.stderr)
     return 0
+
+
+def _from_db(args: argparse.Namespace, fit_kw: dict) -> dict:
+    from xr.results.cli import parse_since
+    from xr.train.site_db import site_calibrate_from_db
+
+    db = args.from_db or (args.output / "results.sqlite" if args.output else None)
+    if not db:
+        raise XRError("--from-db needs a database (--from-db DB) or the daemon's --output folder")
+    try:
+        since = parse_since(args.since) if args.since else None
+    except argparse.ArgumentTypeError as exc:
+        raise XRError(str(exc)) from None
+    return site_calibrate_from_db(args.model or SHIPPED_MODEL, db, args.out, since=since, **fit_kw)
 
 
 def main(argv: list[str] | None = None) -> int:

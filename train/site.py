@@ -6,6 +6,11 @@ p = sigmoid(a z + b), with a prior centred on the model's own calibration (train
 ``fit_logistic``), then a threshold chosen on the site's recalibrated films by the objective, gives a
 ``calibration_threshold.json`` bound to that model. The report says how sure 50-200 films can make anyone:
 metrics with patient-bootstrap intervals, and a cross-validated estimate of the same procedure on new films.
+
+``--from-db`` fits from the site's own reviews instead of a labelled folder (:func:`site_calibrate_from_db`):
+each reviewed flagged or audit film is a labelled film, its stored logit the model's, the reader's decision
+its label, weighted by the films of the stream it stands for (results/reviewed.py), so the flagged films
+the readers see most of do not outweigh the unflagged ones the audit samples.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +51,16 @@ def fit_site(
     strength: float = 1.0,
     fn_cost: float = 5.0,
     fp_cost: float = 1.0,
+    weights=None,
 ) -> tuple[float, float, float]:
-    """(a, b, threshold) for these films: recalibration with a prior on ``base``, then the threshold."""
-    a, b = cal.fit_logistic(logits, labels, scale0=1.0 / base.temperature, shift0=base.shift, strength=strength)
+    """(a, b, threshold) for these films (each counted by its weight): recalibration with a prior on
+    ``base``, then the threshold."""
+    a, b = cal.fit_logistic(
+        logits, labels, scale0=1.0 / base.temperature, shift0=base.shift, strength=strength, weights=weights
+    )
     probs = cal.sigmoid(a * np.asarray(logits) + b)
     threshold, _ = cal.choose_threshold(
-        probs, labels, objective, fn_cost, fp_cost, target_sensitivity=target_sensitivity
+        probs, labels, objective, fn_cost, fp_cost, target_sensitivity=target_sensitivity, weights=weights
     )
     return a, b, threshold
 
@@ -64,30 +74,44 @@ def cross_validate(
     repeats: int = 50,
     seed: int = 0,
     n_bins: int = 15,
+    weights=None,
     **fit_kw,
 ) -> dict[str, dict[str, float]]:
     """The whole procedure on new films: repeated patient-grouped 2-fold splits, each half scored by the
-    recalibration and threshold fitted on the other; per repeat the metrics of all films so scored, then
-    per metric the mean and the 5th-95th percentile over the repeats."""
+    recalibration and threshold fitted on the other; per repeat the metrics of all films so scored (each
+    counted by its weight), then per metric the mean and the 5th-95th percentile over the repeats."""
     z, y, g = np.asarray(logits, dtype=np.float64), np.asarray(labels).astype(int), np.asarray(groups)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
     if len(set(g)) < 4 or min(np.bincount(y, minlength=2)) < 4:
         raise XRError("cross-validation needs at least 4 films of each class and 4 patients")
     runs: list[dict[str, float]] = []
     for r in range(repeats):
         p, pred = np.zeros_like(z), np.zeros(len(z), dtype=bool)
         for fit_idx, ev_idx in StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=seed + r).split(z, y, g):
-            a, b, thr = fit_site(z[fit_idx], y[fit_idx], base, objective, **fit_kw)
+            a, b, thr = fit_site(
+                z[fit_idx], y[fit_idx], base, objective, weights=None if w is None else w[fit_idx], **fit_kw
+            )
             p[ev_idx] = cal.sigmoid(a * z[ev_idx] + b)
             pred[ev_idx] = p[ev_idx] >= thr
         yy = y == 1
-        runs.append(
-            {
-                "accuracy": float((pred == yy).mean()),
-                "sensitivity": float(pred[yy].mean()),
-                "specificity": float((~pred[~yy]).mean()),
-                "ece": cal.ece(p, y, n_bins),
-            }
-        )
+        if w is None:
+            runs.append(
+                {
+                    "accuracy": float((pred == yy).mean()),
+                    "sensitivity": float(pred[yy].mean()),
+                    "specificity": float((~pred[~yy]).mean()),
+                    "ece": cal.ece(p, y, n_bins),
+                }
+            )
+        else:
+            runs.append(
+                {
+                    "accuracy": float(w[pred == yy].sum() / w.sum()),
+                    "sensitivity": float(w[pred & yy].sum() / w[yy].sum()),
+                    "specificity": float(w[~pred & ~yy].sum() / w[~yy].sum()),
+                    "ece": cal.ece(p, y, n_bins, weights=w),
+                }
+            )
     return {
         k: {
             "mean": float(np.mean([m[k] for m in runs])),
@@ -119,12 +143,55 @@ def site_calibrate(
     """Score the site's films, fit and write ``out/calibration_threshold.json`` and the report; return the report."""
     items = _site_items(data)
     predictor = Predictor.from_checkpoint(model, device=device, amp=amp)
-    base = predictor.calibration
     logits = score_items(predictor, items, batch_size, num_workers)
-    labels = np.array([it.label for it in items])
-    groups = np.array([it.patient for it in items])
+    sample = Sample(
+        [it.path for it in items],
+        logits,
+        np.array([it.label for it in items]),
+        np.array([it.patient for it in items]),
+        None,
+        str(Path(data).resolve()),
+    )
+    return fit_and_report(
+        predictor, model, sample, out, objective=objective, target_sensitivity=target_sensitivity,
+        strength=strength, fn_cost=fn_cost, fp_cost=fp_cost, n_boot=n_boot, cv_repeats=cv_repeats, n_bins=n_bins,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A site's labelled films as the fit sees them: names, the model's logits, labels (1 = PNEUMONIA),
+    patient groups, and weights (None: one film each; reviews: the films each stands for)."""
+
+    names: list[str]
+    logits: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+    weights: np.ndarray | None
+    source: str  # the folder, or the database and window the reviews came from
+    extra: dict[str, Any] | None = None  # what the report says about where it came from
+
+
+def fit_and_report(
+    predictor: Any,
+    model: Path,
+    sample: Sample,
+    out: Path,
+    *,
+    objective: str = "f1",
+    target_sensitivity: float = 0.97,
+    strength: float = 1.0,
+    fn_cost: float = 5.0,
+    fp_cost: float = 1.0,
+    n_boot: int = 1000,
+    cv_repeats: int = 50,
+    n_bins: int = 15,
+) -> dict[str, Any]:
+    """Fit the site calibration to ``sample``, write it bound to ``predictor``'s model, with the report."""
+    base = predictor.calibration
+    logits, labels, groups, weights = sample.logits, sample.labels, sample.groups, sample.weights
     fit_kw = {"target_sensitivity": target_sensitivity, "strength": strength, "fn_cost": fn_cost, "fp_cost": fp_cost}
-    a, b, threshold = fit_site(logits, labels, base, objective, **fit_kw)
+    a, b, threshold = fit_site(logits, labels, base, objective, weights=weights, **fit_kw)
     probs = cal.sigmoid(a * logits + b)
     before = base.probability(logits)
     site = Calibration(
@@ -137,7 +204,8 @@ def site_calibrate(
         extra={
             "model": str(Path(model).resolve()),
             "model_id": predictor.model_id,
-            "data": str(Path(data).resolve()),
+            "data": sample.source,
+            **(sample.extra or {}),
             "n": int(len(labels)),
             "n_per_class": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_NAMES)},
             "objective": objective,
@@ -157,14 +225,17 @@ def site_calibrate(
         "shift": b,
         "threshold": threshold,
         "objective": objective,
-        "before": bootstrap_metrics(labels, before, base.threshold, groups, n_boot, n_bins=n_bins),
-        "after": bootstrap_metrics(labels, probs, threshold, groups, n_boot, n_bins=n_bins),
-        "cross_validated": cross_validate(logits, labels, groups, base, objective, cv_repeats, n_bins=n_bins, **fit_kw),
+        "before": bootstrap_metrics(labels, before, base.threshold, groups, n_boot, n_bins=n_bins, weights=weights),
+        "after": bootstrap_metrics(labels, probs, threshold, groups, n_boot, n_bins=n_bins, weights=weights),
+        "cross_validated": cross_validate(
+            logits, labels, groups, base, objective, cv_repeats, n_bins=n_bins, weights=weights, **fit_kw
+        ),
+        **(sample.extra or {}),
     }
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2))
-    _write_predictions(out / "predictions.csv", items, logits, probs, threshold)
-    _plots(out, labels, before, probs, base, n_bins)
-    (out / REPORT_MD).write_text(_markdown(report, base, site, data))
+    _write_predictions(out / "predictions.csv", sample.names, labels, logits, probs, threshold, weights)
+    _plots(out, labels, before, probs, base, n_bins, weights)
+    (out / REPORT_MD).write_text(_markdown(report, base, site, sample.source))
     return report
 
 
@@ -178,20 +249,21 @@ def _site_items(data: Path) -> list[Item]:
     return items
 
 
-def _write_predictions(path: Path, items, logits, probs, threshold: float) -> None:
+def _write_predictions(path: Path, names, labels, logits, probs, threshold: float, weights=None) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "logit", "probability", "predicted"])
-        for it, z, p in zip(items, logits, probs):
-            w.writerow([it.path, CLASS_NAMES[it.label], f"{z:.6f}", f"{p:.6f}", CLASS_NAMES[int(p >= threshold)]])
+        w.writerow(["path", "label", "logit", "probability", "predicted"] + (["weight"] if weights is not None else []))
+        for i, (name, y, z, p) in enumerate(zip(names, labels, logits, probs)):
+            row = [name, CLASS_NAMES[int(y)], f"{z:.6f}", f"{p:.6f}", CLASS_NAMES[int(p >= threshold)]]
+            w.writerow(row + ([f"{weights[i]:.4f}"] if weights is not None else []))
 
 
-def _plots(out: Path, labels, before, after, base: Calibration, n_bins: int) -> None:
+def _plots(out: Path, labels, before, after, base: Calibration, n_bins: int, weights=None) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
     for probs, name in ((before, "model's own calibration"), (after, "site calibration")):
         frac, mean = calibration_curve(labels, probs, n_bins=min(n_bins, 10), strategy="uniform")
-        ax.plot(mean, frac, "o-", label=f"{name} (ECE {cal.ece(probs, labels, n_bins):.3f})")
+        ax.plot(mean, frac, "o-", label=f"{name} (ECE {cal.ece(probs, labels, n_bins, weights=weights):.3f})")
     ax.set_xlabel("calibrated P(PNEUMONIA)")
     ax.set_ylabel("observed fraction PNEUMONIA")
     ax.set_title("site films: reliability")
@@ -230,7 +302,7 @@ def _ci(m: dict) -> str:
     return f"{m['value']:.3f}{span}"
 
 
-def _markdown(report: dict, base: Calibration, site: Calibration, data: Path) -> str:
+def _markdown(report: dict, base: Calibration, site: Calibration, data: str) -> str:
     cv = report["cross_validated"]
     rows = [
         f"| {name} | "
