@@ -237,3 +237,22 @@ def test_temp_files_of_cut_writes_are_removed_when_old(tmp_path):
     os.utime(theirs, (time.time() - 2 * dn.STALE_TEMP_S,) * 2)
     assert dn.remove_stale_temps(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, theirs.name])
+
+
+def test_metrics_count_received_and_refused(tmp_path, dicom_dir):
+    need("storescu")
+    from xr.daemon.metrics import Metrics
+
+    metrics = Metrics(backlog=lambda: 0)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    n = dn.DicomNode(DicomNodeConfig(allowed_callers=["MODALITY"]), inbox, log=Log(), metrics=metrics, port=0)
+    n.open()
+    try:
+        assert storescu(n.port, [dicom_dir["native"]]).returncode == 0
+        assert storescu(n.port, [dicom_dir["native"]], aet="INTRUDER").returncode != 0
+    finally:
+        n.stop()
+    text = metrics.exposition().decode()
+    assert "xr_dicom_received_total 1.0" in text
+    assert 'xr_dicom_refused_total{reason="calling_ae_not_allowed"} 1.0' in text

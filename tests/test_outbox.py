@@ -189,10 +189,10 @@ def test_two_senders_claim_each_item_once(any_db, dicom_dir):
 class Stages:
     """The two send stages of the daemon, stepped here on the test's thread."""
 
-    def __init__(self, sessions, destination: str, log: Log, **cfg):
+    def __init__(self, sessions, destination: str, log: Log, metrics=None, **cfg):
         settings = DicomSendConfig(**{"destinations": [destination], "retry_initial_s": 0.2, "retry_max_s": 0.5, **cfg})
         self.objects = ObjectStage(sessions, settings, worker_id="w1", log=log, heatmaps="none")
-        self.send = SendStage(sessions, settings, ae_title="XRTRIAGE", worker_id="w1", log=log)
+        self.send = SendStage(sessions, settings, ae_title="XRTRIAGE", worker_id="w1", log=log, metrics=metrics)
 
     def step(self, now: float) -> bool:
         built = self.objects.step(now)
@@ -202,8 +202,8 @@ class Stages:
         return getattr(self.objects if name == "built" else self.send, name)
 
 
-def stage_for(sessions, destination: str, log: Log, **cfg) -> Stages:
-    return Stages(sessions, destination, log, **cfg)
+def stage_for(sessions, destination: str, log: Log, metrics=None, **cfg) -> Stages:
+    return Stages(sessions, destination, log, metrics, **cfg)
 
 
 def run_until(stage: Stages, done, timeout: float = 60) -> None:
@@ -269,8 +269,14 @@ def test_pacs_down_then_back_every_object_once(tmp_path, sessions, dicom_dir):
 def test_given_up_after_the_configured_time(tmp_path, sessions, dicom_dir, any_db, capsys):
     log = Log()
     add_result(sessions, dicom_dir["native"], probability=0.3, flagged=False)
-    stage = stage_for(sessions, f"NOBODY@127.0.0.1:{free_port()}", log, give_up_after_s=0.5)
+    from xr.daemon.metrics import Metrics
+
+    metrics = Metrics(backlog=lambda: 0)
+    stage = stage_for(sessions, f"NOBODY@127.0.0.1:{free_port()}", log, metrics, give_up_after_s=0.5)
     run_until(stage, lambda: stage.failed == 1)
+    text = metrics.exposition().decode()
+    assert 'xr_dicom_send_failed_total{kind="sr"} 1.0' in text and 'xr_dicom_sent_total{kind="sr"} 0.0' in text
+    assert f'xr_dicom_send_retried_total{{kind="sr"}} {float(stage.retried)}' in text
     (event,) = log.named("dicom_send_failed")
     assert "gave up after" in event["reason"] and event["kind"] == "sr"
     with sessions() as s:
