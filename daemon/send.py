@@ -73,10 +73,12 @@ class DicomSender:
             )
             return {it.id: Outcome(False, f"{destination}: {why}") for it in items}
         out: dict[int, Outcome] = {}
+        halted = False
         try:
             for it in items:
                 if halt is not None and halt.is_set():
-                    break  # left pending: sent after the restart, with the same UID
+                    halted = True  # the rest get no outcome: released, sent after the restart (same UIDs)
+                    break
                 ds = pydicom.dcmread(io.BytesIO(it.data))
                 try:
                     status = assoc.send_c_store(ds)
@@ -95,8 +97,9 @@ class DicomSender:
         finally:
             if assoc.is_established:
                 assoc.release()
-        for it in items:  # the association ended before these were sent
-            out.setdefault(it.id, Outcome(False, f"{destination}: association ended before the C-STORE"))
+        if not halted:
+            for it in items:  # the association ended before these were sent
+                out.setdefault(it.id, Outcome(False, f"{destination}: association ended before the C-STORE"))
         return out
 
 
@@ -270,6 +273,8 @@ class SendStage(Stage):
             ms = round((time.perf_counter() - t0) * 1000, 1)
             after: dict[int, str | None] = {}  # item -> its status after a failed send
             with self.sessions.begin() as s:
+                outbox.release(s, [it.id for it in batch if it.id not in outcomes], self.worker_id)
+                batch = [it for it in batch if it.id in outcomes]
                 for it in batch:
                     res = outcomes[it.id]
                     if res.ok:

@@ -126,6 +126,16 @@ def mark_sent(s: Session, item_id: int) -> None:
     )
 
 
+def release(s: Session, item_ids: list[int], worker_id: str) -> None:
+    """Claimed items this sender did not try (it is stopping): due again now, the attempt not counted."""
+    if item_ids:
+        s.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id.in_(item_ids), OutboxItem.status == PENDING, OutboxItem.claimed_by == worker_id)
+            .values(next_attempt_at=db_time(s), attempts=OutboxItem.attempts - 1)
+        )
+
+
 def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
     """Wait before attempt ``attempts + 1``: initial, doubling, capped."""
     return min(max_s, initial_s * 2 ** max(0, attempts - 1))

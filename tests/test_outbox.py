@@ -292,3 +292,14 @@ def test_given_up_after_the_configured_time(tmp_path, sessions, dicom_dir, any_d
     assert cli.main(["--db", any_db, "outbox", "--retry-failed", "--format", "json"], out=out) == 0
     got = json.loads(out.getvalue())
     assert [c["status"] for c in got["counts"]] == ["pending"] and got["items"][0]["attempts"] == 0
+
+
+def test_a_stopping_sender_releases_what_it_did_not_try(sessions, dicom_dir):
+    rid = add_result(sessions, dicom_dir["native"])
+    with sessions.begin() as s:
+        enqueue_one(s, rid, "2.25.4")
+        (item,) = outbox.claim_due(s, "w1", 10, hold_s=600)
+        outbox.release(s, [item.id], "w1")
+    with sessions.begin() as s:
+        (again,) = outbox.claim_due(s, "w2", 10, hold_s=600)  # due at once, not after the hold
+        assert again.id == item.id and again.attempts == 1
