@@ -40,6 +40,8 @@ PER_PASS = 16  # objects built per pass: a stop is seen within a second or two
 PER_SEND = 16  # items sent per pass
 BACKFILL_S = 3600.0  # films scored this long before sending was first enabled still get their objects
 SINCE_KEY = "dicom_send_since"
+RECENT_S = 600.0  # most passes look at films scored in the last 10 minutes (a cheap query on a big table)
+FULL_SCAN_S = 300.0  # and every 5 minutes at all films since the mark
 
 
 @dataclass
@@ -126,10 +128,26 @@ class ObjectStage(Stage):
         self.worker_id, self.heatmaps, self.exclusive, self.lease_s = worker_id, heatmaps, exclusive, lease_s
         self._skip: set[tuple[int, str]] = set()  # (result id, kind) that cannot be built: tried once per run
         self._since: dt.datetime | None = None
+        self._full_at = 0.0  # when the last pass over every film since the mark began (0: due now)
+        self._full = True
         self.built = 0
 
     def step(self, now: float) -> bool:
-        return self.enqueue_new() > 0
+        if not self._full and now - self._full_at >= FULL_SCAN_S:
+            self._full = True
+        if self._full:
+            self._full_at = now
+        handled = self.enqueue_new()
+        if handled < PER_PASS:
+            self._full = False  # caught up: recent films only, until the next full pass
+        return handled > 0
+
+    def _from(self) -> dt.datetime:
+        """Where a pass looks from: recent films, and every film since the mark on a full pass (at start,
+        then every FULL_SCAN_S: films a stopped worker or a failed heatmap left behind)."""
+        if self._full:
+            return self.since()
+        return max(self.since(), utcnow() - dt.timedelta(seconds=RECENT_S))
 
     def since(self) -> dt.datetime:
         """Films scored from here on get objects: when sending was first enabled on this database."""
@@ -154,7 +172,7 @@ class ObjectStage(Stage):
             Result.status == Status.OK,
             Result.sop_instance_uid.is_not(None),
             Result.probability.is_not(None),
-            Result.processed_at >= self.since(),
+            Result.processed_at >= self._from(),
             (Result.moved_at.is_not(None)) | (Result.moved_to.is_(None)),  # the film is where it stays
             or_(*missing),
         ]

@@ -303,3 +303,22 @@ def test_a_stopping_sender_releases_what_it_did_not_try(sessions, dicom_dir):
     with sessions.begin() as s:
         (again,) = outbox.claim_due(s, "w2", 10, hold_s=600)  # due at once, not after the hold
         assert again.id == item.id and again.attempts == 1
+
+
+def test_recent_films_every_pass_older_ones_on_full_passes(sessions, dicom_dir):
+    import datetime as dt
+
+    from xr.daemon import send
+
+    old = add_result(sessions, dicom_dir["native"], probability=0.2, flagged=False)
+    with sessions.begin() as s:  # scored 20 minutes ago, after sending was enabled
+        s.get(Result, old).processed_at = utcnow() - dt.timedelta(minutes=20)
+    settings = DicomSendConfig(destinations=["PACS@127.0.0.1:104"])
+    stage = ObjectStage(sessions, settings, worker_id="w1", log=Log(), heatmaps="none")
+    stage._since = utcnow() - dt.timedelta(hours=1)
+    stage._full = False  # a pass between full passes sees the last 10 minutes only
+    stage._full_at = 100.0
+    assert stage.step(100.0 + send.FULL_SCAN_S - 1) is False
+    assert stage.step(100.0 + send.FULL_SCAN_S) is True  # the full pass finds it
+    with sessions() as s:
+        assert [i.result_id for i in outbox.items(s)] == [old]
