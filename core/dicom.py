@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +47,20 @@ IDENTIFIERS = {
 _HEADER_TAGS = [*IDENTIFIERS.values(), "SOPClassUID", "Rows", "PixelData"]
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset zlib-compressed
+HEADER_SLACK = 16 * 1024 * 1024  # what a dataset may hold besides its pixels (inflated), at most
+INFLATE_STEP = 4 * 1024 * 1024
+MAX_BYTES_PER_PIXEL = 6  # three samples of 16 bits: the most a film's frame stores per pixel
+DEFAULT_MAX_PIXELS = 30_000_000  # core/config.py's daemon.max_pixels, for callers without limits
+
+
 def is_dicom(data: bytes) -> bool:
     return data[DICM_OFFSET : DICM_OFFSET + 4] == b"DICM"
+
+
+def inflate_limit(max_pixels: int) -> int:
+    """The most a deflated dataset may inflate to: a film of ``max_pixels`` and its header."""
+    return max_pixels * MAX_BYTES_PER_PIXEL + HEADER_SLACK
 
 
 @dataclass(frozen=True)
@@ -74,9 +87,9 @@ class DicomHeader:
         return None
 
 
-def read_header(data: bytes) -> DicomHeader:
+def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomHeader:
     """The identifiers and whether there are pixels, without decoding them. Raises ImageError."""
-    ds = _dataset(data, stop_before_pixels=False, specific_tags=_HEADER_TAGS)
+    ds = _dataset(data, max_pixels, stop_before_pixels=False, specific_tags=_HEADER_TAGS)
     ids = {}
     for column, keyword in IDENTIFIERS.items():
         value = ds.get(keyword)
@@ -84,14 +97,59 @@ def read_header(data: bytes) -> DicomHeader:
     return DicomHeader(identifiers=ids, has_pixels="PixelData" in ds, image="Rows" in ds)
 
 
-def _dataset(data: bytes, **kw: Any):
+def _inflated(data: bytes, max_pixels: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file as the same file in Explicit VR Little Endian, inflated
+    under a hard cap: pydicom inflates the whole dataset at once, so a few MB can ask for gigabytes.
+    Any other file is returned as it is."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    if DEFLATED.encode() not in data[: DICM_OFFSET + 4096]:
+        return data  # the transfer syntax is in the file meta, near the start
+    fp = io.BytesIO(data)
+    fp.seek(DICM_OFFSET + 4)
+    meta = _read_file_meta_info(fp)
+    if str(meta.get("TransferSyntaxUID", "")).strip("\x00 ") != DEFLATED:
+        return data
+    cap = inflate_limit(max_pixels)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    # in steps of at most INFLATE_STEP: one call with max_length grows its buffer by doubling, twice the cap
+    chunks, size, rest = [], 0, memoryview(data)[fp.tell() :]
+    try:
+        while size <= cap:
+            chunk = inflater.decompress(rest, INFLATE_STEP)
+            rest = inflater.unconsumed_tail
+            chunks.append(chunk)
+            size += len(chunk)
+            if inflater.eof or not (chunk or rest):
+                break
+    except zlib.error as exc:
+        raise ImageError(None, f"cannot inflate Deflated Explicit VR Little Endian data: {exc}") from None
+    if size > cap:
+        raise ImageError(
+            None,
+            f"Deflated Explicit VR Little Endian data inflates past {cap:,} bytes, "
+            f"more than a film within the pixel limit of {max_pixels:,} needs (daemon.max_pixels)",
+        )
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    write_file_meta_info(out, meta, enforce_standard=False)
+    chunks.insert(0, data[: DICM_OFFSET + 4] + out.getvalue())
+    return b"".join(chunks)
+
+
+def _dataset(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, **kw: Any):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on odd but readable files; what fails is an error
-            return pydicom.dcmread(io.BytesIO(data), **kw)
+            return pydicom.dcmread(io.BytesIO(_inflated(data, max_pixels)), **kw)
+    except ImageError:
+        raise
     except InvalidDicomError:
         raise ImageError(None, "not a DICOM file (no DICM marker)") from None
     except (EOFError, struct.error) as exc:
@@ -106,13 +164,10 @@ def decode_dicom(data: bytes, *, window: int, max_pixels: int) -> Image.Image:
     (without a path: the caller names the file)."""
     from pydicom.pixels import pixel_array
 
-    ds = _dataset(data)
+    ds = _dataset(data, max_pixels)
     if "PixelData" not in ds:  # an image without pixels may be a file cut short (pydicom stops at the end quietly)
         raise ImageError(None, "no pixel data", incomplete="Rows" in ds)
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    if rows * cols > max_pixels:
-        raise ImageError(None, f"image is {cols}x{rows} = {rows * cols:,} pixels, over the limit of {max_pixels:,}")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _check_size(ds, max_pixels)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     try:
         with warnings.catch_warnings():
@@ -131,6 +186,37 @@ def decode_dicom(data: bytes, *, window: int, max_pixels: int) -> Image.Image:
     if arr.ndim != 2:
         raise ImageError(None, f"unexpected pixel array shape {arr.shape}")
     return to_display(arr, ds, window)
+
+
+def _int(ds: Any, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword, default)
+        return int(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        raise ImageError(None, f"{keyword} is not a number") from None
+
+
+def _check_size(ds: Any, max_pixels: int) -> int:
+    """The number of frames, once the first frame's size is known to fit the limits: what a decoder would
+    allocate (Rows x Columns x SamplesPerPixel x bytes per sample), refused before it does."""
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    samples, bits = _int(ds, "SamplesPerPixel", 1), _int(ds, "BitsAllocated", 8)
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    if min(rows, cols, samples, bits, frames) < 1 or samples > 4 or bits > 64:
+        raise ImageError(
+            None,
+            f"implausible image attributes: {cols}x{rows}, {samples} samples of {bits} bits, {frames} frames",
+        )
+    if rows * cols > max_pixels:
+        raise ImageError(None, f"image is {cols}x{rows} = {rows * cols:,} pixels, over the limit of {max_pixels:,}")
+    frame_bytes = rows * cols * samples * -(-bits // 8)
+    if frame_bytes > max_pixels * MAX_BYTES_PER_PIXEL:
+        raise ImageError(
+            None,
+            f"one frame of {cols}x{rows} x {samples} samples x {bits} bits is {frame_bytes:,} bytes, over the "
+            f"{max_pixels * MAX_BYTES_PER_PIXEL:,} a film within the pixel limit of {max_pixels:,} may take",
+        )
+    return frames
 
 
 # What decodes a syntax the installed (permissively licensed) plugins do not.

@@ -177,7 +177,7 @@ def dicom_facts(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> DicomFact
     if not is_dicom(data):
         return DicomFacts()
     try:
-        header = read_header(data)
+        header = read_header(data, max_pixels=limits.max_pixels)
     except ImageError:
         return DicomFacts()
     return DicomFacts(

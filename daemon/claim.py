@@ -2,23 +2,42 @@
 to the decoders (threads ``xr-decode-N``), which put it on the inferer's queue.
 
 A file's bytes are read and hashed before its claim's transaction (whose locks hold the other writers up),
-and kept until the batch commit: a new model with another preset decodes the same bytes again.
+and kept until the batch commit: a new model with another preset decodes the same bytes again. Nothing is
+parsed before the claim: a DICOM header is read under it, and every parse and decode is marked in
+:class:`ReadingMarks`, so a file that kills the process is known at the next start.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
+import fcntl
+import itertools
 import os
 import queue
+import socket
+import struct
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from xr.core.dicom import is_dicom
 from xr.core.errors import ImageError
-from xr.core.intake import DecodeLimits, Input, InputError, InputUnavailable, InputVanished, read_input
+from xr.core.files import apply_mode, file_mode
+from xr.core.intake import (
+    DecodeLimits,
+    Input,
+    InputError,
+    InputUnavailable,
+    InputVanished,
+    dicom_facts,
+    read_input,
+)
 from xr.daemon.discovery import Discovery, FileItem
 from xr.daemon.finish import PendingMove
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
@@ -64,6 +83,69 @@ def decode(f: ClaimedFile, predictor: Any, limits: DecodeLimits) -> None:
     f.decode_ms = (time.perf_counter() - t0) * 1000
 
 
+class ReadingMarks:
+    """The claimed rows this process is parsing or decoding right now: one 8-byte slot per thread in a
+    small file of the output folder, written without fsync (a process that dies leaves its page cache).
+    What a killed run (out of memory, a decoder's segfault) left there is read at the next start, and each
+    of those rows counts one crash (``journal.settle_at_start``)."""
+
+    SLOT = struct.Struct("<q")
+
+    def __init__(self, output: Path, exclusive: bool = True, worker: str | None = None):
+        # one daemon per output folder on SQLite; with several workers sharing it, one file per host and
+        # worker number (the first this process can lock: a restarted worker finds a dead one's file)
+        names = (
+            [".xr-daemon.reading"]
+            if exclusive
+            else [f".xr-reading-{worker or socket.gethostname()}-{n}" for n in range(16)]
+        )
+        self.fd: int | None = None
+        for name in names:
+            fd = os.open(output / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            apply_mode(output / name, fd=fd)
+            self.fd = fd
+            break
+        self._slots = itertools.count()
+        self._local = threading.local()
+
+    def take_left(self) -> set[int]:
+        """The rows a previous run was reading when it stopped; the file is cleared for this run."""
+        if self.fd is None:
+            return set()
+        data = os.pread(self.fd, 1 << 16, 0)
+        os.ftruncate(self.fd, 0)
+        n = len(data) // self.SLOT.size
+        return {v for (v,) in self.SLOT.iter_unpack(data[: n * self.SLOT.size]) if v > 0}
+
+    @contextlib.contextmanager
+    def reading(self, row_id: int):
+        if self.fd is None:
+            yield
+            return
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            slot = self._local.slot = next(self._slots)
+        offset = slot * self.SLOT.size
+        os.pwrite(self.fd, self.SLOT.pack(row_id), offset)
+        try:
+            yield
+        finally:
+            os.pwrite(self.fd, self.SLOT.pack(0), offset)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+NO_MARKS = contextlib.nullcontext
+
+
 def still_there(item: FileItem) -> bool:
     """Whether the inbox still holds ``item`` as it was listed."""
     try:
@@ -88,9 +170,11 @@ class Claimer(Stage):
         ready: queue.Queue[FileItem],
         decoded: queue.Queue[ClaimedFile],
         finish: queue.Queue[list[PendingMove]],
+        marks: ReadingMarks | None = None,
     ):
         super().__init__()
         self.rt, self.discovery, self.model, self.slots = rt, discovery, model, slots
+        self.marks = marks
         self.ready, self.decoded, self.finish = ready, decoded, finish
         self._carry: FileItem | None = None  # taken from the queue while no slot was free: it goes first
         self.pool = cf.ThreadPoolExecutor(max_workers=max(1, rt.decode_workers), thread_name_prefix="xr-decode")
@@ -150,7 +234,7 @@ class Claimer(Stage):
         reads: list[tuple[FileItem, Input | None, str | None]] = []
         for item in items:
             try:
-                film = read_input(item.path, rt.limits, inbox=rt.inbox, is_symlink=item.is_symlink)
+                film = read_input(item.path, rt.limits, inbox=rt.inbox, is_symlink=item.is_symlink, read_dicom=False)
             except InputVanished:
                 self.discovery.release(item.path)
                 continue
@@ -190,22 +274,39 @@ class Claimer(Stage):
                 for (item, film, err), c in zip(reads, claims)
                 if c.outcome in (Claim.NEW, Claim.REDO)
             ]
-            scorable = [f for f in admitted if f.error is None and f.skip is None]
-            if rt.daemon.dedupe and scorable:
-                by_sha = rows.first_ok_by_sha(s, [f.sha256 for f in scorable if f.sha256])
-                by_sop = rows.first_ok_by_sop(s, [f.sop for f in scorable if f.sop])
-                for f in scorable:
-                    f.duplicate_of = by_sha.get(f.sha256) or by_sop.get(f.sop)
+            plain = [f for f in admitted if f.error is None and not (f.data and is_dicom(f.data))]
+            self._dedupe(s, plain)
+        dicom = [f for f in admitted if f.error is None and f.data and is_dicom(f.data)]
+        if dicom:  # headers parsed under their claims (a crash in the parse is then counted), then recorded
+            facts = {f.row_id: self._parse(f) for f in dicom}
+            with rt.sessions.begin() as s:
+                journal.record_facts(s, facts)
+                self._dedupe(s, dicom)
         for (item, _, _), c in zip(reads, claims):
             self._route(item, c, log)
         return admitted
+
+    def _parse(self, f: ClaimedFile) -> dict[str, Any]:
+        """Read ``f``'s DICOM header: its scope, cut-short hint and SOP instance; its identifier columns."""
+        with self.marks.reading(f.row_id) if self.marks else NO_MARKS():
+            facts = dicom_facts(f.data, self.rt.limits)
+        f.skip, f.incomplete = facts.out_of_scope, facts.maybe_cut
+        f.sop = facts.identifiers.get("sop_instance_uid")
+        return {column: facts.identifiers.get(column) for column in DICOM_COLUMNS}
+
+    def _dedupe(self, s: Any, admitted: list[ClaimedFile]) -> None:
+        scorable = [f for f in admitted if f.error is None and f.skip is None]
+        if self.rt.daemon.dedupe and scorable:
+            by_sha = rows.first_ok_by_sha(s, [f.sha256 for f in scorable if f.sha256])
+            by_sop = rows.first_ok_by_sop(s, [f.sop for f in scorable if f.sop])
+            for f in scorable:
+                f.duplicate_of = by_sha.get(f.sha256) or by_sop.get(f.sop)
 
     def _admit(self, item: FileItem, film: Input | None, err: str | None, c: Claimed) -> ClaimedFile:
         # an image without pixels waits out the grace period like any file cut short, then is skipped
         f = ClaimedFile(c.row_id, c.token, item, c.received_at, error=err)
         if film is not None:
-            f.data, f.sha256, f.sop = film.data, film.sha256, film.identifiers.get("sop_instance_uid")
-            f.skip, f.incomplete = film.out_of_scope, film.maybe_cut
+            f.data, f.sha256 = film.data, film.sha256
         return f
 
     def _route(self, item: FileItem, c: Claimed, log: Any) -> None:
@@ -229,7 +330,8 @@ class Claimer(Stage):
             self.finish.put([PendingMove(c.row_id, item.path, (item.size, item.mtime_ns), c.moved_to, c.token)])
 
     def _decode(self, f: ClaimedFile) -> None:
-        decode(f, self.model.predictor, self.rt.limits)
+        with self.marks.reading(f.row_id) if self.marks else NO_MARKS():
+            decode(f, self.model.predictor, self.rt.limits)
 
     def _decoded(self, fut: cf.Future, f: ClaimedFile) -> None:
         if fut.cancelled():

@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 import queue
+import stat
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from xr.core.intake import DecodeLimits
 from xr.core.logs import get_logger
 from xr.core.paths import model_path, output_dir, results_db
 from xr.core.predict import Predictor
-from xr.daemon.claim import Claimer
+from xr.daemon.claim import Claimer, ReadingMarks
 from xr.daemon.discovery import Discovery, inside
 from xr.daemon.finish import Finisher, PendingMove
 from xr.daemon.heatmaps import HeatmapStage
@@ -37,9 +38,9 @@ from xr.daemon.reload import ModelReloader, open_predictor, prepare
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.stage import Supervisor
 from xr.results import journal, rows
-from xr.results.engine import db_url, make_engine, session_factory, sqlite_file
+from xr.results.engine import db_url, make_engine, session_factory, shown_url, sqlite_file
 from xr.results.export import CsvExporter, csv_columns
-from xr.results.schema import Meta, utcnow
+from xr.results.schema import Meta, Status, utcnow
 
 
 def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
@@ -55,6 +56,31 @@ def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
                 f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output"
             )
     return (output,) if output != inbox and inside(output, inbox) else own
+
+
+def private_dir(path: Path) -> bool:
+    """A folder of this account's that no other user can write to (so none can plant or hold a file in it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def lock_dir(output: Path) -> Path:
+    """Where the inbox lock lives: the service's runtime directory (systemd's ``RuntimeDirectory``), the
+    user's (``$XDG_RUNTIME_DIR``), or a folder of this account's in the temp folder; the output folder when
+    none is private (a lock there still keeps two daemons of that output off one inbox)."""
+    for env in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
+        d = os.environ.get(env, "").split(":")[0]
+        if d and private_dir(Path(d)):
+            return Path(d)
+    mine = Path(tempfile.gettempdir()) / f"xr-daemon-{os.geteuid()}"
+    try:
+        mine.mkdir(mode=0o700)
+    except OSError:
+        pass  # there already: used only if it is this account's and private
+    return mine if private_dir(mine) else output
 
 
 class Service:
@@ -102,6 +128,7 @@ class Service:
         self.metrics_server: MetricsServer | None = None
         self.sessions = None
         self._lock_fds: list[int] = []
+        self.marks: ReadingMarks | None = None
         self._signal_reason: str | None = None
 
     # -- control ----------------------------------------------------------------------------------------
@@ -135,13 +162,14 @@ class Service:
         if url.startswith("sqlite:///"):
             db_file = sqlite_file(url)
             locks.append((db_file.with_name(f".{db_file.name}.xr-daemon.lock"), f"results database {db_file}", True))
-        # The inbox is the users' folder: its lock lives in the temp folder, named after the inbox's path.
+        # The inbox is the users' folder: its lock, named after the inbox's path, lives in a folder only
+        # this account can write, so no other local user can hold it and keep the daemon from starting.
         tag = hashlib.sha256(os.fsencode(self.inbox)).hexdigest()[:16]
-        locks.append((Path(tempfile.gettempdir()) / f"xr-daemon-inbox-{tag}.lock", f"watch folder {self.inbox}", False))
+        locks.append((lock_dir(self.output) / f"xr-daemon-inbox-{tag}.lock", f"watch folder {self.inbox}", False))
         for path, what, required in locks:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             except OSError as exc:
                 if required:
                     raise XRError(f"cannot use {what}: {exc.strerror or exc}") from None
@@ -203,11 +231,29 @@ class Service:
     def reconcile(self, rt: Runtime, discovery: Discovery, destinations: Destinations, finisher: Finisher) -> dict:
         """Before watching: settle what a previous run left (docs/operations.md, "Crash safety"). With
         several workers on one database, only rows this worker held or whose lease has run out."""
+        crashed = self.marks.take_left() if self.marks is not None else set()
         with rt.sessions.begin() as s:
-            settled, left = journal.settle_at_start(s, discovery.would_read, rt.lease, utcnow())
-        stats = {"claimed_redo": 0, "claimed_gone": 0, "claimed_released": 0, "moves_finished": len(left)}
+            settled, left = journal.settle_at_start(
+                s,
+                discovery.would_read,
+                rt.lease,
+                utcnow(),
+                crashed=crashed,
+                place=lambda path: destinations.reserve(path, Status.ERROR),
+            )
+        stats = {
+            "claimed_redo": 0,
+            "claimed_gone": 0,
+            "claimed_released": 0,
+            "claimed_set_aside": 0,
+            "moves_finished": len(left),
+        }
         for x in settled:  # redo: the scan finds the file again and its claim reuses the row
             stats[f"claimed_{'released' if x.outcome == 'release' else x.outcome}"] += 1
+            if x.outcome == "set_aside":
+                self.log.error("file_set_aside", file=x.path, id=x.row_id, reason=x.reason)
+            elif x.row_id in crashed:
+                self.log.warning("read_crashed", file=x.path, id=x.row_id, reason="the daemon stopped while reading it")
         for m in left:
             destinations.hold(m.moved_to)
         if left:
@@ -286,7 +332,8 @@ class Service:
                 heatmaps=self.heatmaps,
                 on_batch=self._stop_after(max_batches),
             )
-            claimer = Claimer(rt, discovery, model, slots, ready_q, decoded_q, finish_q)
+            self.marks = ReadingMarks(self.output, self.exclusive, d.worker_id)
+            claimer = Claimer(rt, discovery, model, slots, ready_q, decoded_q, finish_q, self.marks)
             leases = LeaseKeeper(rt, discovery) if not self.exclusive else None
             self.inferer = inferer
             rec = self.reconcile(rt, discovery, destinations, finisher)
@@ -294,7 +341,7 @@ class Service:
                 "daemon_started",
                 watch=str(self.inbox),
                 output=str(self.output),
-                db=str(self.db),
+                db=shown_url(self.db),
                 worker_id=self.worker_id,
                 once=self.once,
                 batch_size=plan.batch_size,
@@ -341,6 +388,8 @@ class Service:
                 self.exporter.release()
             if engine is not None:
                 engine.dispose()
+            if self.marks is not None:
+                self.marks.close()
             self.release_locks()
         return self.exit_code
 
@@ -405,6 +454,9 @@ class Service:
     def _shutdown(self) -> None:
         t0 = time.perf_counter()
         sd_notify("STOPPING=1")
+        threading.Thread(
+            target=lambda: [sd_notify("WATCHDOG=1") or time.sleep(0.1) for _ in range(40)], daemon=True
+        ).start()  # BREAK
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self.supervisor is not None:

@@ -17,7 +17,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,6 +244,12 @@ def claim_files(s: Session, files: list[FileClaim], lease: Lease, now: dt.dateti
     return out
 
 
+def record_facts(s: Session, facts: dict[int, dict[str, Any]]) -> None:
+    """Write what claimed files' headers say (row id -> DICOM identifier columns). A header is parsed only
+    once its file is claimed: the parse is the first thing a hostile file can crash."""
+    update_rows(s, [{"id": row_id, **columns} for row_id, columns in facts.items()])
+
+
 def give_back(s: Session, tokens: dict[int, int], worker: str) -> None:
     """Delete the claims (id -> token) this worker still holds: their files are new work again."""
     delete_rows(s, list(still_held(s, tokens, worker)))
@@ -364,14 +370,32 @@ class Settled:
     row_id: int
     path: str
     holder: str | None
-    outcome: str  # redo | release | gone (settle_claim), or moved (a move recorded)
+    outcome: str  # redo | release | gone (settle_claim), set_aside (crashed twice), or moved (a move recorded)
     reason: str
 
 
-def _settle(s: Session, rows: list[Result], would_read: Callable[[str], bool], now: dt.datetime) -> list[Settled]:
+CRASH_LIMIT = 2  # runs that may die reading one file before it is set aside
+CRASHED = "the daemon stopped twice while reading this file (set aside: it may crash the decoder)"
+
+
+def _settle(
+    s: Session,
+    rows: list[Result],
+    would_read: Callable[[str], bool],
+    now: dt.datetime,
+    place: Callable[[str], str | None] | None = None,
+) -> list[Settled]:
     out, released = [], []
     for row in rows:
         outcome, reason = settle_claim(row, would_read, now)
+        if outcome == "redo" and place is not None and (row.read_crashes or 0) >= CRASH_LIMIT:
+            # A file that killed the process twice is not read a third time: an error row, and the
+            # file goes where errors go (the caller's ``place``), moved like any committed row.
+            for col, value in final_row(Status.ERROR, now=now, received_at=row.received_at, error=CRASHED).items():
+                setattr(row, col, value)
+            row.moved_to = place(fs_path(row.path))
+            row.moved_at = None if row.moved_to is not None else now
+            outcome, reason = "set_aside", CRASHED
         if outcome == "release":
             released.append(row.id)
         out.append(Settled(row.id, row.path, row.lease_holder, outcome, reason))
@@ -391,12 +415,27 @@ class LeftMove:
 
 
 def settle_at_start(
-    s: Session, would_read: Callable[[str], bool], lease: Lease, now: dt.datetime
+    s: Session,
+    would_read: Callable[[str], bool],
+    lease: Lease,
+    now: dt.datetime,
+    *,
+    crashed: Collection[int] = (),
+    place: Callable[[str], str | None] | None = None,
 ) -> tuple[list[Settled], list[LeftMove]]:
     """Before a worker watches: settle the claims a previous run left (all of them on a database of its own;
     with several workers, this worker's and those whose lease ran out), and take over the committed rows
-    whose move it did not finish."""
+    whose move it did not finish.
+
+    ``crashed``: the claims that run was reading (parse or decode) when it died; each counts one crash,
+    and a claim at :data:`CRASH_LIMIT` becomes an error row moved to ``place(path)`` (``set_aside``)."""
     clock = db_time(s)
+    if crashed:  # counted whoever settles the row: with several workers it may be another's, later
+        s.execute(
+            update(Result)
+            .where(Result.id.in_(list(crashed)), Result.status == Status.CLAIMED)
+            .values(read_crashes=Result.read_crashes + 1)
+        )
     left = lease.left_rows(clock)
     claims = s.scalars(
         select(Result)
@@ -404,7 +443,8 @@ def settle_at_start(
         .order_by(Result.id)
         .with_for_update(skip_locked=True)
     ).all()
-    settled = _settle(s, list(claims), would_read, now)
+    settled = _settle(s, list(claims), would_read, now, place)
+    s.flush()  # the rows set aside are committed rows whose move is left: the query below takes them
     pending = s.scalars(
         select(Result)
         .where(Result.status != Status.CLAIMED, Result.moved_at.is_(None), Result.moved_to.is_not(None), left)

@@ -249,3 +249,52 @@ def ybr_full(rgb: np.ndarray) -> Dataset:
     ds.PhotometricInterpretation = "YBR_FULL"
     ds.PixelData = convert_color_space(rgb, "RGB", "YBR_FULL").astype(np.uint8).tobytes()
     return ds
+
+
+def deflated(ds: Dataset) -> bytes:
+    """``ds`` as a Deflated Explicit VR Little Endian file (PS3.5 A.5: the dataset after the file meta,
+    zlib-deflated without a header)."""
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = FileMetaDataset(ds.file_meta)
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    write_file_meta_info(head, meta)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return b"\0" * 128 + b"DICM" + head.getvalue() + c.compress(body.getvalue()) + c.flush()
+
+
+def deflate_bomb(picture: Path, inflated: int = 3 * 2**30) -> bytes:
+    """A small 8-bit CR film in the Deflated syntax whose PixelData claims and holds ``inflated`` bytes of
+    zeros: a few MB on disk, gigabytes once inflated. The stream repeats one fully flushed block of
+    deflated zeros, so it is built without ever holding the inflated bytes."""
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = cr_from_picture(picture)
+    del ds.PixelData
+    meta = FileMetaDataset(ds.file_meta)
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    write_file_meta_info(head, meta)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    chunk = 1 << 20
+    n = inflated // chunk
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, n * chunk)
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    start = c.compress(body.getvalue() + pixel_header) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(bytes(chunk)) + c.flush(zlib.Z_FULL_FLUSH)  # the same bytes for every chunk of zeros
+    return b"\0" * 128 + b"DICM" + head.getvalue() + start + block * n + c.flush()

@@ -948,3 +948,104 @@ def test_a_share_that_goes_away_and_comes_back_is_survived(tmp_path, tiny_checkp
     assert sorted(r["filename"] for r in db_rows(tmp_path)) == ["after.jpeg", "before.jpeg", "meanwhile.jpeg"]
     assert {r["status"] for r in db_rows(tmp_path)} == {"ok"}
     assert not any(e["event"] == "stage_failed" for e in log_events(log))
+
+
+# -- hostile inbox files --------------------------------------------------------------------------------
+def _run_measured(cmd: list[str], cwd: Path, log: Path, timeout: float = 300) -> tuple[int, float]:
+    """Run ``cmd`` to its end: (exit code, its peak resident memory in MB, from wait4's rusage)."""
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, cwd=cwd)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_maxrss / 1024
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{cmd[:3]} did not finish in {timeout} s")
+        time.sleep(0.05)
+
+
+def _once_cmd(tmp: Path, model: Path, *extra: str, argv0: list[str] = DAEMON) -> list[str]:
+    return [
+        *argv0,
+        *("--watch", str(tmp / "inbox"), "--output", str(tmp / "out"), "--model", str(model), "--once"),
+        *("--stable-ms", "100", "--max-wait-ms", "50", "--device", "cpu", *QUICK, *extra),
+    ]
+
+
+def test_a_deflate_bomb_is_one_error_row_in_bounded_memory(tmp_path, tiny_checkpoint, xray_paths):
+    """A 3 MB Deflated Explicit VR Little Endian file that inflates to 3 GB: refused under a hard cap (the
+    daemon's peak memory a few hundred MB over a run without it, where inflating it whole took 15.8 GB),
+    one error row naming it, and the film beside it scored."""
+    import dicom_films
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    dicom_films.write(dicom_films.cr_from_picture(xray_paths[1]), inbox / "good.dcm")
+    (inbox / "deflated.dcm").write_bytes(dicom_films.deflated(dicom_films.cr_from_picture(xray_paths[2])))
+    cmd = _once_cmd(tmp_path, tiny_checkpoint)
+    rc, baseline_mb = _run_measured(cmd, tmp_path, tmp_path / "baseline.log")  # the same daemon, no bomb
+    assert rc == 0, (tmp_path / "baseline.log").read_text()[-3000:]
+    bomb = dicom_films.deflate_bomb(xray_paths[0], 3 * 2**30)
+    assert len(bomb) < 4 * 2**20
+    (inbox / "bomb.dcm").write_bytes(bomb)
+    dicom_films.write(dicom_films.cr_from_picture(xray_paths[3]), inbox / "next.dcm")
+    rc, peak_mb = _run_measured(cmd, tmp_path, tmp_path / "daemon.log")
+    assert rc == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+    assert peak_mb - baseline_mb < 512, f"peak {peak_mb:.0f} MB, {baseline_mb:.0f} MB without the bomb"
+    rows = {r["filename"]: r for r in db_rows(tmp_path)}
+    assert sorted(rows) == ["bomb.dcm", "deflated.dcm", "good.dcm", "next.dcm"]
+    assert rows["bomb.dcm"]["status"] == "error" and "Deflated" in rows["bomb.dcm"]["error"]
+    assert "daemon.max_pixels" in rows["bomb.dcm"]["error"]
+    assert all(rows[n]["status"] == "ok" for n in ("deflated.dcm", "good.dcm", "next.dcm"))  # real deflated: read
+    assert (tmp_path / "out" / "failed" / "bomb.dcm").exists()
+
+
+CRASH_HOOK = """
+import os, sys
+from xr.daemon import claim
+_decode = claim.decode
+def decode(f, predictor, limits):
+    if os.path.basename(f.item.path) == os.environ["XR_TEST_CRASH_NAME"]:
+        os._exit(139)  # as a decoder's segfault or the kernel's OOM kill ends the process: no cleanup
+    _decode(f, predictor, limits)
+claim.decode = decode
+from xr.daemon.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_file_that_kills_the_daemon_twice_is_set_aside(tmp_path, tiny_checkpoint, xray_paths, monkeypatch):
+    """A film whose decode ends the process (here a hook that exits as a segfault would): the first two
+    starts die on it, the third sets it aside in failed/ with an error row instead of reading it again
+    (a service manager's restarts no longer loop), and the other films are scored."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i, name in enumerate(("a.jpeg", "b.jpeg", "crash.jpeg", "d.jpeg")):
+        distinct_copy(xray_paths[i], inbox / name, i)
+    monkeypatch.setenv("XR_TEST_CRASH_NAME", "crash.jpeg")
+    cmd = _once_cmd(
+        tmp_path,
+        tiny_checkpoint,
+        "--batch-size",
+        "1",
+        "--set",
+        "daemon.decode_workers=1",
+        argv0=[sys.executable, "-c", CRASH_HOOK],
+    )
+    codes = [_run_measured(cmd, tmp_path, tmp_path / f"run{i}.log")[0] for i in range(3)]
+    assert codes == [139, 139, 0], [(tmp_path / f"run{i}.log").read_text()[-2000:] for i in range(3)]
+    rows = {r["filename"]: r for r in db_rows(tmp_path)}
+    assert sorted(rows) == ["a.jpeg", "b.jpeg", "crash.jpeg", "d.jpeg"]
+    assert rows["crash.jpeg"]["status"] == "error" and "stopped twice" in rows["crash.jpeg"]["error"]
+    assert all(rows[n]["status"] == "ok" for n in ("a.jpeg", "b.jpeg", "d.jpeg")), rows
+    assert sorted(p.name for p in (tmp_path / "out" / "failed").iterdir()) == ["crash.jpeg"]
+    assert sorted(p.name for p in (tmp_path / "out" / "processed").iterdir()) == ["a.jpeg", "b.jpeg", "d.jpeg"]
+    assert not list(inbox.iterdir())
+    events = log_events(tmp_path / "run2.log")
+    assert [e["file"] for e in events if e["event"] == "file_set_aside"] == [str(inbox / "crash.jpeg")]
+    assert [e["id"] for e in log_events(tmp_path / "run1.log") if e["event"] == "read_crashed"] == [
+        rows["crash.jpeg"]["id"]
+    ]
