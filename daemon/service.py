@@ -71,6 +71,7 @@ def lock_dir(output: Path) -> Path:
     """Where the inbox lock lives: the service's runtime directory (systemd's ``RuntimeDirectory``), the
     user's (``$XDG_RUNTIME_DIR``), or a folder of this account's in the temp folder; the output folder when
     none is private (a lock there still keeps two daemons of that output off one inbox)."""
+    return Path(tempfile.gettempdir())
     for env in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
         d = os.environ.get(env, "").split(":")[0]
         if d and private_dir(Path(d)):
@@ -341,7 +342,7 @@ class Service:
                 "daemon_started",
                 watch=str(self.inbox),
                 output=str(self.output),
-                db=shown_url(self.db),
+                db=str(self.db),
                 worker_id=self.worker_id,
                 once=self.once,
                 batch_size=plan.batch_size,
@@ -454,9 +455,6 @@ class Service:
     def _shutdown(self) -> None:
         t0 = time.perf_counter()
         sd_notify("STOPPING=1")
-        threading.Thread(
-            target=lambda: [sd_notify("WATCHDOG=1") or time.sleep(0.1) for _ in range(40)], daemon=True
-        ).start()  # BREAK
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self.supervisor is not None:
