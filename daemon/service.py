@@ -71,7 +71,6 @@ def lock_dir(output: Path) -> Path:
     """Where the inbox lock lives: the service's runtime directory (systemd's ``RuntimeDirectory``), the
     user's (``$XDG_RUNTIME_DIR``), or a folder of this account's in the temp folder; the output folder when
     none is private (a lock there still keeps two daemons of that output off one inbox)."""
-    return Path(tempfile.gettempdir())
     for env in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
         d = os.environ.get(env, "").split(":")[0]
         if d and private_dir(Path(d)):
@@ -342,7 +341,7 @@ class Service:
                 "daemon_started",
                 watch=str(self.inbox),
                 output=str(self.output),
-                db=str(self.db),
+                db=shown_url(self.db),
                 worker_id=self.worker_id,
                 once=self.once,
                 batch_size=plan.batch_size,
