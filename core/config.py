@@ -1,7 +1,8 @@
 """The two configuration files, as pydantic models validated once at start-up.
 
-- ``config.yaml`` holds what an operator sets: sections ``daemon`` and ``csv``, read by ``xr-daemon``
-  and ``xr-results``. Its defaults ship as ``core/config.yaml``.
+- ``config.yaml`` holds what an operator sets: read by ``xr-daemon``, and in part by ``xr-results``,
+  ``xr-review`` and ``xr-score`` (each section's ``ALSO_READ_BY``/``READ_BY``). Its defaults ship as
+  ``core/config.yaml``.
 - ``recipe.yaml`` holds what a retrainer sets: ``preprocess``, ``augment``, ``model``, ``data``,
   ``train``, ``calibration``, read by ``xr-train`` only (the daemon takes preprocessing and the network
   from the checkpoint). Its defaults ship as ``train/recipe.yaml``; each run saves its resolved copy.
@@ -53,8 +54,10 @@ Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    # Keys read by more programs than their file's readers (docs/configuration.md's "read by").
+    # docs/configuration.md's "read by": a key is read by its file's READERS, and also by ALSO_READ_BY[key];
+    # READ_BY[key] names the readers of a key its file's READERS do not read.
     ALSO_READ_BY: ClassVar[dict[str, str]] = {}
+    READ_BY: ClassVar[dict[str, str]] = {}
 
 
 def _ordered(pair: tuple[Any, Any], name: str) -> None:
@@ -199,14 +202,15 @@ class CalibrationConfig(Section):
     ece_bins: StrictInt = Field(15, ge=1, description="equal-width bins of the ECE and reliability diagram")
 
 
-# -- config.yaml: xr-daemon, xr-results ---------------------------------------------------------------
+# -- config.yaml: xr-daemon; in part xr-results, xr-review, xr-score ------------------------------------
 class DaemonConfig(Section):
     # The decode limits (core/intake.py DecodeLimits) are read by every program that decodes for the site.
     ALSO_READ_BY = {
-        "output": "xr-results",
-        "db": "xr-results",
-        "model": "xr-score",
-        "max_file_mb": "xr-score",
+        "output": "xr-results, xr-review",
+        "db": "xr-results, xr-review",
+        "model": "xr-score, xr-results (backup)",
+        "calibration": "xr-results (backup)",
+        "max_file_mb": "xr-score, xr-review",
         "max_pixels": "xr-score, xr-review",
     }
 
@@ -295,7 +299,7 @@ class DaemonConfig(Section):
 class DicomConfig(Section):
     """Which DICOM objects are scored; anything else gets a ``skipped`` row with the reason."""
 
-    ALSO_READ_BY = {"modalities": "xr-score", "body_parts": "xr-score", "window": "xr-score, xr-review"}
+    ALSO_READ_BY = dict.fromkeys(("modalities", "body_parts", "window"), "xr-score, xr-review")
 
     modalities: list[StrictStr] = Field(
         ["CR", "DX"], min_length=1, description="Modality values scored (chest radiographs: CR, DX)"
@@ -321,12 +325,7 @@ class CsvConfig(Section):
 class ReviewConfig(Section):
     """xr-review's sign-in (docs/security.md; addresses and TLS are flags) and the audit sample it reads."""
 
-    ALSO_READ_BY = {
-        "idle_timeout_min": "xr-review",
-        "failed_logins": "xr-review",
-        "lockout_min": "xr-review",
-        "allowed_hosts": "xr-review",
-    }
+    READ_BY = dict.fromkeys(("idle_timeout_min", "failed_logins", "lockout_min", "allowed_hosts"), "xr-review")
 
     idle_timeout_min: Number = Field(
         30.0, gt=0, le=1440, description="xr-review: a session unused this long ends (sign in again), minutes"

@@ -47,6 +47,8 @@ def _kind(ann) -> str:
         return " ".join([kind, *_bounds(args[1:])]) if _bounds(args[1:]) else kind
     if origin is tuple:
         return f"list of {len(args)}: {_kind(args[0])}"
+    if origin is list:
+        return f"list of {_kind(args[0])}"
     if type(None) in args:
         return f"{_kind(next(a for a in args if a is not type(None)))} or null"
     names = {bool: "true \\| false", int: "integer", float: "number", str: "text"}
@@ -100,15 +102,20 @@ def render_markdown() -> str:
         "Generated from `core/config.py` by `python scripts/write_config_docs.py`; `tests/test_config.py` fails when it is stale.",
         "",
         "Two files, each validated once at start-up: an unknown or misplaced key, a wrong type or a value out of",
-        "range stops the program with an error naming the key. Command-line flags override single values",
-        "(`--set section.key=VALUE`, the value parsed as YAML).",
+        "range stops the program with an error naming the key. The last column says which programs read a key.",
         "",
-        "- `config.yaml`: the operator's settings, read by `xr-daemon` (and by `xr-results` to find the results):",
-        "  `--config FILE`, else `$XR_CONFIG`, else the packaged defaults `core/config.yaml`. The checkout's",
-        "  top-level `config.yaml` is an example with the quick start's folders set (`make run` uses it).",
-        "- `recipe.yaml`: the training recipe, read by `xr-train` only (`--recipe FILE`, else the run folder's saved",
-        "  `recipe.yaml`, else the packaged `train/recipe.yaml`). The daemon never reads it: preprocessing and the",
-        "  network travel inside the checkpoint, so a trained model always sees the inputs it was trained on.",
+        "- `config.yaml`: the operator's settings, read by `xr-daemon`, and in part by `xr-results` (where the",
+        "  results are), `xr-review` (where the results and films are, the decode limits, its sign-in settings) and",
+        "  `xr-score` (the model and the decode limits): `--config FILE`, else `$XR_CONFIG`, else the packaged",
+        "  defaults `core/config.yaml`. The checkout's top-level `config.yaml` is an example with the quick",
+        "  start's folders set (`make run` uses it). `xr-daemon --set section.key=VALUE` overrides one key (the",
+        "  value parsed as YAML), and some keys have a flag of their own (docs/operations.md).",
+        "- `recipe.yaml`: the training recipe, read by `xr-train` only: `--recipe FILE`, else the run folder's",
+        "  saved `recipe.yaml`, else the packaged `train/recipe.yaml` (`xr-train evaluate`: `--recipe` or the",
+        "  packaged one; `site-calibrate` reads none). Single keys are overridden by the flags of",
+        "  `xr-train` (`--epochs`, `--objective`, ...); there is no `--set` for the recipe. The daemon never reads",
+        "  it: preprocessing and the network travel inside the checkpoint, so a trained model always sees the",
+        "  inputs it was trained on.",
         "",
         "Relative paths are taken from the current directory.",
     ]
@@ -121,7 +128,9 @@ def render_markdown() -> str:
             out += ["| key | meaning | default | allowed | read by |", "| --- | --- | --- | --- | --- |"]
             for key, info in model.model_fields.items():
                 meaning = info.description.replace("|", "\\|")
-                readers = ", ".join([cls.READERS, *filter(None, [model.ALSO_READ_BY.get(key)])])
+                readers = model.READ_BY.get(key) or ", ".join(
+                    [cls.READERS, *filter(None, [model.ALSO_READ_BY.get(key)])]
+                )
                 out.append(
                     f"| `{section}.{key}` | {meaning} | `{_yaml_value(info.default)}` | {_allowed(info)} | {readers} |"
                 )

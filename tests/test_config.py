@@ -81,7 +81,12 @@ def test_docs_table_lists_every_key_with_default_range_and_reader():
         "| `daemon.stable_ms` | a file written in place is ready once size and mtime are unchanged this long | `500` | integer >= 0 | xr-daemon |"
         in text
     )
-    assert "| `daemon.db` |" in text and "xr-daemon, xr-results |" in text
+    rows = {line.split(" | ")[0][2:].strip("`"): line for line in text.splitlines() if line.startswith("| `")}
+    # every program that reads a key: the file's readers, others besides, or others instead
+    assert rows["daemon.db"].endswith("| xr-daemon, xr-results, xr-review |")
+    assert rows["dicom.window"].endswith("| xr-daemon, xr-score, xr-review |")
+    assert rows["review.failed_logins"].endswith("| xr-review |")
+    assert rows["review.audit_rate"].endswith("| xr-daemon |")
     assert "| `train.lr` | AdamW learning rate | `0.0003` | number > 0 | xr-train |" in text
 
 
