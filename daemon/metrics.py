@@ -4,13 +4,15 @@
 
 - ``GET /metrics``: Prometheus text (prometheus_client): ``xr_files_total{status}`` (one per final row),
   ``xr_flagged_total``, ``xr_batch_seconds`` (histogram, model and commit of a batch), ``xr_inbox_backlog``
-  (files seen and not yet final), ``xr_model_info{model_id, calibration_id}``;
+  (files seen and not yet final), ``xr_model_info{model_id, calibration_id}``, ``xr_site_alarm{alarm, subject}``
+  (1 while a review-based alarm of :class:`SiteWatch` stands: ``ppv``, ``sensitivity``, ``scanner_flag_rate``);
 - ``GET /healthz``: 200 while every stage runs and the database takes a write; 503 with
   the reason otherwise.
 
 Under systemd (``Type=notify``) the daemon says READY=1 once it watches the inbox, and WATCHDOG=1 from its
 main loop while every stage runs, so a stuck daemon is restarted. A ``heartbeat`` log event every
-``daemon.heartbeat_s`` (:class:`Heartbeat`) shows an idle daemon alive and a stuck one stuck.
+``daemon.heartbeat_s`` (:class:`Heartbeat`) shows an idle daemon alive and a stuck one stuck; every
+``SiteWatch.interval_s`` it also checks the site's alarms (results/drift.py), a ``site_alarm`` warning each.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class Metrics:
             ["model_id", "calibration_id"],
             registry=self.registry,
         )
+        self.alarm = Gauge(
+            "xr_site_alarm",
+            "1 while a review-based alarm stands (PPV or sensitivity off calibration, a scanner's flag rate)",
+            ["alarm", "subject"],
+            registry=self.registry,
+        )
 
     def batch(self, counts: dict[str, int], flagged: int, seconds: float) -> None:
         for status, n in counts.items():
@@ -61,6 +69,11 @@ class Metrics:
         if flagged:
             self.flagged.inc(flagged)
         self.batch_seconds.observe(seconds)
+
+    def site_alarms(self, alarms: list[dict]) -> None:
+        self.alarm.clear()
+        for a in alarms:
+            self.alarm.labels(a["alarm"], a["subject"]).set(1)
 
     def model_in_use(self, model_id: str, calibration_id: str) -> None:
         self.model.clear()
@@ -145,8 +158,12 @@ class Heartbeat:
         self.log, self.interval_s, self.discovery, self.inferer = log, interval_s, discovery, inferer
         self.started = self.last = time.monotonic()
         self.files_at_last = inferer.files
+        rt = getattr(inferer, "rt", None)
+        self.watch = SiteWatch(rt.sessions, log, rt.metrics) if rt is not None else None
 
     def tick(self) -> None:
+        if self.watch is not None:
+            self.watch.tick()
         now = time.monotonic()
         if now - self.last < self.interval_s:
             return
@@ -160,3 +177,41 @@ class Heartbeat:
             uptime_s=round(now - self.started),
         )
         self.last, self.files_at_last = now, files
+
+
+class SiteWatch:
+    """The review-based alarms (results/reviewed.py ``site_alarms``: PPV or estimated sensitivity outside
+    what the calibration measured, a scanner's flag rate off the site's) over the last ``window_days``, every
+    ``interval_s``: a ``site_alarm`` warning per alarm and the ``xr_site_alarm`` gauges. A failed check is
+    logged and tried again next time: it never stops the daemon."""
+
+    def __init__(
+        self, sessions: Any, log: Any, metrics: Metrics | None, interval_s: float = 600.0, window_days: float = 30
+    ):
+        self.sessions, self.log, self.metrics = sessions, log, metrics
+        self.interval_s, self.window_days = interval_s, window_days
+        self.last = time.monotonic()
+
+    def tick(self) -> list[dict] | None:
+        if time.monotonic() - self.last < self.interval_s:
+            return None
+        self.last = time.monotonic()
+        return self.check()
+
+    def check(self) -> list[dict] | None:
+        import datetime as dt
+
+        from xr.results.reviewed import site_alarms
+        from xr.results.schema import utcnow
+
+        try:
+            with self.sessions() as s:
+                alarms = site_alarms(s, utcnow() - dt.timedelta(days=self.window_days))
+        except Exception as exc:  # noqa: BLE001 - a monitoring query must not take the daemon down
+            self.log.warning("site_watch_failed", reason=f"{type(exc).__name__}: {exc}")
+            return None
+        for a in alarms:
+            self.log.warning("site_alarm", **a)
+        if self.metrics is not None:
+            self.metrics.site_alarms(alarms)
+        return alarms

@@ -18,6 +18,7 @@ from xr.core.errors import XRError
 from xr.results.drift import drift
 from xr.results.engine import make_engine, open_existing, session_factory
 from xr.results.export import csv_cell, csv_columns, format_value
+from xr.results.reviewed import site_alarms
 from xr.results.schema import (
     FINAL_STATUSES,
     OUTBOX_STATUSES,
@@ -228,6 +229,7 @@ def compute_stats(sessions, since: dt.datetime | None = None) -> dict[str, Any]:
             select(func.min(Result.received_at), func.max(Result.processed_at)).where(*final)
         ).one()
         drift = drift_by_calibration(s, cond)
+        alarms = site_alarms(s, since)
     n_scored = sum(counts.get(k, 0) for k in SCORED)
     n_final = sum(counts.get(k, 0) for k in FINAL_STATUSES)
     span = (last_done - first_rx).total_seconds() if first_rx and last_done else 0.0
@@ -242,6 +244,7 @@ def compute_stats(sessions, since: dt.datetime | None = None) -> dict[str, Any]:
         "latency_ms_p50": percentile(lat, 0.50),
         "latency_ms_p95": percentile(lat, 0.95),
         "drift": drift,
+        "alarms": alarms,  # from the reviews and by scanner (results/drift.py)
     }
 
 
@@ -338,6 +341,8 @@ def _main(argv: list[str] | None, out) -> int:
         sessions = session_factory(engine)
         if args.command == "stats":
             st = compute_stats(sessions, args.since)
+            for a in st["alarms"]:
+                print(f"xr-results: warning: {a['reason']}", file=sys.stderr)
             for cid, d in st["drift"].items():
                 if d["warning"]:
                     print(
@@ -351,10 +356,14 @@ def _main(argv: list[str] | None, out) -> int:
             elif args.format == "csv":
                 w = csv.writer(out, lineterminator="\n")
                 w.writerow(["metric", "value"])
-                for k, v in _flat(st):
+                for k, v in _flat({k: v for k, v in st.items() if k != "alarms"}):
                     w.writerow([k, "" if v is None else v])
+                for a in st["alarms"]:
+                    w.writerow([f"alarm.{a['alarm']}.{a['subject']}", a["reason"]])
             else:
-                for k, v in _flat(st):
+                for a in st["alarms"]:
+                    print(f"{'alarm ' + a['alarm']:<28} {a['reason']}", file=out)
+                for k, v in _flat({k: v for k, v in st.items() if k != "alarms"}):
                     if isinstance(v, float):
                         v = f"{v:.4f}" if "rate" in k or k.endswith("psi") else f"{v:.1f}"
                     print(f"{k:<28} {'-' if v is None else v}", file=out)

@@ -9,7 +9,10 @@ of results scored by that calibration, ``xr-results stats`` compares:
 - the score distribution, by the population stability index over the reference's bins: PSI > ``PSI_BOUND``
   (0.25, the usual "significant shift" level) warns.
 
-Fewer than ``MIN_ROWS`` scored films say nothing. A warning is the first sign that the site needs
+Fewer than ``MIN_ROWS`` scored films say nothing. From the readers' reviews (results/reviewed.py
+``site_alarms``) it also warns when the flag's PPV or estimated sensitivity leaves the interval measured when
+the calibration was fitted (its reference's ``performance``), and when a scanner's flag rate moves away from
+the site's (:func:`performance_alarms`, :func:`scanner_alarms`). A warning is the first sign that the site needs
 ``xr-train site-calibrate`` (other scanners or exposures), or that its case mix changed.
 """
 
@@ -56,3 +59,59 @@ def drift(reference: dict[str, Any] | None, probs, threshold: float) -> dict[str
     if out["psi"] > PSI_BOUND:
         reasons.append(f"score distribution moved (PSI {out['psi']:.2f} > {PSI_BOUND})")
     return out | {"warning": bool(reasons), "reason": "; ".join(reasons) or "within bounds"}
+
+
+# -- alarms from the reviews (issue 34) ------------------------------------------------------------------
+# Reviews a live figure must rest on before it can alarm: flagged reviews for the PPV, audit reviews for
+# the sensitivity (a handful of audit cases moves it by tenths).
+MIN_REVIEWS = {"ppv": ("flagged_reviewed", 30), "sensitivity": ("audit_reviewed", 10)}
+MIN_SCANNER_FILMS = MIN_ROWS
+
+
+def performance_alarms(expected: dict[str, Any] | None, live: dict[str, Any], subject: str) -> list[dict[str, Any]]:
+    """PPV or estimated sensitivity (results/performance.py ``estimate``) outside the interval measured
+    when the calibration was fitted (its reference's ``performance``, train/site.py)."""
+    out = []
+    for metric, (count, need) in MIN_REVIEWS.items():
+        ref, est = (expected or {}).get(metric), live.get(metric)
+        if not ref or ref.get("low") is None or est is None or live["reviews"][count] < need:
+            continue
+        if not ref["low"] <= est["estimate"] <= ref["high"]:
+            out.append(
+                {
+                    "alarm": metric,
+                    "subject": subject,
+                    "value": est["estimate"],
+                    "expected": [ref["low"], ref["high"]],
+                    "reason": f"{metric} {est['estimate']:.3f} ({est['low']:.3f}-{est['high']:.3f}, "
+                    f"{live['reviews'][count]} reviews) outside {ref['low']:.3f}-{ref['high']:.3f} measured at calibration",
+                }
+            )
+    return out
+
+
+def scanner_alarms(by_scanner: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
+    """Each scanner's flag rate (flagged, films) against the site's pooled rate over the same window, by a
+    binomial z-score (|z| > ``Z_BOUND``) once the scanner has ``MIN_SCANNER_FILMS`` films."""
+    flagged = sum(f for f, _ in by_scanner.values())
+    total = sum(n for _, n in by_scanner.values())
+    if len(by_scanner) < 2 or not total:
+        return []
+    site = flagged / total
+    out = []
+    for name, (f, n) in sorted(by_scanner.items()):
+        if n < MIN_SCANNER_FILMS:
+            continue
+        z = (f / n - site) / math.sqrt(max(site * (1 - site), 1e-6) / n)
+        if abs(z) > Z_BOUND:
+            out.append(
+                {
+                    "alarm": "scanner_flag_rate",
+                    "subject": name,
+                    "value": f / n,
+                    "expected": site,
+                    "reason": f"scanner {name}: flag rate {f / n:.3f} of {n} films against the site's {site:.3f} "
+                    f"(z {z:+.1f}, bound {Z_BOUND})",
+                }
+            )
+    return out

@@ -183,3 +183,30 @@ def weighted_cases(window: list[Film], model_id: str | None = None, group=None) 
 
 def _patient(f: Film) -> str:
     return f.patient_id or f"film-{f.id}"
+
+
+def site_alarms(s, since: dt.datetime | None = None) -> list[dict]:
+    """The review-based alarms of results/drift.py over the window: per calibration with a measured
+    performance, its PPV and sensitivity from the reviews of the films it scored; per scanner, its flag
+    rate against the site's."""
+    import json
+
+    from xr.results.drift import performance_alarms, scanner_alarms
+    from xr.results.schema import CalibrationRecord
+
+    window = films(s, since)
+    out: list[dict] = []
+    refs = {c.id: c.reference for c in s.scalars(select(CalibrationRecord))}
+    by_cal: dict[str, list[Film]] = {}
+    for f in window:
+        by_cal.setdefault(f.calibration_id or "", []).append(f)
+    for cid, group in sorted(by_cal.items()):
+        reference = json.loads(refs[cid]) if refs.get(cid) else None
+        expected = (reference or {}).get("performance")
+        if expected:
+            out += performance_alarms(expected, estimate(review_counts(group)), f"calibration {cid}")
+    rates: dict[str, tuple[int, int]] = {}
+    for f in window:
+        flagged, n = rates.get(f.scanner, (0, 0))
+        rates[f.scanner] = (flagged + f.flagged, n + 1)
+    return out + scanner_alarms(rates)

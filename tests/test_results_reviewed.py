@@ -69,7 +69,9 @@ def test_audit_sampling_draws_the_configured_share_of_unflagged_ok_films(tmp_pat
     eng.dispose()
 
 
-def simulate_site(sessions, rng, n=300, prevalence=0.45, sens=0.9, spec=0.8, audit_rate=0.3, share_read=1.0):
+def simulate_site(
+    sessions, rng, n=300, prevalence=0.45, sens=0.9, spec=0.8, audit_rate=0.3, share_read=1.0, scanners=None
+):
     """A window of ``n`` films with known labels, flagged with the given sensitivity and specificity, audit
     cases drawn at ``audit_rate``, a ``share_read`` of flagged films and every audit case read correctly.
     Returns the true sensitivity and specificity of the flag on these films."""
@@ -80,12 +82,14 @@ def simulate_site(sessions, rng, n=300, prevalence=0.45, sens=0.9, spec=0.8, aud
     with sessions.begin() as s:
         for i in range(n):
             scanner = ("ACME", "ROOM-1") if i % 3 else (None, None)
+            if scanners is not None:
+                scanner = scanners(i, flagged[i])
             row = Result(
                 path=f"/in/{i}.png", filename=f"{i}.png", size_bytes=1, mtime_ns=i, status=Status.OK,
                 logit=float(rng.normal(1.5 if truth[i] else -1.5)), probability=0.5, flagged=bool(flagged[i]),
                 audit=bool(audit[i]), model_id="m-1", received_at=NOW + dt.timedelta(seconds=i),
                 claimed_at=NOW, processed_at=NOW + dt.timedelta(seconds=i + 2), manufacturer=scanner[0],
-                station_name=scanner[1], patient_id=f"P{i // 2}",
+                station_name=scanner[1], patient_id=f"P{i // 2}", calibration_id="site-1",
             )  # fmt: skip
             s.add(row)
             s.flush()
@@ -144,3 +148,55 @@ def test_performance_cli_json_table_and_by_scanner(any_db, tmp_path):
     assert main(["--db", str(any_db), "performance", "--since", "2026-12-01"], out=out) == 0
     text = out.getvalue()
     assert "sensitivity" in text and "audit cases" in text and "arrival to score" in text
+
+
+def test_alarms_when_sensitivity_or_ppv_leave_the_calibration_interval_and_by_scanner(tmp_path, capsys):
+    """A calibration that measured sensitivity 0.97-0.995 and PPV 0.85-0.95 on its films, a stream whose
+    flag finds 70% of pneumonia: a sensitivity alarm (xr-results stats line, warning, the daemon's
+    site_alarm event and gauge); a scanner flagging twice the site's rate: a scanner alarm."""
+    from xr.daemon.metrics import Metrics, SiteWatch
+    from xr.results.cli import main
+    from xr.results.reviewed import site_alarms
+    from xr.results.schema import CalibrationRecord
+
+    db = tmp_path / "r.sqlite"
+    sessions = session_factory(eng := make_engine(db))
+    performance_ref = {"sensitivity": {"value": 0.98, "low": 0.97, "high": 0.995}, "ppv": {"low": 0.5, "high": 0.99}}
+    with sessions.begin() as s:
+        s.add(
+            CalibrationRecord(
+                id="site-1", model_id="m-1", kind="site", temperature=1.0, shift=0.0, threshold=0.5,
+                reference=json.dumps({"flagged_rate": 0.4, "fractions": [0.1] * 10, "performance": performance_ref}),
+                first_used_at=NOW,
+            )
+        )  # fmt: skip
+    # scanner B: every flagged film; scanner A: the unflagged ones and a few flagged
+    simulate_site(
+        sessions, np.random.default_rng(5), n=400, sens=0.7, spec=0.9, audit_rate=0.5,
+        scanners=lambda i, flagged: ("B", "ROOM-2") if flagged and i % 4 else ("A", "ROOM-1"),
+    )  # fmt: skip
+    with sessions() as s:
+        alarms = site_alarms(s)
+    kinds = {a["alarm"]: a for a in alarms}
+    assert set(kinds) == {"sensitivity", "scanner_flag_rate"}, alarms
+    assert "measured at calibration" in kinds["sensitivity"]["reason"]
+    assert {a["subject"] for a in alarms if a["alarm"] == "scanner_flag_rate"} == {"A / ROOM-1", "B / ROOM-2"}
+    out = io.StringIO()
+    assert main(["--db", str(db), "stats"], out=out) == 0
+    assert "alarm sensitivity" in out.getvalue() and "alarm scanner_flag_rate" in out.getvalue()
+    assert "outside 0.970-0.995" in capsys.readouterr().err
+
+    events = []
+
+    class Log:
+        def warning(self, event, **kw):
+            events.append((event, kw))
+
+    metrics = Metrics(lambda: 0.0)
+    watch = SiteWatch(sessions, Log(), metrics, interval_s=3600, window_days=3650)
+    assert watch.tick() is None  # not due yet
+    assert len(watch.check()) == 3
+    assert [e for e, _ in events] == ["site_alarm"] * 3
+    text = metrics.exposition().decode()
+    assert 'xr_site_alarm{alarm="sensitivity",subject="calibration site-1"} 1.0' in text
+    eng.dispose()

@@ -76,6 +76,10 @@ def test_every_film_reviewed_gives_the_folder_form(scored, tiny_checkpoint, tmp_
     a = json.loads((tmp_path / "folder" / "calibration_threshold.json").read_text())
     b = json.loads((tmp_path / "db" / "calibration_threshold.json").read_text())
     assert a["model_sha256"] == b["model_sha256"] and a["threshold"] == pytest.approx(b["threshold"])
+    for m in ("sensitivity", "ppv"):  # what the drift watch later holds the reviews to
+        got = b["reference"]["performance"][m]
+        assert got["low"] <= got["value"] <= got["high"]
+        assert got["value"] == pytest.approx(a["reference"]["performance"][m]["value"])
     assert from_db["warning"] and "too few" in from_db["warning"]  # the fixtures: a handful of films
     assert "Warning" in (tmp_path / "db" / "SITE_REPORT.md").read_text()
 

@@ -200,7 +200,7 @@ def fit_and_report(
         threshold=threshold,
         kind="site",
         model_sha256=predictor.model_sha256,
-        reference=reference(probs, threshold),
+        reference=_reference(labels, probs, threshold, groups, weights, n_boot),
         extra={
             "model": str(Path(model).resolve()),
             "model_id": predictor.model_id,
@@ -237,6 +237,45 @@ def fit_and_report(
     _plots(out, labels, before, probs, base, n_bins, weights)
     (out / REPORT_MD).write_text(_markdown(report, base, site, sample.source))
     return report
+
+
+def _reference(labels, probs, threshold: float, groups, weights, n_boot: int) -> dict[str, Any]:
+    """The calibration's reference (core/calibration.py) from its films, each counted by its weight, with
+    the flag's sensitivity and PPV on them and their patient-bootstrap 95% intervals: the drift watch warns
+    when the site's reviews later put either outside its interval (results/drift.py)."""
+    y, p = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+    ref = reference(p, threshold)
+    if weights is not None:  # reviews over-represent flagged films: the stream's shares, not the sample's
+        counts, _ = np.histogram(p, bins=ref["bins"], range=(0.0, 1.0), weights=w)
+        ref["flagged_rate"] = float(w[p >= threshold].sum() / w.sum())
+        ref["fractions"] = [float(c / w.sum()) for c in counts]
+    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    rng = np.random.default_rng(0)
+
+    def point(idx: np.ndarray) -> tuple[float, float]:
+        yy, flag, ww = y[idx] == 1, p[idx] >= threshold, w[idx]
+        tp = ww[flag & yy].sum()
+        pos, flagged = ww[yy].sum(), ww[flag].sum()
+        return (tp / pos if pos else np.nan), (tp / flagged if flagged else np.nan)
+
+    draws = np.array(
+        [
+            point(np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]))
+            for _ in range(n_boot)
+        ]
+    )
+    value = point(np.arange(len(y)))
+    ref["performance"] = {}
+    for i, name in enumerate(("sensitivity", "ppv")):
+        d = draws[:, i][~np.isnan(draws[:, i])]  # resamples without a pneumonia or a flag say nothing here
+        ref["performance"][name] = {
+            "value": None if np.isnan(value[i]) else float(value[i]),
+            "low": float(np.percentile(d, 2.5)) if d.size else None,
+            "high": float(np.percentile(d, 97.5)) if d.size else None,
+        }
+    return ref
 
 
 def _site_items(data: Path) -> list[Item]:
