@@ -25,6 +25,7 @@ ACTIONS = (
     "view_heatmap",
     "review",
     "view_audit",
+    "view_performance",
     "export",
     "user_added",
     "user_disabled",

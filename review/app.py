@@ -46,7 +46,7 @@ from xr.results import audit
 from xr.results.engine import session_factory
 from xr.results.export import export_reviews
 from xr.results.schema import DECISIONS, ROLES, SCORED, Result, Review, fs_path, utcnow
-from xr.review import auth, users
+from xr.review import auth, routes_performance, users
 
 HERE = Path(__file__).resolve().parent
 IMAGE_SIDES = {"thumb": 160, "full": 1024}
@@ -451,6 +451,8 @@ def create_app(
         except (OSError, XRError) as exc:  # the review stands; reviews.csv catches up at the next one or restart
             log.warning("reviews.csv not written: %s", exc)
         return RedirectResponse("/", status_code=303)
+
+    routes_performance.mount(app, sessions=sessions, page=page, remote=remote)
 
     # -- the audit trail and the accounts --------------------------------------------------------------
     @app.get("/audit")

@@ -570,3 +570,18 @@ def test_a_wide_bind_without_tls_or_a_proxy_is_refused(tmp_path, capsys, monkeyp
     assert "go together" in bind_refusal(parse(["--host", host, "--certfile", "c.pem"]))
     for loopback in ("127.0.0.1", "localhost", "::1"):
         assert bind_refusal(parse(["--host", loopback])) is None
+
+
+def test_the_performance_page_is_for_auditors_with_figures_and_charts(site):
+    _make_audit_case(site, 4)
+    client = site.client
+    for case_id, decision in ((1, "pneumonia"), (2, "normal"), (4, "normal")):
+        client.post(f"/cases/{case_id}/review", data={"decision": decision, "csrf": token(client, f"/cases/{case_id}")})
+    assert client.get("/performance").status_code == 403  # a reader
+    auditor = site.signed_in("ann", "auditor")
+    page = auditor.get("/performance", params={"days": 3650})
+    assert page.status_code == 200
+    html = page.text
+    assert "<svg" in html and "<script" not in html and "Sensitivity" in html and "PPV" in html
+    assert "2 of flagged films, 1 audit cases" in html and "unknown" in html  # by scanner: no DICOM header
+    assert site.audit("view_performance")[-1].username == "ann"
