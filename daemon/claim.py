@@ -101,7 +101,10 @@ class ReadingMarks:
         )
         self.fd: int | None = None
         for name in names:
-            fd = os.open(output / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, file_mode())
+            try:
+                fd = os.open(output / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, file_mode())
+            except OSError:
+                continue  # no marks (a read-only output folder): crashes are then not counted
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -167,3 +167,83 @@ def test_a_file_without_a_free_slot_waits_for_the_next_step_and_a_stop_gives_it_
     assert list(_rows(p)) == [str(a)]
     c.close()
     assert p.discovery.released == [(str(b), None)]
+
+
+# -- files that may crash the process: claimed before any parse, marked while read ---------------------
+def test_a_dicom_header_is_parsed_only_once_its_claim_row_exists(make, tmp_path, monkeypatch, xray_paths):
+    """A header parse is the first thing a hostile file can crash, so it runs under a committed claim and a
+    reading mark; its identifiers are recorded after it."""
+    import dicom_films
+
+    (tmp_path / "out").mkdir()
+    marks = claim.ReadingMarks(tmp_path / "out")
+    p, c = make()
+    c.marks = marks
+    path = dicom_films.write(
+        dicom_films.cr_from_picture(xray_paths[0], AccessionNumber="ACC-9"), tmp_path / "inbox" / "a.dcm"
+    )
+    os.utime(path, (1, 1))
+    seen = []
+    parse = claim.dicom_facts
+
+    def watched(data, limits):
+        seen.append((_rows(p).get(str(path)), marks.take_left()))
+        return parse(data, limits)
+
+    monkeypatch.setattr(claim, "dicom_facts", watched)
+    p.ready.put(item(path))
+    c.step(time.monotonic())
+    f = p.drain(p.decoded, 1)[0]
+    row_at_parse, marked = seen[0]
+    assert row_at_parse is not None and row_at_parse.status == Status.CLAIMED and marked == {row_at_parse.id}
+    assert f.error is None and f.sop is not None and f.pixels is not None
+    assert _rows(p)[str(path)].accession_number == "ACC-9"
+    marks.close()
+
+
+def test_reading_marks_outlive_a_process_that_dies_mid_read(tmp_path):
+    """A mark is written before a parse or decode and cleared after; a process that dies in between leaves
+    it for the next start, which takes it once."""
+    import subprocess
+    import sys
+
+    (tmp_path / "out").mkdir()
+    dies = (
+        "import os, sys; from pathlib import Path; from xr.daemon.claim import ReadingMarks\n"
+        "marks = ReadingMarks(Path(sys.argv[1]))\n"
+        "with marks.reading(7):\n    pass\n"  # read to its end: cleared
+        "with marks.reading(42):\n    os._exit(9)\n"  # killed mid-read
+    )
+    assert subprocess.run([sys.executable, "-c", dies, str(tmp_path / "out")]).returncode == 9
+    assert (tmp_path / "out" / ".xr-daemon.reading").stat().st_mode & 0o777 == 0o600
+    again = claim.ReadingMarks(tmp_path / "out")
+    assert again.take_left() == {42}
+    assert again.take_left() == set()
+    again.close()
+
+
+def test_a_claim_read_when_two_runs_died_is_set_aside(make, tmp_path):
+    """journal.settle_at_start: each run that died reading a claim counts one crash; at the second the claim
+    becomes an error row whose file goes where errors go, a move left like any other."""
+    p, c = make()
+    path = film(tmp_path / "inbox" / "killer.png", 1)
+    c.claim([item(path)])
+    f = p.drain(p.decoded, 1)[0]
+    places = []
+
+    def place(src):
+        places.append(src)
+        return str(tmp_path / "out" / "failed" / os.path.basename(src))
+
+    for run in range(2):
+        with p.rt.sessions.begin() as s:
+            settled, moves = journal.settle_at_start(
+                s, lambda _: True, p.rt.lease, utcnow(), crashed={f.row_id}, place=place
+            )
+        if run == 0:
+            assert [x.outcome for x in settled] == ["redo"] and not moves
+            assert _rows(p)[str(path)].read_crashes == 1
+    row = _rows(p)[str(path)]
+    assert [x.outcome for x in settled] == ["set_aside"] and places == [str(path)]
+    assert row.status == Status.ERROR and "stopped twice" in row.error and row.read_crashes == 2
+    assert [(m.row_id, m.moved_to) for m in moves] == [(f.row_id, str(tmp_path / "out" / "failed" / "killer.png"))]

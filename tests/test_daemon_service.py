@@ -19,7 +19,7 @@ from xr.core.logs import configure_logging
 from xr.core.paths import model_path
 from xr.core.predict import Predictor
 from xr.daemon.plan import RunPlan, plan_run
-from xr.daemon.service import Service
+from xr.daemon.service import Service, lock_dir
 from xr.results.engine import make_engine, session_factory
 from xr.results.schema import Result, Status
 
@@ -540,3 +540,53 @@ def test_decoder_count_follows_whether_the_cuda_graph_was_captured(tmp_path, pre
     svc = _svc(tmp_path, fake, cfg=_cfg(decode_workers=0, torch_threads=0, batch_size=0))
     svc.load_predictor()
     assert svc.plan == RunPlan(decode_workers=14 if captured else 8, torch_threads=16, batch_size=32 if captured else 8)
+
+
+def test_the_inbox_lock_is_out_of_other_users_reach(tmp_path, predictor, xray_paths, monkeypatch):
+    """The inbox lock lives in the service's runtime directory or a private folder, never under a name in
+    the shared temp folder that another local user could create and hold to keep the daemon from starting."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    _inbox(tmp_path, xray_paths[:1])
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    tag = hashlib.sha256(os.fsencode((tmp_path / "inbox").resolve())).hexdigest()[:16]
+    squatted = Path(tempfile.gettempdir()) / f"xr-daemon-inbox-{tag}.lock"  # the name the lock used to have
+    fd = os.open(squatted, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, as another user's process would
+    try:
+        assert _svc(tmp_path, predictor).run(idle_timeout=0.3) == 0
+    finally:
+        os.close(fd)
+        squatted.unlink()
+    assert len(_rows(tmp_path)) == 1
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
+    svc = _svc(tmp_path, predictor)
+    svc.take_locks()
+    try:
+        assert [p.name for p in runtime.iterdir()] == [f"xr-daemon-inbox-{tag}.lock"]
+        assert (runtime / f"xr-daemon-inbox-{tag}.lock").stat().st_mode & 0o777 == 0o600
+    finally:
+        svc.release_locks()
+    runtime.chmod(0o777)  # writable by others: passed over for this account's private folder
+    mine = lock_dir(tmp_path / "out")
+    assert mine == Path(tempfile.gettempdir()) / f"xr-daemon-{os.geteuid()}" and mine.stat().st_mode & 0o777 == 0o700
+
+
+def test_daemon_started_hides_the_database_password(tmp_path, predictor, xray_paths, pg_url):
+    """A password in --db never reaches the log: ``daemon_started`` shows the URL with ``***``."""
+    _inbox(tmp_path, xray_paths[:1])
+    url = pg_url.replace("://postgres@", "://postgres:s3cret-pw@")
+    assert "s3cret-pw" in url
+    buf = io.StringIO()
+    log = configure_logging("json", stream=buf)
+    svc = Service(_cfg(), watch=tmp_path / "inbox", output=tmp_path / "out", db=url, predictor=predictor, log=log)
+    assert svc.run(idle_timeout=0.3) == 0, buf.getvalue()[-2000:]
+    started = [json.loads(line) for line in buf.getvalue().splitlines() if '"daemon_started"' in line]
+    assert len(started) == 1 and "postgres:***@" in started[0]["db"]
+    assert "s3cret-pw" not in buf.getvalue()

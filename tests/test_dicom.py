@@ -251,3 +251,69 @@ def test_the_pixel_limit_refuses_a_film_before_decoding_it(dicom_dir, monkeypatc
         info.value.reason == (f"image is {ds.Columns}x{ds.Rows} = {n:,} pixels, over the limit of {n - 1:,}")
         and not info.value.incomplete
     )
+
+
+# -- hostile files: bounded before any large allocation ------------------------------------------------
+def test_a_deflated_film_decodes_like_its_native_twin(xray_paths):
+    ds = dicom_films.cr_from_picture(xray_paths[0])
+    native = decode_dicom(dicom_films._bytes(ds).getvalue(), window=0, max_pixels=10**6)
+    data = dicom_films.deflated(ds)
+    assert read_header(data).identifiers["patient_id"] == "PID-0002"
+    assert np.array_equal(np.asarray(decode_dicom(data, window=0, max_pixels=10**6)), np.asarray(native))
+
+
+def test_a_deflate_bomb_is_refused_under_the_cap_without_inflating_it(xray_paths):
+    """3 MB that inflate to 3 GB: inflating stops at the cap (the pixels max_pixels allows plus the header
+    slack), the reason names the limit; header reads give no identifiers rather than a crash."""
+    import resource
+
+    from xr.core.dicom import inflate_limit
+    from xr.core.intake import dicom_facts
+
+    bomb = dicom_films.deflate_bomb(xray_paths[0], 3 * 2**30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError) as info:
+        decode_dicom(bomb, window=0, max_pixels=10**6)
+    assert "Deflated Explicit VR Little Endian" in info.value.reason and "daemon.max_pixels" in info.value.reason
+    assert dicom_facts(bomb, DecodeLimits(max_pixels=10**6)).identifiers == {}
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb * 1024 < 4 * inflate_limit(10**6)  # a few caps at most, never the 3 GB
+
+
+@pytest.mark.parametrize(
+    "tags, reason",
+    [
+        ({"SamplesPerPixel": 3, "BitsAllocated": 64}, "3 samples x 64 bits is 1,204,224 bytes"),
+        ({"Rows": 40000, "Columns": 40000}, "over the limit"),
+        ({"Rows": 0}, "implausible image attributes"),
+        ({"SamplesPerPixel": 9}, "implausible image attributes"),
+    ],
+)
+def test_image_attributes_are_checked_before_any_pixel_is_decoded(xray_paths, monkeypatch, tags, reason):
+    """What a decoder would allocate (Rows x Columns x SamplesPerPixel x bytes) is checked against the limit
+    first, whatever the pixel data holds."""
+    import pydicom.pixels
+
+    ds = dicom_films.cr_from_picture(xray_paths[0])
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ImageError) as info:
+        decode_dicom(dicom_films._bytes(ds).getvalue(), window=0, max_pixels=224 * 224 * 2)
+    assert reason in info.value.reason
+
+
+def test_an_element_longer_than_the_file_is_an_error_not_an_allocation(xray_paths):
+    """A length field that claims 4 GB in a 50 KB file: the value is what the file holds (a film whose
+    pixels are all there decodes; one cut short is an error), nothing near the claim is allocated."""
+    import resource
+    import struct
+
+    data = bytearray(dicom_films._bytes(dicom_films.cr_from_picture(xray_paths[0])).getvalue())
+    at = data.index(struct.pack("<HH", 0x7FE0, 0x0010))
+    data[at + 8 : at + 12] = struct.pack("<I", 0xFFFFFFF0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert decode_dicom(bytes(data), window=0, max_pixels=10**6).size == (224, 224)
+    with pytest.raises(ImageError):
+        decode_dicom(bytes(data[:-1000]), window=0, max_pixels=10**6)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024
