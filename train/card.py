@@ -3,6 +3,7 @@ bundle metadata.json) and human-readable (MODEL_CARD.md)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 from pathlib import Path
@@ -48,12 +49,20 @@ def augmentation(aug) -> str:
     return ", ".join(parts)
 
 
+def package_version() -> str:
+    """The xr-triage release that trained the model and wrote its card (pyproject.toml's version)."""
+    try:
+        return importlib.metadata.version("xr-triage")
+    except importlib.metadata.PackageNotFoundError:  # a checkout run without installing it
+        return "unknown"
+
+
 def write_model_card(
     out: Path, cfg: Recipe, splits: Splits, train: dict, calib: dict, test: dict, command: str, seconds: float
 ) -> dict[str, Any]:
     card = {
         "name": "xr-triage pneumonia classifier",
-        "version": "0.1.0",
+        "version": package_version(),
         "git_commit": git_commit(),
         "intended_use": INTENDED_USE,
         "not_for_diagnostic_use": True,
