@@ -292,7 +292,7 @@ class CsvExporter:
 
     def pending_rows(self, s: Session, horizon: int | None) -> list[dict[str, Any]]:
         """Final rows after ``last_id`` that no claim with a lower id holds back, up to ``horizon``
-        (``db.settled_horizon``)."""
+        (``journal.settled_horizon``)."""
         min_claimed = s.scalar(
             select(func.min(Result.id)).where(Result.status == Status.CLAIMED, Result.id > self.last_id)
         )

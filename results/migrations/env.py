@@ -1,4 +1,4 @@
-"""Alembic environment: migrations run on the connection that ``xr.daemon.db.init_schema`` passes in, on
+"""Alembic environment: migrations run on the connection that ``xr.results.engine.init_schema`` passes in, on
 SQLite and PostgreSQL alike (``render_as_batch`` lets SQLite change tables it cannot ALTER)."""
 
 from alembic import context
