@@ -111,6 +111,7 @@ def metrics(y, probs, threshold: float) -> dict[str, float]:
 
 def compare_calibrations(logits, labels, groups, flagged, base, repeats: int, audit_rate: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
+    differ = {"films": 0, "decisions_differ": 0, "threshold_gap": [], "audit_reviews": []}
     runs: dict[str, list[dict]] = {
         "model's own calibration": [],
         "site-calibrate (all labelled)": [],
@@ -124,14 +125,20 @@ def compare_calibrations(logits, labels, groups, flagged, base, repeats: int, au
             runs["model's own calibration"].append(metrics(ye, base.probability(ze), base.threshold))
             a, b, thr = fit_site(z, y, base, "f1")
             runs["site-calibrate (all labelled)"].append(metrics(ye, cal.sigmoid(a * ze + b), thr))
+            pred_all = cal.sigmoid(a * ze + b) >= thr
             # the reviews this half would have had: every flagged film, an audit sample of the unflagged
             f = flagged[fit_idx]
             audit = ~f & (rng.random(len(f)) < audit_rate)
             read = f | audit
             w = np.where(f, 1.0, (~f).sum() / max(1, audit.sum()))[read]
-            a, b, thr = fit_site(z[read], y[read], base, "f1", weights=w)
-            runs["site-calibrate --from-db (reviews)"].append(metrics(ye, cal.sigmoid(a * ze + b), thr))
-    return {
+            a2, b2, thr2 = fit_site(z[read], y[read], base, "f1", weights=w)
+            runs["site-calibrate --from-db (reviews)"].append(metrics(ye, cal.sigmoid(a2 * ze + b2), thr2))
+            # how far apart the two calibrations are, beyond their metrics
+            differ["films"] += len(ye)
+            differ["decisions_differ"] += int(((cal.sigmoid(a2 * ze + b2) >= thr2) != pred_all).sum())
+            differ["threshold_gap"].append(abs(thr2 - thr))
+            differ["audit_reviews"].append(int(audit.sum()))
+    summary = {
         name: {
             k: {
                 "mean": float(np.mean([m[k] for m in ms])),
@@ -142,6 +149,12 @@ def compare_calibrations(logits, labels, groups, flagged, base, repeats: int, au
         }
         for name, ms in runs.items()
     }
+    summary["agreement"] = {
+        "held_out_decisions_that_differ": differ["decisions_differ"] / differ["films"],
+        "mean_threshold_gap": float(np.mean(differ["threshold_gap"])),
+        "mean_audit_reviews_per_half": float(np.mean(differ["audit_reviews"])),
+    }
+    return summary
 
 
 def main() -> None:
@@ -200,6 +213,9 @@ def main() -> None:
         )
     print(f"calibration, repeated 2-fold by patient ({args.repeats} repeats), on the held-out half:")
     for name, ms in result["calibration_cv"].items():
+        if name == "agreement":
+            print("  " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in ms.items()))
+            continue
         cells = "  ".join(f"{k} {v['mean']:.3f} ({v['p05']:.3f}-{v['p95']:.3f})" for k, v in ms.items())
         print(f"  {name:<36} {cells}")
 
