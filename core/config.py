@@ -312,6 +312,19 @@ class DicomConfig(Section):
     )
 
 
+class OutputConfig(Section):
+    """Who may read what the programs write under the output folder (docs/security.md)."""
+
+    ALSO_READ_BY = {"group": "xr-review, xr-score"}
+
+    group: StrictStr | None = Field(
+        None,
+        description="null: what xr-daemon, xr-review and xr-score create (database, films, heatmaps, CSVs, "
+        "folders) is private to their account whatever the umask (0600, 0700); a group name: readable by that "
+        "group too (0640, 0750)",
+    )
+
+
 class CsvConfig(Section):
     rotation: Literal["daily", "rows"] = Field(
         "daily", description="daily: results-YYYY-MM-DD.csv; rows: results-NNNNNN.csv of max_rows"
@@ -464,6 +477,7 @@ class Settings(_File):
     READERS = "xr-daemon"
     daemon: DaemonConfig = DaemonConfig()
     dicom: DicomConfig = DicomConfig()
+    output: OutputConfig = OutputConfig()
     csv: CsvConfig = CsvConfig()
     review: ReviewConfig = ReviewConfig()
     dicom_node: DicomNodeConfig = DicomNodeConfig()

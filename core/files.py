@@ -22,6 +22,21 @@ def use_group(gid: int | None) -> None:
         _group = gid
 
 
+def use_group_named(name: str | None) -> None:
+    """:func:`use_group` for ``output.group`` (a group name, or None); an unknown name is an XRError."""
+    if name is None:
+        use_group(None)
+        return
+    import grp
+
+    from xr.core.errors import XRError
+
+    try:
+        use_group(grp.getgrnam(name).gr_gid)
+    except KeyError:
+        raise XRError(f"output.group: no group named {name!r} on this host") from None
+
+
 def file_mode() -> int:
     return 0o600 if _group is None else 0o640
 
@@ -41,6 +56,24 @@ def apply_mode(path: str | os.PathLike, directory: bool = False, fd: int | None 
     os.chmod(path, mode)
     if _group is not None:
         os.chown(path, -1, _group)
+
+
+def private_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the file ``src`` to the new file ``dst`` (never over one), private from its creation, with
+    ``src``'s times; fsynced. Not its mode: an inbox file may be readable by anyone."""
+    import shutil
+
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, file_mode())
+    try:
+        apply_mode(dst, fd=fd)
+        with open(src, "rb") as f, os.fdopen(os.dup(fd), "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+            out.flush()
+            st = os.fstat(f.fileno())
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_dirs(path: str | os.PathLike) -> Path:
@@ -76,9 +109,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_private(path: str | os.PathLike, data: bytes) -> Path:
+def write_private(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` whole: a hidden temp file beside it (private mode from its creation),
-    fsync, rename over ``path``, fsync of the folder. A reader sees the old file or the new one."""
+    fsync, rename over ``path``, fsync of the folder. A reader sees the old file or the new one.
+    ``durable=False``: no fsync (a file that can be made again, such as a heatmap or a thumbnail)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, file_mode())
@@ -87,11 +121,13 @@ def write_private(path: str | os.PathLike, data: bytes) -> Path:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return path
 
 

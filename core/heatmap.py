@@ -9,13 +9,14 @@ second decode, forward or backward: a bilinear upsampling, one table look-up per
 from __future__ import annotations
 
 import functools
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from xr.core.files import make_dirs, write_private
 
 # matplotlib's "jet" as (position, value) knots per channel: the same colours without importing matplotlib
 _JET = (
@@ -104,12 +105,11 @@ def write_heatmap(folder: Path, stem: str, pixels: torch.Tensor | np.ndarray, ca
     """``<stem>.png``, the overlay at the model's S x S, and ``<stem>.map.png``, the map as computed
     (feature resolution, 8-bit), in ``folder``; each written to a temp name and renamed, so a reader never
     sees half a file. Returns the overlay's path."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     for name, image in (
         (f"{stem}.map.png", np.rint(np.clip(cam, 0.0, 1.0) * 255).astype(np.uint8)),
         (f"{stem}.png", overlay(pixels, cam)),
     ):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(_png(image))
-        os.replace(tmp, folder / name)
+        # a film with its patient's anatomy: private (core/files.py); made again if lost, so no fsync
+        write_private(folder / name, _png(image), durable=False)
     return folder / f"{stem}.png"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import errno
 import filecmp
 import os
-import shutil
 import stat
 import threading
 from pathlib import Path
 
+from xr.core.files import apply_mode, make_dirs, private_copy
 from xr.results.schema import Status, storable
 
 
@@ -56,27 +56,44 @@ def same_copy(src: str | Path, dst: str | Path) -> bool:
     return filecmp.cmp(src, dst, shallow=False)
 
 
+def must_copy(st: os.stat_result) -> bool:
+    """Whether a film is copied rather than linked into the output: one with other hard links (whoever holds
+    one could change the film after it was scored) or of another owner (its mode cannot be made private)."""
+    return stat.S_ISREG(st.st_mode) and (st.st_nlink > 1 or st.st_uid != os.geteuid())
+
+
 def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
     """Move ``src`` (a file or a symlink itself) to ``dst`` or, if taken, to ``dst`` with a ``-N`` suffix.
 
     Never overwrites and never deletes data: a hard link is made first (``link`` fails if the name
-    exists), then the inbox name is removed. Across file systems, or where the kernel refuses to link a
-    file of another owner, the file is copied to a hidden temp name beside the destination and linked
-    from there. If the inbox name cannot be removed (a read-only share, a sticky folder), the new name
-    is taken back and the error raised: the file stays where it was, with no second copy.
+    exists), then the inbox name is removed, and the film made private (core/files.py: it keeps its
+    inode, and with it the mode the exporter gave it). Across file systems, where the kernel refuses to
+    link a file of another owner, and for a film with other hard links or of another owner
+    (:func:`must_copy`), the file is copied, private, to a hidden temp name beside the destination and
+    linked from there. If the inbox name cannot be removed (a read-only share, a sticky folder), the new
+    name is taken back and the error raised: the file stays where it was, with no second copy.
     """
     src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(dst.parent)
     tmp = dst.with_name(f".{dst.name}.moving")  # one name per destination: a crash's leftover is found
     if os.path.lexists(dst) and (same_file(src, dst) or same_copy(src, dst)):
         # A previous run linked or copied it there and died before removing the inbox name. ``dst`` is
         # the name this file's row reserved, so an equal file there is that copy, not another file.
         if os.path.lexists(tmp):
             os.unlink(tmp)
+        if not os.path.islink(dst):
+            apply_mode(dst)  # linked before the crash, perhaps not yet made private
         os.unlink(src)
         return dst
     try:
+        if must_copy(os.lstat(src)):
+            raise OSError(errno.EPERM, "copied, not linked")
         new = _link_free_name(src, dst)
+        try:
+            apply_mode(new)
+        except OSError:
+            os.unlink(new)  # a film that cannot be made private is copied instead
+            raise OSError(errno.EPERM, "cannot make the linked film private") from None
     except OSError as exc:
         # EXDEV: another file system. EPERM: protected_hardlinks (the default on Linux) refuses a link to
         # a file the daemon does not own, the usual case when an exporter account writes the inbox.
@@ -88,9 +105,7 @@ def move_no_overwrite(src: str | Path, dst: str | Path) -> Path:
             if os.path.islink(src):
                 os.symlink(os.readlink(src), tmp)
             else:
-                shutil.copy2(src, tmp)
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
+                private_copy(src, tmp)
             new = _link_free_name(tmp, dst)
         finally:
             if os.path.lexists(tmp):

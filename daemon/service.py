@@ -21,6 +21,7 @@ from sqlalchemy import update
 from xr.core.calibration import CALIBRATION_FILE
 from xr.core.config import Settings
 from xr.core.errors import XRError
+from xr.core.files import make_dirs, use_group_named
 from xr.core.intake import DecodeLimits
 from xr.core.logs import get_logger
 from xr.core.paths import model_path, output_dir, results_db
@@ -152,7 +153,7 @@ class Service:
         """One daemon per output folder, per results database and per inbox: two on one database would
         roll back each other's claims, two on one inbox would score every file twice."""
         try:
-            self.output.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.output)
         except OSError as exc:
             raise XRError(f"cannot create output folder {self.output}: {exc.strerror or exc}") from None
         if not self.exclusive:
@@ -270,6 +271,7 @@ class Service:
                 raise XRError("no watch folder: pass --watch DIR or set daemon.watch in config.yaml")
             if not self.inbox.is_dir():
                 raise XRError(f"watch folder not found: {self.inbox}")
+            use_group_named(self.cfg.output.group)
             self.take_locks()
             engine = make_engine(self.db)
             sessions = self.sessions = session_factory(engine)

@@ -3,6 +3,7 @@ the migrations (Alembic), the meta table."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from xr.core.errors import XRError
+from xr.core.files import apply_mode, file_mode, make_dirs
 from xr.results.schema import SCHEMA_VERSION, Meta
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -47,6 +49,20 @@ def shown_url(db: str | Path) -> str:
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", s)  # not a URL SQLAlchemy reads: hide what looks like one
 
 
+def private_sqlite(path: Path) -> None:
+    """Create a new SQLite database file (and its folder) private (core/files.py) before SQLite opens it:
+    SQLite gives the -wal and -shm files the database file's mode, so they are private too."""
+    make_dirs(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, file_mode())
+    except FileExistsError:
+        return  # the operator's file, or one made so before
+    try:
+        apply_mode(path, fd=fd)
+    finally:
+        os.close(fd)
+
+
 def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) -> Engine:
     """Engine with SQLite pragmas set on every connection; creates the schema when ``create``.
 
@@ -56,7 +72,7 @@ def make_engine(db: str | Path, *, create: bool = True, immediate: bool = True) 
     url = db_url(db)
     try:
         if url.startswith("sqlite:///") and create:
-            sqlite_file(url).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite(sqlite_file(url))
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 30})
         else:

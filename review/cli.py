@@ -84,9 +84,11 @@ def read_password(from_stdin: bool) -> str:
 
 
 def locate(args: argparse.Namespace):
+    from xr.core.files import use_group_named
     from xr.core.paths import output_dir, results_db, settings_for
 
     cfg = settings_for(args.config)
+    use_group_named(cfg.output.group)  # what xr-review writes (a new database, thumbnails) is shared so or private
     output = output_dir(cfg, args.output)
     return cfg, output, results_db(cfg, output, args.db)
 

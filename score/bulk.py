@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xr.core.errors import ImageError, XRError
+from xr.core.files import make_dirs, write_private
 from xr.core.intake import DEFAULT_LIMITS, DecodeLimits, is_read, read_input
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def write_part(out: Path, rows: list[dict[str, Any]]) -> Path:
 
     name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
     tmp, final = out / f".{name}.tmp", out / name
+    write_private(tmp, b"", durable=False)  # private from its creation: write_table keeps the mode
     pq.write_table(pa.Table.from_pylist(rows, schema=schema()), tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -243,7 +245,7 @@ def score(
     ray = _import_ray()
     from xr.core.predict import Predictor, resolve_device
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     for stale in out.glob(".part-*.tmp"):  # a part being written when a run was killed: its rows are redone
         stale.unlink()
     paths = list_inputs(data)
@@ -266,7 +268,7 @@ def score(
                 f"this run has {run['model_id']} with {run['calibration_id']}: use another --out"
             )
     else:
-        run_file.write_text(json.dumps(run, indent=2))
+        write_private(run_file, json.dumps(run, indent=2).encode())
     preset = pred.meta["preprocess"]
     del pred
     t0 = time.perf_counter()

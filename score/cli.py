@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from xr.core.files import use_group_named
     from xr.core.paths import model_path, settings_for
 
     try:
         cfg = settings_for(args.config)
+        use_group_named(cfg.output.group)  # the Parquet parts: private, or shared with output.group
         checkpoint = model_path(cfg, args.model)
         from xr.core.intake import DecodeLimits
         from xr.score.bulk import score

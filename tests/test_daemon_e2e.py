@@ -1049,3 +1049,50 @@ def test_a_file_that_kills_the_daemon_twice_is_set_aside(tmp_path, tiny_checkpoi
     assert [e["id"] for e in log_events(tmp_path / "run1.log") if e["event"] == "read_crashed"] == [
         rows["crash.jpeg"]["id"]
     ]
+
+
+def _modes(root: Path) -> dict[str, int]:
+    """Every file and folder under ``root`` (``root`` included) -> its permission bits."""
+    out = {".": root.stat().st_mode & 0o777}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            out[str(p.relative_to(root))] = p.lstat().st_mode & 0o777
+    return out
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_output_is_private_whatever_the_umask(tmp_path, tiny_checkpoint, xray_paths, dicom_dir, capsys, group):
+    """Under umask 022 (files 0644, folders 0755 by default) everything a run creates under the output
+    folder, films moved in with the exporter's 0644 and a heatmap included, is private to the service
+    account (0600/0700); with ``output.group`` readable by that group too (0640/0750), never by others."""
+    import grp
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    distinct_copy(xray_paths[0], inbox / "a.jpeg", 0)
+    distinct_copy(xray_paths[-1], inbox / "p.jpeg", 1)  # PNEUMONIA: flagged, so it gets a heatmap
+    (inbox / "bad.png").write_text("not an image")
+    shutil.copy(dicom_dir["knee"], inbox / "knee.dcm")  # out of scope: skipped/
+    for p in inbox.iterdir():
+        p.chmod(0o644)
+    extra = ("--set", f"output.group={grp.getgrgid(os.getegid()).gr_name}") if group else ()
+    from xr.core.files import use_group
+
+    old = os.umask(0o022)
+    try:
+        rc, log = run_once(tmp_path, tiny_checkpoint, capsys, "--set", "daemon.heatmaps=all", *extra)
+    finally:
+        os.umask(old)
+        use_group(None)  # the run set it for this process
+    assert rc == 0, log.read_text()[-3000:]
+    modes = _modes(tmp_path / "out")
+    for sub in ("processed/a.jpeg", "failed/bad.png", "skipped/knee.dcm", "results.sqlite", "csv", "heatmaps"):
+        assert sub in modes, sorted(modes)
+    assert any(k.startswith("heatmaps/") and k.endswith(".png") for k in modes)
+    assert any(k.startswith("csv/results-") for k in modes)
+    folders = {k for k in modes if (tmp_path / "out" / k).is_dir()}
+    want_dir, want_file = (0o750, 0o640) if group else (0o700, 0o600)
+    wrong = {k: oct(m) for k, m in modes.items() if m != (want_dir if k in folders else want_file)}
+    # lock files are the daemon's own (0600 whatever output.group says); never anyone else's
+    assert all(k.endswith(".lock") and m == "0o600" for k, m in wrong.items()), wrong

@@ -147,3 +147,40 @@ def test_inbox_name_removed_by_someone_else_mid_move_keeps_the_moved_file(tmp_pa
     monkeypatch.setattr(os, "unlink", unlink)
     dst = move_no_overwrite(src, tmp_path / "out" / "a.png")
     assert dst.read_bytes() == b"data" and not src.exists()
+
+
+def test_a_film_with_another_hard_link_is_copied_not_linked(tmp_path):
+    """Whoever holds a second link to an inbox film could change the scored film through it: the output
+    gets a copy of its own (another inode, private), the other link keeps the original."""
+    (tmp_path / "in").mkdir()
+    src = tmp_path / "in" / "a.png"
+    src.write_bytes(b"film")
+    src.chmod(0o644)
+    os.utime(src, ns=(1_000_000_000, 2_000_000_000))
+    other = tmp_path / "writer-keeps.png"
+    os.link(src, other)
+    dst = move_no_overwrite(src, tmp_path / "out" / "processed" / "a.png")
+    assert not src.exists() and dst.read_bytes() == b"film"
+    assert dst.stat().st_ino != other.stat().st_ino and dst.stat().st_nlink == 1
+    assert dst.stat().st_mode & 0o777 == 0o600 and dst.stat().st_mtime_ns == 2_000_000_000
+    other.write_bytes(b"changed")  # the writer's link changes nothing under processed/
+    assert dst.read_bytes() == b"film"
+    assert not [p for p in dst.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_moved_film_is_made_private_whatever_its_mode_was(tmp_path):
+    """A linked film keeps its inode, and with it the exporter's mode: it is set to 0600 (the folders it
+    goes into are created 0700) whatever the umask."""
+    (tmp_path / "in").mkdir()
+    src = tmp_path / "in" / "a.png"
+    src.write_bytes(b"film")
+    src.chmod(0o666)
+    ino = src.stat().st_ino
+    old = os.umask(0o022)
+    try:
+        dst = move_no_overwrite(src, tmp_path / "out" / "processed" / "sub" / "a.png")
+    finally:
+        os.umask(old)
+    assert dst.stat().st_ino == ino and dst.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "out" / "processed" / "sub").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "out" / "processed").stat().st_mode & 0o777 == 0o700
