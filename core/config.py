@@ -477,8 +477,8 @@ class Settings(_File):
     READERS = "xr-daemon"
     daemon: DaemonConfig = DaemonConfig()
     dicom: DicomConfig = DicomConfig()
-    output: OutputConfig = OutputConfig()
     csv: CsvConfig = CsvConfig()
+    output: OutputConfig = OutputConfig()
     review: ReviewConfig = ReviewConfig()
     dicom_node: DicomNodeConfig = DicomNodeConfig()
     dicom_send: DicomSendConfig = DicomSendConfig()
