@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xr-daemon",
         description="Watch a folder, score each chest X-ray with the calibrated model, record results in SQLite and CSV.",
+        epilog="xr-daemon install-units --help: write the systemd units or the launchd plist for this host.",
     )
     p.add_argument("--watch", help="inbox folder to watch (default: daemon.watch)")
     p.add_argument("--config", help="config.yaml (default: $XR_CONFIG, else the packaged defaults)")
@@ -85,6 +86,11 @@ def _exit_during_startup(signum: int, _frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["install-units"]:  # writes the service files for this host; starts nothing
+        from xr.daemon import units
+
+        return units.main(argv[1:])
     previous = {sig: signal.signal(sig, _exit_during_startup) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:  # torch takes seconds to import: a signal then must not end in a traceback
         return _main(argv)
