@@ -7,13 +7,15 @@
   pixels in every program reading the same config.
 - :func:`read_input`: open, check and read one file (never blocking on a FIFO), hash its bytes and read its
   DICOM header; or raise an :class:`InputError` whose reason says what is wrong, and whose type says what
-  a caller does about it (:class:`InputVanished`, :class:`InputUnavailable`: no row; any other: an error row).
+  a caller does about it (:class:`InputVanished`, :class:`InputChanged`, :class:`InputUnavailable`: no row;
+  any other: an error row).
 
 The daemon's claim is, per file::
 
     try:
-        film = read_input(item.path, limits, inbox=inbox, is_symlink=item.is_symlink)
+        film = read_input(item.path, limits, inbox=inbox, is_symlink=item.is_symlink, inode=item.inode)
     except InputVanished: ...         # release it: the file is not there any more
+    except InputChanged: ...          # another file under its name now: list it again
     except InputUnavailable: ...      # the share went away: try again later, no row
     except InputError as exc: ...     # an error row with exc.reason
     if film.changed((item.size, item.mtime_ns)): ...   # written again since it looked complete
@@ -139,6 +141,11 @@ class InputVanished(InputError):
     """The file was not there any more when it was opened (renamed away, deleted): no row."""
 
 
+class InputChanged(InputError):
+    """Another file is under the name now than the one listed (replaced, or turned into a symlink): no row;
+    the name is listed again and the file there settles as new work."""
+
+
 class InputUnavailable(InputError):
     """The file system answered with a transient error (:data:`TRANSIENT`: a share that went away): try
     again later, no row."""
@@ -230,31 +237,36 @@ def read_input(
     inbox: str | os.PathLike | None = None,
     is_symlink: bool | None = None,
     read_dicom: bool = True,
+    inode: tuple[int, int] | None = None,
 ) -> Input:
     """Read the file at ``path`` within ``limits``; raises :class:`InputError` (or a subclass) naming it.
 
     ``inbox``: a symlink must resolve inside this folder (the daemon's); None: any target (xr-score's
     archive). ``is_symlink``: what the caller's listing saw (the daemon's discovery); None: ask now.
     ``read_dicom``: parse a DICOM header for identifiers and scope (False: ``dicom`` stays empty).
+    ``inode``: the (st_dev, st_ino) the listing saw (for a symlink, its target's); another file open is
+    :class:`InputChanged`, never read under the listed identity.
 
-    The file is opened with O_NONBLOCK, so a FIFO under an image name cannot block the caller; size and
-    type come from ``fstat`` of that descriptor, so they describe what is read. Errors, by type:
-    :class:`InputVanished` (no such file), :class:`InputUnavailable` (a transient errno), else
-    :class:`InputError`: a symlink out of the inbox or to nothing, a directory or other non-regular file,
-    a file over ``limits.max_file_bytes`` (not read), or any other read error.
+    A symlink is resolved here, and its target checked against ``inbox``; what is opened (the file, or the
+    resolved target) is opened with O_NOFOLLOW, so a name turned into a symlink after the check is not
+    followed, and with O_NONBLOCK, so a FIFO under an image name cannot block the caller. Size, type and
+    identity come from ``fstat`` of that descriptor, so they describe what is read. Errors, by type:
+    :class:`InputVanished` (no such file), :class:`InputChanged` (another file than listed),
+    :class:`InputUnavailable` (a transient errno), else :class:`InputError`: a symlink out of the inbox or
+    to nothing, a directory or other non-regular file, a file over ``limits.max_file_bytes`` (not read),
+    or any other read error.
     """
     path = os.fspath(path)
     if is_symlink is None:
         is_symlink = os.path.islink(path)
+    target = os.path.realpath(path) if is_symlink else path
     if is_symlink and inbox is not None:
-        target = os.path.realpath(path)
         try:
             Path(target).relative_to(os.path.realpath(inbox))
         except ValueError:
             raise InputError(path, f"symlink points outside the inbox (to {target})") from None
     try:
-        # O_NONBLOCK: a FIFO under an image name must not block the reader in open()
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
         if is_symlink and os.path.lexists(path):
             raise InputError(path, f"symlink target not found ({os.readlink(path)})") from None
@@ -262,10 +274,14 @@ def read_input(
     except IsADirectoryError:
         raise InputError(path, "is a directory, not an image file") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink where the listing saw a file, or a target swapped for one
+            raise InputChanged(path, "replaced by a symlink since it was listed") from None
         raise _os_error(path, exc) from None
     try:
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
+            if inode is not None and (st.st_dev, st.st_ino) != tuple(inode):
+                raise InputChanged(path, "replaced by another file since it was listed")
             if not stat.S_ISREG(st.st_mode):
                 raise InputError(path, f"not a regular file ({_file_kind(st.st_mode)})")
             limit = limits.max_file_bytes

@@ -32,6 +32,7 @@ from xr.core.files import apply_mode, file_mode
 from xr.core.intake import (
     DecodeLimits,
     Input,
+    InputChanged,
     InputError,
     InputUnavailable,
     InputVanished,
@@ -237,9 +238,15 @@ class Claimer(Stage):
         reads: list[tuple[FileItem, Input | None, str | None]] = []
         for item in items:
             try:
-                film = read_input(item.path, rt.limits, inbox=rt.inbox, is_symlink=item.is_symlink, read_dicom=False)
+                film = read_input(
+                    item.path, rt.limits, inbox=rt.inbox, is_symlink=item.is_symlink, read_dicom=False, inode=item.inode
+                )
             except InputVanished:
                 self.discovery.release(item.path)
+                continue
+            except InputChanged:  # swapped since it was listed: settles again as the file it is now
+                self.discovery.release(item.path)
+                self.discovery.note(item.path)
                 continue
             except InputUnavailable:  # a share that went away: no row, try again once it may be back
                 self.discovery.retry_later(item, time.monotonic() + UNAVAILABLE_RETRY_S)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import queue
+import stat
 import threading
 import time
 from collections import deque
@@ -61,6 +62,7 @@ class FileItem:
     is_symlink: bool = False
     changed_mono: float = 0.0  # when its size or mtime last changed (from its mtime age when first seen)
     final: bool = False  # its grace period for reading as cut short is over: a failure now is an error
+    inode: tuple[int, int] | None = None  # (st_dev, st_ino) as listed (a symlink's target's): checked on the open file
 
 
 @dataclass
@@ -79,6 +81,17 @@ class _Pending:
     received_mono: float
     moved: bool = False
     is_symlink: bool = False
+    inode: tuple[int, int] | None = None
+
+
+def _inode(path: str, st: os.stat_result, is_symlink: bool) -> tuple[int, int] | None:
+    """The (device, inode) the file will be read from: the file's, or a symlink's target's (None: none)."""
+    if is_symlink:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+    return st.st_dev, st.st_ino
 
 
 class _Handler(FileSystemEventHandler):
@@ -347,6 +360,7 @@ class Discovery(Stage):
                 return False
             now = self.clock()
             age = max(0.0, time.time() - st.st_mtime_ns / 1e9)
+            link = stat.S_ISLNK(st.st_mode)
             self._pending[path] = _Pending(
                 size=st.st_size,
                 mtime_ns=st.st_mtime_ns,
@@ -354,7 +368,8 @@ class Discovery(Stage):
                 received_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
                 received_mono=now,
                 moved=moved,
-                is_symlink=os.path.islink(path),
+                is_symlink=link,
+                inode=_inode(path, st, link),
             )
         return True
 
@@ -402,8 +417,11 @@ class Discovery(Stage):
                 except OSError:
                     del self._pending[path]  # vanished (renamed away or deleted) before it was ready
                     continue
-                if (st.st_size, st.st_mtime_ns) != (pend.size, pend.mtime_ns):
+                inode = _inode(path, st, pend.is_symlink)
+                pend.inode = pend.inode or inode
+                if (st.st_size, st.st_mtime_ns) != (pend.size, pend.mtime_ns) or pend.inode != inode:
                     pend.size, pend.mtime_ns, pend.last_change = st.st_size, st.st_mtime_ns, now
+                    pend.inode = inode  # another file under this name (same size and time) settles again too
                     pend.moved = False  # written after it appeared: wait for it to settle
                     continue
                 if pend.moved or pend.is_symlink or now - pend.last_change >= self.stable_s:
@@ -417,6 +435,7 @@ class Discovery(Stage):
                             pend.received_mono,
                             pend.is_symlink,
                             changed_mono=pend.last_change,
+                            inode=inode,
                         )
                     )
             ready.sort(key=lambda i: i.received_mono)

@@ -247,3 +247,20 @@ def test_a_claim_read_when_two_runs_died_is_set_aside(make, tmp_path):
     assert [x.outcome for x in settled] == ["set_aside"] and places == [str(path)]
     assert row.status == Status.ERROR and "stopped twice" in row.error and row.read_crashes == 2
     assert [(m.row_id, m.moved_to) for m in moves] == [(f.row_id, str(tmp_path / "out" / "failed" / "killer.png"))]
+
+
+def test_a_file_swapped_between_listing_and_read_is_not_claimed_under_the_listed_identity(make, tmp_path):
+    """Another file renamed over a listed one (same size and mtime, so only the inode tells) is not read
+    and scored as the file listed: no row, and the name goes back to discovery to settle as new work."""
+    p, c = make()
+    path = film(tmp_path / "inbox" / "a.png", 1)
+    st = path.stat()
+    listed = item(path, inode=(st.st_dev, st.st_ino))
+    swap = film(tmp_path / "elsewhere" / "b.png", 2)
+    os.utime(swap, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert swap.stat().st_size == st.st_size
+    os.rename(swap, path)
+    p.ready.put(listed)
+    c.step(time.monotonic())
+    assert _rows(p) == {} and p.decoded.empty()
+    assert p.discovery.noted == [str(path)] and [r for r, _ in p.discovery.released] == [str(path)]

@@ -21,6 +21,7 @@ from xr.core.intake import (
     DEFAULT_LIMITS,
     VANISHED,
     DecodeLimits,
+    InputChanged,
     InputError,
     InputUnavailable,
     InputVanished,
@@ -127,6 +128,52 @@ def test_symlinks_must_stay_in_the_inbox(tmp_path, xray_paths):
     (inbox / "dangling.jpeg").symlink_to(inbox / "nothing.jpeg")
     exc = _error(inbox / "dangling.jpeg", inbox=inbox)
     assert exc.reason == f"symlink target not found ({inbox / 'nothing.jpeg'})" and type(exc) is InputError
+
+
+def test_a_file_swapped_after_it_was_listed_is_not_read_under_the_listed_identity(tmp_path, xray_paths):
+    """The descriptor's (device, inode) is checked against the listing's: a file renamed over the listed
+    one (same size and mtime, so nothing else tells) and a name turned into a symlink are InputChanged."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    film = inbox / "a.jpeg"
+    film.write_bytes(xray_paths[0].read_bytes())
+    st = film.stat()
+    listed = (st.st_dev, st.st_ino)
+    assert read_input(film, inbox=inbox, is_symlink=False, inode=listed).data == film.read_bytes()
+
+    other = inbox / ".other.part"
+    other.write_bytes(xray_paths[1].read_bytes()[: st.st_size].ljust(st.st_size, b"\0"))
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(other, film)
+    assert (film.stat().st_size, film.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(InputChanged) as info:
+        read_input(film, inbox=inbox, is_symlink=False, inode=listed)
+    assert info.value.reason == "replaced by another file since it was listed"
+
+    secret = tmp_path / "secret.jpeg"
+    secret.write_bytes(xray_paths[2].read_bytes())
+    film.unlink()
+    film.symlink_to(secret)  # listed as a plain file: the link is not followed (O_NOFOLLOW)
+    with pytest.raises(InputChanged) as info:
+        read_input(film, inbox=inbox, is_symlink=False)
+    assert "symlink" in info.value.reason
+
+
+def test_a_symlink_in_the_inbox_is_read_through_its_resolved_target(tmp_path, xray_paths):
+    """Symlinks inside the inbox stay allowed: resolved here, the target opened without following links,
+    and its identity checked against the listing's (the target's)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    target = inbox / "film.jpeg"
+    target.write_bytes(xray_paths[0].read_bytes())
+    (inbox / "link.jpeg").symlink_to(target)
+    st = target.stat()
+    film = read_input(inbox / "link.jpeg", inbox=inbox, is_symlink=True, inode=(st.st_dev, st.st_ino))
+    assert film.is_symlink and film.data == target.read_bytes()
+    (inbox / ".new.part").write_bytes(xray_paths[1].read_bytes())
+    os.replace(inbox / ".new.part", target)  # a new file behind the same link
+    with pytest.raises(InputChanged):
+        read_input(inbox / "link.jpeg", inbox=inbox, is_symlink=True, inode=(st.st_dev, st.st_ino))
 
 
 @pytest.mark.parametrize(
