@@ -157,3 +157,20 @@ def test_films_that_get_a_heatmap_are_passed_on_with_their_pixels_and_map(make, 
     for _, pixels, cam, model_id in heatmaps.submitted:
         assert pixels is not None and cam is not None and cam.ndim == 2 and 0 <= cam.min() <= cam.max() <= 1
         assert model_id == p.model.predictor.model_id
+
+
+def test_the_inferer_draws_audit_cases_at_review_audit_rate(make, tmp_path):
+    """review.audit_rate reaches the commit: at 1 every unflagged film is an audit case, no flagged one."""
+    import dataclasses
+
+    from xr.core.config import load_settings
+
+    p, claimer, _ = make()
+    paths = [film(tmp_path / "inbox" / f"{n}.png", n) for n in range(4)]
+    _claim(p, claimer, paths)
+    rt = dataclasses.replace(p.rt, cfg=load_settings(overrides={"review.audit_rate": 1.0}))
+    inferer = Inferer(rt, p.discovery, p.model, p.slots, p.destinations, p.decoded, p.finish)
+    assert inferer.step(time.monotonic())
+    rows = _rows(p).values()
+    assert [r.audit for r in rows] == [not r.flagged for r in rows]
+    assert p.rt.cfg.review.audit_rate == 0.02  # the default
