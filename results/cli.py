@@ -139,6 +139,8 @@ REVIEW_LIST_COLUMNS = (
     "filename",
     "accession_number",
     "probability",
+    "flagged",
+    "audit",
     "decision",
     "reviewer",
     "note",
@@ -153,6 +155,8 @@ def query_reviews(sessions, since: dt.datetime | None) -> list[dict[str, Any]]:
         Result.filename,
         Result.accession_number,
         Result.probability,
+        Result.flagged,
+        Result.audit,  # a review of an audit case: the sample that says what the flag misses
         Review.decision,
         Review.reviewer,
         Review.note,

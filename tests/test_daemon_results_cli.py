@@ -247,9 +247,9 @@ def test_reviews_are_listed_with_their_films(out_dir):
     eng.dispose()
     rc, text = run("reviews", "--output", str(out_dir), "--format", "json")
     rows = json.loads(text)
-    assert rc == 0 and [(r["filename"], r["decision"], r["reviewer"]) for r in rows] == [
-        ("1.png", "pneumonia", "Dr. A"),
-        ("5.png", "normal", None),
+    assert rc == 0 and [(r["filename"], r["decision"], r["reviewer"], r["audit"]) for r in rows] == [
+        ("1.png", "pneumonia", "Dr. A", False),
+        ("5.png", "normal", None, False),
     ]
     rc, text = run("reviews", "--output", str(out_dir), "--since", "2026-01-03T00:00:00Z")
     assert (
