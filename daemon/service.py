@@ -50,7 +50,7 @@ def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
 
     An inbox inside processed/ or failed/ is refused: every file would be moved into its own inbox.
     """
-    own = (output / "processed", output / "failed", output / "skipped", output / "csv", output / "heatmaps")
+    own = tuple(output / d for d in ("processed", "failed", "skipped", "csv", "heatmaps", "thumbnails"))
     for d in own:
         if inside(inbox, d):
             raise XRError(

@@ -17,17 +17,20 @@ Requests with a Host header outside the allowlist answer 400; a POST needs the f
 where the browser says, the same origin. Every response carries the security headers, and everything
 but the stylesheet ``Cache-Control: no-store``.
 
-Only files under the output folder are ever read: a case's film is served from where the daemon moved it
-(``processed/``), re-encoded as PNG (DICOM too); its heatmap from ``heatmaps/``. Every value from the
+Only files under the output folder are ever read: a case's film only for a scored row (ok or duplicate)
+whose film the daemon moved to ``processed/``, decoded within the daemon's limits one at a time and kept as
+a private PNG under ``thumbnails/`` (decoded once per film and size); its heatmap from ``heatmaps/``. Every value from the
 database is HTML-escaped by Jinja2's autoescaping.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import logging
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +43,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import and_, func, or_, select, text
 
 from xr.core.errors import ImageError, XRError
+from xr.core.files import make_dirs, write_private
 from xr.core.imaging import load_image
 from xr.core.intake import DEFAULT_LIMITS, DecodeLimits
 from xr.results import audit
@@ -50,6 +54,7 @@ from xr.review import auth, routes_performance, users
 
 HERE = Path(__file__).resolve().parent
 IMAGE_SIDES = {"thumb": 160, "full": 1024}
+THUMBNAILS = "thumbnails"  # <output>/thumbnails/: the films as served, decoded once
 log = logging.getLogger("xr.review")
 
 CSP = (
@@ -302,6 +307,8 @@ def create_app(
         return response
 
     # -- the reading list -------------------------------------------------------------------------------
+    decoding = threading.Lock()  # one film decoded at a time, whatever the number of requests
+
     def under_output(stored: str | None, sub: str | None = None) -> Path:
         """The file a row names, only if it lies under the output folder (``sub`` of it): else 404."""
         if not stored:
@@ -376,15 +383,32 @@ def create_app(
                 s, "view_image", user=who.name, case=row, remote_addr=remote(request), detail=size,
                 outcome="ok" if scored else "failed",
             )  # fmt: skip
-        path = under_output(row.moved_to if scored else None)
+        path = under_output(row.moved_to if scored else None, "processed")
+        return Response(picture_of(row, path, size), media_type="image/png")
+
+    def picture_of(row: Result, path: Path, size: str) -> bytes:
+        """The film as a PNG of at most IMAGE_SIDES[size]: from the thumbnail cache, else decoded (one at a
+        time: a film at the pixel limit takes hundreds of MB) and cached, private, for the next look."""
+        key = hashlib.sha256(f"{row.id}|{row.sha256}|{row.moved_to}|{row.mtime_ns}".encode()).hexdigest()[:20]
+        cached = output / THUMBNAILS / f"{row.id}-{key}-{size}.png"
         try:
-            picture = load_image(path, limits, draft_size=(IMAGE_SIDES[size], IMAGE_SIDES[size]))
-        except ImageError as exc:
-            raise HTTPException(422, f"cannot show the film: {exc.reason}") from None
-        picture.thumbnail((IMAGE_SIDES[size], IMAGE_SIDES[size]))
-        buf = io.BytesIO()
-        picture.save(buf, "PNG")
-        return Response(buf.getvalue(), media_type="image/png")
+            return cached.read_bytes()
+        except OSError:
+            pass
+        with decoding:
+            try:
+                picture = load_image(path, limits, draft_size=(IMAGE_SIDES[size], IMAGE_SIDES[size]))
+            except ImageError as exc:
+                raise HTTPException(422, f"cannot show the film: {exc.reason}") from None
+            picture.thumbnail((IMAGE_SIDES[size], IMAGE_SIDES[size]))
+            buf = io.BytesIO()
+            picture.save(buf, "PNG")
+        try:
+            make_dirs(cached.parent)
+            write_private(cached, buf.getvalue(), durable=False)
+        except OSError:
+            pass  # an output folder this account may only read: served, not kept
+        return buf.getvalue()
 
     @app.get("/cases/{case_id}/heatmap")
     def heatmap(request: Request, who: SignedInPicture, case_id: int) -> Response:

@@ -585,3 +585,56 @@ def test_the_performance_page_is_for_auditors_with_figures_and_charts(site):
     assert "<svg" in html and "<script" not in html and "Sensitivity" in html and "PPV" in html
     assert "2 of flagged films, 1 audit cases" in html and "unknown" in html  # by scanner: no DICOM header
     assert site.audit("view_performance")[-1].username == "ann"
+
+
+# -- the film endpoint: scored films only, within the limits, from the thumbnail cache --------------------
+def _film_row(site, name: str, status: Status, folder: str, picture: Image.Image) -> int:
+    dst = site.out / folder / name
+    dst.parent.mkdir(exist_ok=True)
+    picture.save(dst)
+    with session_factory(site.eng).begin() as s:
+        row = Result(
+            path=f"/in/{name}", filename=name, size_bytes=1, mtime_ns=77, status=status, received_at=T0,
+            claimed_at=T0, processed_at=T0, moved_to=str(dst), moved_at=T0, flagged=status == Status.OK,
+            error="cannot decode" if status == Status.ERROR else None,
+        )  # fmt: skip
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def test_an_error_rows_film_is_never_decoded(site, monkeypatch):
+    """A file the daemon could not read (failed/) is not the reader's to look at, nor xr-review's to decode."""
+    from xr.review import app as review_app
+
+    case = _film_row(site, "bad.png", Status.ERROR, "failed", Image.new("L", (64, 64)))
+    monkeypatch.setattr(review_app, "load_image", lambda *a, **k: pytest.fail("an error row's film was decoded"))
+    assert site.client.get(f"/cases/{case}/image").status_code == 404
+    assert site.audit("view_image")[-1].outcome == "failed"
+
+
+def test_a_huge_film_is_refused_before_its_pixels_are_decoded(site, monkeypatch):
+    """A 64-megapixel PNG of a few hundred KB (what took xr-review to 1.4 GB): over the daemon's pixel limit,
+    refused from its header, its pixels never decoded."""
+    from PIL import ImageFile
+
+    case = _film_row(site, "huge.png", Status.OK, "processed", Image.new("L", (8000, 8000)))
+    assert (site.out / "processed" / "huge.png").stat().st_size < 400_000
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels decoded"))
+    r = site.client.get(f"/cases/{case}/image")
+    assert r.status_code == 422 and "64,000,000 pixels, over the limit of 30,000,000" in r.text
+    assert not (site.out / "thumbnails").exists() or not list((site.out / "thumbnails").iterdir())
+
+
+def test_a_film_is_decoded_once_into_a_private_thumbnail_cache(site, monkeypatch):
+    from xr.review import app as review_app
+
+    first = site.client.get("/cases/1/image", params={"size": "thumb"})
+    assert first.status_code == 200
+    cached = list((site.out / "thumbnails").iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("1-") and cached[0].name.endswith("-thumb.png")
+    assert cached[0].stat().st_mode & 0o777 == 0o600 and (site.out / "thumbnails").stat().st_mode & 0o777 == 0o700
+    monkeypatch.setattr(review_app, "load_image", lambda *a, **k: pytest.fail("decoded again"))
+    again = site.client.get("/cases/1/image", params={"size": "thumb"})
+    assert again.status_code == 200 and again.content == first.content
+    assert len(site.audit("view_image")) == 2  # each look is still audited
