@@ -175,6 +175,12 @@ def decode_dicom(data: bytes, *, window: int, max_pixels: int) -> Image.Image:
             arr = pixel_array(ds, index=0 if frames > 1 else None)
     except Exception as exc:  # noqa: BLE001
         raise _decode_error(exc, syntax, data, ds) from None
+    except BaseException as exc:
+        # a Rust decoder's panic (pyo3's PanicException, pylibjpeg-rle on corrupt RLE data) derives from
+        # BaseException: a bad file, not a reason to stop the thread that decodes it
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise _decode_error(exc, syntax, data, ds) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour: a secondary capture of a film, read as luminance
         if photometric.startswith("YBR"):
@@ -223,9 +229,13 @@ def _check_size(ds: Any, max_pixels: int) -> int:
 _MISSING_HINT = {"JPEG Extended (Process 2 and 4)": " at 12-bit precision (pylibjpeg-libjpeg, GPLv3, decodes it)"}
 
 
-def _decode_error(exc: Exception, syntax: Any, data: bytes, ds: Any) -> ImageError:
+def _decode_error(exc: BaseException, syntax: Any, data: bytes, ds: Any) -> ImageError:
     name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
     text = str(exc)
+    plugins = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    if "raised by all available plugins" in text and not all("not support" in p for p in plugins):
+        # installed decoders that took the data on and failed: the data is corrupt, not the install
+        return ImageError(None, f"cannot decode DICOM pixel data ({name}): {plugins[-1][:200] if plugins else text}")
     if "missing dependencies" in text or "no pixel data decoders" in text.lower() or "plugin" in text.lower():
         return ImageError(None, f"compressed with {name}{_MISSING_HINT.get(name, '')}: decoder not installed")
     if "less than expected" in text or "insufficient" in text.lower() or "end of" in text.lower():

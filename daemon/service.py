@@ -3,13 +3,9 @@ and stop them all when told to."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import math
 import os
 import queue
-import stat
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +28,7 @@ from xr.daemon.finish import Finisher, PendingMove
 from xr.daemon.heatmaps import HeatmapStage
 from xr.daemon.infer import Inferer
 from xr.daemon.leases import LeaseKeeper, default_worker_id
+from xr.daemon.locks import take_locks
 from xr.daemon.metrics import Heartbeat, Metrics, MetricsServer, sd_notify, watchdog_interval
 from xr.daemon.moves import Destinations
 from xr.daemon.plan import plan_run
@@ -39,7 +36,7 @@ from xr.daemon.reload import ModelReloader, open_predictor, prepare
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.stage import Supervisor
 from xr.results import journal, rows
-from xr.results.engine import db_url, make_engine, session_factory, shown_url, sqlite_file
+from xr.results.engine import make_engine, session_factory, shown_url
 from xr.results.export import CsvExporter, csv_columns
 from xr.results.schema import Meta, Status, utcnow
 
@@ -57,31 +54,6 @@ def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
                 f"watch folder {inbox} lies inside the output folder's {d.name}/; choose another --watch or --output"
             )
     return (output,) if output != inbox and inside(output, inbox) else own
-
-
-def private_dir(path: Path) -> bool:
-    """A folder of this account's that no other user can write to (so none can plant or hold a file in it)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
-def lock_dir(output: Path) -> Path:
-    """Where the inbox lock lives: the service's runtime directory (systemd's ``RuntimeDirectory``), the
-    user's (``$XDG_RUNTIME_DIR``), or a folder of this account's in the temp folder; the output folder when
-    none is private (a lock there still keeps two daemons of that output off one inbox)."""
-    for env in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
-        d = os.environ.get(env, "").split(":")[0]
-        if d and private_dir(Path(d)):
-            return Path(d)
-    mine = Path(tempfile.gettempdir()) / f"xr-daemon-{os.geteuid()}"
-    try:
-        mine.mkdir(mode=0o700)
-    except OSError:
-        pass  # there already: used only if it is this account's and private
-    return mine if private_dir(mine) else output
 
 
 class Service:
@@ -158,33 +130,7 @@ class Service:
             raise XRError(f"cannot create output folder {self.output}: {exc.strerror or exc}") from None
         if not self.exclusive:
             return  # workers sharing a server database, an inbox and an output folder cooperate through the database
-        locks = [(self.output / ".xr-daemon.lock", f"output folder {self.output}", True)]
-        url = db_url(self.db)
-        if url.startswith("sqlite:///"):
-            db_file = sqlite_file(url)
-            locks.append((db_file.with_name(f".{db_file.name}.xr-daemon.lock"), f"results database {db_file}", True))
-        # The inbox is the users' folder: its lock, named after the inbox's path, lives in a folder only
-        # this account can write, so no other local user can hold it and keep the daemon from starting.
-        tag = hashlib.sha256(os.fsencode(self.inbox)).hexdigest()[:16]
-        locks.append((lock_dir(self.output) / f"xr-daemon-inbox-{tag}.lock", f"watch folder {self.inbox}", False))
-        for path, what, required in locks:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            except OSError as exc:
-                if required:
-                    raise XRError(f"cannot use {what}: {exc.strerror or exc}") from None
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if isinstance(exc, BlockingIOError):
-                    raise XRError(f"another xr-daemon is already running with {what}") from None
-                if required:  # e.g. ENOLCK on a network file system
-                    raise XRError(f"cannot lock {what}: {exc.strerror or exc}") from None
-                continue
-            self._lock_fds.append(fd)
+        self._lock_fds = take_locks(self.output, self.db, self.inbox)
 
     def release_locks(self) -> None:
         for fd in self._lock_fds:

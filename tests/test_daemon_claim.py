@@ -222,10 +222,10 @@ def test_reading_marks_outlive_a_process_that_dies_mid_read(tmp_path):
     again.close()
 
 
-def test_a_claim_read_when_two_runs_died_is_set_aside(make, tmp_path):
+def test_a_claim_read_when_two_runs_died_is_set_aside(make, tmp_path, any_db):
     """journal.settle_at_start: each run that died reading a claim counts one crash; at the second the claim
     becomes an error row whose file goes where errors go, a move left like any other."""
-    p, c = make()
+    p, c = make(db=any_db)
     path = film(tmp_path / "inbox" / "killer.png", 1)
     c.claim([item(path)])
     f = p.drain(p.decoded, 1)[0]

@@ -18,8 +18,9 @@ from xr.core.config import SHIPPED_MODEL, load_settings
 from xr.core.logs import configure_logging
 from xr.core.paths import model_path
 from xr.core.predict import Predictor
+from xr.daemon.locks import lock_dir
 from xr.daemon.plan import RunPlan, plan_run
-from xr.daemon.service import Service, lock_dir
+from xr.daemon.service import Service
 from xr.results.engine import make_engine, session_factory
 from xr.results.schema import Result, Status
 

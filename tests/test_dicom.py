@@ -317,3 +317,37 @@ def test_an_element_longer_than_the_file_is_an_error_not_an_allocation(xray_path
     with pytest.raises(ImageError):
         decode_dicom(bytes(data[:-1000]), window=0, max_pixels=10**6)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024
+
+
+def test_a_decoder_that_panics_or_refuses_corrupt_data_is_an_error_row_reason(xray_paths, monkeypatch):
+    """Found by scripts/fuzz_dicom.py: pylibjpeg-rle panics on some corrupt RLE data (pyo3's PanicException,
+    a BaseException that ``except Exception`` lets through to the decode thread), and corrupt data that every
+    installed plugin refuses was reported as "decoder not installed"."""
+    import pydicom.pixels
+
+    data = dicom_films._bytes(dicom_films.cr_from_picture(xray_paths[0])).getvalue()
+    PanicException = type("PanicException", (BaseException,), {})
+
+    def panics(*a, **k):
+        raise PanicException("index out of bounds: the len is 800656 but the index is 800656")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", panics)
+    with pytest.raises(ImageError) as info:
+        decode_dicom(data, window=0, max_pixels=10**6)
+    assert info.value.reason == "cannot decode DICOM pixel data (Explicit VR Little Endian): PanicException"
+
+    def refused(*a, **k):
+        raise RuntimeError(
+            "Unable to decode as exceptions were raised by all available plugins:\n"
+            "  gdcm: 'NoneType' object has no attribute 'encode'\n"
+            "  pyjpegls: Decoding error: Invalid JPEG-LS stream"
+        )
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", refused)
+    with pytest.raises(ImageError) as info:
+        decode_dicom(data, window=0, max_pixels=10**6)
+    assert "not installed" not in info.value.reason and "pyjpegls: Decoding error" in info.value.reason
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # what stops the program still does
+        decode_dicom(data, window=0, max_pixels=10**6)
