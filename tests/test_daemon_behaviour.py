@@ -11,10 +11,12 @@ import io
 import json
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from unittest import mock
 
 import daemon_parts
 import pytest
@@ -366,13 +368,16 @@ def test_a_metrics_port_in_use_is_exit_2_with_the_reason(tmp_path, tiny_checkpoi
         busy.listen()
         port = busy.getsockname()[1]
         capsys.readouterr()
-        rc = main(
-            [
-                *("--watch", str(tmp_path / "inbox"), "--output", str(tmp_path / "out")),
-                *("--model", str(tiny_checkpoint), "--device", "cpu", "--metrics-port", str(port), "--once"),
-                *("--set", "daemon.heatmaps=none", "--set", "daemon.cpu_trace=false"),
-            ]
-        )
+        switch = sys.getswitchinterval()
+        with mock.patch("xr.core.predict.tune_malloc", lambda: False):  # this test process's malloc stays
+            rc = main(
+                [
+                    *("--watch", str(tmp_path / "inbox"), "--output", str(tmp_path / "out")),
+                    *("--model", str(tiny_checkpoint), "--device", "cpu", "--metrics-port", str(port), "--once"),
+                    *("--set", "daemon.heatmaps=none", "--set", "daemon.cpu_trace=false"),
+                ]
+            )
+    sys.setswitchinterval(switch)
     assert rc == 2
     events = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
     [error] = [e for e in events if e["event"] == "daemon_error"]
