@@ -76,11 +76,14 @@ def run_once(tmp: Path, model: Path, capsys, *extra: str, log_name: str = "daemo
         *QUICK,
         *extra,
     ]
+    from unittest import mock
+
     switch = sys.getswitchinterval()
-    try:
-        rc = main(argv)
+    try:  # the daemon tunes malloc and the switch interval for its own process: not for this test process
+        with mock.patch("xr.core.predict.tune_malloc", lambda: False):
+            rc = main(argv)
     finally:
-        sys.setswitchinterval(switch)  # the daemon tunes it for its own process
+        sys.setswitchinterval(switch)
     log = tmp / log_name
     with open(log, "a") as fh:
         fh.write(capsys.readouterr().err)
