@@ -893,37 +893,6 @@ def test_metrics_health_and_systemd_notify(tmp_path, tiny_checkpoint, xray_paths
         notify.close()
 
 
-def test_healthz_says_why_when_the_database_cannot_be_written(tmp_path, tiny_checkpoint):
-    """In process: the health check answers 503 with the reason, not a stack trace."""
-    from xr.core.config import load_settings
-    from xr.core.logs import configure_logging
-    from xr.core.predict import Predictor
-    from xr.daemon.service import Service
-
-    (tmp_path / "inbox").mkdir()
-    svc = Service(
-        load_settings(overrides={"daemon.device": "cpu"}),
-        watch=tmp_path / "inbox",
-        output=tmp_path / "out",
-        predictor=Predictor.from_checkpoint(tiny_checkpoint, device="cpu"),
-        log=configure_logging("json", stream=open(os.devnull, "w")),
-    )
-    t = threading.Thread(target=svc.run, kwargs={"idle_timeout": 60}, name="svc")
-    t.start()
-    try:
-        wait_for(lambda: svc.discovery is not None, 120, None, "the service to start")
-        assert svc.health() == (True, "pipeline running, database writable")
-        con = sqlite3.connect(tmp_path / "out" / "results.sqlite")  # someone breaks the database under it
-        con.execute("alter table meta rename to meta_gone")
-        con.commit()
-        con.close()
-        ok, reason = svc.health()
-        assert not ok and reason.startswith("database not writable: OperationalError"), reason
-    finally:
-        svc.handle_signal(15)
-        t.join(60)
-
-
 def test_a_share_that_goes_away_and_comes_back_is_survived(tmp_path, tiny_checkpoint, xray_paths):
     """The watch folder disappears (an unmounted share) and comes back: logged both ways, no crash, and
     what arrived while it was away is scored."""
