@@ -5,6 +5,8 @@
 
 OUT/part-*.parquet: one row per file (path, sha256, logit, probability, threshold, flagged, model_id,
 calibration_id, error). Run the same command again after a stop: files OUT already holds are skipped.
+``--dicom-out DIR`` also writes each scored DICOM film's Structured Report (and Secondary Capture if
+flagged) as DICOM files, with the UIDs the daemon gives them (docs/dicom.md).
 ``xr-results import OUT`` loads a run into the results database.
 """
 
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--part-rows", type=int, default=512, help="rows per Parquet part (default 512): a stop loses at most this many"
     )
     p.add_argument("--device", default="auto", help="auto (GPU actors where the cluster has GPUs) | cpu | cuda | mps")
+    p.add_argument(
+        "--dicom-out",
+        type=Path,
+        help="also write each scored DICOM film's SR (and SC if flagged) here, as the daemon sends them (docs/dicom.md)",
+    )
     return p
 
 
@@ -76,6 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         f"xr-score: {s.files} files scored in {s.seconds:.1f} s ({s.rate:.1f} files/s), {s.errors} errors, "
         f"{s.skipped} already in {args.out}"
     )
+    if args.dicom_out is not None:
+        from xr.results.schema import utcnow
+        from xr.score.bulk import read_run
+        from xr.score.dicom_out import write_objects
+
+        table, _ = read_run(args.out)
+        d = write_objects(table, args.dicom_out, utcnow(), log=lambda m: print(m, file=sys.stderr))
+        print(
+            f"xr-score: {d.sr} SR and {d.sc} SC written to {args.dicom_out}, {d.kept} already there, {d.failed} failed"
+        )
     return 0
 
 

@@ -136,3 +136,30 @@ def test_a_film_without_the_optional_patient_and_study_attributes(dicom_dir, tmp
     assert got["study_instance_uid"] == ds.StudyInstanceUID and got["patient_id"] == ds.PatientID
     sc = dr.build_sc(film, FINDING, Image.new("RGB", (64, 64)))
     assert sc.StudyInstanceUID == ds.StudyInstanceUID and sc.PatientBirthDate in ("", None)
+
+
+@pytest.mark.slow
+def test_xr_score_dicom_out(tmp_path, dicom_dir, tiny_checkpoint, capsys):
+    """``xr-score --dicom-out``: the run's DICOM films get their SRs as files (on a local Ray)."""
+    ray = pytest.importorskip("ray")
+    import shutil
+
+    from xr.score.cli import main
+
+    data = tmp_path / "archive"
+    data.mkdir()
+    for key in ("native", "rle"):
+        shutil.copy(dicom_dir[key], data / f"{key}.dcm")
+    shutil.copy(dicom_dir["export8"], data / "export.jpeg")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        argv = ["--data", data, "--out", tmp_path / "run", "--model", tiny_checkpoint, "--dicom-out", tmp_path / "objs"]
+        rc = main([str(a) for a in argv])
+    finally:
+        ray.shutdown()
+    said = capsys.readouterr()
+    assert rc == 0, said.err[-3000:]
+    assert "2 SR and" in said.out
+    srs = [dr.read_sr(p.read_bytes()) for p in (tmp_path / "objs").iterdir() if pydicom.dcmread(p).Modality == "SR"]
+    sources = {pydicom.dcmread(data / f"{k}.dcm").SOPInstanceUID for k in ("native", "rle")}
+    assert {s["source_sop_instance_uid"] for s in srs} == sources
