@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"xr-review: {why}", file=sys.stderr)
         return 2
-    from xr.results.engine import open_existing
+    from xr.results.engine import open_existing, shown_url
 
     try:
         cfg, output, db = locate(args)
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     scheme = "https" if args.certfile else "http"
-    print(f"xr-review: {scheme}://{args.host}:{args.port}/ (database {db}, films from {output})", file=sys.stderr)
+    shown = shown_url(db)  # a PostgreSQL password never reaches the terminal or the journal
+    print(f"xr-review: {scheme}://{args.host}:{args.port}/ (database {shown}, films from {output})", file=sys.stderr)
     uvicorn.run(
         create_app(engine, Path(output), DecodeLimits.from_settings(cfg), options),
         host=args.host,

@@ -638,3 +638,14 @@ def test_a_film_is_decoded_once_into_a_private_thumbnail_cache(site, monkeypatch
     again = site.client.get("/cases/1/image", params={"size": "thumb"})
     assert again.status_code == 200 and again.content == first.content
     assert len(site.audit("view_image")) == 2  # each look is still audited
+
+
+def test_the_start_banner_hides_the_database_password(tmp_path, capsys, monkeypatch, pg_url):
+    from xr.review.cli import main
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    url = pg_url.replace("://postgres@", "://postgres:s3cret-pw@")
+    make_engine(url).dispose()
+    assert main(["--db", url, "--output", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "postgres:***@" in err and "s3cret-pw" not in err
