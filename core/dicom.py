@@ -168,6 +168,7 @@ def decode_dicom(data: bytes, *, window: int, max_pixels: int) -> Image.Image:
     if "PixelData" not in ds:  # an image without pixels may be a file cut short (pydicom stops at the end quietly)
         raise ImageError(None, "no pixel data", incomplete="Rows" in ds)
     frames = _check_size(ds, max_pixels)
+    _check_codestream(ds, frames)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     try:
         with warnings.catch_warnings():
@@ -223,6 +224,50 @@ def _check_size(ds: Any, max_pixels: int) -> int:
             f"{max_pixels * MAX_BYTES_PER_PIXEL:,} a film within the pixel limit of {max_pixels:,} may take",
         )
     return frames
+
+
+def codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares in its header (its SOF or SIZ
+    marker), None when there is none to read: what its decoder will allocate, whatever the DICOM header says."""
+    at = data.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC, then SIZ (Xsiz, Ysiz, XOsiz, YOsiz)
+    if 0 <= at < 64 and len(data) >= at + 24:
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[at + 8 : at + 24])
+        return xsiz - xo, ysiz - yo
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:  # JPEG / JPEG-LS: marker segments up to SOF
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return (width, height) if height else None  # 0: the height comes later (DNL)
+        if marker == 0xDA:
+            return None
+        i += 2 + length
+    return None
+
+
+def _check_codestream(ds: Any, frames: int) -> None:
+    """A compressed first frame whose codestream declares another size than Rows x Columns is refused
+    before it is decoded: its decoder allocates what the codestream says (a 224 x 224 film whose JPEG
+    2000 header said 20000 x 20000 took 2 GB before failing)."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not getattr(syntax, "is_encapsulated", False):
+        return
+    from pydicom.encaps import generate_frames
+
+    try:
+        first = next(generate_frames(ds.PixelData, number_of_frames=frames))
+    except Exception:  # noqa: BLE001 - fragments that cannot be read: the decoder names what is wrong
+        return
+    size = codestream_size(bytes(first[:65536]))
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if size is not None and size != (cols, rows):
+        raise ImageError(
+            None,
+            f"the compressed frame declares {size[0]}x{size[1]} pixels, the header {cols}x{rows} "
+            f"({getattr(syntax, 'name', syntax)})",
+        )
 
 
 # What decodes a syntax the installed (permissively licensed) plugins do not.

@@ -351,3 +351,32 @@ def test_a_decoder_that_panics_or_refuses_corrupt_data_is_an_error_row_reason(xr
     monkeypatch.setattr(pydicom.pixels, "pixel_array", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):  # what stops the program still does
         decode_dicom(data, window=0, max_pixels=10**6)
+
+
+@pytest.mark.parametrize("syntax", ["j2k", "jpegls", "jpeg_lossless", "jpeg_baseline"])
+def test_a_codestream_that_claims_another_size_is_refused_before_its_decoder_allocates(dicom_dir, syntax, monkeypatch):
+    """Found by hand after fuzzing: a 224 x 224 film whose JPEG 2000 header said 20000 x 20000 took 2 GB in
+    openjpeg before it failed. The codestream's own size (SIZ, SOF) must be the header's Rows x Columns."""
+    import struct
+
+    import pydicom.pixels
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from xr.core.dicom import codestream_size
+
+    ds = pydicom.dcmread(dicom_dir[syntax])
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    assert codestream_size(bytes(frame)) == (ds.Columns, ds.Rows)  # the real films agree with their headers
+    if frame.startswith(b"\xff\x4f"):
+        at = frame.find(b"\xff\x51")
+        frame[at + 6 : at + 14] = struct.pack(">II", 20000, 20000)
+    else:
+        at = next(i for i in range(2, len(frame)) if frame[i] == 0xFF and frame[i + 1] in (0xC0, 0xC1, 0xC3, 0xF7))
+        frame[at + 5 : at + 9] = struct.pack(">HH", 20000, 20000)
+    ds.PixelData = encapsulate([bytes(frame)])
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ImageError) as info:
+        decode_dicom(dicom_films._bytes(ds).getvalue(), window=0, max_pixels=30_000_000)
+    assert info.value.reason.startswith(
+        f"the compressed frame declares 20000x20000 pixels, the header {ds.Columns}x{ds.Rows}"
+    )
