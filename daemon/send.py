@@ -361,3 +361,27 @@ def _metrics(metrics: Any) -> dict[str, Any] | None:
         for kind in ("sr", "sc"):
             c.labels(kind)
     return out
+
+
+def dicom_stages(
+    cfg: Any, inbox: Any, sessions: Any, *, worker_id: str, exclusive: bool, log: Any, metrics: Any = None
+) -> tuple[Any, ObjectStage | None, SendStage | None]:
+    """The daemon's DICOM stages, where ``cfg`` (Settings) asks for them: the node (``dicom_node.port``)
+    and the two stages that build and send results (``dicom_send.destinations``)."""
+    from xr.daemon.dicom_node import DicomNode
+
+    node_cfg, send_cfg, d = cfg.dicom_node, cfg.dicom_send, cfg.daemon
+    node = DicomNode(node_cfg, inbox, log=log, metrics=metrics) if node_cfg.port else None
+    if not send_cfg.destinations:
+        return node, None, None
+    objects = ObjectStage(
+        sessions,
+        send_cfg,
+        worker_id=worker_id,
+        log=log,
+        heatmaps=d.heatmaps,
+        exclusive=exclusive,
+        lease_s=d.lease_s,
+    )
+    sender = SendStage(sessions, send_cfg, ae_title=node_cfg.ae_title, worker_id=worker_id, log=log, metrics=metrics)
+    return node, objects, sender
