@@ -30,7 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from xr.core.dicom import IDENTIFIERS
 
-SCHEMA_VERSION = 9  # the head revision of results/migrations (0009)
+SCHEMA_VERSION = 10  # the head revision of results/migrations (0010)
 
 
 class Status(str, enum.Enum):
@@ -114,6 +114,11 @@ class Result(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     # runs that died while this claimed file was being parsed or decoded; at 2 it is set aside (journal.py)
     read_crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # retention (results/retention.py) deleted this row's film and/or heatmap then; the result stays
+    pruned_at: Mapped[dt.datetime | None]
+    # xr-results retry (results/retry.py): where the film went back into the inbox, and the row it got there
+    retry_path: Mapped[str | None] = mapped_column(Text, index=True)
+    retried_as: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_results_identity", "path", "size_bytes", "mtime_ns"),
