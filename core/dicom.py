@@ -91,10 +91,13 @@ def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomHe
     """The identifiers and whether there are pixels, without decoding them. Raises ImageError."""
     ds = _dataset(data, max_pixels, stop_before_pixels=False, specific_tags=_HEADER_TAGS)
     ids = {}
-    for column, keyword in IDENTIFIERS.items():
-        value = ds.get(keyword)
-        ids[column] = str(value).strip() or None if value is not None else None
-    return DicomHeader(identifiers=ids, has_pixels="PixelData" in ds, image="Rows" in ds)
+    try:  # pydicom converts a value when it is read: an unknown VR raises only here
+        for column, keyword in IDENTIFIERS.items():
+            value = ds.get(keyword)
+            ids[column] = str(value).strip() or None if value is not None else None
+        return DicomHeader(identifiers=ids, has_pixels="PixelData" in ds, image="Rows" in ds)
+    except Exception as exc:  # noqa: BLE001 - a broken header is a bad file, never a crash
+        raise ImageError(None, f"cannot read DICOM header: {type(exc).__name__}") from None
 
 
 def _inflated(data: bytes, max_pixels: int) -> bytes:
@@ -162,6 +165,15 @@ def decode_dicom(data: bytes, *, window: int, max_pixels: int) -> Image.Image:
     """The first frame of a DICOM image as the 8-bit grey picture the model sees, through ``window`` (which
     VOI) and refused over ``max_pixels`` (the operator's limits: core/intake.py). Raises ImageError
     (without a path: the caller names the file)."""
+    try:
+        return _decode(data, window, max_pixels)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom converts values when read: an unknown VR raises here
+        raise ImageError(None, f"cannot read DICOM attributes: {type(exc).__name__}") from None
+
+
+def _decode(data: bytes, window: int, max_pixels: int) -> Image.Image:
     from pydicom.pixels import pixel_array
 
     ds = _dataset(data, max_pixels)

@@ -185,7 +185,7 @@ def dicom_facts(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> DicomFact
         return DicomFacts()
     try:
         header = read_header(data, max_pixels=limits.max_pixels)
-    except ImageError:
+    except Exception:  # noqa: BLE001 - ImageError, or anything a broken header raises: the decode names it
         return DicomFacts()
     return DicomFacts(
         identifiers=header.identifiers,

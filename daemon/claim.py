@@ -136,10 +136,10 @@ class ReadingMarks:
             slot = self._local.slot = next(self._slots)
         offset = slot * self.SLOT.size
         os.pwrite(self.fd, self.SLOT.pack(row_id), offset)
-        try:
-            yield
-        finally:
-            os.pwrite(self.fd, self.SLOT.pack(0), offset)
+        yield
+        # not in a ``finally``: an exception out of a parse or decode (one that stops the stage, and so the
+        # daemon, at every start) leaves the mark and counts like a crash; the next mark in this slot clears it
+        os.pwrite(self.fd, self.SLOT.pack(0), offset)
 
     def close(self) -> None:
         if self.fd is not None:

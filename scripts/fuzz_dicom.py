@@ -6,7 +6,7 @@ Seeds: pydicom-data's CR chest films (RG1, RG3 in native and JPEG 2000) and the 
 tests/dicom_films.py (native, MONOCHROME2 twin, RLE, JPEG-LS, JPEG 2000, JPEG lossless and baseline).
 Each fuzzed file is one seed with one or two mutations: random byte flips, a truncation, an element's
 length field rewritten (to 0, odd, just past the end, or near 4 GB), the transfer syntax UID swapped for
-another (the data left as it was), the dataset deflated (the Deflated syntax, sometimes with flips in the
+another (the data left as it was), a compressed frame's own size (JPEG 2000 SIZ, JPEG SOF) rewritten, the dataset deflated (the Deflated syntax, sometimes with flips in the
 compressed stream), or a deflate bomb (a few MB that inflate to 1-3 GB). Batches of ``--batch`` files go
 through a real ``xr-daemon --once`` (heatmaps off, no deduplication so every file is decoded, CPU, the
 shipped model) on a fresh inbox; a run that does not exit 0 is started again on what is left (the daemon
@@ -130,6 +130,22 @@ def deflate(rng: random.Random, data: bytes) -> bytes:
     return out
 
 
+def codestream_dims(rng: random.Random, data: bytes) -> bytes:
+    """A compressed frame whose own header (JPEG 2000 SIZ, JPEG SOF) claims another size than Rows x Columns."""
+    b = bytearray(data)
+    side = rng.choice((1, 225, 20000, 65535))
+    at = b.find(b"\xff\x4f\xff\x51")
+    if at > 0:
+        b[at + 8 : at + 16] = struct.pack(">II", side, side)
+        return bytes(b)
+    for sof in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc3", b"\xff\xf7"):
+        at = b.find(sof, 132)
+        if at > 0:
+            b[at + 5 : at + 9] = struct.pack(">HH", side, side)
+            return bytes(b)
+    return flip(rng, data)
+
+
 def bomb(rng: random.Random, _data: bytes) -> bytes:
     picture = rng.choice(sorted((REPO / "tests" / "fixtures" / "chest_xray" / "train").glob("*/*.jpeg")))
     return dicom_films.deflate_bomb(picture, rng.choice((1, 2, 3)) * 2**30)
@@ -141,6 +157,7 @@ MUTATIONS = {
     "length": (bad_length, 25),
     "syntax": (swap_syntax, 15),
     "deflate": (deflate, 12),
+    "dims": (codestream_dims, 8),
     "bomb": (bomb, 3),
 }
 

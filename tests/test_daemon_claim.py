@@ -264,3 +264,17 @@ def test_a_file_swapped_between_listing_and_read_is_not_claimed_under_the_listed
     c.step(time.monotonic())
     assert _rows(p) == {} and p.decoded.empty()
     assert p.discovery.noted == [str(path)] and [r for r, _ in p.discovery.released] == [str(path)]
+
+
+def test_an_exception_out_of_a_read_leaves_its_mark_as_a_crash_would(tmp_path):
+    """Whatever escapes a parse or decode stops the stage, and the daemon, at every start: its mark stays,
+    so the file is set aside at its second time like one that killed the process."""
+    (tmp_path / "out").mkdir()
+    marks = claim.ReadingMarks(tmp_path / "out")
+    with pytest.raises(NotImplementedError):
+        with marks.reading(5):
+            raise NotImplementedError("Unknown Value Representation")
+    marks.close()
+    again = claim.ReadingMarks(tmp_path / "out")
+    assert again.take_left() == {5}
+    again.close()

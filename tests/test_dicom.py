@@ -380,3 +380,19 @@ def test_a_codestream_that_claims_another_size_is_refused_before_its_decoder_all
     assert info.value.reason.startswith(
         f"the compressed frame declares 20000x20000 pixels, the header {ds.Columns}x{ds.Rows}"
     )
+
+
+def test_a_header_value_of_an_unknown_vr_is_a_bad_file_not_a_crash(xray_paths):
+    """Found by scripts/fuzz_dicom.py: pydicom converts a value only when it is read, so an element whose VR
+    is garbage raised NotImplementedError out of read_header (after the parse) and stopped the claim stage,
+    at every restart."""
+    data = dicom_films._bytes(dicom_films.cr_from_picture(xray_paths[0], AccessionNumber="ACC-1")).getvalue()
+    at = data.index(b"\x08\x00\x50\x00SH")
+    bad = data[: at + 4] + b"S\x01" + data[at + 6 :]
+    with pytest.raises(ImageError) as info:
+        read_header(bad)
+    assert info.value.reason == "cannot read DICOM header: NotImplementedError"
+    from xr.core.intake import dicom_facts
+
+    assert dicom_facts(bad).identifiers == {}  # no identifiers; the pixels, never touching that value, decode
+    assert decode_dicom(bad, window=0, max_pixels=10**6).size == (224, 224)
