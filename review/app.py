@@ -1,11 +1,12 @@
 """``xr-review``: the reading list in a browser, over the results database (a process apart from the daemon).
 
-Routes: ``GET /`` the queue (flagged and audit cases not yet reviewed, in order of arrival, so an audit
-case cannot be told by its place; filters by day and accession), ``GET /cases/{id}`` one case,
-``GET /cases/{id}/image`` and ``/heatmap`` its pictures, ``POST /cases/{id}/review`` a decision
-(``pneumonia`` or ``normal``, an optional note), ``GET /performance`` the flag's performance at this site
-(review/routes_performance.py), ``GET /audit`` the audit trail, ``/admin/users`` the accounts, ``/login``
-and ``POST /logout``, ``GET /healthz``.
+``create_app`` builds the app: who is asking and from where, the CSRF check, the page renderer, the
+Host/origin guard and security headers and ``GET /healthz``; each routes module mounts its own routes on it:
+review/routes_auth.py (``/login``, ``POST /logout``), review/routes_cases.py (``GET /`` the queue,
+``GET /cases/{id}`` one case, ``POST /cases/{id}/review`` a decision), review/routes_pictures.py
+(``/cases/{id}/image`` and ``/heatmap``), review/routes_performance.py (``GET /performance``) and
+review/routes_admin.py (``GET /audit`` the audit trail, ``/admin/users`` the accounts). Their shared
+dependencies (the signed-in account, role checks, the case a path names) are in review/deps.py.
 
 An audit case (an unflagged film drawn for review, ``results.audit``) is blinded until it is reviewed: its
 page shows no probability, flag or heatmap, and its heatmap route answers as if it had none.
@@ -25,37 +26,26 @@ database is HTML-escaped by Jinja2's autoescaping.
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import io
-import logging
-import secrets
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import quote, urlsplit
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import text
 
-from xr.core.errors import ImageError, XRError
-from xr.core.files import make_dirs, write_private
-from xr.core.imaging import load_image
 from xr.core.intake import DEFAULT_LIMITS, DecodeLimits
 from xr.results import audit
 from xr.results.engine import session_factory
 from xr.results.export import export_reviews
-from xr.results.schema import DECISIONS, ROLES, SCORED, Result, Review, fs_path, utcnow
-from xr.review import auth, routes_performance, users
+from xr.results.schema import ROLES, Result
+from xr.review import auth, routes_admin, routes_auth, routes_cases, routes_performance, routes_pictures, users
+from xr.review.deps import NeedLogin, Who
 
 HERE = Path(__file__).resolve().parent
-IMAGE_SIDES = {"thumb": 160, "full": 1024}
-THUMBNAILS = "thumbnails"  # <output>/thumbnails/: the films as served, decoded once
-log = logging.getLogger("xr.review")
 
 CSP = (
     "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'none'; form-action 'self'; "
@@ -95,46 +85,6 @@ class Options:
             allowed_hosts=hosts,
             **flags,
         )
-
-
-@dataclass(frozen=True)
-class Who:
-    """The account behind a request, its CSRF token and its session (None: signed in by the proxy)."""
-
-    name: str
-    role: str
-    csrf: str
-    sid: str | None
-
-
-class NeedLogin(Exception):
-    def __init__(self, picture: bool):
-        self.picture = picture
-
-
-def _signed_in(request: Request) -> Who:
-    return request.app.state.need(request)
-
-
-def _signed_in_picture(request: Request) -> Who:
-    return request.app.state.need(request, picture=True)
-
-
-# As dependencies, the login is checked before the form is read: a request without one learns nothing more.
-SignedIn = Annotated[Who, Depends(_signed_in)]
-SignedInPicture = Annotated[Who, Depends(_signed_in_picture)]
-
-
-def allow(who: Who, *roles: str) -> None:
-    if who.role not in roles:
-        raise HTTPException(403, f"an {who.role} may not do this")
-
-
-def safe_next(target: str | None) -> str:
-    """Where to go after signing in: a path of this site only (never ``//other.host`` or a full URL)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/"
-    return target
 
 
 def create_app(
@@ -246,315 +196,23 @@ def create_app(
             response.headers["Strict-Transport-Security"] = "max-age=31536000"
         return response
 
-    # -- signing in and out -----------------------------------------------------------------------------
-    def login_page(request: Request, next_: str, error: str | None, status: int = 200) -> Response:
-        nonce = secrets.token_urlsafe(32)
-        response = page(request, "login.html", None, {"nonce": nonce, "next": next_, "error": error}, status)
-        response.set_cookie(auth.LOGIN_COOKIE, nonce, httponly=True, samesite="strict", secure=https(request))
-        return response
-
-    @app.get("/login")
-    def login_form(request: Request, next: str = "/") -> Response:
-        if current(request) is not None:
-            return RedirectResponse(safe_next(next), status_code=303)
-        return login_page(request, safe_next(next), None)
-
-    @app.post("/login")
-    def login(
-        request: Request,
-        username: Annotated[str, Form(max_length=256)],
-        password: Annotated[str, Form(max_length=users.MAX_PASSWORD)],
-        csrf: Annotated[str, Form()] = "",
-        next: Annotated[str, Form()] = "/",
-    ) -> Response:
-        target = safe_next(next)
-        if not auth.same_token(csrf, request.cookies.get(auth.LOGIN_COOKIE)):
-            return login_page(request, target, "The form had expired: please sign in again.", 403)
-        addr = remote(request) or "?"
-        name = username.strip()
-        shown = name if users.NAME.fullmatch(name) else "(not a user name)"  # a password typed as the name stays out
-        if throttle.blocked(name, addr):
-            with sessions.begin() as s:
-                audit.record(s, "login_failed", user=shown, outcome="denied", remote_addr=addr, detail="throttled")
-            minutes = max(1, round(opts.lockout_s / 60))
-            return login_page(request, target, f"Too many failed sign-ins: try again in {minutes} minutes.", 429)
-        with sessions.begin() as s:
-            account, reason = users.verify(s, name, password)
-            if account is None:
-                audit.record(s, "login_failed", user=shown, outcome="failed", remote_addr=addr, detail=reason)
-            else:
-                audit.record(s, "login", user=account.name, remote_addr=addr)
-        if account is None:
-            throttle.failed(name, addr)
-            return login_page(request, target, "Wrong user name or password.", 401)
-        throttle.succeeded(name)
-        response = RedirectResponse(target, status_code=303)
-        response.set_cookie(
-            auth.COOKIE, store.start(account.name), httponly=True, samesite="strict", secure=https(request)
-        )
-        response.delete_cookie(auth.LOGIN_COOKIE)
-        return response
-
-    @app.post("/logout")
-    def logout(request: Request, who: SignedIn, csrf: Annotated[str, Form()] = "") -> Response:
-        check_csrf(request, who, csrf, "logout")
-        if who.sid:
-            store.end(who.sid)
-        with sessions.begin() as s:
-            audit.record(s, "logout", user=who.name, remote_addr=remote(request))
-        response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(auth.COOKIE, httponly=True, samesite="strict", secure=https(request))
-        return response
-
-    # -- the reading list -------------------------------------------------------------------------------
-    decoding = threading.Lock()  # one film decoded at a time, whatever the number of requests
-
-    def under_output(stored: str | None, sub: str | None = None) -> Path:
-        """The file a row names, only if it lies under the output folder (``sub`` of it): else 404."""
-        if not stored:
-            raise HTTPException(404, "no file for this case")
-        path = Path(fs_path(stored)).resolve()
-        root = output / sub if sub else output
-        if not path.is_relative_to(root) or not path.is_file():
-            raise HTTPException(404, "the file is not in the output folder")
-        return path
-
-    def case(s, case_id: int, *, lock: bool = False) -> Result:
-        row = s.get(Result, case_id, with_for_update=lock)
-        if row is None:
-            raise HTTPException(404, f"no case {case_id}")
-        return row
-
-    def blinded(s, row: Result) -> bool:
-        """An audit case nobody has decided yet: the reader must see the film as they would any other."""
-        return bool(row.audit) and s.scalar(select(Review.id).where(Review.result_id == row.id).limit(1)) is None
-
-    @app.get("/")
-    def queue(request: Request, who: SignedIn, day: str | None = None, accession: str | None = None) -> Response:
-        reviewed = select(Review.result_id)
-        to_read = or_(and_(Result.flagged.is_(True), Result.status.in_(SCORED)), Result.audit.is_(True))
-        stmt = select(Result).where(to_read, Result.id.not_in(reviewed))
-        if day:
-            try:
-                start = dt.datetime.fromisoformat(day)
-            except ValueError:
-                raise HTTPException(400, f"day must be YYYY-MM-DD, got {day!r}") from None
-            stmt = stmt.where(Result.processed_at >= start, Result.processed_at < start + dt.timedelta(days=1))
-        if accession:
-            stmt = stmt.where(Result.accession_number == accession)
-        with sessions.begin() as s:
-            # by arrival: flagged and audit cases interleave, and nothing on the list tells them apart
-            rows = s.scalars(stmt.order_by(Result.received_at, Result.id).limit(500)).all()
-            n_reviewed = s.scalar(select(func.count()).select_from(Review)) or 0
-            filters = ", ".join(f"{k}={v}" for k, v in (("day", day), ("accession", accession)) if v)
-            audit.record(
-                s, "view_queue", user=who.name, remote_addr=remote(request),
-                detail=f"{len(rows)} cases" + (f" ({filters})" if filters else ""),
-            )  # fmt: skip
-        context = {"rows": rows, "day": day or "", "accession": accession or "", "n_reviewed": n_reviewed}
-        return page(request, "queue.html", who, context)
-
-    @app.get("/cases/{case_id}")
-    def show(request: Request, who: SignedIn, case_id: int) -> Response:
-        with sessions.begin() as s:
-            row = case(s, case_id)
-            reviews = s.scalars(select(Review).where(Review.result_id == case_id).order_by(Review.id)).all()
-            audit.record(s, "view_case", user=who.name, case=row, remote_addr=remote(request))
-        context = {
-            "row": row,
-            "reviews": reviews,
-            "decisions": DECISIONS,
-            "may_decide": who.role == "reader",
-            "blinded": bool(row.audit) and not reviews,
-        }
-        return page(request, "case.html", who, context)
-
-    @app.get("/cases/{case_id}/image")
-    def image(
-        request: Request,
-        who: SignedInPicture,
-        case_id: int,
-        size: Annotated[str, Query(pattern="^(thumb|full)$")] = "full",
-    ) -> Response:
-        with sessions.begin() as s:
-            row = case(s, case_id)
-            scored = row.status in SCORED and row.moved_at is not None  # only films the daemon read and kept
-            audit.record(
-                s, "view_image", user=who.name, case=row, remote_addr=remote(request), detail=size,
-                outcome="ok" if scored else "failed",
-            )  # fmt: skip
-        path = under_output(row.moved_to if scored else None, "processed")
-        return Response(picture_of(row, path, size), media_type="image/png")
-
-    def picture_of(row: Result, path: Path, size: str) -> bytes:
-        """The film as a PNG of at most IMAGE_SIDES[size]: from the thumbnail cache, else decoded (one at a
-        time: a film at the pixel limit takes hundreds of MB) and cached, private, for the next look."""
-        key = hashlib.sha256(f"{row.id}|{row.sha256}|{row.moved_to}|{row.mtime_ns}".encode()).hexdigest()[:20]
-        cached = output / THUMBNAILS / f"{row.id}-{key}-{size}.png"
-        try:
-            return cached.read_bytes()
-        except OSError:
-            pass
-        with decoding:
-            try:
-                picture = load_image(path, limits, draft_size=(IMAGE_SIDES[size], IMAGE_SIDES[size]))
-            except ImageError as exc:
-                raise HTTPException(422, f"cannot show the film: {exc.reason}") from None
-            picture.thumbnail((IMAGE_SIDES[size], IMAGE_SIDES[size]))
-            buf = io.BytesIO()
-            picture.save(buf, "PNG")
-        try:
-            make_dirs(cached.parent)
-            write_private(cached, buf.getvalue(), durable=False)
-        except OSError:
-            pass  # an output folder this account may only read: served, not kept
-        return buf.getvalue()
-
-    @app.get("/cases/{case_id}/heatmap")
-    def heatmap(request: Request, who: SignedInPicture, case_id: int) -> Response:
-        with sessions.begin() as s:
-            row = case(s, case_id)
-            hidden = blinded(s, row)
-            audit.record(
-                s, "view_heatmap", user=who.name, case=row, remote_addr=remote(request),
-                outcome="denied" if hidden else "ok", detail="audit case not yet reviewed" if hidden else None,
-            )  # fmt: skip
-        if hidden:  # the same answer as a film without one: the route tells nothing about the case
-            raise HTTPException(404, "no file for this case")
-        return FileResponse(under_output(row.heatmap_path, "heatmaps"), media_type="image/png")
-
-    @app.post("/cases/{case_id}/review")
-    def review(
-        request: Request,
-        who: SignedIn,
-        case_id: int,
-        decision: Annotated[str, Form()],
-        note: Annotated[str, Form()] = "",
-        csrf: Annotated[str, Form()] = "",
-    ) -> Response:
-        addr = remote(request)
-        if who.role != "reader":
-            with sessions.begin() as s:
-                row = case(s, case_id)
-                audit.record(s, "review", user=who.name, outcome="denied", case=row, remote_addr=addr, detail=who.role)
-            raise HTTPException(403, f"only readers decide; this account is an {who.role}")
-        check_csrf(request, who, csrf, "review")
-        if decision not in DECISIONS:
-            raise HTTPException(422, f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
-        with sessions.begin() as s:
-            row = case(s, case_id, lock=True)  # two tabs deciding one case at once: one waits for the other
-            prior = s.scalar(select(Review).where(Review.result_id == case_id).order_by(Review.id).limit(1))
-            if prior is None:
-                s.add(
-                    Review(
-                        result_id=case_id,
-                        decision=decision,
-                        note=note.strip()[:2000] or None,
-                        reviewer=who.name,
-                        reviewed_at=utcnow(),
-                    )
-                )
-                audit.record(s, "review", user=who.name, case=row, remote_addr=addr, detail=decision)
-                conflict = None
-            elif prior.reviewer == who.name and prior.decision == decision:
-                # the same decision sent again (a retry after an error, a second click): recorded once
-                audit.record(s, "review", user=who.name, case=row, remote_addr=addr, detail=f"{decision} (again)")
-                conflict = None
-            else:
-                audit.record(
-                    s, "review", user=who.name, outcome="denied", case=row, remote_addr=addr,
-                    detail=f"{decision}: already reviewed ({prior.decision} by {prior.reviewer or 'unnamed'})",
-                )  # fmt: skip
-                conflict = (
-                    f"case {case_id} was already reviewed: {prior.decision} by {prior.reviewer or 'an unnamed reader'}"
-                )
-        if conflict:
-            raise HTTPException(409, conflict)
-        try:
-            export_reviews(output / "csv", sessions)
-        except (OSError, XRError) as exc:  # the review stands; reviews.csv catches up at the next one or restart
-            log.warning("reviews.csv not written: %s", exc)
-        return RedirectResponse("/", status_code=303)
-
+    # -- the routes ------------------------------------------------------------------------------------
+    routes_auth.mount(
+        app,
+        sessions=sessions,
+        store=store,
+        throttle=throttle,
+        opts=opts,
+        page=page,
+        current=current,
+        remote=remote,
+        https=https,
+        check_csrf=check_csrf,
+    )
+    routes_cases.mount(app, sessions=sessions, output=output, page=page, remote=remote, check_csrf=check_csrf)
+    routes_pictures.mount(app, sessions=sessions, output=output, limits=limits, remote=remote)
     routes_performance.mount(app, sessions=sessions, page=page, remote=remote)
-
-    # -- the audit trail and the accounts --------------------------------------------------------------
-    @app.get("/audit")
-    def audit_page(
-        request: Request,
-        who: SignedIn,
-        user: Annotated[str, Query(max_length=128)] = "",
-        action: Annotated[str, Query(max_length=32)] = "",
-        days: Annotated[float, Query(gt=0, le=3660)] = 7,
-    ) -> Response:
-        allow(who, "auditor", "admin")
-        since = utcnow() - dt.timedelta(days=days)
-        with sessions.begin() as s:
-            rows = audit.query(s, since=since, user=user or None, action=action or None, limit=1000)
-            audit.record(s, "view_audit", user=who.name, remote_addr=remote(request), detail=f"{len(rows)} rows")
-        context = {"rows": rows[::-1], "user": user, "action": action, "days": days, "actions": audit.ACTIONS}
-        return page(request, "audit.html", who, context)
-
-    @app.get("/admin/users")
-    def users_page(request: Request, who: SignedIn, error: str = "") -> Response:
-        allow(who, "admin")
-        with sessions() as s:
-            accounts = users.listing(s)
-        return page(request, "users.html", who, {"accounts": accounts, "error": error[:200]})
-
-    def admin_change(request: Request, who: Who, csrf: str, action: str, change) -> Response:
-        allow(who, "admin")
-        check_csrf(request, who, csrf, action)
-        try:
-            with sessions.begin() as s:
-                change(s, who)
-        except XRError as exc:
-            return RedirectResponse(f"/admin/users?error={quote(str(exc), safe='')}", status_code=303)
-        return RedirectResponse("/admin/users", status_code=303)
-
-    @app.post("/admin/users")
-    def add_user(
-        request: Request,
-        who: SignedIn,
-        name: Annotated[str, Form(max_length=64)],
-        role: Annotated[str, Form()],
-        password: Annotated[str, Form(max_length=users.MAX_PASSWORD)],
-        csrf: Annotated[str, Form()] = "",
-    ) -> Response:
-        return admin_change(
-            request,
-            who,
-            csrf,
-            "user_added",
-            lambda s, who: users.add(s, name.strip(), role, password, by=who.name, remote_addr=remote(request)),
-        )
-
-    @app.post("/admin/users/{name}/active")
-    def set_active(
-        request: Request, who: SignedIn, name: str, active: Annotated[bool, Form()], csrf: Annotated[str, Form()] = ""
-    ) -> Response:
-        def change(s, who: Who) -> None:
-            if name == who.name and not active:
-                raise XRError("an admin cannot disable their own account")
-            users.set_active(s, name, active, by=who.name, remote_addr=remote(request))
-            if not active:
-                store.end_user(name)
-
-        return admin_change(request, who, csrf, "user_enabled" if active else "user_disabled", change)
-
-    @app.post("/admin/users/{name}/password")
-    def set_password(
-        request: Request,
-        who: SignedIn,
-        name: str,
-        password: Annotated[str, Form(max_length=users.MAX_PASSWORD)],
-        csrf: Annotated[str, Form()] = "",
-    ) -> Response:
-        def change(s, who: Who) -> None:
-            users.set_password(s, name, password, by=who.name, remote_addr=remote(request))
-            store.end_user(name)
-
-        return admin_change(request, who, csrf, "user_password_changed", change)
+    routes_admin.mount(app, sessions=sessions, store=store, page=page, remote=remote, check_csrf=check_csrf)
 
     @app.get("/healthz")
     def healthz() -> Response:  # open to monitors: says nothing about patients
