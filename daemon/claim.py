@@ -88,7 +88,7 @@ class ReadingMarks:
     """The claimed rows this process is parsing or decoding right now: one 8-byte slot per thread in a
     small file of the output folder, written without fsync (a process that dies leaves its page cache).
     What a killed run (out of memory, a decoder's segfault) left there is read at the next start, and each
-    of those rows counts one crash (``journal.settle_at_start``)."""
+    of those rows counts one crash (``settle.settle_at_start``)."""
 
     SLOT = struct.Struct("<q")
 

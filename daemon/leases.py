@@ -6,7 +6,7 @@ and an expiry on the database's clock. Every third of ``daemon.lease_s`` this st
 leases; a worker that stops (killed, frozen, cut off) stops renewing, and once its leases run out the others
 take its files over (results/journal.py ``claim_files``), each takeover raising the token, so a worker that
 comes back finds its rows taken and writes nothing (``journal.still_held``). The same step sweeps what a
-stopped worker left on files that are no longer there as it claimed them (``journal.sweep``), which a start
+stopped worker left on files that are no longer there as it claimed them (results/settle.py ``sweep``), which a start
 does for a single daemon.
 """
 
@@ -17,7 +17,7 @@ import os
 from xr.daemon.discovery import Discovery
 from xr.daemon.runtime import Runtime
 from xr.daemon.stage import Stage
-from xr.results import journal
+from xr.results import journal, settle
 from xr.results.schema import utcnow
 
 
@@ -52,7 +52,7 @@ class LeaseKeeper(Stage):
         rt = self.rt
         try:
             with rt.sessions.begin() as s:
-                done = journal.sweep(s, self.discovery.would_read, rt.lease, utcnow())
+                done = settle.sweep(s, self.discovery.would_read, rt.lease, utcnow())
         except Exception as exc:  # noqa: BLE001 - tried again at the next renewal
             rt.log.error("claim_sweep_failed", worker_id=rt.worker_id, reason=f"{type(exc).__name__}: {exc}")
             return

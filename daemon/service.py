@@ -35,7 +35,7 @@ from xr.daemon.plan import plan_run
 from xr.daemon.reload import ModelReloader, open_predictor, prepare
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.stage import Supervisor
-from xr.results import journal, rows
+from xr.results import rows, settle
 from xr.results.engine import make_engine, session_factory, shown_url
 from xr.results.export import CsvExporter, csv_columns
 from xr.results.schema import Meta, Status, utcnow
@@ -180,7 +180,7 @@ class Service:
         several workers on one database, only rows this worker held or whose lease has run out."""
         crashed = self.marks.take_left() if self.marks is not None else set()
         with rt.sessions.begin() as s:
-            settled, left = journal.settle_at_start(
+            settled, left = settle.settle_at_start(
                 s,
                 discovery.would_read,
                 rt.lease,

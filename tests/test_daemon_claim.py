@@ -18,7 +18,7 @@ from xr.core.predict import Predictor
 from xr.daemon import claim
 from xr.daemon.claim import Claimer
 from xr.daemon.runtime import WorkSlots
-from xr.results import journal
+from xr.results import journal, settle
 from xr.results.schema import Result, Status, utcnow
 
 
@@ -223,7 +223,7 @@ def test_reading_marks_outlive_a_process_that_dies_mid_read(tmp_path):
 
 
 def test_a_claim_read_when_two_runs_died_is_set_aside(make, tmp_path, any_db):
-    """journal.settle_at_start: each run that died reading a claim counts one crash; at the second the claim
+    """settle.settle_at_start: each run that died reading a claim counts one crash; at the second the claim
     becomes an error row whose file goes where errors go, a move left like any other."""
     p, c = make(db=any_db)
     path = film(tmp_path / "inbox" / "killer.png", 1)
@@ -237,7 +237,7 @@ def test_a_claim_read_when_two_runs_died_is_set_aside(make, tmp_path, any_db):
 
     for run in range(2):
         with p.rt.sessions.begin() as s:
-            settled, moves = journal.settle_at_start(
+            settled, moves = settle.settle_at_start(
                 s, lambda _: True, p.rt.lease, utcnow(), crashed={f.row_id}, place=place
             )
         if run == 0:

@@ -13,8 +13,8 @@ from xr.daemon.leases import LeaseKeeper
 from xr.daemon.runtime import Runtime
 from xr.results import journal
 from xr.results.engine import make_engine, session_factory
-from xr.results.journal import GONE, settle_claim
 from xr.results.schema import Result, Status
+from xr.results.settle import GONE, settle_claim
 
 
 class _Log:

@@ -1,5 +1,5 @@
-"""results/journal.py: the claim/lease state machine (claim, takeover, fencing, commit, move, settle, sweep), on
-SQLite and PostgreSQL."""
+"""results/journal.py and results/settle.py: the claim/lease state machine (claim, takeover, fencing,
+commit, move, settle, sweep), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 
 from sqlalchemy import select, update
 
-from xr.results import journal, schema
+from xr.results import journal, schema, settle
 from xr.results.engine import make_engine, session_factory
 from xr.results.schema import Result, Status
 
@@ -271,7 +271,7 @@ def test_settle_at_start_redoes_releases_fails_and_takes_over_moves(tmp_path, an
         place=lambda o: "/out/u.png",
     )
     with sessions.begin() as s:
-        settled, moves = journal.settle_at_start(s, lambda p: "other" not in p, journal.Lease("me", 30), NOW)
+        settled, moves = settle.settle_at_start(s, lambda p: "other" not in p, journal.Lease("me", 30), NOW)
     assert [(x.row_id, x.outcome) for x in settled] == [
         (ids[0], "redo"),
         (ids[1], "release"),
@@ -286,7 +286,7 @@ def test_settle_at_start_redoes_releases_fails_and_takes_over_moves(tmp_path, an
     assert set(rows) == {ids[0], ids[2], ids[4]}
     assert rows[ids[0]].status == Status.CLAIMED
     gone = rows[ids[2]]
-    assert (gone.status, gone.error, gone.processed_at, gone.moved_at) == (Status.ERROR, journal.GONE, NOW, NOW)
+    assert (gone.status, gone.error, gone.processed_at, gone.moved_at) == (Status.ERROR, settle.GONE, NOW, NOW)
     assert rows[ids[4]].lease_holder == "me" and rows[ids[4]].lease_token == 1
     eng.dispose()
 
@@ -308,7 +308,7 @@ def test_sweep_leaves_live_leases_and_files_still_there_alone(tmp_path, any_db):
     for c in (there, gone):
         _expire(sessions, c.row_id)
     with sessions.begin() as s:
-        done = journal.sweep(s, lambda p: True, journal.Lease("me", 30, False), NOW)
+        done = settle.sweep(s, lambda p: True, journal.Lease("me", 30, False), NOW)
     assert [(x.row_id, x.outcome, x.holder) for x in done] == [(gone.row_id, "gone", "dead")]
     with sessions() as s:
         assert s.get(Result, live.row_id).status == s.get(Result, there.row_id).status == Status.CLAIMED
