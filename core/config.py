@@ -359,6 +359,25 @@ class ReviewConfig(Section):
     )
 
 
+Days = Annotated[int | None, Strict(), Field(ge=0)]
+
+
+class RetentionConfig(Section):
+    """How long what the daemon writes is kept (results/retention.py; docs/operations.md, "Retention"). 0 or
+    null keeps it for ever. Cases on the reading list (flagged or audit, not yet reviewed), claimed rows and
+    films not yet moved are never deleted; the audit trail is not touched."""
+
+    ALSO_READ_BY = dict.fromkeys(("processed_days", "failed_days", "heatmaps_days", "csv_days", "rows_days"), "xr-results")
+
+    processed_days: Days = Field(None, description="films in processed/, days after scoring")
+    failed_days: Days = Field(None, description="films in failed/ and skipped/, days after their row")
+    heatmaps_days: Days = Field(None, description="heatmaps/ and the film's thumbnails/, days after scoring")
+    csv_days: Days = Field(None, description="results-*.csv files, days after their last write")
+    rows_days: Days = Field(
+        None, description="result rows (with their reviews, sent outbox items, film and heatmap), days after scoring"
+    )
+
+
 AE_TITLE = re.compile(r"[ -\[\]-~]{1,16}")  # PS3.5 AE: up to 16 printable characters, no backslash
 DESTINATION = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:@\s]+):(?P<port>\d{1,5})")
 
@@ -482,6 +501,7 @@ class Settings(_File):
     review: ReviewConfig = ReviewConfig()
     dicom_node: DicomNodeConfig = DicomNodeConfig()
     dicom_send: DicomSendConfig = DicomSendConfig()
+    retention: RetentionConfig = RetentionConfig()
 
 
 FILES: tuple[type[_File], ...] = (Settings, Recipe)

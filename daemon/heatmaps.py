@@ -205,6 +205,7 @@ class HeatmapStage(Stage):
         want = [
             Result.status == Status.OK,
             Result.heatmap_path.is_(None),
+            Result.pruned_at.is_(None),  # retention deleted it (results/retention.py): not drawn again
             Result.model_id == predictor.model_id,
         ]
         if self.mode == "flagged":

@@ -33,6 +33,7 @@ from xr.daemon.metrics import Heartbeat, Metrics, MetricsServer, sd_notify, watc
 from xr.daemon.moves import Destinations
 from xr.daemon.plan import plan_run
 from xr.daemon.reload import ModelReloader, open_predictor, prepare
+from xr.daemon.retention import RetentionStage
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.stage import Supervisor
 from xr.results import rows, settle
@@ -314,10 +315,18 @@ class Service:
                 self.log.warning("watch_polling", reason=fallback)
             # Started downstream first; stopped upstream first, so each stage finishes what is in flight
             # (the inferer its batch, the finisher its moves), and the leases are kept to the end.
-            started = [leases, finisher, self.heatmaps, inferer, claimer, reloader, discovery]
+            # retries linked and retention applied (daemon/retention.py); not for a --once run
+            housekeeping = (
+                None
+                if self.once
+                else RetentionStage(sessions, self.output, self.cfg.retention, self.log, start=time.monotonic())
+            )
+            started = [leases, finisher, self.heatmaps, inferer, claimer, reloader, discovery, housekeeping]
             self.supervisor = Supervisor(st for st in started if st is not None)
             self._stop_order = [
-                st for st in (discovery, reloader, claimer, inferer, self.heatmaps, finisher, leases) if st is not None
+                st
+                for st in (housekeeping, discovery, reloader, claimer, inferer, self.heatmaps, finisher, leases)
+                if st is not None
             ]
             self.supervisor.start()
             self.discovery = discovery

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(bk, False)
     bk.add_argument("dest", type=Path, help="the backup file to write (private, 0600)")
     bk.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+    from xr.results import cli_ops
+
+    cli_ops.add_parsers(sub, common)
     return p
 
 
@@ -268,6 +271,10 @@ def _main(argv: list[str] | None, out) -> int:
         return _audit(args, out)
     if args.command == "backup":
         return _backup(args, out)
+    if args.command in ("prune", "retry"):
+        from xr.results import cli_ops
+
+        return getattr(cli_ops, args.command)(args, db_location, out)
     if args.command == "outbox":
         return _outbox(args, out)
     try:
