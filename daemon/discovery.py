@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-
 from xr.core.intake import (
     IMAGE_SUFFIXES,
     is_candidate_name,
@@ -38,6 +36,7 @@ from xr.core.intake import (
     sniff_dicom,
 )
 from xr.daemon.stage import Stage
+from xr.daemon.watch import start_observer
 from xr.results.schema import storable
 
 
@@ -92,22 +91,6 @@ def _inode(path: str, st: os.stat_result, is_symlink: bool) -> tuple[int, int] |
         except OSError:
             return None
     return st.st_dev, st.st_ino
-
-
-class _Handler(FileSystemEventHandler):
-    def __init__(self, sink: queue.SimpleQueue[tuple[str, str]]):
-        self.sink = sink
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        kind = event.event_type
-        if event.is_directory:
-            if kind in ("created", "moved"):
-                self.sink.put(("rescan", ""))
-            return
-        if kind == "moved":
-            self.sink.put(("moved", os.fsdecode(event.dest_path)))
-        elif kind in ("created", "modified", "closed"):
-            self.sink.put(("seen", os.fsdecode(event.src_path)))
 
 
 @dataclass
@@ -174,24 +157,13 @@ class Discovery(Stage):
         from watchdog.observers.polling import PollingObserver
 
         try:
-            self._observer = self._start_observer(PollingObserver if self.poll else Observer)
+            self._observer = start_observer(PollingObserver if self.poll else Observer, self.inbox, self._events)
         except OSError as exc:
             # inotify's per-user watch or instance limit (ENOSPC, EMFILE) is a host setting, not a
             # reason to stop: polling sees the same files, later
-            self._observer = self._start_observer(PollingObserver)
+            self._observer = start_observer(PollingObserver, self.inbox, self._events)
             return f"file events unavailable ({exc.strerror or exc}); polling instead"
         return None
-
-    def _start_observer(self, cls):
-        obs = cls(timeout=0.2)
-        obs.name = "xr-observer"
-        obs.schedule(_Handler(self._events), str(self.inbox), recursive=True)
-        try:
-            obs.start()
-        except BaseException:
-            obs.stop()
-            raise
-        return obs
 
     def close(self) -> None:
         if self._observer is not None:
@@ -273,7 +245,7 @@ class Discovery(Stage):
             except Exception:  # noqa: BLE001 - it is dead already
                 pass
         try:
-            self._observer = self._start_observer(PollingObserver)
+            self._observer = start_observer(PollingObserver, self.inbox, self._events)
             if self.log is not None:
                 self.log.info("watch_restarted", watch=str(self.inbox))
         except OSError:
