@@ -55,6 +55,14 @@ class RetentionStage(Stage):
         self.prune(now)
         return False
 
+    def close(self) -> None:
+        """A last link at stop: a retried film scored by a --once run gets its link before the run ends."""
+        try:
+            with self.sessions.begin() as s:
+                link_retries(s)
+        except SQLAlchemyError as exc:
+            self.log.warning("retention_failed", reason=f"linking retries: {exc}")
+
     def prune(self, now: float) -> dict[str, int] | None:
         """One pass now; its counts (None: another worker prunes, or it failed)."""
         try:

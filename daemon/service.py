@@ -35,6 +35,7 @@ from xr.daemon.plan import plan_run
 from xr.daemon.reload import ModelReloader, open_predictor, prepare
 from xr.daemon.retention import RetentionStage
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
+from xr.daemon.send import dicom_stages
 from xr.daemon.stage import Supervisor
 from xr.results import rows, settle
 from xr.results.engine import make_engine, session_factory, shown_url
@@ -284,6 +285,15 @@ class Service:
             self.marks = ReadingMarks(self.output, self.exclusive, d.worker_id)
             claimer = Claimer(rt, discovery, model, slots, ready_q, decoded_q, finish_q, self.marks)
             leases = LeaseKeeper(rt, discovery) if not self.exclusive else None
+            node, objects, sender = dicom_stages(
+                self.cfg,
+                self.inbox,
+                sessions,
+                worker_id=self.worker_id,
+                exclusive=self.exclusive,
+                log=self.log,
+                metrics=rt.metrics,
+            )
             self.inferer = inferer
             rec = self.reconcile(rt, discovery, destinations, finisher)
             self.log.info(
@@ -315,17 +325,39 @@ class Service:
                 self.log.warning("watch_polling", reason=fallback)
             # Started downstream first; stopped upstream first, so each stage finishes what is in flight
             # (the inferer its batch, the finisher its moves), and the leases are kept to the end.
-            # retries linked and retention applied (daemon/retention.py); not for a --once run
-            housekeeping = (
-                None
-                if self.once
-                else RetentionStage(sessions, self.output, self.cfg.retention, self.log, start=time.monotonic())
-            )
-            started = [leases, finisher, self.heatmaps, inferer, claimer, reloader, discovery, housekeeping]
+            # retries linked and retention applied (daemon/retention.py; a --once run ends before its first pass)
+            housekeeping = RetentionStage(sessions, self.output, self.cfg.retention, self.log, start=time.monotonic())
+            if node is not None:  # the DICOM node feeds the inbox; stopped first: no film acknowledged mid-shutdown
+                node.open()
+            started = [
+                leases,
+                finisher,
+                sender,
+                objects,
+                self.heatmaps,
+                inferer,
+                claimer,
+                reloader,
+                discovery,
+                housekeeping,
+                node,
+            ]
             self.supervisor = Supervisor(st for st in started if st is not None)
             self._stop_order = [
                 st
-                for st in (housekeeping, discovery, reloader, claimer, inferer, self.heatmaps, finisher, leases)
+                for st in (
+                    node,
+                    discovery,
+                    reloader,
+                    claimer,
+                    inferer,
+                    self.heatmaps,
+                    objects,
+                    sender,
+                    finisher,
+                    leases,
+                    housekeeping,
+                )
                 if st is not None
             ]
             self.supervisor.start()
