@@ -1,6 +1,7 @@
 """Write the packaged defaults (core/config.yaml, train/recipe.yaml), the operator's example config.yaml
-at the top of the checkout and docs/configuration.md from the definitions in core/config.py. Run after
-changing a key; tests/test_config.py fails while they differ.
+at the top of the checkout and docs/configuration.md from the definitions in core/config.py (kept in
+core/config_settings.py and core/config_recipe.py). Run after changing a key; tests/test_config.py fails
+while they differ.
 
     python scripts/write_config_docs.py
 """
@@ -13,7 +14,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from xr.core.config import FILES, RECIPE_PATH, SETTINGS_PATH, Recipe, Settings, _File, _num, _plain
+from xr.core.config import FILES, RECIPE_PATH, SETTINGS_PATH, Recipe, Settings
+from xr.core.config_base import _File, _num, _plain
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "configuration.md"
