@@ -170,7 +170,7 @@ def decode_dicom(data: bytes, *, window: int, max_pixels: int) -> Image.Image:
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom converts values when read: an unknown VR raises here
-        raise ImageError(None, f"cannot read DICOM attributes: {type(exc).__name__}") from None
+        raise ImageError(None, f"cannot read DICOM attributes: {type(exc).__name__}: {str(exc)[:120]}") from None
 
 
 def _decode(data: bytes, window: int, max_pixels: int) -> Image.Image:
