@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, help="serve /metrics and /healthz on this port (daemon.metrics_port; 0 = off)"
     )
     p.add_argument(
+        "--dicom-port", type=int, help="run the DICOM node (storage SCP) on this port (dicom_node.port; 0 = off)"
+    )
+    p.add_argument("--ae-title", help="the node's AE title, also the one results are sent with (dicom_node.ae_title)")
+    p.add_argument(
+        "--send-results",
+        action="append",
+        metavar="AET@HOST:PORT",
+        help="send an SR (and an SC for flagged films) of each scored DICOM film to this PACS; repeat for several (dicom_send.destinations)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -67,6 +77,9 @@ def parse_overrides(args: argparse.Namespace) -> dict:
         "daemon.calibration": args.calibration,
         "daemon.metrics_port": args.metrics_port,
         "daemon.worker_id": args.worker_id,
+        "dicom_node.port": args.dicom_port,
+        "dicom_node.ae_title": args.ae_title,
+        "dicom_send.destinations": args.send_results,
     }
     ov = {k: v for k, v in flags.items() if v is not None}
     for item in args.set:
