@@ -19,6 +19,7 @@ from xr.results import audit
 from xr.results.export import export_reviews
 from xr.results.schema import DECISIONS, SCORED, Result, Review, utcnow
 from xr.review.deps import SignedIn, case
+from xr.review.films import film_source, imported
 
 log = logging.getLogger("xr.review")
 
@@ -62,6 +63,9 @@ def mount(app: FastAPI, *, sessions, output: Path, page, remote, check_csrf) -> 
             "decisions": DECISIONS,
             "may_decide": who.role == "reader",
             "blinded": bool(row.audit) and not reviews,
+            # why the film cannot be shown, or that it is an imported row's archive film (review/films.py)
+            "film_note": film_source(row, output)[1],
+            "archived": imported(row),
         }
         return page(request, "case.html", who, context)
 

@@ -1,6 +1,6 @@
 """A case's pictures: ``GET /cases/{id}/image`` its film and ``/heatmap`` its heatmap, read only from under
 the output folder. A film only for a scored row (ok or duplicate) whose film the daemon moved to
-``processed/``, decoded within the daemon's limits one at a time and kept as a private PNG under
+``processed/``, or an ``xr-results import`` row's film in its archive (review/films.py), decoded within the daemon's limits one at a time and kept as a private PNG under
 ``thumbnails/`` (decoded once per film and size). An audit case not yet reviewed is blinded: its heatmap
 route answers as if it had none."""
 
@@ -21,8 +21,9 @@ from xr.core.files import make_dirs, write_private
 from xr.core.imaging import load_image
 from xr.core.intake import DecodeLimits
 from xr.results import audit
-from xr.results.schema import SCORED, Result, Review, fs_path
+from xr.results.schema import Result, Review, fs_path
 from xr.review.deps import SignedInPicture, case
+from xr.review.films import film_source, same_film
 
 IMAGE_SIDES = {"thumb": 160, "full": 1024}
 THUMBNAILS = "thumbnails"  # <output>/thumbnails/: the films as served, decoded once
@@ -54,18 +55,21 @@ def mount(app: FastAPI, *, sessions, output: Path, limits: DecodeLimits, remote)
     ) -> Response:
         with sessions.begin() as s:
             row = case(s, case_id)
-            scored = row.status in SCORED and row.moved_at is not None  # only films the daemon read and kept
+            # processed/ films the daemon read and kept; an imported row's archive film (review/films.py)
+            path, why = film_source(row, output)
             audit.record(
-                s, "view_image", user=who.name, case=row, remote_addr=remote(request), detail=size,
-                outcome="ok" if scored else "failed",
+                s, "view_image", user=who.name, case=row, remote_addr=remote(request),
+                outcome="ok" if path else "failed", detail=size if path else f"{size}: {why}",
             )  # fmt: skip
-        path = under_output(row.moved_to if scored else None, "processed")
+        if path is None:
+            raise HTTPException(404, why)
         return Response(picture_of(row, path, size), media_type="image/png")
 
     def picture_of(row: Result, path: Path, size: str) -> bytes:
         """The film as a PNG of at most IMAGE_SIDES[size]: from the thumbnail cache, else decoded (one at a
         time: a film at the pixel limit takes hundreds of MB) and cached, private, for the next look."""
-        key = hashlib.sha256(f"{row.id}|{row.sha256}|{row.moved_to}|{row.mtime_ns}".encode()).hexdigest()[:20]
+        source = row.moved_to or row.path  # an imported row's film is its archive path
+        key = hashlib.sha256(f"{row.id}|{row.sha256}|{source}|{row.mtime_ns}".encode()).hexdigest()[:20]
         cached = output / THUMBNAILS / f"{row.id}-{key}-{size}.png"
         try:
             return cached.read_bytes()
@@ -73,6 +77,8 @@ def mount(app: FastAPI, *, sessions, output: Path, limits: DecodeLimits, remote)
             pass
         with decoding:
             try:
+                if path.stat().st_size > limits.max_file_bytes or not same_film(row, path):
+                    raise HTTPException(404, f"cannot show the film: {row.path} is not the file that was scored")
                 picture = load_image(path, limits, draft_size=(IMAGE_SIDES[size], IMAGE_SIDES[size]))
             except ImageError as exc:
                 raise HTTPException(422, f"cannot show the film: {exc.reason}") from None
