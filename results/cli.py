@@ -1,4 +1,8 @@
-"""``xr-results``: list, export and summarise the daemon's results database."""
+"""``xr-results``: list, export and summarise the daemon's results database.
+
+Here: the parser, ``list``, ``reviews`` and ``stats``; the other sub-commands in results/cli_admin.py
+(``audit``, ``import``, ``backup``), results/cli_outbox.py, results/cli_performance.py and results/cli_ops.py
+(``prune``, ``retry``); what they share in results/cli_common.py."""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import csv
 import datetime as dt
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,10 @@ from typing import Any
 from sqlalchemy import func, select
 
 from xr.core.errors import XRError
-from xr.results.engine import make_engine, open_existing, session_factory
-from xr.results.export import csv_cell, csv_columns, format_value
+from xr.results import cli_admin, cli_outbox
+from xr.results.cli_common import db_location, flat, jsonable, open_db, parse_since, positive_int, print_table, settings
+from xr.results.engine import session_factory
+from xr.results.export import csv_cell, csv_columns
 from xr.results.schema import (
     OUTBOX_STATUSES,
     SCORED,
@@ -27,31 +32,6 @@ from xr.results.schema import (
 from xr.results.stats import compute_stats, percentile  # noqa: F401 - percentile: xr-results' own, re-exported
 
 TABLE_COLUMNS = ("id", "processed_at", "filename", "status", "probability", "label", "flagged", "error")
-
-
-def parse_since(text: str) -> dt.datetime:
-    """ISO date/time (UTC) or a relative age: ``30m``, ``12h``, ``7d``."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if m:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-        return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(seconds=float(m.group(1)) * unit)
-    try:
-        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--since: expected an ISO date/time or 30m/12h/7d, got {text!r}") from None
-    if t.tzinfo is not None:
-        t = t.astimezone(dt.timezone.utc).replace(tzinfo=None)
-    return t
-
-
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,24 +146,6 @@ def query_reviews(sessions, since: dt.datetime | None) -> list[dict[str, Any]]:
         return [dict(m) for m in s.execute(stmt.order_by(Review.id)).mappings()]
 
 
-def _settings(args: argparse.Namespace):
-    from xr.core.paths import settings_for
-
-    return settings_for(args.config)
-
-
-def db_location(args: argparse.Namespace):
-    """The database the daemon with these options would use: ``--db``, else ``daemon.db``, else the output's."""
-    from xr.core.paths import output_dir, results_db
-
-    cfg = _settings(args)
-    return results_db(cfg, output_dir(cfg, args.output), args.db)
-
-
-def open_db(args: argparse.Namespace):
-    return open_existing(db_location(args), immediate=False)
-
-
 def query_rows(sessions, args: argparse.Namespace) -> list[dict[str, Any]]:
     stmt = select(Result)
     if args.flagged:
@@ -202,37 +164,6 @@ def query_rows(sessions, args: argparse.Namespace) -> list[dict[str, Any]]:
     with sessions() as s:
         rows = [r.as_dict() for r in s.scalars(stmt)]
     return rows[::-1]
-
-
-# wide enough for a whole sha256; a longer path or error is cut and ends in an ASCII "..." (any terminal
-# encoding prints it); csv and json give it whole
-TABLE_MAX_WIDTH = 64
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """``text`` safe for a terminal: control characters (escape sequences that could rewrite the screen or
-    the terminal's title) shown as ``\\xNN``."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def _fit(value: str, width: int) -> str:
-    return value if len(value) <= width else value[: width - 3] + "..."
-
-
-def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...], out) -> None:
-    cells = [[printable(format_value(r[c])) for c in columns] for r in rows]
-    for row in cells:
-        for i, c in enumerate(columns):
-            if c == "probability" and row[i]:
-                row[i] = f"{float(row[i]):.4f}"
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    widths = [min(w, TABLE_MAX_WIDTH) for w in widths]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
-    for r in cells:
-        print("  ".join(_fit(v, w).ljust(w) for v, w in zip(r, widths)).rstrip(), file=out)
 
 
 def main(argv: list[str] | None = None, out=None) -> int:
@@ -262,21 +193,21 @@ def _main(argv: list[str] | None, out) -> int:
         if ignored:
             parser.error(f"{args.command} takes only --since and --format; {', '.join(ignored)} only apply to list")
     if args.command == "import":
-        return _import(args, out)
+        return cli_admin.run_import(args, out)
     if args.command == "performance":
         from xr.results.cli_performance import run
 
         return run(args, open_db, out)
     if args.command == "audit":
-        return _audit(args, out)
+        return cli_admin.run_audit(args, out)
     if args.command == "backup":
-        return _backup(args, out)
+        return cli_admin.run_backup(args, out)
     if args.command in ("prune", "retry"):
         from xr.results import cli_ops
 
         return getattr(cli_ops, args.command)(args, db_location, out)
     if args.command == "outbox":
-        return _outbox(args, out)
+        return cli_outbox.run(args, out)
     try:
         engine = open_db(args)
     except XRError as exc:
@@ -301,28 +232,28 @@ def _main(argv: list[str] | None, out) -> int:
             elif args.format == "csv":
                 w = csv.writer(out, lineterminator="\n")
                 w.writerow(["metric", "value"])
-                for k, v in _flat({k: v for k, v in st.items() if k != "alarms"}):
+                for k, v in flat({k: v for k, v in st.items() if k != "alarms"}):
                     w.writerow([k, "" if v is None else v])
                 for a in st["alarms"]:
                     w.writerow([f"alarm.{a['alarm']}.{a['subject']}", a["reason"]])
             else:
                 for a in st["alarms"]:
                     print(f"{'alarm ' + a['alarm']:<28} {a['reason']}", file=out)
-                for k, v in _flat({k: v for k, v in st.items() if k != "alarms"}):
+                for k, v in flat({k: v for k, v in st.items() if k != "alarms"}):
                     if isinstance(v, float):
                         v = f"{v:.4f}" if "rate" in k or k.endswith("psi") else f"{v:.1f}"
                     print(f"{k:<28} {'-' if v is None else v}", file=out)
             return 0
-        columns = csv_columns(_settings(args).csv.dicom_identifiers)  # the operator's opt-out holds here too
+        columns = csv_columns(settings(args).csv.dicom_identifiers)  # the operator's opt-out holds here too
         if args.command == "reviews":
             rows, columns = query_reviews(sessions, args.since), REVIEW_LIST_COLUMNS
         else:
             rows = query_rows(sessions, args)
         table = columns if args.command == "reviews" or args.all_columns else TABLE_COLUMNS
-        if args.command != "reviews" and _with_pacs_column(sessions, rows):  # results sent to a PACS
+        if args.command != "reviews" and cli_outbox.with_pacs_column(sessions, rows):  # results sent to a PACS
             columns, table = (*columns, "pacs"), (*table, "pacs")
         if args.format == "json":
-            json.dump([{c: _jsonable(r[c]) for c in columns} for r in rows], out, indent=2)
+            json.dump([{c: jsonable(r[c]) for c in columns} for r in rows], out, indent=2)
             print(file=out)
         elif args.format == "csv":
             w = csv.writer(out, lineterminator="\n")
@@ -334,166 +265,6 @@ def _main(argv: list[str] | None, out) -> int:
         return 0
     finally:
         engine.dispose()
-
-
-def _audit(args: argparse.Namespace, out) -> int:
-    """``xr-results audit``: the audit trail, oldest first; names typed at the login page are anyone's text,
-    so the table escapes control characters and the CSV defuses formulas like every other output."""
-    from xr.results import audit
-    from xr.results.schema import AUDIT_COLUMNS
-
-    try:
-        engine = open_db(args)
-    except XRError as exc:
-        print(f"xr-results: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with session_factory(engine)() as s:
-            rows = audit.query(s, since=args.since, user=args.user, action=args.action)
-    finally:
-        engine.dispose()
-    if args.format == "json":
-        json.dump([{c: _jsonable(r[c]) for c in AUDIT_COLUMNS} for r in rows], out, indent=2)
-        print(file=out)
-    elif args.format == "csv":
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(AUDIT_COLUMNS)
-        for r in rows:
-            w.writerow([csv_cell(r[c]) for c in AUDIT_COLUMNS])
-    else:
-        print_table(rows, AUDIT_COLUMNS, out)
-    return 0
-
-
-def _with_pacs_column(sessions, rows: list[dict[str, Any]]) -> bool:
-    """Where the daemon sends results to a PACS: each row's ``pacs`` state (sent: every object reached every
-    destination; pending; failed; empty: nothing to send). False, and no column, where nothing was ever sent."""
-    from xr.results import outbox
-
-    with sessions() as s:
-        if not outbox.counts(s):
-            return False
-        states = outbox.state_by_result(s, [r["id"] for r in rows])
-    for r in rows:
-        r["pacs"] = states.get(r["id"])
-    return True
-
-
-def _outbox(args: argparse.Namespace, out) -> int:
-    """``xr-results outbox``: what the daemon owes the PACS. Failed items (given up after
-    dicom_send.give_up_after_s) are listed with their last error; ``--retry-failed`` queues them again."""
-    from xr.results import outbox
-    from xr.results.schema import OUTBOX_COLUMNS
-
-    try:
-        engine = open_db(args)
-    except XRError as exc:
-        print(f"xr-results: {exc}", file=sys.stderr)
-        return 2
-    try:
-        sessions = session_factory(engine)
-        if args.retry_failed:
-            give_up = _settings(args).dicom_send.give_up_after_s
-            with sessions.begin() as s:
-                n = outbox.retry_failed(s, give_up)
-            print(f"xr-results: {n} failed item(s) queued again", file=sys.stderr)
-        with sessions() as s:
-            counts = outbox.counts(s)
-            items = outbox.items(s, args.outbox_status, args.outbox_limit)
-            rows = [{c: getattr(i, c) for c in OUTBOX_COLUMNS} for i in items]
-    finally:
-        engine.dispose()
-    if args.since is not None:
-        rows = [r for r in rows if r["created_at"] >= args.since]
-    if args.format == "json":
-        summary = [{"destination": d, "status": st, "items": n} for (d, st), n in sorted(counts.items())]
-        items_out = [{c: _jsonable(r[c]) for c in OUTBOX_COLUMNS} for r in rows]
-        json.dump({"counts": summary, "items": items_out}, out, indent=2)
-        print(file=out)
-    elif args.format == "csv":
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(OUTBOX_COLUMNS)
-        for r in rows:
-            w.writerow([csv_cell(r[c]) for c in OUTBOX_COLUMNS])
-    else:
-        for (d, st), n in sorted(counts.items()):
-            print(f"{d:<40} {st:<8} {n}", file=out)
-        if not counts:
-            print("outbox empty (no dicom_send.destinations / --send-results, or no DICOM film scored yet)", file=out)
-        if rows:
-            print(file=out)
-            print_table(rows, OUTBOX_TABLE_COLUMNS, out)
-    failed = sum(n for (_, st), n in counts.items() if st == "failed")
-    if failed and not args.retry_failed:
-        print(
-            f"xr-results: {failed} object(s) did not reach the PACS; fix the cause, then xr-results outbox --retry-failed",
-            file=sys.stderr,
-        )
-    return 0
-
-
-OUTBOX_TABLE_COLUMNS = (
-    "id",
-    "result_id",
-    "kind",
-    "destination",
-    "status",
-    "attempts",
-    "created_at",
-    "sent_at",
-    "last_error",
-)
-
-
-def _import(args: argparse.Namespace, out) -> int:
-    """``xr-results import RUN``: an xr-score run into the results database (created or upgraded if need be)."""
-    try:
-        from xr.score.bulk import import_run
-
-        engine = make_engine(db_location(args))
-        try:
-            n, skipped = import_run(args.run, session_factory(engine))
-        finally:
-            engine.dispose()
-    except XRError as exc:
-        print(f"xr-results: {exc}", file=sys.stderr)
-        return 2
-    print(f"imported {n} rows from {args.run} ({skipped} already there)", file=out)
-    return 0
-
-
-def _backup(args: argparse.Namespace, out) -> int:
-    """``xr-results backup DEST``: the database, then what else a restore needs."""
-    from xr.core.paths import model_path, output_dir
-    from xr.results.backup import also_keep, backup
-
-    try:
-        cfg = _settings(args)
-        output = output_dir(cfg, args.output)
-        done = backup(db_location(args), args.dest, force=args.force)
-    except XRError as exc:  # PostgreSQL too: the message gives the pg_dump command
-        print(f"xr-results: {exc}", file=sys.stderr)
-        return 2
-    print(f"backed up the results database to {done.dest} ({done.bytes} bytes, integrity ok)", file=out)
-    calibration = Path(cfg.daemon.calibration).expanduser() if cfg.daemon.calibration else None
-    print("the database does not hold these; keep them too:", file=out)
-    for line in also_keep(output, model_path(cfg), calibration, args.config or os.environ.get("XR_CONFIG")):
-        print(f"  {line}", file=out)
-    return 0
-
-
-def _flat(d: dict[str, Any], prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dt.datetime):
-        return format_value(v)
-    return v
 
 
 if __name__ == "__main__":
