@@ -85,9 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(aud, False)
     aud.add_argument("--user", help="only this user's events")
     aud.add_argument("--action", help="only this action (login, login_failed, view_case, view_image, review, ...)")
-    imp = sub.add_parser(
-        "import", help="load an xr-score output folder into the database (the one command that writes)"
-    )
+    imp = sub.add_parser("import", help="load an xr-score output folder into the database")
     common(imp, False)
     imp.add_argument("run", type=Path, help="the xr-score --out folder")
     ob = sub.add_parser(
