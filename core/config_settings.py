@@ -23,6 +23,7 @@ from xr.core.config_base import Fraction, Number, Section, _File, _yaml_false_as
 class DaemonConfig(Section):
     # The decode limits (core/intake.py DecodeLimits) are read by every program that decodes for the site.
     ALSO_READ_BY = {
+        "watch": "xr-results (retry)",
         "output": "xr-results, xr-review",
         "db": "xr-results, xr-review",
         "model": "xr-score, xr-results (backup)",
