@@ -19,14 +19,12 @@ from xr.core.model import create_model
 from xr.core.preprocessing import Preset
 from xr.train.analysis import compute_metrics
 from xr.train.calibrate import choose_threshold, fit_temperature, sigmoid
-from xr.train.data import XRDataset, make_splits
+from xr.train.data import XRDataset, make_loader, make_splits, seed_everything
 from xr.train.engine import (
     _HeadOnFeatures,
     evaluate,
     extract_features,
-    make_loader,
     make_loss,
-    seed_everything,
     train_one_epoch,
 )
 

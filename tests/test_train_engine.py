@@ -13,8 +13,8 @@ from xr.core.config import load_recipe
 from xr.core.errors import XRError
 from xr.core.model import create_model
 from xr.train import engine
-from xr.train.data import Item, Splits
-from xr.train.engine import _HeadOnFeatures, evaluate, fit, make_loader, set_trainable, train_one_epoch
+from xr.train.data import Item, Splits, make_loader
+from xr.train.engine import _HeadOnFeatures, evaluate, fit, set_trainable, train_one_epoch
 
 
 def _tiny_batchset(n=8, size=64):

@@ -1,10 +1,12 @@
-"""Labelled data: discovery in the Kaggle layout, patient-grouped splits, and the torch Dataset."""
+"""Labelled data: discovery in the Kaggle layout, patient-grouped splits, the torch Dataset and its seeded
+loaders."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from xr.core.config import DataConfig
 from xr.core.errors import XRError
@@ -266,3 +268,47 @@ class XRDataset(Dataset):
 
     def labels(self) -> list[int]:
         return [it.label for it in self.items]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    generator: torch.Generator,
+    balanced: bool = False,
+    shuffle: bool = False,
+) -> DataLoader:
+    sampler = None
+    if balanced:
+        labels = torch.as_tensor(dataset.labels() if hasattr(dataset, "labels") else dataset.tensors[1])
+        counts = torch.bincount(labels.long(), minlength=2).clamp(min=1).double()
+        # Each class drawn equally often: a batch is about half NORMAL, half PNEUMONIA.
+        sampler = WeightedRandomSampler(
+            (1.0 / counts)[labels.long()], len(labels), replacement=True, generator=generator
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=shuffle and sampler is None,
+        generator=generator if sampler is None else None,
+        num_workers=num_workers,
+        worker_init_fn=_seed_worker,
+        # A loader that draws (order, augmentations) starts its workers afresh each epoch, seeded from the
+        # generator: a resumed run then draws what the uninterrupted one would have.
+        persistent_workers=num_workers > 0 and not (balanced or shuffle),
+        pin_memory=False,
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from xr.core.config import Recipe
@@ -28,57 +27,13 @@ from xr.core.model import CLASS_NAMES, checkpoint_meta, create_model, save_check
 from xr.core.predict import autocast, use_bf16
 from xr.core.preprocessing import Preset
 from xr.train import resume
-from xr.train.data import Splits, XRDataset
+from xr.train.data import Splits, XRDataset, make_loader, seed_everything
 from xr.train.prior import BiasShift, prior_correction
 
 BEST_CHECKPOINT = "xr_mvp_best.pt"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 EPOCH_LOG = "epochs.csv"
 VAL_LOGITS = "val_logits.csv"
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(
-    dataset,
-    batch_size: int,
-    num_workers: int,
-    generator: torch.Generator,
-    balanced: bool = False,
-    shuffle: bool = False,
-) -> DataLoader:
-    sampler = None
-    if balanced:
-        labels = torch.as_tensor(dataset.labels() if hasattr(dataset, "labels") else dataset.tensors[1])
-        counts = torch.bincount(labels.long(), minlength=2).clamp(min=1).double()
-        # Each class drawn equally often: a batch is about half NORMAL, half PNEUMONIA.
-        sampler = WeightedRandomSampler(
-            (1.0 / counts)[labels.long()], len(labels), replacement=True, generator=generator
-        )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=shuffle and sampler is None,
-        generator=generator if sampler is None else None,
-        num_workers=num_workers,
-        worker_init_fn=_seed_worker,
-        # A loader that draws (order, augmentations) starts its workers afresh each epoch, seeded from the
-        # generator: a resumed run then draws what the uninterrupted one would have.
-        persistent_workers=num_workers > 0 and not (balanced or shuffle),
-        pin_memory=False,
-    )
 
 
 def make_loss(cfg: Recipe, labels: list[int], device: torch.device) -> nn.Module:
