@@ -98,13 +98,29 @@ def _exit_during_startup(signum: int, _frame) -> None:
     raise SystemExit(0)
 
 
+_reload_pending = False
+
+
+def _reload_later(signum: int, _frame) -> None:
+    # SIGHUP while starting (its default action would kill): the service reads the config again once it runs
+    global _reload_pending
+    _reload_pending = True
+
+
+def pending_reload() -> bool:
+    return _reload_pending
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["install-units"]:  # writes the service files for this host; starts nothing
         from xr.daemon import units
 
         return units.main(argv[1:])
+    global _reload_pending
+    _reload_pending = False
     previous = {sig: signal.signal(sig, _exit_during_startup) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _reload_later)
     try:  # torch takes seconds to import: a signal then must not end in a traceback
         return _main(argv)
     finally:
@@ -118,7 +134,8 @@ def _main(argv: list[str] | None) -> int:
     from xr.core.paths import settings_for
 
     try:
-        cfg = settings_for(args.config, parse_overrides(args))
+        overrides = parse_overrides(args)
+        cfg = settings_for(args.config, overrides)
     except XRError as exc:
         configure_logging(args.log_format or "json").error("config_error", reason=str(exc))
         return 2
@@ -132,9 +149,21 @@ def _main(argv: list[str] | None) -> int:
     # each hand-back can wait on a claim/export thread (docs/benchmarks.md, "Daemon").
     sys.setswitchinterval(0.0005)
 
-    svc = Service(cfg, watch=args.watch, output=args.output, db=args.db, model=args.model, once=args.once, log=log)
+    svc = Service(
+        cfg,
+        watch=args.watch,
+        output=args.output,
+        db=args.db,
+        model=args.model,
+        once=args.once,
+        log=log,
+        reload_settings=lambda: settings_for(args.config, overrides),
+    )
     signal.signal(signal.SIGTERM, svc.handle_signal)
     signal.signal(signal.SIGINT, svc.handle_signal)
+    signal.signal(signal.SIGHUP, svc.handle_reload)
+    if _reload_pending:
+        svc.handle_reload()
     return svc.run()
 
 

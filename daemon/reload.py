@@ -85,10 +85,17 @@ class ModelReloader(Stage):
         self._update: ModelUpdate | None = None
         self._model_sig, self._cal_sig = self._last = self._signatures()  # in use now; seen by the last check
         self._failed: tuple | None = None  # files that failed to load: tried again once they change
+        self._retarget: tuple[Path, Path | None] | None = None  # other files to score with (SIGHUP)
 
     def _signatures(self) -> tuple:
         cal = self.calibration or self.model.parent / CALIBRATION_FILE
         return _signature(self.model), _signature(cal)
+
+    def retarget(self, model: Path, calibration: Path | None) -> None:
+        """Score with these files from now on (config.yaml changed on SIGHUP): the next checks load them as
+        they load a changed file, once settled. Taken up by this stage's own thread, in ``check``."""
+        with self._lock:
+            self._retarget = (model, calibration)
 
     def take_update(self) -> ModelUpdate | None:
         """The update ready, once (the inferer calls this between batches)."""
@@ -101,6 +108,16 @@ class ModelReloader(Stage):
         return False
 
     def check(self) -> None:
+        with self._lock:
+            target, self._retarget = self._retarget, None
+        if target is not None:
+            # a changed path is loaded even when its file has the old one's size and time
+            if target[0] != self.model:
+                self._model_sig = None
+            if target[1] != self.calibration:
+                self._cal_sig = None
+            self.model, self.calibration = target
+            self._failed = None
         now = self._signatures()
         settled, self._last = now == self._last, now
         if not settled or now == self._failed or now == (self._model_sig, self._cal_sig):

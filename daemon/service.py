@@ -8,6 +8,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from xr.core.logs import get_logger
 from xr.core.paths import model_path, output_dir, results_db
 from xr.core.predict import Predictor
 from xr.daemon.claim import Claimer, ReadingMarks
+from xr.daemon.config_reload import ConfigReload
 from xr.daemon.discovery import Discovery, inside
 from xr.daemon.finish import Finisher, PendingMove
 from xr.daemon.heatmaps import HeatmapStage
@@ -73,7 +75,9 @@ class Service:
         once: bool = False,
         log: Any = None,
         predictor: Predictor | None = None,
+        reload_settings: Callable[[], Settings] | None = None,
     ):
+        """``reload_settings``: the settings read again on SIGHUP (config.yaml and the command line's overrides)."""
         d = cfg.daemon
         self.cfg = cfg
         inbox = watch or d.watch
@@ -105,6 +109,9 @@ class Service:
         self._lock_fds: list[int] = []
         self.marks: ReadingMarks | None = None
         self._signal_reason: str | None = None
+        flags = (("daemon.watch", watch), ("daemon.output", output), ("daemon.db", db), ("daemon.model", model))
+        self.config_reload = ConfigReload(reload_settings, [k for k, flag in flags if flag])
+        self.reloader: ModelReloader | None = None
 
     # -- control ----------------------------------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
@@ -121,6 +128,10 @@ class Service:
         # log stream's lock. The wait loop logs the stop.
         self._signal_reason = f"signal {signum}"
         self._stop.set()
+
+    def handle_reload(self, signum: int = 0, _frame: Any = None) -> None:
+        """SIGHUP: read config.yaml again, from the main loop (daemon/config_reload.py)."""
+        self.config_reload.request()
 
     # -- set-up -------------------------------------------------------------------------------------------
     def take_locks(self) -> None:
@@ -267,6 +278,7 @@ class Service:
                 reloader = ModelReloader(
                     self.cfg, self.model_path, self.calibration, predictor, plan.batch_size, self.log
                 )
+            self.reloader = reloader
             if d.heatmaps != "none":
                 self.heatmaps = HeatmapStage.from_runtime(rt, model)
             finisher = Finisher(rt, discovery, destinations, self.exporter, finish_q)
@@ -398,6 +410,7 @@ class Service:
         beat = Heartbeat(self.log, self.cfg.daemon.heartbeat_s, discovery, self.inferer)
         watchdog, last_pet = watchdog_interval(), 0.0
         while not self._stop.wait(0.05):
+            self.config_reload.apply(self, beat)
             beat.tick()
             running = self.supervisor.dead() is None and not self.supervisor.failed()
             if watchdog is not None and time.monotonic() - last_pet >= watchdog and running:

@@ -56,6 +56,7 @@ def test_systemd_units_carry_the_operators_paths_in_one_drop_in(tmp_path):
     assert svc["[Service]PrivateTmp"] == "yes" and svc["[Service]ProtectSystem"] == "strict"
     assert svc["[Service]RuntimeDirectory"] == "xr-daemon" and svc["[Service]UMask"] == "0077"
     assert svc["[Service]RestartPreventExitStatus"] == "2" and svc["[Service]MemoryMax"] == "3G"
+    assert svc["[Service]ExecReload"] == "/bin/kill -HUP $MAINPID"  # SIGHUP: config.yaml read again
     assert "[Unit]Documentation" not in svc  # nothing installs a page for it to point at
     assert env["XDG_CACHE_HOME"] == "/var/cache/xr-daemon"
 
@@ -115,7 +116,7 @@ def test_the_shipped_examples_are_what_install_units_writes(tmp_path):
 
 def test_the_command_line_writes_units(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "xr.daemon.units", "--watch", "in", "--output", "out", "--dest", str(tmp_path)],
+        [BIN / "xr-daemon", "install-units", "--watch", "in", "--output", "out", "--dest", str(tmp_path)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
