@@ -76,7 +76,7 @@ class Result(Base):
     error: Mapped[str | None] = mapped_column(Text)
     duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("results.id"))
     logit: Mapped[float | None] = mapped_column(Float)
-    probability: Mapped[float | None] = mapped_column(Float)  # calibrated: sigmoid(logit / T)
+    probability: Mapped[float | None] = mapped_column(Float)  # calibrated: sigmoid(logit / T + shift)
     threshold: Mapped[float | None] = mapped_column(Float)
     label: Mapped[str | None] = mapped_column(String(32))
     flagged: Mapped[bool | None] = mapped_column(Boolean, index=True)

@@ -79,7 +79,10 @@ def write_model_card(
             "channels": "grayscale copied to 3",
             "normalize": {"mean": list(cfg.preprocess.mean), "std": list(cfg.preprocess.std)},
         },
-        "output": {"classes": list(CLASS_NAMES), "score": "calibrated P(PNEUMONIA) = sigmoid(logit / T)"},
+        "output": {
+            "classes": list(CLASS_NAMES),
+            "score": "calibrated P(PNEUMONIA) = sigmoid(logit / T + shift) (shift 0 in its own calibration; a site calibration fits both)",
+        },
         "calibration": {k: calib[k] for k in ("T", "threshold", "objective")} | {"val": calib["calibration"]},
         "data": splits.summary(),
         "training": {k: train[k] for k in ("best_epoch", "best_val_auroc", "epochs_run")}
