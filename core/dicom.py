@@ -194,12 +194,7 @@ def _decode(data: bytes, window: int, max_pixels: int) -> Image.Image:
         if type(exc).__name__ != "PanicException":
             raise
         raise _decode_error(exc, syntax, data, ds) from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if arr.ndim == 3:  # colour: a secondary capture of a film, read as luminance
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            arr = convert_color_space(arr, photometric, "RGB")
+    if arr.ndim == 3:  # colour: a secondary capture of a film, read as luminance (pydicom gives YBR as RGB)
         rgb = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
         return rgb.convert("L")
     if arr.ndim != 2:

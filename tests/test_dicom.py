@@ -216,11 +216,6 @@ def test_signed_pixels_are_read_as_twos_complement(dicom_dir, tmp_path):
     assert np.abs(_decode(plain, tmp_path, "signed.dcm") - want).max() <= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/dicom.py converts YBR to RGB a second time: pydicom 3's pixel_array already returns RGB "
-    "(as_rgb=True); fix: drop the convert_color_space call in decode_dicom (owner: core/dicom.py)",
-)
 def test_a_ybr_full_colour_film_reads_as_its_luminance(dicom_dir, tmp_path):
     """A tinted colour capture stored as YBR_FULL: the picture is the RGB original's luminance (ITU-R 601)."""
     from PIL import Image
