@@ -2,7 +2,7 @@
 journal, and bring the CSVs up to date.
 
 A file is moved only by the worker that still holds its row (its fencing token), and never over another
-file (daemon/moves.py). A move that fails (a share gone, a lock) is tried again later; the row keeps
+file (core/moves.py). A move that fails (a share gone, a lock) is tried again later; the row keeps
 ``moved_at`` empty meanwhile, so a restart finishes it too.
 """
 
@@ -14,8 +14,9 @@ import queue
 import time
 from dataclasses import dataclass
 
+from xr.core.moves import move_no_overwrite
 from xr.daemon.discovery import Discovery
-from xr.daemon.moves import Destinations, move_no_overwrite
+from xr.daemon.moves import Destinations
 from xr.daemon.runtime import Runtime
 from xr.daemon.stage import POLL_S, Stage
 from xr.results import journal

@@ -1,7 +1,7 @@
 """``xr-results retry ID...``: put films from failed/ (error rows; skipped/ ones when asked) back through the
 inbox, after the cause was fixed (a decoder installed, a limit raised in config.yaml).
 
-The film is moved, never copied and never over another file (daemon/moves.py's ``move_no_overwrite``),
+The film is moved, never copied and never over another file (core/moves.py's ``move_no_overwrite``),
 to the inbox under its old name (``name-1.ext`` if that is taken). The old row is kept: ``moved_to`` is
 emptied and ``retry_path`` names where the film went; once the daemon has scored it there,
 :func:`link_retries` (run by the daemon's housekeeping stage and by this command) sets the old row's
@@ -49,7 +49,7 @@ def _refusal(row: Result | None, row_id: int, output: Path, skipped: bool) -> st
 def retry(sessions, output: Path, inbox: Path, ids: list[int], *, skipped: bool = False) -> list[Outcome]:
     """Move each row's film back into ``inbox``; one transaction per row, the move inside it (a failed
     move leaves the row as it was)."""
-    from xr.daemon.moves import free_name, move_no_overwrite
+    from xr.core.moves import free_name, move_no_overwrite
 
     output, inbox = Path(output).resolve(), Path(inbox).resolve()
     if not inbox.is_dir():

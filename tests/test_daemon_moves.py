@@ -1,10 +1,11 @@
-"""daemon/moves.py: moving without overwriting, resuming a half-done move, choosing and reserving destinations."""
+"""core/moves.py and daemon/moves.py: moving without overwriting, resuming a half-done move, choosing and reserving destinations."""
 
 from __future__ import annotations
 
 import os
 
-from xr.daemon.moves import Destinations, free_name, move_no_overwrite
+from xr.core.moves import free_name, move_no_overwrite
+from xr.daemon.moves import Destinations
 from xr.results.schema import Status
 
 
