@@ -73,8 +73,16 @@ def _inside(stored: str | None, roots: tuple[Path, ...]) -> Path | None:
 class Pass:
     """One retention pass over one output folder and database; ``run()`` returns the counts."""
 
-    def __init__(self, sessions, output: Path, cfg: Any, *, dry_run: bool = False, now: dt.datetime | None = None,
-                 should_stop: Callable[[], bool] = lambda: False):  # fmt: skip
+    def __init__(
+        self,
+        sessions,
+        output: Path,
+        cfg: Any,
+        *,
+        dry_run: bool = False,
+        now: dt.datetime | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ):
         self.sessions = sessions
         self.output = Path(output).resolve()
         self.cfg = cfg
@@ -240,8 +248,10 @@ class Pass:
     def _csv(self, before: float) -> None:
         folder = self.output / "csv"
         files = sorted(folder.glob(f"{RESULTS_PREFIX}*.csv"))
-        newest = {max((p for p in files if p.name[len(RESULTS_PREFIX)].isdigit() and len(p.stem) == n), default=None)
-                  for n in (len("results-YYYY-MM-DD"), len("results-000000"))}  # fmt: skip
+        newest = {
+            max((p for p in files if p.name[len(RESULTS_PREFIX)].isdigit() and len(p.stem) == n), default=None)
+            for n in (len("results-YYYY-MM-DD"), len("results-000000"))
+        }
         for p in files:
             try:
                 old = p.stat().st_mtime < before
@@ -251,8 +261,15 @@ class Pass:
                 self._remove(p, "csv")
 
 
-def prune(sessions, output: Path, cfg: Any, *, dry_run: bool = False, now: dt.datetime | None = None,
-          should_stop: Callable[[], bool] = lambda: False) -> dict[str, int] | None:  # fmt: skip
+def prune(
+    sessions,
+    output: Path,
+    cfg: Any,
+    *,
+    dry_run: bool = False,
+    now: dt.datetime | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, int] | None:
     """One retention pass (see the module's doc); the counts, or None when another worker holds the
     PostgreSQL lock (it prunes). ``dry_run`` deletes and changes nothing and counts the same."""
     engine = sessions.kw["bind"]

@@ -149,9 +149,14 @@ def create_app(
         if not auth.same_token(token, who.csrf):
             with sessions.begin() as s:
                 audit.record(
-                    s, action, user=who.name, outcome="denied", case=case, remote_addr=remote(request),
+                    s,
+                    action,
+                    user=who.name,
+                    outcome="denied",
+                    case=case,
+                    remote_addr=remote(request),
                     detail="missing or wrong CSRF token",
-                )  # fmt: skip
+                )
             raise HTTPException(403, "the form's token is missing or stale: reload the page")
 
     def page(request: Request, name: str, who: Who | None, context: dict[str, Any], status: int = 200) -> Response:

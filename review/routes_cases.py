@@ -45,9 +45,12 @@ def mount(app: FastAPI, *, sessions, output: Path, page, remote, check_csrf) -> 
             n_reviewed = s.scalar(select(func.count()).select_from(Review)) or 0
             filters = ", ".join(f"{k}={v}" for k, v in (("day", day), ("accession", accession)) if v)
             audit.record(
-                s, "view_queue", user=who.name, remote_addr=remote(request),
+                s,
+                "view_queue",
+                user=who.name,
+                remote_addr=remote(request),
                 detail=f"{len(rows)} cases" + (f" ({filters})" if filters else ""),
-            )  # fmt: skip
+            )
         context = {"rows": rows, "day": day or "", "accession": accession or "", "n_reviewed": n_reviewed}
         return page(request, "queue.html", who, context)
 
@@ -108,9 +111,14 @@ def mount(app: FastAPI, *, sessions, output: Path, page, remote, check_csrf) -> 
                 conflict = None
             else:
                 audit.record(
-                    s, "review", user=who.name, outcome="denied", case=row, remote_addr=addr,
+                    s,
+                    "review",
+                    user=who.name,
+                    outcome="denied",
+                    case=row,
+                    remote_addr=addr,
                     detail=f"{decision}: already reviewed ({prior.decision} by {prior.reviewer or 'unnamed'})",
-                )  # fmt: skip
+                )
                 conflict = (
                     f"case {case_id} was already reviewed: {prior.decision} by {prior.reviewer or 'an unnamed reader'}"
                 )

@@ -58,9 +58,14 @@ def mount(app: FastAPI, *, sessions, output: Path, limits: DecodeLimits, remote)
             # processed/ films the daemon read and kept; an imported row's archive film (review/films.py)
             path, why = film_source(row, output)
             audit.record(
-                s, "view_image", user=who.name, case=row, remote_addr=remote(request),
-                outcome="ok" if path else "failed", detail=size if path else f"{size}: {why}",
-            )  # fmt: skip
+                s,
+                "view_image",
+                user=who.name,
+                case=row,
+                remote_addr=remote(request),
+                outcome="ok" if path else "failed",
+                detail=size if path else f"{size}: {why}",
+            )
         if path is None:
             raise HTTPException(404, why)
         return Response(picture_of(row, path, size), media_type="image/png")
@@ -98,9 +103,14 @@ def mount(app: FastAPI, *, sessions, output: Path, limits: DecodeLimits, remote)
             row = case(s, case_id)
             hidden = blinded(s, row)
             audit.record(
-                s, "view_heatmap", user=who.name, case=row, remote_addr=remote(request),
-                outcome="denied" if hidden else "ok", detail="audit case not yet reviewed" if hidden else None,
-            )  # fmt: skip
+                s,
+                "view_heatmap",
+                user=who.name,
+                case=row,
+                remote_addr=remote(request),
+                outcome="denied" if hidden else "ok",
+                detail="audit case not yet reviewed" if hidden else None,
+            )
         if hidden:  # the same answer as a film without one: the route tells nothing about the case
             raise HTTPException(404, "no file for this case")
         return FileResponse(under_output(row.heatmap_path, "heatmaps"), media_type="image/png")

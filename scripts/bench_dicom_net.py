@@ -102,11 +102,24 @@ def main() -> int:
             log = tmp / f"daemon{k}.log"
             cmd = [
                 *DAEMON,
-                "--watch", str(tmp / "inbox"), "--output", str(tmp / "out"), "--device", "cpu",
-                "--dicom-port", str(port), "--ae-title", f"XRTRIAGE{k}", "--send-results", pacs.destination,
-                "--rescan-s", "1", "--log-format", "json",
+                "--watch",
+                str(tmp / "inbox"),
+                "--output",
+                str(tmp / "out"),
+                "--device",
+                "cpu",
+                "--dicom-port",
+                str(port),
+                "--ae-title",
+                f"XRTRIAGE{k}",
+                "--send-results",
+                pacs.destination,
+                "--rescan-s",
+                "1",
+                "--log-format",
+                "json",
                 *(["--db", args.db, "--worker-id", f"w{k}"] if args.db else []),
-            ]  # fmt: skip
+            ]
             with open(log, "ab") as fh:
                 procs.append(subprocess.Popen(cmd, stdout=fh, stderr=fh, cwd=tmp))
             logs.append(log)
@@ -125,14 +138,27 @@ def main() -> int:
                     ["storescu", "-aet", "MODALITY", "-aec", aet, "127.0.0.1", str(port), str(film)], check=True
                 )
                 time.sleep(max(0.0, t0 + (i + 1) / args.rate - time.time()))
-        senders = [] if args.rate else [
-            subprocess.Popen(
-                ["storescu", "-aet", "MODALITY", "-aec", f"XRTRIAGE{k}", "127.0.0.1", str(port), *map(str, films[k :: args.workers])],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            for k, port in enumerate(ports)
-        ]  # fmt: skip
+        senders = (
+            []
+            if args.rate
+            else [
+                subprocess.Popen(
+                    [
+                        "storescu",
+                        "-aet",
+                        "MODALITY",
+                        "-aec",
+                        f"XRTRIAGE{k}",
+                        "127.0.0.1",
+                        str(port),
+                        *map(str, films[k :: args.workers]),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                for k, port in enumerate(ports)
+            ]
+        )
         for s in senders:
             _, err = s.communicate()
             if s.returncode:

@@ -63,9 +63,17 @@ def build_db(db: Path, items, logits, predictor, audit_rate: float, seed: int) -
             for c, z in zip(claims, logits)
         ]
         journal.commit_batch(
-            s, outcomes, worker="study", model=predictor, wait_ms=0, model_ms=0, place=lambda o: None, now=now,
-            audit_rate=audit_rate, draw=random.Random(seed).random,
-        )  # fmt: skip
+            s,
+            outcomes,
+            worker="study",
+            model=predictor,
+            wait_ms=0,
+            model_ms=0,
+            place=lambda o: None,
+            now=now,
+            audit_rate=audit_rate,
+            draw=random.Random(seed).random,
+        )
     eng.dispose()
 
 

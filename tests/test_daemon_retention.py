@@ -26,9 +26,18 @@ class Log:
 
 def _row(s, path: str, when: dt.datetime, moved_to: str | None, **kw) -> int:
     row = Result(
-        path=path, filename=Path(path).name, size_bytes=1, mtime_ns=1, status=kw.pop("status", Status.OK),
-        received_at=when, claimed_at=when, processed_at=when, moved_at=when, moved_to=moved_to, **kw,
-    )  # fmt: skip
+        path=path,
+        filename=Path(path).name,
+        size_bytes=1,
+        mtime_ns=1,
+        status=kw.pop("status", Status.OK),
+        received_at=when,
+        claimed_at=when,
+        processed_at=when,
+        moved_at=when,
+        moved_to=moved_to,
+        **kw,
+    )
     s.add(row)
     s.flush()
     return row.id

@@ -153,9 +153,18 @@ def test_a_pending_outbox_item_keeps_its_row(world):
     sessions, out, ids, _ = world
     with sessions.begin() as s:
         s.add(
-            OutboxItem(result_id=ids["old_ok"], kind="sr", destination="PACS@h:104", sop_class_uid="1.2",
-                       sop_instance_uid="1.2.3", status="pending", next_attempt_at=0, give_up_at=0, created_at=OLD)
-        )  # fmt: skip
+            OutboxItem(
+                result_id=ids["old_ok"],
+                kind="sr",
+                destination="PACS@h:104",
+                sop_class_uid="1.2",
+                sop_instance_uid="1.2.3",
+                status="pending",
+                next_attempt_at=0,
+                give_up_at=0,
+                created_at=OLD,
+            )
+        )
     prune(sessions, out, RetentionConfig(rows_days=30))
     with sessions() as s:
         assert s.get(Result, ids["old_ok"]) is not None

@@ -46,9 +46,16 @@ def test_audit_sampling_draws_the_configured_share_of_unflagged_ok_films(tmp_pat
             outcomes.append(journal.Outcome(c.row_id, c.token, Status.OK, NOW, score=_Score(i % 4 == 0)))
     with sessions.begin() as s:
         committed = journal.commit_batch(
-            s, outcomes, worker="w1", model=_Model(), wait_ms=0, model_ms=0, place=lambda o: None, now=NOW,
+            s,
+            outcomes,
+            worker="w1",
+            model=_Model(),
+            wait_ms=0,
+            model_ms=0,
+            place=lambda o: None,
+            now=NOW,
             audit_rate=rate,
-        )  # fmt: skip
+        )
     assert len(committed.rows) == n
     with sessions() as s:
         rows = s.execute(select(Result.status, Result.flagged, Result.audit)).all()
@@ -61,10 +68,17 @@ def test_audit_sampling_draws_the_configured_share_of_unflagged_ok_films(tmp_pat
     with sessions.begin() as s:
         claims = journal.claim_files(s, [journal.FileClaim("/in/z.png", 1, 1, NOW, {"sha256": "z"})], lease, NOW)
         journal.commit_batch(
-            s, [journal.Outcome(claims[0].row_id, 0, Status.OK, NOW, score=_Score(False))], worker="w1",
-            model=_Model(), wait_ms=0, model_ms=0, place=lambda o: None, now=NOW, audit_rate=0.0,
+            s,
+            [journal.Outcome(claims[0].row_id, 0, Status.OK, NOW, score=_Score(False))],
+            worker="w1",
+            model=_Model(),
+            wait_ms=0,
+            model_ms=0,
+            place=lambda o: None,
+            now=NOW,
+            audit_rate=0.0,
             draw=lambda: 0.0,
-        )  # fmt: skip
+        )
         assert s.get(Result, claims[0].row_id).audit is False
     eng.dispose()
 
@@ -85,12 +99,24 @@ def simulate_site(
             if scanners is not None:
                 scanner = scanners(i, flagged[i])
             row = Result(
-                path=f"/in/{i}.png", filename=f"{i}.png", size_bytes=1, mtime_ns=i, status=Status.OK,
-                logit=float(rng.normal(1.5 if truth[i] else -1.5)), probability=0.5, flagged=bool(flagged[i]),
-                audit=bool(audit[i]), model_id="m-1", received_at=NOW + dt.timedelta(seconds=i),
-                claimed_at=NOW, processed_at=NOW + dt.timedelta(seconds=i + 2), manufacturer=scanner[0],
-                station_name=scanner[1], patient_id=f"P{i // 2}", calibration_id="site-1",
-            )  # fmt: skip
+                path=f"/in/{i}.png",
+                filename=f"{i}.png",
+                size_bytes=1,
+                mtime_ns=i,
+                status=Status.OK,
+                logit=float(rng.normal(1.5 if truth[i] else -1.5)),
+                probability=0.5,
+                flagged=bool(flagged[i]),
+                audit=bool(audit[i]),
+                model_id="m-1",
+                received_at=NOW + dt.timedelta(seconds=i),
+                claimed_at=NOW,
+                processed_at=NOW + dt.timedelta(seconds=i + 2),
+                manufacturer=scanner[0],
+                station_name=scanner[1],
+                patient_id=f"P{i // 2}",
+                calibration_id="site-1",
+            )
             s.add(row)
             s.flush()
             if read[i]:
@@ -165,16 +191,26 @@ def test_alarms_when_sensitivity_or_ppv_leave_the_calibration_interval_and_by_sc
     with sessions.begin() as s:
         s.add(
             CalibrationRecord(
-                id="site-1", model_id="m-1", kind="site", temperature=1.0, shift=0.0, threshold=0.5,
+                id="site-1",
+                model_id="m-1",
+                kind="site",
+                temperature=1.0,
+                shift=0.0,
+                threshold=0.5,
                 reference=json.dumps({"flagged_rate": 0.4, "fractions": [0.1] * 10, "performance": performance_ref}),
                 first_used_at=NOW,
             )
-        )  # fmt: skip
+        )
     # scanner B: every flagged film; scanner A: the unflagged ones and a few flagged
     simulate_site(
-        sessions, np.random.default_rng(5), n=400, sens=0.7, spec=0.9, audit_rate=0.5,
+        sessions,
+        np.random.default_rng(5),
+        n=400,
+        sens=0.7,
+        spec=0.9,
+        audit_rate=0.5,
         scanners=lambda i, flagged: ("B", "ROOM-2") if flagged and i % 4 else ("A", "ROOM-1"),
-    )  # fmt: skip
+    )
     with sessions() as s:
         alarms = site_alarms(s)
     kinds = {a["alarm"]: a for a in alarms}

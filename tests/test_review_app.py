@@ -594,10 +594,19 @@ def _film_row(site, name: str, status: Status, folder: str, picture: Image.Image
     picture.save(dst)
     with session_factory(site.eng).begin() as s:
         row = Result(
-            path=f"/in/{name}", filename=name, size_bytes=1, mtime_ns=77, status=status, received_at=T0,
-            claimed_at=T0, processed_at=T0, moved_to=str(dst), moved_at=T0, flagged=status == Status.OK,
+            path=f"/in/{name}",
+            filename=name,
+            size_bytes=1,
+            mtime_ns=77,
+            status=status,
+            received_at=T0,
+            claimed_at=T0,
+            processed_at=T0,
+            moved_to=str(dst),
+            moved_at=T0,
+            flagged=status == Status.OK,
             error="cannot decode" if status == Status.ERROR else None,
-        )  # fmt: skip
+        )
         s.add(row)
         s.flush()
         return row.id

@@ -27,11 +27,24 @@ def _imported(site, film, **kw) -> int:
     st = film.stat()
     with session_factory(site.eng).begin() as s:
         row = Result(
-            path=str(film), filename=film.name, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
-            sha256=hashlib.sha256(film.read_bytes()).hexdigest(), status=Status.OK, probability=0.9, threshold=0.5,
-            flagged=True, model_id="m-1", worker_id="xr-score", received_at=T0, claimed_at=T0, processed_at=T0,
-            moved_at=T0, moved_to=None, **kw,
-        )  # fmt: skip
+            path=str(film),
+            filename=film.name,
+            size_bytes=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            sha256=hashlib.sha256(film.read_bytes()).hexdigest(),
+            status=Status.OK,
+            probability=0.9,
+            threshold=0.5,
+            flagged=True,
+            model_id="m-1",
+            worker_id="xr-score",
+            received_at=T0,
+            claimed_at=T0,
+            processed_at=T0,
+            moved_at=T0,
+            moved_to=None,
+            **kw,
+        )
         s.add(row)
         s.flush()
         return row.id

@@ -33,10 +33,20 @@ def _reviewed_db(db, items, logits, predictor, *, read=lambda i, flagged: True, 
         for i, (it, z) in enumerate(zip(items, logits)):
             flagged = bool(base.probability(z) >= base.threshold)
             row = Result(
-                path=it.path, filename=os.path.basename(it.path), size_bytes=1, mtime_ns=i, status=Status.OK,
-                logit=float(z), probability=float(base.probability(z)), flagged=flagged, audit=not flagged,
-                model_id=predictor.model_id, received_at=T0, claimed_at=T0, processed_at=T0,
-            )  # fmt: skip
+                path=it.path,
+                filename=os.path.basename(it.path),
+                size_bytes=1,
+                mtime_ns=i,
+                status=Status.OK,
+                logit=float(z),
+                probability=float(base.probability(z)),
+                flagged=flagged,
+                audit=not flagged,
+                model_id=predictor.model_id,
+                received_at=T0,
+                claimed_at=T0,
+                processed_at=T0,
+            )
             s.add(row)
             s.flush()
             if read(i, flagged):

@@ -153,9 +153,19 @@ def site_calibrate(
         str(Path(data).resolve()),
     )
     return fit_and_report(
-        predictor, model, sample, out, objective=objective, target_sensitivity=target_sensitivity,
-        strength=strength, fn_cost=fn_cost, fp_cost=fp_cost, n_boot=n_boot, cv_repeats=cv_repeats, n_bins=n_bins,
-    )  # fmt: skip
+        predictor,
+        model,
+        sample,
+        out,
+        objective=objective,
+        target_sensitivity=target_sensitivity,
+        strength=strength,
+        fn_cost=fn_cost,
+        fp_cost=fp_cost,
+        n_boot=n_boot,
+        cv_repeats=cv_repeats,
+        n_bins=n_bins,
+    )
 
 
 @dataclass(frozen=True)
