@@ -50,7 +50,7 @@ def backup(db: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fals
     if not url.startswith("sqlite:///"):
         raise NotSqlite(
             f"{shown_url(url)} is a PostgreSQL database: back it up with pg_dump (password from ~/.pgpass or "
-            f"$PGPASSWORD):\n  {pg_dump_command(url, dest)}\nand restore with pg_restore --clean --if-exists -d URL FILE"
+            f"$PGPASSWORD):\n  {pg_dump_command(url, dest)}\nand restore with pg_restore --clean --if-exists --no-owner -d URL FILE"
         )
     src = sqlite_file(url)
     if not src.is_file():
