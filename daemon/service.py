@@ -26,7 +26,7 @@ from xr.core.predict import Predictor
 from xr.daemon.claim import Claimer, ReadingMarks
 from xr.daemon.config_reload import ConfigReload
 from xr.daemon.discovery import Discovery, inside
-from xr.daemon.finish import Finisher, PendingMove
+from xr.daemon.finish import Finisher
 from xr.daemon.heatmaps import HeatmapStage
 from xr.daemon.infer import Inferer
 from xr.daemon.leases import LeaseKeeper, default_worker_id
@@ -38,11 +38,12 @@ from xr.daemon.reload import ModelReloader, open_predictor, prepare
 from xr.daemon.retention import RetentionStage
 from xr.daemon.runtime import CurrentModel, Runtime, WorkSlots
 from xr.daemon.send import dicom_stages
+from xr.daemon.settle_start import reconcile
 from xr.daemon.stage import Supervisor
-from xr.results import rows, settle
+from xr.results import rows
 from xr.results.engine import make_engine, session_factory, shown_url
 from xr.results.export import CsvExporter, csv_columns
-from xr.results.schema import Meta, Status, utcnow
+from xr.results.schema import Meta
 
 
 def excluded_dirs(inbox: Path, output: Path) -> tuple[Path, ...]:
@@ -188,39 +189,6 @@ class Service:
         )
         return pred
 
-    def reconcile(self, rt: Runtime, discovery: Discovery, destinations: Destinations, finisher: Finisher) -> dict:
-        """Before watching: settle what a previous run left (docs/operations.md, "Crash safety"). With
-        several workers on one database, only rows this worker held or whose lease has run out."""
-        crashed = self.marks.take_left() if self.marks is not None else set()
-        with rt.sessions.begin() as s:
-            settled, left = settle.settle_at_start(
-                s,
-                discovery.would_read,
-                rt.lease,
-                utcnow(),
-                crashed=crashed,
-                place=lambda path: destinations.reserve(path, Status.ERROR),
-            )
-        stats = {
-            "claimed_redo": 0,
-            "claimed_gone": 0,
-            "claimed_released": 0,
-            "claimed_set_aside": 0,
-            "moves_finished": len(left),
-        }
-        for x in settled:  # redo: the scan finds the file again and its claim reuses the row
-            stats[f"claimed_{'released' if x.outcome == 'release' else x.outcome}"] += 1
-            if x.outcome == "set_aside":
-                self.log.error("file_set_aside", file=x.path, id=x.row_id, reason=x.reason)
-            elif x.row_id in crashed:
-                self.log.warning("read_crashed", file=x.path, id=x.row_id, reason="the daemon stopped while reading it")
-        for m in left:
-            destinations.hold(m.moved_to)
-        if left:
-            finisher.move([PendingMove(m.row_id, m.path, m.identity, m.moved_to, m.token) for m in left])
-        finisher.export()
-        return stats
-
     # -- run ------------------------------------------------------------------------------------------------
     def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> int:
         d = self.cfg.daemon
@@ -307,7 +275,7 @@ class Service:
                 metrics=rt.metrics,
             )
             self.inferer = inferer
-            rec = self.reconcile(rt, discovery, destinations, finisher)
+            rec = reconcile(rt, discovery, destinations, finisher, self.marks, self.log)
             self.log.info(
                 "daemon_started",
                 watch=str(self.inbox),
