@@ -7,9 +7,7 @@ Here: the parser, ``list``, ``reviews`` and ``stats``; the other sub-commands in
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,9 +17,19 @@ from sqlalchemy import func, select
 
 from xr.core.errors import XRError
 from xr.results import cli_admin, cli_outbox
-from xr.results.cli_common import db_location, flat, jsonable, open_db, parse_since, positive_int, print_table, settings
+from xr.results.cli_common import (
+    db_location,
+    flat,
+    open_db,
+    parse_since,
+    positive_int,
+    settings,
+    write_json,
+    write_metrics,
+    write_rows,
+)
 from xr.results.engine import session_factory
-from xr.results.export import csv_cell, csv_columns
+from xr.results.export import csv_columns
 from xr.results.schema import (
     OUTBOX_STATUSES,
     SCORED,
@@ -225,15 +233,10 @@ def _main(argv: list[str] | None, out) -> int:
                         file=sys.stderr,
                     )
             if args.format == "json":
-                json.dump(st, out, indent=2)
-                print(file=out)
+                write_json(st, out)
             elif args.format == "csv":
-                w = csv.writer(out, lineterminator="\n")
-                w.writerow(["metric", "value"])
-                for k, v in flat({k: v for k, v in st.items() if k != "alarms"}):
-                    w.writerow([k, "" if v is None else v])
-                for a in st["alarms"]:
-                    w.writerow([f"alarm.{a['alarm']}.{a['subject']}", a["reason"]])
+                alarms = [(f"alarm.{a['alarm']}.{a['subject']}", a["reason"]) for a in st["alarms"]]
+                write_metrics([*flat({k: v for k, v in st.items() if k != "alarms"}), *alarms], out)
             else:
                 for a in st["alarms"]:
                     print(f"{'alarm ' + a['alarm']:<28} {a['reason']}", file=out)
@@ -250,16 +253,7 @@ def _main(argv: list[str] | None, out) -> int:
         table = columns if args.command == "reviews" or args.all_columns else TABLE_COLUMNS
         if args.command != "reviews" and cli_outbox.with_pacs_column(sessions, rows):  # results sent to a PACS
             columns, table = (*columns, "pacs"), (*table, "pacs")
-        if args.format == "json":
-            json.dump([{c: jsonable(r[c]) for c in columns} for r in rows], out, indent=2)
-            print(file=out)
-        elif args.format == "csv":
-            w = csv.writer(out, lineterminator="\n")
-            w.writerow(columns)
-            for r in rows:
-                w.writerow([csv_cell(r[c]) for c in columns])
-        else:
-            print_table(rows, table, out)
+        write_rows(rows, columns, args.format, out, table)
         return 0
     finally:
         engine.dispose()

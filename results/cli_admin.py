@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 from pathlib import Path
 
 from xr.core.errors import XRError
-from xr.results.cli_common import db_location, jsonable, open_db, print_table, settings
+from xr.results.cli_common import db_location, open_db, settings, write_rows
 from xr.results.engine import make_engine, session_factory
-from xr.results.export import csv_cell
 
 
 def run_audit(args: argparse.Namespace, out) -> int:
@@ -31,16 +28,7 @@ def run_audit(args: argparse.Namespace, out) -> int:
             rows = audit.query(s, since=args.since, user=args.user, action=args.action)
     finally:
         engine.dispose()
-    if args.format == "json":
-        json.dump([{c: jsonable(r[c]) for c in AUDIT_COLUMNS} for r in rows], out, indent=2)
-        print(file=out)
-    elif args.format == "csv":
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(AUDIT_COLUMNS)
-        for r in rows:
-            w.writerow([csv_cell(r[c]) for c in AUDIT_COLUMNS])
-    else:
-        print_table(rows, AUDIT_COLUMNS, out)
+    write_rows(rows, AUDIT_COLUMNS, args.format, out)
     return 0
 
 

@@ -4,12 +4,14 @@ and printing rows (a table safe for a terminal; JSON)."""
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
+import json
 import re
 from typing import Any
 
 from xr.results.engine import open_existing
-from xr.results.export import format_value
+from xr.results.export import csv_cell, format_value
 
 
 def parse_since(text: str) -> dt.datetime:
@@ -98,3 +100,29 @@ def jsonable(v: Any) -> Any:
     if isinstance(v, dt.datetime):
         return format_value(v)
     return v
+
+
+def write_json(data: Any, out) -> None:
+    json.dump(data, out, indent=2)
+    print(file=out)
+
+
+def write_rows(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str, out, table=None) -> None:
+    """``rows`` as JSON objects, CSV (cells a spreadsheet shows as text) or a table of ``table`` columns."""
+    if fmt == "json":
+        write_json([{c: jsonable(r[c]) for c in columns} for r in rows], out)
+    elif fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([csv_cell(r[c]) for c in columns])
+    else:
+        print_table(rows, table or columns, out)
+
+
+def write_metrics(pairs, out) -> None:
+    """(name, value) pairs as a two-column CSV."""
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["metric", "value"])
+    for k, v in pairs:
+        w.writerow([k, "" if v is None else v])

@@ -4,15 +4,12 @@ where results are sent to one."""
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from typing import Any
 
 from xr.core.errors import XRError
-from xr.results.cli_common import jsonable, open_db, print_table, settings
+from xr.results.cli_common import jsonable, open_db, print_table, settings, write_json, write_rows
 from xr.results.engine import session_factory
-from xr.results.export import csv_cell
 
 
 def with_pacs_column(sessions, rows: list[dict[str, Any]]) -> bool:
@@ -58,13 +55,9 @@ def run(args: argparse.Namespace, out) -> int:
     if args.format == "json":
         summary = [{"destination": d, "status": st, "items": n} for (d, st), n in sorted(counts.items())]
         items_out = [{c: jsonable(r[c]) for c in OUTBOX_COLUMNS} for r in rows]
-        json.dump({"counts": summary, "items": items_out}, out, indent=2)
-        print(file=out)
+        write_json({"counts": summary, "items": items_out}, out)
     elif args.format == "csv":
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(OUTBOX_COLUMNS)
-        for r in rows:
-            w.writerow([csv_cell(r[c]) for c in OUTBOX_COLUMNS])
+        write_rows(rows, OUTBOX_COLUMNS, "csv", out)
     else:
         for (d, st), n in sorted(counts.items()):
             print(f"{d:<40} {st:<8} {n}", file=out)

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
-from typing import Any
 
 from xr.core.errors import XRError
+from xr.results.cli_common import flat, write_json, write_metrics
 from xr.results.engine import session_factory
 from xr.results.performance import METRICS
 from xr.results.reviewed import films, performance
@@ -30,24 +28,12 @@ def run(args, open_db, out) -> int:
     result = performance(window, by_scanner=args.by == "scanner")
     result["since"] = args.since.isoformat(timespec="seconds") + "Z" if args.since else None
     if args.format == "json":
-        json.dump(result, out, indent=2)
-        print(file=out)
+        write_json(result, out)
     elif args.format == "csv":
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(["metric", "value"])
-        for k, v in _flat(result):
-            w.writerow([k, "" if v is None else v])
+        write_metrics(flat(result), out)
     else:
         print_table(result, out)
     return 0
-
-
-def _flat(d: dict[str, Any], prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def rests_on(r: dict) -> str:
