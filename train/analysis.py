@@ -82,28 +82,16 @@ def bootstrap_metrics(
     for it. ``weights``: films of the stream each stands for (reviews: results/reviewed.py); None counts
     each film once.
     """
-    if weights is not None:
-        return _weighted_bootstrap(labels, probs, threshold, groups, n_boot, level, seed, n_bins, weights)
     y = np.asarray(labels).astype(int)
     p = np.asarray(probs, dtype=np.float64)
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     names, inverse = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(names))]
     rng = np.random.default_rng(seed)
-
-    def point(idx: np.ndarray) -> dict[str, float | None]:
-        yy, pp = y[idx], p[idx]
-        pred = pp >= threshold
-        tp, fp = int((pred & (yy == 1)).sum()), int((pred & (yy == 0)).sum())
-        fn, tn = int((~pred & (yy == 1)).sum()), int((~pred & (yy == 0)).sum())
-        return {
-            "accuracy": (tp + tn) / len(yy),
-            "sensitivity": tp / (tp + fn) if tp + fn else None,
-            "specificity": tn / (tn + fp) if tn + fp else None,
-            "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
-            "auroc": float(roc_auc_score(yy, pp)) if 0 < yy.sum() < len(yy) else None,
-            "ece": ece(pp, yy, n_bins),
-        }
+    if weights is None:
+        point = _counted(y, p, threshold, n_bins)
+    else:
+        point = _weighted(y, p, np.asarray(weights, dtype=np.float64), threshold, n_bins)
 
     value = point(np.arange(len(y)))
     draws: dict[str, list[float]] = {k: [] for k in CI_METRICS}
@@ -123,15 +111,28 @@ def bootstrap_metrics(
     }
 
 
-def _weighted_bootstrap(labels, probs, threshold, groups, n_boot, level, seed, n_bins, weights) -> dict:
-    """:func:`bootstrap_metrics` with each film counted by its weight (the same resampling of patients)."""
-    y = np.asarray(labels).astype(int)
-    p = np.asarray(probs, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-    names, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
-    rng = np.random.default_rng(seed)
+def _counted(y: np.ndarray, p: np.ndarray, threshold: float, n_bins: int):
+    """The metrics of the films at ``idx``, each film counted once."""
+
+    def point(idx: np.ndarray) -> dict[str, float | None]:
+        yy, pp = y[idx], p[idx]
+        pred = pp >= threshold
+        tp, fp = int((pred & (yy == 1)).sum()), int((pred & (yy == 0)).sum())
+        fn, tn = int((~pred & (yy == 1)).sum()), int((~pred & (yy == 0)).sum())
+        return {
+            "accuracy": (tp + tn) / len(yy),
+            "sensitivity": tp / (tp + fn) if tp + fn else None,
+            "specificity": tn / (tn + fp) if tn + fp else None,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+            "auroc": float(roc_auc_score(yy, pp)) if 0 < yy.sum() < len(yy) else None,
+            "ece": ece(pp, yy, n_bins),
+        }
+
+    return point
+
+
+def _weighted(y: np.ndarray, p: np.ndarray, w: np.ndarray, threshold: float, n_bins: int):
+    """The metrics of the films at ``idx``, each film counted by its weight."""
 
     def point(idx: np.ndarray) -> dict[str, float | None]:
         yy, pp, ww = y[idx] == 1, p[idx], w[idx]
@@ -148,22 +149,7 @@ def _weighted_bootstrap(labels, probs, threshold, groups, n_boot, level, seed, n
             "ece": ece(pp, yy, n_bins, weights=ww) if ww.sum() > 0 else None,
         }
 
-    value = point(np.arange(len(y)))
-    draws: dict[str, list[float]] = {k: [] for k in CI_METRICS}
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        for k, v in point(idx).items():
-            if v is not None:
-                draws[k].append(v)
-    tail = 100 * (1 - level) / 2
-    return {
-        k: {
-            "value": value[k],
-            "low": float(np.percentile(draws[k], tail)) if draws[k] else None,
-            "high": float(np.percentile(draws[k], 100 - tail)) if draws[k] else None,
-        }
-        for k in CI_METRICS
-    }
+    return point
 
 
 @contextmanager
