@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 import pytest
+from result_rows import result_row as _row
 from sqlalchemy import text
 
 from xr.core.errors import XRError
 from xr.results import engine, schema
 from xr.results.engine import make_engine, session_factory
-from xr.results.schema import Meta, Result, Status
-
-
-def _row(path="/in/a.png", size=10, mtime=1, status=Status.CLAIMED, sha="s1", **kw) -> Result:
-    now = dt.datetime(2026, 1, 1)
-    return Result(
-        path=path,
-        filename=path.rsplit("/", 1)[-1],
-        size_bytes=size,
-        mtime_ns=mtime,
-        sha256=sha,
-        status=status,
-        received_at=now,
-        claimed_at=now,
-        **kw,
-    )
+from xr.results.schema import Meta
 
 
 def test_created_on_first_start_with_wal_and_version(tmp_path):

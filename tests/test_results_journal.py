@@ -12,21 +12,6 @@ from xr.results.engine import make_engine, session_factory
 from xr.results.schema import Result, Status
 
 
-def _row(path="/in/a.png", size=10, mtime=1, status=Status.CLAIMED, sha="s1", **kw) -> Result:
-    now = dt.datetime(2026, 1, 1)
-    return Result(
-        path=path,
-        filename=path.rsplit("/", 1)[-1],
-        size_bytes=size,
-        mtime_ns=mtime,
-        sha256=sha,
-        status=status,
-        received_at=now,
-        claimed_at=now,
-        **kw,
-    )
-
-
 # -- claims and leases, on SQLite and PostgreSQL ----------------------------------------------------------
 def _claim_row(path="/in/a.png", size=10, mtime=1, worker="w1", expires=100.0, **kw) -> dict:
     now = dt.datetime(2026, 1, 1)

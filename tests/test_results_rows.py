@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from result_rows import result_row as _row
 from sqlalchemy import select
 
 from xr.results import rows, schema
@@ -12,21 +13,6 @@ from xr.results.engine import make_engine, session_factory
 from xr.results.schema import Result, Status
 
 NOW = dt.datetime(2026, 1, 1, 12)
-
-
-def _row(path="/in/a.png", size=10, mtime=1, status=Status.CLAIMED, sha="s1", **kw) -> Result:
-    now = dt.datetime(2026, 1, 1)
-    return Result(
-        path=path,
-        filename=path.rsplit("/", 1)[-1],
-        size_bytes=size,
-        mtime_ns=mtime,
-        sha256=sha,
-        status=status,
-        received_at=now,
-        claimed_at=now,
-        **kw,
-    )
 
 
 class _Model:
