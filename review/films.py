@@ -55,12 +55,9 @@ def _archived(row: Result) -> tuple[Path | None, str | None]:
     return path, None
 
 
-def same_film(row: Result, path: Path) -> bool:
-    """An imported film's bytes are the ones scored (its SHA-256, where the run recorded one)."""
+def same_film(row: Result, data: bytes) -> bool:
+    """An imported film's bytes (``data``, as read to be decoded) are the ones scored (its SHA-256, where
+    the run recorded one)."""
     if not imported(row) or not row.sha256:
         return True
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest() == row.sha256
+    return hashlib.sha256(data).hexdigest() == row.sha256

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from xr.core.errors import ImageError
 from xr.core.files import make_dirs, write_private
-from xr.core.imaging import load_image
+from xr.core.imaging import decode_image
 from xr.core.intake import DecodeLimits
 from xr.results import audit
 from xr.results.schema import Result, Review, fs_path
@@ -82,9 +82,14 @@ def mount(app: FastAPI, *, sessions, output: Path, limits: DecodeLimits, remote)
             pass
         with decoding:
             try:
-                if path.stat().st_size > limits.max_file_bytes or not same_film(row, path):
+                if path.stat().st_size > limits.max_file_bytes:
                     raise HTTPException(404, f"cannot show the film: {row.path} is not the file that was scored")
-                picture = load_image(path, limits, draft_size=(IMAGE_SIDES[size], IMAGE_SIDES[size]))
+                data = path.read_bytes()  # read once: hashed (an imported film) and decoded from these bytes
+                if not same_film(row, data):
+                    raise HTTPException(404, f"cannot show the film: {row.path} is not the file that was scored")
+                picture = decode_image(data, limits, draft_size=(IMAGE_SIDES[size], IMAGE_SIDES[size]), name=path)
+            except OSError as exc:
+                raise HTTPException(422, f"cannot show the film: cannot read file: {exc.strerror or exc}") from None
             except ImageError as exc:
                 raise HTTPException(422, f"cannot show the film: {exc.reason}") from None
             picture.thumbnail((IMAGE_SIDES[size], IMAGE_SIDES[size]))

@@ -617,7 +617,7 @@ def test_an_error_rows_film_is_never_decoded(site, monkeypatch):
     from xr.review import routes_pictures
 
     case = _film_row(site, "bad.png", Status.ERROR, "failed", Image.new("L", (64, 64)))
-    monkeypatch.setattr(routes_pictures, "load_image", lambda *a, **k: pytest.fail("an error row's film was decoded"))
+    monkeypatch.setattr(routes_pictures, "decode_image", lambda *a, **k: pytest.fail("an error row's film was decoded"))
     assert site.client.get(f"/cases/{case}/image").status_code == 404
     assert site.audit("view_image")[-1].outcome == "failed"
 
@@ -643,7 +643,7 @@ def test_a_film_is_decoded_once_into_a_private_thumbnail_cache(site, monkeypatch
     cached = list((site.out / "thumbnails").iterdir())
     assert len(cached) == 1 and cached[0].name.startswith("1-") and cached[0].name.endswith("-thumb.png")
     assert cached[0].stat().st_mode & 0o777 == 0o600 and (site.out / "thumbnails").stat().st_mode & 0o777 == 0o700
-    monkeypatch.setattr(routes_pictures, "load_image", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(routes_pictures, "decode_image", lambda *a, **k: pytest.fail("decoded again"))
     again = site.client.get("/cases/1/image", params={"size": "thumb"})
     assert again.status_code == 200 and again.content == first.content
     assert len(site.audit("view_image")) == 2  # each look is still audited
