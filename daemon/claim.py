@@ -156,7 +156,7 @@ def still_there(item: FileItem) -> bool:
         st = os.lstat(item.path)
     except OSError:
         return False
-    return item.is_symlink or (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
+    return item.is_symlink or (st.st_size, st.st_mtime_ns) == item.identity
 
 
 class Claimer(Stage):
@@ -254,7 +254,7 @@ class Claimer(Stage):
             except InputError as exc:
                 reads.append((item, None, exc.reason))
                 continue
-            if film.changed((item.size, item.mtime_ns)):
+            if film.changed(item.identity):
                 # written again after it looked complete: back to discovery to settle again
                 self.discovery.release(item.path)
                 self.discovery.note(item.path)
@@ -284,9 +284,12 @@ class Claimer(Stage):
                 for (item, film, err), c in zip(reads, claims)
                 if c.outcome in (Claim.NEW, Claim.REDO)
             ]
-            plain = [f for f in admitted if f.error is None and not (f.data and is_dicom(f.data))]
+            plain: list[ClaimedFile] = []
+            dicom: list[ClaimedFile] = []
+            for f in admitted:
+                if f.error is None:
+                    (dicom if f.data and is_dicom(f.data) else plain).append(f)
             self._dedupe(s, plain)
-        dicom = [f for f in admitted if f.error is None and f.data and is_dicom(f.data)]
         if dicom:  # headers parsed under their claims (a crash in the parse is then counted), then recorded
             facts = {f.row_id: self._parse(f) for f in dicom}
             with rt.sessions.begin() as s:
@@ -337,7 +340,7 @@ class Claimer(Stage):
         elif c.outcome == Claim.HELD:  # held by a live worker: look again when its lease runs out
             self.discovery.retry_later(item, time.monotonic() + c.retry_in_s)
         elif c.outcome == Claim.COMMITTED:  # scored before: only the move is left
-            self.finish.put([PendingMove(c.row_id, item.path, (item.size, item.mtime_ns), c.moved_to, c.token)])
+            self.finish.put([PendingMove(c.row_id, item.path, item.identity, c.moved_to, c.token)])
 
     def _decode(self, f: ClaimedFile) -> None:
         with self.marks.reading(f.row_id) if self.marks else NO_MARKS():

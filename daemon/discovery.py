@@ -63,6 +63,11 @@ class FileItem:
     final: bool = False  # its grace period for reading as cut short is over: a failure now is an error
     inode: tuple[int, int] | None = None  # (st_dev, st_ino) as listed (a symlink's target's): checked on the open file
 
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(size, mtime_ns) as listed: what a later lstat is compared with (core/intake.py ``Input.identity``)."""
+        return self.size, self.mtime_ns
+
 
 @dataclass
 class _Deferred:
@@ -362,7 +367,7 @@ class Discovery(Stage):
                     del self._deferred[path]  # gone: nothing left to score
                     continue
                 item = d.item
-                if (st.st_size, st.st_mtime_ns) != (item.size, item.mtime_ns):
+                if (st.st_size, st.st_mtime_ns) != item.identity:
                     # still being written: settle like any file written in place; a new grace period
                     del self._deferred[path]
                     self._pending[path] = _Pending(
@@ -423,7 +428,7 @@ class Discovery(Stage):
                     return
                 item = self._ready.popleft()
                 self._ready_paths.discard(item.path)
-                self._handed[item.path] = (item.size, item.mtime_ns)
+                self._handed[item.path] = item.identity
             try:
                 self.out.put(item, timeout=0.05)
             except queue.Full:

@@ -137,7 +137,7 @@ class Inferer(Stage):
         moves = []
         for rid, row in committed.rows.items():
             f = files[rid]
-            moves.append(PendingMove(rid, f.item.path, (f.item.size, f.item.mtime_ns), row["moved_to"], f.token))
+            moves.append(PendingMove(rid, f.item.path, f.item.identity, row["moved_to"], f.token))
         self.finish.put(moves)
         if self.heatmaps is not None:
             self.submit_heatmaps(committed.rows, files, scored, pred.model_id)
@@ -230,7 +230,7 @@ class Inferer(Stage):
             st = os.lstat(f.item.path)
         except OSError:
             return False  # gone: what was read is all there is
-        changed = (st.st_size, st.st_mtime_ns) != (f.item.size, f.item.mtime_ns)
+        changed = (st.st_size, st.st_mtime_ns) != f.item.identity
         return changed or time.monotonic() < f.item.changed_mono + self.rt.daemon.incomplete_grace_s
 
     def defer(self, waiting: list[ClaimedFile]) -> None:

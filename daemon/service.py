@@ -99,7 +99,6 @@ class Service:
         self.signals = 0
         self.exit_code = 0
         self.supervisor: Supervisor | None = None
-        self._stop_order: list = []
         self._reported: set[str] = set()  # stages whose failure is logged
         self.heatmaps: HeatmapStage | None = None
         self.inferer: Inferer | None = None
@@ -303,13 +302,14 @@ class Service:
             fallback = discovery.watch_events()
             if fallback:
                 self.log.warning("watch_polling", reason=fallback)
-            # Started downstream first; stopped upstream first, so each stage finishes what is in flight
-            # (the inferer its batch, the finisher its moves), and the leases are kept to the end.
+            # Started downstream first; stopped in the reverse order (upstream first), so each stage finishes
+            # what is in flight (the inferer its batch, the finisher its moves), and the leases are kept to the end.
             # retries linked and retention applied (daemon/retention.py; a --once run ends before its first pass)
             housekeeping = RetentionStage(sessions, self.output, self.cfg.retention, self.log, start=time.monotonic())
             if node is not None:  # the DICOM node feeds the inbox; stopped first: no film acknowledged mid-shutdown
                 node.open()
             started = [
+                housekeeping,
                 leases,
                 finisher,
                 sender,
@@ -319,27 +319,9 @@ class Service:
                 claimer,
                 reloader,
                 discovery,
-                housekeeping,
                 node,
             ]
             self.supervisor = Supervisor(st for st in started if st is not None)
-            self._stop_order = [
-                st
-                for st in (
-                    node,
-                    discovery,
-                    reloader,
-                    claimer,
-                    inferer,
-                    self.heatmaps,
-                    objects,
-                    sender,
-                    finisher,
-                    leases,
-                    housekeeping,
-                )
-                if st is not None
-            ]
             self.supervisor.start()
             self.discovery = discovery
             self.log.debug("threads", native_ids={t.name: t.native_id for t in threading.enumerate()})
@@ -427,7 +409,7 @@ class Service:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self.supervisor is not None:
-            self.supervisor.stop(self._stop_order)
+            self.supervisor.stop(self.supervisor.stages[::-1])  # in the reverse of the start order
             self._report_failures()  # a stage that failed while finishing its work (its last moves, the CSVs)
         if self.inferer is not None:
             self.log.info(
