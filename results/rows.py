@@ -111,25 +111,22 @@ def scores_by_id(s: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
     return {r.id: r._asdict() for r in s.execute(stmt.where(Result.id.in_(set(ids))))}
 
 
-def first_ok_by_sop(s: Session, sops: list[str]) -> dict[str, int]:
-    """SOPInstanceUID -> id of the first ``ok`` row of that DICOM instance (re-exports differ in bytes)."""
-    if not sops:
+def _first_ok_by(s: Session, column: Any, keys: list[str]) -> dict[str, int]:
+    """``column`` value -> id of the first ``ok`` row with that value, in one query."""
+    if not keys:
         return {}
     out: dict[str, int] = {}
-    stmt = select(Result.sop_instance_uid, Result.id).where(
-        Result.sop_instance_uid.in_(set(sops)), Result.status == Status.OK
-    )
-    for sop, rid in s.execute(stmt.order_by(Result.id)):
-        out.setdefault(sop, rid)
+    stmt = select(column, Result.id).where(column.in_(set(keys)), Result.status == Status.OK)
+    for key, rid in s.execute(stmt.order_by(Result.id)):
+        out.setdefault(key, rid)
     return out
+
+
+def first_ok_by_sop(s: Session, sops: list[str]) -> dict[str, int]:
+    """SOPInstanceUID -> id of the first ``ok`` row of that DICOM instance (re-exports differ in bytes)."""
+    return _first_ok_by(s, Result.sop_instance_uid, sops)
 
 
 def first_ok_by_sha(s: Session, shas: list[str]) -> dict[str, int]:
     """sha256 -> id of the first ``ok`` row with that content."""
-    if not shas:
-        return {}
-    out: dict[str, int] = {}
-    stmt = select(Result.sha256, Result.id).where(Result.sha256.in_(set(shas)), Result.status == Status.OK)
-    for sha, rid in s.execute(stmt.order_by(Result.id)):
-        out.setdefault(sha, rid)
-    return out
+    return _first_ok_by(s, Result.sha256, shas)

@@ -13,9 +13,9 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from xr.core.dicom import DICM_OFFSET
 from xr.core.dicom_results import Finding, build, encode, object_uid, read_film
 from xr.core.files import make_dirs, write_private
+from xr.core.intake import sniff_dicom
 
 
 @dataclass
@@ -27,14 +27,6 @@ class DicomOut:
     failed: int = 0
 
 
-def _is_dicom(path: str) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(DICM_OFFSET + 4)[DICM_OFFSET:] == b"DICM"
-    except OSError:
-        return False
-
-
 def write_objects(table, out: Path, scored_at: dt.datetime, log=print) -> DicomOut:
     """The objects of ``table`` (an xr-score run's rows) into ``out``."""
     from xr.core.imaging import load_image
@@ -44,7 +36,7 @@ def write_objects(table, out: Path, scored_at: dt.datetime, log=print) -> DicomO
     for row in table.to_pylist():
         if row.get("error") or row.get("probability") is None:
             continue
-        if not _is_dicom(row["path"]):
+        if not sniff_dicom(row["path"]):  # None (too short to tell): not DICOM
             done.not_dicom += 1
             continue
         finding = Finding(
