@@ -9,7 +9,6 @@ within the daemon's limits like any other.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from xr.results.schema import SCORED, Result, fs_path
@@ -55,9 +54,9 @@ def _archived(row: Result) -> tuple[Path | None, str | None]:
     return path, None
 
 
-def same_film(row: Result, data: bytes) -> bool:
-    """An imported film's bytes (``data``, as read to be decoded) are the ones scored (its SHA-256, where
-    the run recorded one)."""
+def same_film(row: Result, sha256: str) -> bool:
+    """An imported film's bytes are the ones scored: ``sha256``, that of the bytes read to be decoded, is
+    the one the run recorded (where it recorded one)."""
     if not imported(row) or not row.sha256:
         return True
-    return hashlib.sha256(data).hexdigest() == row.sha256
+    return sha256 == row.sha256

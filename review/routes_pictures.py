@@ -19,7 +19,7 @@ from sqlalchemy import select
 from xr.core.errors import ImageError
 from xr.core.files import make_dirs, write_private
 from xr.core.imaging import decode_image
-from xr.core.intake import DecodeLimits
+from xr.core.intake import DecodeLimits, InputError, read_input
 from xr.results import audit
 from xr.results.schema import Result, Review, fs_path
 from xr.review.deps import SignedInPicture, case
@@ -82,14 +82,14 @@ def mount(app: FastAPI, *, sessions, output: Path, limits: DecodeLimits, remote)
             pass
         with decoding:
             try:
-                if path.stat().st_size > limits.max_file_bytes:
-                    raise HTTPException(404, f"cannot show the film: {row.path} is not the file that was scored")
-                data = path.read_bytes()  # read once: hashed (an imported film) and decoded from these bytes
-                if not same_film(row, data):
-                    raise HTTPException(404, f"cannot show the film: {row.path} is not the file that was scored")
-                picture = decode_image(data, limits, draft_size=(IMAGE_SIDES[size], IMAGE_SIDES[size]), name=path)
-            except OSError as exc:
-                raise HTTPException(422, f"cannot show the film: cannot read file: {exc.strerror or exc}") from None
+                # read once, as the daemon reads a film (core/intake.py): the size limit on the open file, hashed
+                film = read_input(path, limits, read_dicom=False)
+            except InputError as exc:  # over daemon.max_file_mb, gone, or not a regular file
+                raise HTTPException(404, f"cannot show the film: {exc.reason}") from None
+            if not same_film(row, film.sha256):
+                raise HTTPException(404, f"cannot show the film: {row.path} is not the file that was scored")
+            try:
+                picture = decode_image(film.data, limits, draft_size=(IMAGE_SIDES[size], IMAGE_SIDES[size]), name=path)
             except ImageError as exc:
                 raise HTTPException(422, f"cannot show the film: {exc.reason}") from None
             picture.thumbnail((IMAGE_SIDES[size], IMAGE_SIDES[size]))
