@@ -4,9 +4,9 @@ rest on, turnaround times, the same by scanner, and charts over time drawn here 
 no script, and none is needed)."""
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from markupsafe import Markup, escape
 
@@ -14,16 +14,10 @@ from xr.results import audit
 from xr.results.performance import METRICS, estimate
 from xr.results.reviewed import films, performance, review_counts
 from xr.results.schema import utcnow
+from xr.review.deps import SignedIn, allow
 
 NAMES = {"sensitivity": "Sensitivity", "specificity": "Specificity", "ppv": "PPV", "npv": "NPV"}
 W, H, PAD = 520, 150, 34
-
-
-def _signed_in(request: Request) -> Any:
-    return request.app.state.need(request)
-
-
-SignedIn = Annotated[Any, Depends(_signed_in)]
 
 
 def over_time(window: list, since: dt.datetime, days: float) -> list[dict]:
@@ -85,8 +79,7 @@ def mount(app: FastAPI, *, sessions, page, remote) -> None:
     def performance_page(
         request: Request, who: SignedIn, days: Annotated[float, Query(gt=0, le=3660)] = 90
     ) -> Response:
-        if who.role not in ("auditor", "admin"):
-            raise HTTPException(403, f"an {who.role} may not do this")
+        allow(who, "auditor", "admin")
         since = utcnow() - dt.timedelta(days=days)
         with sessions.begin() as s:
             window = films(s, since)
