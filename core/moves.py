@@ -39,7 +39,7 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 
 def same_copy(src: str | Path, dst: str | Path) -> bool:
-    """``dst`` is a finished copy of ``src`` made by the copy path (copy2 keeps size and mtime)."""
+    """``dst`` is a finished copy of ``src`` made by the copy path (private_copy keeps size and mtime)."""
     try:
         ss, sd = os.lstat(src), os.lstat(dst)
     except OSError:
