@@ -43,13 +43,9 @@ class RetentionStage(Stage):
     def step(self, now: float) -> bool:
         if now >= self.next_link:
             self.next_link = now + LINK_S
-            try:
-                with self.sessions.begin() as s:
-                    n = link_retries(s)
-                if n:
-                    self.log.info("retries_linked", rows=n)
-            except SQLAlchemyError as exc:
-                self.log.warning("retention_failed", reason=f"linking retries: {exc}")
+            n = self.link()
+            if n:
+                self.log.info("retries_linked", rows=n)
         if not self.prunes or now < self.next_prune:
             return False
         self.prune(now)
@@ -57,11 +53,16 @@ class RetentionStage(Stage):
 
     def close(self) -> None:
         """A last link at stop: a retried film scored by a --once run gets its link before the run ends."""
+        self.link()
+
+    def link(self) -> int:
+        """Link retried films to their new rows; how many (0 after a failure, which is logged)."""
         try:
             with self.sessions.begin() as s:
-                link_retries(s)
+                return link_retries(s)
         except SQLAlchemyError as exc:
             self.log.warning("retention_failed", reason=f"linking retries: {exc}")
+            return 0
 
     def prune(self, now: float) -> dict[str, int] | None:
         """One pass now; its counts (None: another worker prunes, or it failed)."""
